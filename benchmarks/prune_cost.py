@@ -1,0 +1,467 @@
+"""What pruning costs: wall time, peak memory and forward passes of each STUN phase.
+
+Two tables, printed as markdown (and written as one CSV with ``--csv PATH``):
+
+1. Per layer shape (tiny; Mixtral-8x7B: hidden 4096, expert FFN 14336, 8 experts, top-2;
+   Qwen3-30B-A3B: hidden 2048, expert FFN 768, 128 experts, top-8), the structured phase with STUN
+   router distances (no forward pass) and co-activation distances (one routing pass), the
+   calibration pass (routing + input norms) and the unstructured phase (Wanda). The model stays on
+   the CPU and ``device`` is passed to ``prune``/``calibrate``, so one decoder layer at a time
+   visits the accelerator: peak GPU memory is compared with one decoder layer's bytes.
+2. Forward passes each expert-pruning method needs as the expert count grows, measured from
+   ``PruneReport.layer_passes``, beside the subsets NAEE would enumerate per layer
+   (``C(E, E * (1 - s))``; NAEE itself is not implemented yet).
+
+Weights are random (cost does not depend on them); bf16 on CUDA, float32 on CPU.
+
+    python benchmarks/prune_cost.py                        # GPU: all shapes, 16 x 512 tokens
+    python benchmarks/prune_cost.py --quick --device cpu   # tiny shapes only, under a minute on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import ctypes
+import gc
+import math
+import os
+import platform
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import AutoModelForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's package, also when not pip-installed
+from stun_lightning import StunRecipe, calibrate, moe_layers, prune
+from stun_lightning.adapters import decoder_layers
+from stun_lightning.tiny import tiny_config
+
+# Layer shapes: (family, config fields). Head counts and head_dim are the real models', so one
+# decoder layer's bytes are the real layer's; vocab and depth are cut so a layer fits anywhere.
+SHAPES = {
+    "tiny": (
+        "mixtral",
+        dict(hidden_size=64, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2,
+             num_attention_heads=4, num_key_value_heads=2, head_dim=16),
+    ),
+    "mixtral": (  # Mixtral-8x7B
+        "mixtral",
+        dict(hidden_size=4096, intermediate_size=14336, num_local_experts=8, num_experts_per_tok=2,
+             num_attention_heads=32, num_key_value_heads=8, head_dim=128),
+    ),
+    "qwen3": (  # Qwen3-30B-A3B
+        "qwen3_moe",
+        dict(hidden_size=2048, moe_intermediate_size=768, intermediate_size=6144, num_experts=128,
+             num_experts_per_tok=8, num_attention_heads=32, num_key_value_heads=4, head_dim=128),
+    ),
+}
+
+# Expert-count sweep: Qwen3-30B-like layers (tiny ones with --quick), top-k capped so that even
+# 8 experts at 50% expert sparsity keep at least top-k.
+SWEEP_DIMS = {
+    "qwen3": dict(hidden_size=2048, moe_intermediate_size=768, intermediate_size=6144,
+                  num_attention_heads=32, num_key_value_heads=4, head_dim=128),
+    "tiny": dict(hidden_size=64, moe_intermediate_size=32, intermediate_size=64,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16),
+}
+
+EXPERT_METHODS = {  # label -> recipe fields of the structured phase
+    "STUN router": dict(expert_method="stun", distance="router"),
+    "STUN co-activation": dict(expert_method="stun", distance="coactivation"),
+    "frequency": dict(expert_method="frequency"),
+    "random": dict(expert_method="random"),
+}
+
+CSV_FIELDS = [
+    "table", "shape", "experts", "top_k", "layers", "phase", "method", "layer_passes",
+    "model_passes", "phase_s", "call_s", "gpu_peak_mib", "rss_growth_mib", "layer_mib", "peak_over_layer",
+    "naee_subsets_s25", "naee_subsets_s50", "error",
+]
+
+
+# ---------------------------------------------------------------- measurement
+
+
+class _RssSampler:
+    """Peak resident set size of this process while a block runs (CPU memory has no peak reset).
+
+    A thread polls /proc/self/statm; torch kernels release the GIL, so polls land during them.
+    Only Linux; elsewhere peak is None.
+    """
+
+    def __init__(self, interval: float = 0.002):
+        self.interval = interval
+        self.page = _page_size()
+        self.peak = 0
+        self._stop = threading.Event()
+
+    def rss(self) -> int | None:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * self.page
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            now = self.rss()
+            if now is not None:
+                self.peak = max(self.peak, now)
+            time.sleep(self.interval)
+
+    def __enter__(self) -> "_RssSampler":
+        self.start = self.rss()
+        self.peak = self.start or 0
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        end = self.rss()
+        if end is not None:
+            self.peak = max(self.peak, end)
+
+    @property
+    def delta(self) -> int | None:
+        return None if self.start is None else self.peak - self.start
+
+
+def _page_size() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return 4096
+
+
+def _release_memory(device: torch.device) -> None:
+    """Free what the last row left, so the next row's baseline is clean."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+    if platform.system() == "Linux":
+        try:  # return freed heap to the OS, else the next row's RSS baseline includes it
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+
+
+@dataclass
+class Measured:
+    seconds: float = 0.0
+    gpu_peak: int | None = None  # CUDA: max allocated during the block, above what was allocated before
+    rss_growth: int | None = None  # host: peak resident set size during the block minus before it
+    result: object = None
+
+
+@contextmanager
+def measure(device: torch.device):
+    """Wall time (synchronized on CUDA), peak GPU memory and peak host RSS growth of the block."""
+    out = Measured()
+    _release_memory(device)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)  # per row
+        base = torch.cuda.memory_allocated(device)
+    with _RssSampler() as rss:
+        start = time.perf_counter()
+        yield out
+        if cuda:
+            torch.cuda.synchronize(device)
+        out.seconds = time.perf_counter() - start
+    out.rss_growth = rss.delta
+    if cuda:
+        out.gpu_peak = torch.cuda.max_memory_allocated(device) - base
+
+
+# ---------------------------------------------------------------- models
+
+
+def build_model(family: str, fields: dict, layers: int, seq_len: int, dtype: torch.dtype, vocab: int = 1024):
+    config = tiny_config(
+        family,
+        **fields,
+        num_hidden_layers=layers,
+        vocab_size=vocab,
+        bos_token_id=1,
+        eos_token_id=2,
+        max_position_embeddings=max(1024, seq_len),
+        attn_implementation="sdpa",
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()  # stays on the CPU: prune/calibrate move one layer at a time
+
+
+def layer_bytes(model) -> int:
+    layer = decoder_layers(model)[0]
+    return sum(p.numel() * p.element_size() for p in layer.parameters())
+
+
+def calibration_ids(vocab: int, samples: int, seq_len: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    return torch.randint(0, vocab, (samples, seq_len), generator=gen)
+
+
+def naee_subsets(experts: int, expert_sparsity: float) -> str:
+    keep = experts - int(round(experts * expert_sparsity))
+    return f"{float(math.comb(experts, keep)):.1e}"
+
+
+# ---------------------------------------------------------------- benchmarks
+
+
+@dataclass
+class Row:
+    table: str
+    shape: str
+    experts: int
+    top_k: int
+    layers: int
+    phase: str
+    method: str
+    layer_passes: int | None  # None: the row failed
+    phase_s: float | None  # the phase's own time, as PruneReport / CalibrationStats report it
+    call_s: float  # the whole call, synchronized (prune also counts parameters before and after)
+    gpu_peak: int | None = None
+    rss_growth: int | None = None
+    layer_bytes: int | None = None
+    naee: dict = field(default_factory=dict)
+    error: str | None = None  # the exception that stopped this row; the other rows still run
+
+    @property
+    def model_passes(self) -> float | None:
+        return None if self.layer_passes is None else self.layer_passes / self.layers
+
+    def cells(self) -> dict[str, str]:
+        """Formatted values; failed measurements read 'failed', missing ones 'n/a'."""
+        failed = "failed" if self.error else "n/a"
+        fmt = lambda v, f: failed if v is None else format(v, f)  # noqa: E731
+        mib = lambda b: "n/a" if b is None else f"{b / 2**20:,.1f}"  # noqa: E731
+        # the device's peak: GPU memory on CUDA, host RSS growth on the CPU
+        peak = self.gpu_peak if self.gpu_peak is not None else self.rss_growth
+        ratio = "n/a" if peak is None or not self.layer_bytes else f"{peak / self.layer_bytes:.2f}"
+        return dict(
+            layer_passes=fmt(self.layer_passes, "d"), model_passes=fmt(self.model_passes, "g"),
+            phase_s=fmt(self.phase_s, ".3f"), call_s=f"{self.call_s:.3f}", gpu_peak_mib=mib(self.gpu_peak),
+            rss_growth_mib=mib(self.rss_growth), layer_mib=mib(self.layer_bytes), peak_over_layer=ratio,
+        )
+
+    def csv(self) -> dict:
+        c = self.cells()
+        return dict(
+            c, table=self.table, shape=self.shape, experts=self.experts, top_k=self.top_k, layers=self.layers,
+            phase=self.phase, method=self.method, phase_s="" if self.phase_s is None else f"{self.phase_s:.4f}",
+            naee_subsets_s25=self.naee.get(0.25, ""), naee_subsets_s50=self.naee.get(0.5, ""), error=self.error or "",
+        )
+
+
+def timed(device: torch.device, fn):
+    """Run ``fn()`` under :func:`measure`; an exception becomes the row's error, not the run's end."""
+    with measure(device) as m:
+        try:
+            m.result = fn()
+            error = None
+        except Exception as exc:  # noqa: BLE001  (report it in the table, go on with the other rows)
+            error = f"{type(exc).__name__}: {exc}"
+    return m, error
+
+
+def phase_costs(shape: str, args, device: torch.device, dtype: torch.dtype) -> list[Row]:
+    """Table 1: the three phases of STUN on one layer shape."""
+    family, fields = SHAPES[shape]
+    model = build_model(family, fields, args.layers, args.seq_len, dtype)
+    ids = calibration_ids(model.config.vocab_size, args.samples, args.seq_len)
+    moe = moe_layers(model)[0]
+    E, k = moe.num_experts, moe.top_k
+    one_layer = layer_bytes(model)
+    runs = [
+        ("structured", "STUN router", dict(expert_method="stun", distance="router", sparsity=0.0)),
+        ("structured", "STUN co-activation", dict(expert_method="stun", distance="coactivation", sparsity=0.0)),
+        ("calibration", "routing + norms", None),
+        ("unstructured", f"Wanda {args.sparsity:.0%}", dict(expert_sparsity=0.0, sparsity=args.sparsity, metric="wanda")),
+    ]
+    rows = []
+    for phase, method, recipe_fields in runs:
+        work = copy.deepcopy(model)  # prune works in place
+        if recipe_fields is None:
+            m, error = timed(device, lambda: calibrate(work, ids, collect=("routing", "norms"), device=device, batch_size=args.batch_size, progress=False))
+            passes, phase_s = (None, None) if error else (m.result.layer_passes, m.result.seconds)
+        else:
+            recipe = StunRecipe(**{"expert_sparsity": args.expert_sparsity, **recipe_fields, "batch_size": args.batch_size})
+            m, error = timed(device, lambda: prune(work, recipe, calibration=ids, device=device, progress=False))
+            passes, phase_s = (None, None) if error else (m.result.layer_passes.get(phase, 0), m.result.seconds[phase])
+        rows.append(Row("phase_cost", shape, E, k, args.layers, phase, method, passes, phase_s, m.seconds, m.gpu_peak, m.rss_growth, one_layer, error=error))
+        del work, m
+        print(f"  {shape}: {phase} / {method}: {rows[-1].call_s:.2f} s{'  FAILED: ' + error if error else ''}", flush=True)
+    del model
+    return rows
+
+
+def pass_scaling(args, device: torch.device, dtype: torch.dtype) -> list[Row]:
+    """Table 2: forward passes (and structured-phase time) of each expert method versus E."""
+    dims = SWEEP_DIMS[args.sweep_dims]
+    rows = []
+    for E in args.experts:
+        k = min(8, max(1, E // 4))
+        model = build_model("qwen3_moe", dict(dims, num_experts=E, num_experts_per_tok=k), args.layers, args.seq_len, dtype)
+        ids = calibration_ids(model.config.vocab_size, args.samples, args.seq_len)
+        naee = {s: naee_subsets(E, s) for s in (0.25, 0.5)}
+        for label, recipe_fields in EXPERT_METHODS.items():
+            work = copy.deepcopy(model)
+            recipe = StunRecipe(expert_sparsity=args.expert_sparsity, sparsity=0.0, batch_size=args.batch_size, **recipe_fields)
+            m, error = timed(device, lambda: prune(work, recipe, calibration=ids, device=device, progress=False))
+            passes, phase_s = (None, None) if error else (m.result.layer_passes.get("structured", 0), m.result.seconds["structured"])
+            rows.append(Row("expert_scaling", args.sweep_dims, E, k, args.layers, "structured", label, passes, phase_s, m.seconds, naee=naee, error=error))
+            del work, m
+        failed = [r.method for r in rows[-len(EXPERT_METHODS):] if r.error]
+        print(f"  {E} experts done{'  FAILED: ' + ', '.join(failed) if failed else ''}", flush=True)
+        del model
+    return rows
+
+
+def warm_up(device: torch.device, dtype: torch.dtype) -> None:
+    """Pay CUDA context, cuBLAS and allocator start-up outside the measured rows."""
+    if device.type != "cuda":
+        return
+    family, fields = SHAPES["tiny"]
+    model = build_model(family, fields, 1, 64, dtype)
+    recipe = StunRecipe(expert_sparsity=0.25, expert_method="frequency", sparsity=0.5)
+    prune(model, recipe, calibration=calibration_ids(1024, 2, 64), device=device, progress=False)
+    del model
+    _release_memory(device)
+
+
+# ---------------------------------------------------------------- output
+
+
+def phase_table(rows: list[Row], device: torch.device) -> str:
+    ratio = "GPU peak / layer" if device.type == "cuda" else "RSS growth / layer"
+    lines = [
+        "| shape | experts (top-k) | phase | method | decoder-layer passes | phase s | call s | peak GPU MiB "
+        f"| host RSS growth MiB | one layer MiB | {ratio} |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        c = r.cells()
+        lines.append(
+            f"| {r.shape} | {r.experts} ({r.top_k}) | {r.phase} | {r.method} | {c['layer_passes']} | {c['phase_s']} | "
+            f"{c['call_s']} | {c['gpu_peak_mib']} | {c['rss_growth_mib']} | {c['layer_mib']} | {c['peak_over_layer']} |"
+        )
+    return "\n".join(lines)
+
+
+def scaling_table(rows: list[Row], expert_sparsity: float) -> str:
+    lines = [
+        f"| experts | top-k | method | decoder-layer passes | passes over the model | structured s (at {expert_sparsity:.0%}) "
+        "| NAEE subsets per layer, 25% | NAEE subsets per layer, 50% |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        c = r.cells()
+        lines.append(
+            f"| {r.experts} | {r.top_k} | {r.method} | {c['layer_passes']} | {c['model_passes']} | {c['phase_s']} | "
+            f"{r.naee[0.25]} | {r.naee[0.5]} |"
+        )
+    return "\n".join(lines)
+
+
+def error_notes(rows: list[Row]) -> str:
+    seen: dict[str, list[str]] = {}
+    for r in rows:
+        if r.error:
+            seen.setdefault(r.error, []).append(f"{r.shape}/{r.experts} experts/{r.method}")
+    return "\n".join(f"- failed ({len(where)} rows, e.g. {where[0]}): {err}" for err, where in seen.items())
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true", help="tiny shapes only (CPU smoke test, < 60 s on 2 cores)")
+    p.add_argument("--shapes", default=None, help=f"comma-separated, from {','.join(SHAPES)} (default: all; tiny with --quick)")
+    p.add_argument("--experts", default="8,16,64,128", help="expert counts of the pass-count sweep")
+    p.add_argument("--sweep-dims", choices=list(SWEEP_DIMS), default=None, help="layer dims of the sweep (default: qwen3; tiny with --quick)")
+    p.add_argument("--samples", type=int, default=None, help="calibration sequences (default 16; 8 with --quick)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 512; 128 with --quick)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--layers", type=int, default=2, help="decoder layers per model (1 or 2 keep real shapes small)")
+    p.add_argument("--expert-sparsity", type=float, default=0.25)
+    p.add_argument("--sparsity", type=float, default=0.5, help="Wanda sparsity inside experts")
+    p.add_argument("--skip-sweep", action="store_true", help="only the phase-cost table")
+    p.add_argument("--csv", type=Path, default=None, help="also write every row here")
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda, but torch.cuda.is_available() is False; use --device cpu")
+    args.shapes = (args.shapes or ("tiny" if args.quick else ",".join(SHAPES))).split(",")
+    unknown = [s for s in args.shapes if s not in SHAPES]
+    if unknown:
+        p.error(f"unknown shapes {unknown}; choose from {list(SHAPES)}")
+    args.sweep_dims = args.sweep_dims or ("tiny" if args.quick else "qwen3")
+    args.experts = [int(e) for e in args.experts.split(",")]
+    args.samples = args.samples or (8 if args.quick else 16)
+    args.seq_len = args.seq_len or (128 if args.quick else 512)
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}")
+    print(f"device: {device_name(device)}; model kept on CPU, layers run on {device}; dtype {str(dtype).removeprefix('torch.')}")
+    print(
+        f"calibration: {args.samples} x {args.seq_len} tokens (batch {args.batch_size}); {args.layers} decoder layer(s) per model; "
+        f"expert sparsity {args.expert_sparsity:.0%}, Wanda sparsity {args.sparsity:.0%}",
+        flush=True,
+    )
+    warm_up(device, dtype)
+    rows = []
+    for shape in args.shapes:
+        rows += phase_costs(shape, args, device, dtype)
+    sweep = [] if args.skip_sweep else pass_scaling(args, device, dtype)
+
+    print("\n## Cost of each phase (one decoder layer at a time on the device)\n")
+    print(phase_table(rows, device))
+    if sweep:
+        dims = SWEEP_DIMS[args.sweep_dims]
+        print(
+            f"\n## Forward passes of expert pruning versus expert count "
+            f"({args.sweep_dims} dims: hidden {dims['hidden_size']}, expert FFN {dims['moe_intermediate_size']})\n"
+        )
+        print(scaling_table(sweep, args.expert_sparsity))
+        print("\nNAEE (not implemented yet) enumerates C(E, E(1-s)) expert subsets per layer, each scored by a forward pass of the layer's MoE block.")
+    notes = error_notes(rows + sweep)
+    if notes:
+        print("\n" + notes)
+    if args.csv:
+        args.csv.parent.mkdir(parents=True, exist_ok=True)
+        with args.csv.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+            writer.writeheader()
+            for r in rows + sweep:
+                writer.writerow(r.csv())
+        print(f"\nwrote {len(rows) + len(sweep)} rows to {args.csv}")
+    if notes:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()

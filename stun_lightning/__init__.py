@@ -1,0 +1,36 @@
+"""stun-lightning: structured-then-unstructured (STUN) pruning of Mixture-of-Experts language models.
+
+    from stun_lightning import prune, StunRecipe
+    report = prune(model, StunRecipe(expert_sparsity=0.25, sparsity=0.5), calibration=token_ids)
+"""
+
+from .adapters import MoEAdapter, UnsupportedModelError, get_adapter, moe_layers, register_adapter, supported_model_types
+from .calibration import CalibrationStats, LayerStats, calibrate
+from .prune import prune
+from .recipe import StunRecipe
+from .report import PruneReport
+from .serialization import IncompleteCheckpointError, load_pruned, save_pruned
+from .surgery import InfeasiblePruningError, keep_experts, remove_experts
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CalibrationStats",
+    "IncompleteCheckpointError",
+    "InfeasiblePruningError",
+    "LayerStats",
+    "MoEAdapter",
+    "PruneReport",
+    "StunRecipe",
+    "UnsupportedModelError",
+    "calibrate",
+    "get_adapter",
+    "keep_experts",
+    "load_pruned",
+    "moe_layers",
+    "prune",
+    "register_adapter",
+    "remove_experts",
+    "save_pruned",
+    "supported_model_types",
+]

@@ -1,0 +1,276 @@
+"""Calibration engine: one streamed, layer-by-layer pass that collects what every method needs.
+
+The model stays where it is (typically CPU); one decoder layer at a time is moved to ``device``,
+every calibration batch goes through it, and its outputs become the next layer's inputs. Peak
+accelerator memory is one decoder layer plus the calibration activations, whatever the model size.
+
+Per MoE layer, read from the model's *own* routing (a hook on the fused experts module sees the
+``top_k_index`` / ``top_k_weights`` the router chose, so biased and group-limited routers are
+respected):
+
+* routed tokens per expert, router-weighted frequency (sum of gate values), co-activation counts
+  (tokens whose top-k contains both i and j; with top-2 this is STUN's "top-2 is exactly {i, j}"),
+  sum of router logits per expert;
+* per-expert input-channel sums of squares, plain and gate-weighted, for both expert matrices
+  (``gate_up_proj`` sees the block input, ``down_proj`` sees the expert's activation): Wanda and
+  MoE-Pruner scores;
+* optionally the MoE block's inputs and outputs (for layer-output reconstruction methods).
+
+Experts that receive fewer than ``min_tokens`` tokens are listed in ``LayerStats.low_token_experts``;
+metric code decides what to do with them (see ``stun_lightning.masks``), norms are never NaN.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .adapters import MoELayer, decoder_layers, moe_layers
+
+ROUTING, NORMS, BLOCK_IO = "routing", "norms", "block_io"
+
+
+@dataclass
+class LayerStats:
+    """Calibration statistics of one MoE layer (expert axis = the layer's current experts)."""
+
+    index: int
+    num_experts: int
+    top_k: int
+    tokens: int = 0
+    expert_tokens: torch.Tensor | None = None  # [E] routed tokens
+    gate_sum: torch.Tensor | None = None  # [E] sum of gate values (router-weighted frequency)
+    coactivation: torch.Tensor | None = None  # [E, E] tokens routed to both i and j (diag = counts)
+    router_logit_sum: torch.Tensor | None = None  # [E]
+    input_sq: dict[str, torch.Tensor] = field(default_factory=dict)  # "gate_up_proj" / "down_proj" -> [E, in]
+    input_sq_gated: dict[str, torch.Tensor] = field(default_factory=dict)
+    block_inputs: list[torch.Tensor] = field(default_factory=list)
+    block_outputs: list[torch.Tensor] = field(default_factory=list)
+
+    def frequency(self) -> torch.Tensor:
+        """Fraction of routed slots per expert."""
+        return self.expert_tokens.double() / max(1, self.tokens * self.top_k)
+
+    def input_norms(self, matrix: str, gated: bool = False) -> torch.Tensor:
+        """``||X_j||_2`` per expert and input channel of ``matrix`` (``[E, in]``, fp32)."""
+        source = self.input_sq_gated if gated else self.input_sq
+        if matrix not in source:
+            raise KeyError(f"no input norms for {matrix!r}: calibrate with collect including {NORMS!r}")
+        return source[matrix].clamp_min(0).sqrt()
+
+    def low_token_experts(self, min_tokens: int = 1) -> list[int]:
+        return [e for e, n in enumerate(self.expert_tokens.tolist()) if n < min_tokens]
+
+
+@dataclass
+class CalibrationStats:
+    layers: dict[int, LayerStats]
+    tokens: int
+    seconds: float
+    layer_passes: int  # forward passes of a decoder layer over the calibration set
+
+    def __getitem__(self, index: int) -> LayerStats:
+        return self.layers[index]
+
+    def low_token_report(self, min_tokens: int = 1) -> dict[int, list[int]]:
+        return {i: s.low_token_experts(min_tokens) for i, s in self.layers.items() if s.low_token_experts(min_tokens)}
+
+
+class _Stop(Exception):
+    pass
+
+
+def _capture_layer_inputs(model: nn.Module, batches: list[torch.Tensor], device: torch.device):
+    """Run the embeddings only and record, per batch, layer 0's input and every layer's kwargs.
+
+    Each decoder layer's forward is swapped for a recorder that returns its input unchanged, so
+    the masks and position embeddings each layer receives (sliding / full attention differ per
+    layer in GPT-OSS) are captured without computing any layer.
+    """
+    base = getattr(model, "model", model)
+    layers = decoder_layers(model)
+    moved = [m for m in (getattr(base, "embed_tokens", None), getattr(base, "rotary_emb", None)) if m is not None]
+    homes = [next(iter(m.parameters()), next(iter(m.buffers()), None)) for m in moved]
+    homes = [t.device if t is not None else device for t in homes]
+    for m in moved:
+        m.to(device)
+    inputs, kwargs_per_layer = [], [[] for _ in layers]
+
+    def recorder(i):
+        def forward(hidden_states, *args, **kwargs):
+            if i == 0:
+                inputs.append(hidden_states)
+            kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "use_cache")}
+            kwargs_per_layer[i].append(kwargs)
+            if i == len(layers) - 1:
+                raise _Stop
+            return hidden_states
+
+        return forward
+
+    for i, layer in enumerate(layers):
+        layer.forward = recorder(i)
+    try:
+        with torch.no_grad():
+            for ids in batches:
+                try:
+                    base(input_ids=ids.to(device), use_cache=False)
+                except _Stop:
+                    pass
+    finally:
+        for layer in layers:
+            del layer.forward
+        for m, home in zip(moved, homes):
+            m.to(home)
+    return inputs, kwargs_per_layer
+
+
+class _MoECollector:
+    """Forward hooks on one MoE block that accumulate a LayerStats."""
+
+    def __init__(self, layer: MoELayer, collect: set[str], keep_block_io: int):
+        E = layer.num_experts
+        self.layer, self.collect, self.keep_block_io = layer, collect, keep_block_io
+        self.stats = LayerStats(layer.index, E, layer.top_k)
+        dev = layer.router_weight.device
+        s = self.stats
+        s.expert_tokens = torch.zeros(E, dtype=torch.long, device=dev)
+        s.gate_sum = torch.zeros(E, dtype=torch.float64, device=dev)
+        s.coactivation = torch.zeros(E, E, dtype=torch.float64, device=dev)
+        s.router_logit_sum = torch.zeros(E, dtype=torch.float64, device=dev)
+        if NORMS in collect:
+            for name, w in layer.expert_matrices().items():
+                s.input_sq[name] = torch.zeros(E, w.shape[2], dtype=torch.float32, device=dev)
+                s.input_sq_gated[name] = torch.zeros(E, w.shape[2], dtype=torch.float32, device=dev)
+        self.handles = [
+            layer.experts.register_forward_pre_hook(self._on_experts),
+            layer.router.register_forward_hook(self._on_router),
+        ]
+        if keep_block_io:
+            self.handles.append(layer.block.register_forward_hook(self._on_block))
+
+    def close(self) -> LayerStats:
+        for h in self.handles:
+            h.remove()
+        s = self.stats
+        for name in ("expert_tokens", "gate_sum", "coactivation", "router_logit_sum"):
+            setattr(s, name, getattr(s, name).cpu())
+        s.input_sq = {k: v.cpu() for k, v in s.input_sq.items()}
+        s.input_sq_gated = {k: v.cpu() for k, v in s.input_sq_gated.items()}
+        return s
+
+    def _on_router(self, module, args, output):
+        logits = output[0] if isinstance(output, tuple) else output
+        self.stats.router_logit_sum += logits.detach().double().reshape(-1, logits.shape[-1]).sum(0)
+
+    def _on_block(self, module, args, output):
+        out = output[0] if isinstance(output, tuple) else output
+        kept = sum(t.shape[0] for t in self.stats.block_inputs)
+        if kept < self.keep_block_io:
+            x = args[0].detach().reshape(-1, args[0].shape[-1])
+            y = out.detach().reshape(-1, out.shape[-1])
+            room = self.keep_block_io - kept
+            self.stats.block_inputs.append(x[:room].cpu())
+            self.stats.block_outputs.append(y[:room].cpu())
+
+    @torch.no_grad()
+    def _on_experts(self, module, args):
+        hidden, index, weights = args[0], args[1], args[2]
+        s, E = self.stats, self.stats.num_experts
+        T = hidden.shape[0]
+        s.tokens += T
+        valid = index < E  # some implementations pad with index E
+        onehot = torch.zeros(T, E + 1, dtype=torch.float64, device=hidden.device)
+        onehot.scatter_(1, index.clamp(max=E).long(), 1.0)
+        onehot = onehot[:, :E]
+        s.expert_tokens += onehot.sum(0).long().to(s.expert_tokens.device)
+        s.coactivation += (onehot.t() @ onehot).to(s.coactivation.device)
+        s.gate_sum.index_add_(0, index[valid].long().to(s.gate_sum.device), weights[valid].double().to(s.gate_sum.device))
+        if NORMS not in self.collect:
+            return
+        x = hidden.float()
+        for e in torch.unique(index[valid]).tolist():
+            tok, pos = torch.where(index == e)
+            g = weights[tok, pos].float()[:, None]
+            xe = x[tok]
+            s.input_sq["gate_up_proj"][e] += xe.square().sum(0)
+            s.input_sq_gated["gate_up_proj"][e] += (xe * g).square().sum(0)
+            h = self.layer.adapter.expert_hidden(module, e, hidden[tok]).float()
+            s.input_sq["down_proj"][e] += h.square().sum(0)
+            s.input_sq_gated["down_proj"][e] += (h * g).square().sum(0)
+
+
+LayerCallback = Callable[[int, "MoELayer | None", "LayerStats | None"], bool | None]
+
+
+def calibrate(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    *,
+    collect: Iterable[str] = (ROUTING, NORMS),
+    batch_size: int = 8,
+    device: str | torch.device | None = None,
+    on_layer: LayerCallback | None = None,
+    keep_block_io: int = 0,
+    progress: bool = True,
+    desc: str = "calibrating",
+) -> CalibrationStats:
+    """Stream ``input_ids`` ``[N, L]`` through ``model`` one decoder layer at a time.
+
+    Args:
+        collect: any of ``"routing"`` (always on), ``"norms"`` (per-expert input norms).
+        device: where each layer runs (default: where the model's parameters are).
+        on_layer: called as ``on_layer(decoder_index, moe_layer_or_None, stats_or_None)`` after a
+            layer's statistics are complete. If it returns True (it changed the layer, e.g. pruned
+            it) the layer's outputs are recomputed, so later layers see the pruned model's
+            activations (the sequential scheme of Wanda / SparseGPT).
+        keep_block_io: keep up to this many MoE-block input/output rows per layer (CPU).
+    """
+    start = time.perf_counter()
+    collect = set(collect) | {ROUTING}
+    home = next(model.parameters()).device
+    device = torch.device(device) if device is not None else home
+    batches = list(input_ids.split(batch_size))
+    was_training = model.training
+    model.eval()
+    hidden, kwargs_per_layer = _capture_layer_inputs(model, batches, device)
+    moe_by_index = {layer.index: layer for layer in moe_layers(model)}
+    stats: dict[int, LayerStats] = {}
+    passes = 0
+    layers = decoder_layers(model)
+    bar = tqdm(range(len(layers)), desc=desc, disable=not progress, unit="layer")
+    try:
+        for i in bar:
+            layer = layers[i]
+            layer.to(device)
+            moe = moe_by_index.get(i)
+            collector = _MoECollector(moe, collect, keep_block_io) if moe is not None else None
+            try:
+                outputs = _run_layer(layer, hidden, kwargs_per_layer[i])
+            finally:
+                layer_stats = collector.close() if collector is not None else None
+            passes += 1
+            if layer_stats is not None:
+                stats[i] = layer_stats
+            if on_layer is not None and on_layer(i, moe, layer_stats):
+                outputs = _run_layer(layer, hidden, kwargs_per_layer[i])
+                passes += 1
+            layer.to(home)
+            hidden = outputs
+    finally:
+        model.train(was_training)
+    return CalibrationStats(stats, int(input_ids.numel()), time.perf_counter() - start, passes)
+
+
+@torch.no_grad()
+def _run_layer(layer: nn.Module, inputs: list[torch.Tensor], kwargs_list: list[dict]) -> list[torch.Tensor]:
+    outputs = []
+    for h, kwargs in zip(inputs, kwargs_list):
+        out = layer(h, **kwargs)
+        outputs.append(out[0] if isinstance(out, tuple) else out)
+    return outputs

@@ -1,0 +1,120 @@
+"""Unstructured phase: weight-importance metrics, sparsity patterns and layer-wise allocation.
+
+Metrics (scores compared within each output row of an ``[out, in]`` matrix, as Wanda does):
+
+* ``magnitude``: ``|W_ij|``;
+* ``wanda`` (Sun et al. 2023): ``|W_ij| * ||X_j||_2`` over the tokens routed to the expert;
+* ``moe_pruner`` (Xie et al. 2024): ``|W_ij| * ||X_j * g||_2``, each token's input scaled by its
+  gate value for the expert. The paper does not say whether ``down_proj``'s input is gated too;
+  we gate all expert matrices (as the third-party reimplementation does).
+
+Patterns: ``unstructured`` (lowest ``round(in * s)`` of each row; Wanda floors, which undershoots
+non-round targets such as OWL's per-layer values by up to one weight per row) or ``N:M`` (the N lowest of every
+M consecutive inputs of a row; sparsity is then N/M whatever the target).
+
+Allocation: ``uniform`` or ``owl`` (Yin et al. 2024): layer outlier ratio
+``D_l = share of scores above M x the layer mean``; ``s_l = S - (D^_l - mean D^)`` with
+``D^ = (D - min D) / (max D - min D) * 2 lambda``. Deviation: the mean is weighted by each layer's
+expert-parameter count (layers differ in size after expert pruning), so the *global* sparsity is
+exactly S; the official code averages layers unweighted.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+METRICS = ("magnitude", "wanda", "moe_pruner")
+
+
+class InvalidSparsityError(ValueError):
+    pass
+
+
+def parse_pattern(pattern: str) -> tuple[int, int] | None:
+    """``"unstructured"`` -> None; ``"2:4"`` -> (2, 4)."""
+    if pattern == "unstructured":
+        return None
+    try:
+        n, m = (int(v) for v in pattern.split(":"))
+    except ValueError:
+        raise InvalidSparsityError(f"pattern must be 'unstructured' or 'N:M' like '2:4', got {pattern!r}") from None
+    if not 0 < n < m:
+        raise InvalidSparsityError(f"N:M pattern needs 0 < N < M, got {pattern!r}")
+    return n, m
+
+
+def check_sparsity(value: float, name: str = "sparsity") -> float:
+    if not 0.0 <= value < 1.0:
+        raise InvalidSparsityError(f"{name} must be in [0, 1), got {value}; 1.0 would remove every weight")
+    return float(value)
+
+
+def score(weight: torch.Tensor, metric: str, input_norms: torch.Tensor | None = None) -> torch.Tensor:
+    """Importance of each entry of ``weight`` ``[out, in]`` (fp32)."""
+    w = weight.detach().float().abs()
+    if metric == "magnitude":
+        return w
+    if metric in ("wanda", "moe_pruner"):
+        if input_norms is None:
+            raise ValueError(f"metric {metric!r} needs calibration input norms")
+        return w * input_norms.float().to(w.device)[None, :]
+    raise ValueError(f"unknown metric {metric!r}; choose one of {METRICS}")
+
+
+def mask_from_scores(scores: torch.Tensor, sparsity: float, pattern: str = "unstructured") -> torch.Tensor:
+    """Boolean keep-mask (True = keep) zeroing the lowest scores of each output row."""
+    nm = parse_pattern(pattern)
+    out_dim, in_dim = scores.shape
+    if nm is not None:
+        n, m = nm
+        if in_dim % m:
+            raise InvalidSparsityError(
+                f"{pattern} needs the input dimension divisible by {m}, got {in_dim}; use 'unstructured' for this matrix"
+            )
+        groups = scores.reshape(out_dim, in_dim // m, m)
+        drop = groups.topk(n, dim=-1, largest=False).indices
+        keep = torch.ones_like(groups, dtype=torch.bool).scatter_(-1, drop, False)
+        return keep.reshape(out_dim, in_dim)
+    n_drop = int(in_dim * check_sparsity(sparsity) + 0.5)
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    if n_drop:
+        drop = scores.topk(n_drop, dim=1, largest=False).indices
+        keep.scatter_(1, drop, False)
+    return keep
+
+
+def nm_sparsity_for(target: float, m: int) -> int:
+    """N of an N:M pattern closest to a layer's target sparsity (OWL's N:M variant)."""
+    return int(min(m - 1, max(1, round(target * m))))
+
+
+def outlier_ratio(scores: list[torch.Tensor], threshold: float = 5.0) -> float:
+    """OWL's D_l: share of a layer's scores above ``threshold`` x their mean."""
+    total = sum(s.numel() for s in scores)
+    mean = sum(float(s.double().sum()) for s in scores) / max(1, total)
+    above = sum(int((s > threshold * mean).sum()) for s in scores)
+    return above / max(1, total)
+
+
+def owl_allocation(ratios: Mapping[int, float], sizes: Mapping[int, int], target: float, lam: float = 0.08) -> dict[int, float]:
+    """Layer sparsities from outlier ratios whose size-weighted mean is exactly ``target``."""
+    check_sparsity(target, "target sparsity")
+    keys = list(ratios)
+    d = torch.tensor([ratios[k] for k in keys], dtype=torch.float64)
+    w = torch.tensor([sizes[k] for k in keys], dtype=torch.float64)
+    span = float(d.max() - d.min())
+    d_hat = (d - d.min()) / span * 2 * lam if span > 0 else torch.zeros_like(d)
+    s = target - (d_hat - (d_hat * w).sum() / w.sum())
+    # Clip to [0, 0.99] and redistribute the clipped excess over the free layers.
+    lo, hi = 0.0, 0.99
+    for _ in range(len(keys) + 1):
+        clipped = s.clamp(lo, hi)
+        err = target - float((clipped * w).sum() / w.sum())
+        free = (clipped > lo) & (clipped < hi)
+        if abs(err) < 1e-12 or not bool(free.any()):
+            s = clipped
+            break
+        s = clipped + err * free.double() * w.sum() / (w * free.double()).sum()
+    return {k: float(v) for k, v in zip(keys, s)}

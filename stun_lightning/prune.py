@@ -1,0 +1,225 @@
+"""``prune(model, recipe, calibration)``: STUN's structured-then-unstructured pipeline in one call."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from .adapters import MoELayer, get_adapter, moe_layers
+from .calibration import NORMS, ROUTING, CalibrationStats, LayerStats, calibrate
+from .masks import InvalidSparsityError, mask_from_scores, nm_sparsity_for, outlier_ratio, owl_allocation, parse_pattern, score
+from .methods import SelectionContext, get_expert_method
+from .recipe import StunRecipe
+from .report import ModelCensus, PruneReport
+from .surgery import InfeasiblePruningError, check_expert_counts, keep_experts
+
+
+def plan_expert_counts(model: nn.Module, recipe: StunRecipe) -> tuple[int, dict[int, int] | None, dict[int, int]]:
+    """(experts to keep in total, per-layer counts or None for a global budget, per-layer minimum).
+
+    Checks feasibility before any work is done.
+    """
+    layers = moe_layers(model)
+    adapter = get_adapter(model)
+    n_group = getattr(model.config, adapter.group_field, None) if adapter.group_field else None
+    min_keep = {}
+    for layer in layers:
+        floor = 1 if recipe.lower_top_k else layer.top_k
+        if recipe.max_removed_per_layer is not None:
+            floor = max(floor, layer.num_experts - recipe.max_removed_per_layer)
+        min_keep[layer.index] = floor
+    total = sum(layer.num_experts for layer in layers)
+    keep_total = total - int(round(total * recipe.expert_sparsity))
+    if recipe.layer_budget == "uniform" or (n_group and n_group > 1 and recipe.expert_sparsity > 0):
+        per_layer = {layer.index: layer.num_experts - int(round(layer.num_experts * recipe.expert_sparsity)) for layer in layers}
+        check_expert_counts(model, per_layer, lower_top_k=recipe.lower_top_k)
+        for i, k in per_layer.items():
+            if k < min_keep[i]:
+                raise InfeasiblePruningError(
+                    f"layer {i}: keeping {k} experts breaks max_removed_per_layer={recipe.max_removed_per_layer}; lower expert_sparsity"
+                )
+        return sum(per_layer.values()), per_layer, min_keep
+    if keep_total < sum(min_keep.values()):
+        raise InfeasiblePruningError(
+            f"expert_sparsity={recipe.expert_sparsity} keeps {keep_total} experts in total, but every layer needs at "
+            f"least top-k ({sum(min_keep.values())} in total); lower expert_sparsity or set lower_top_k=True"
+        )
+    return keep_total, None, min_keep
+
+
+def check_pattern_shapes(model: nn.Module, pattern: str) -> None:
+    nm = parse_pattern(pattern)
+    if nm is None:
+        return
+    for layer in moe_layers(model):
+        for name, w in layer.expert_matrices().items():
+            if w.shape[2] % nm[1]:
+                raise InvalidSparsityError(
+                    f"pattern {pattern} needs every expert matrix's input dimension divisible by {nm[1]}, but layer "
+                    f"{layer.index} {name} has {w.shape[2]} inputs; use pattern='unstructured'"
+                )
+
+
+def prune(
+    model: nn.Module,
+    recipe: StunRecipe | None = None,
+    calibration: torch.Tensor | None = None,
+    *,
+    tokenizer=None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> PruneReport:
+    """Prune ``model`` in place: remove experts, then mask weights inside the survivors.
+
+    Args:
+        calibration: token ids ``[N, L]``; if None and the recipe needs data, ``tokenizer`` is used
+            to cut the package's shipped calibration text into ``recipe.calibration_samples`` windows.
+        device: where calibration runs, one decoder layer at a time (default: the model's device).
+    Returns a :class:`PruneReport` counted from the pruned tensors.
+    """
+    recipe = (recipe or StunRecipe()).validate()
+    keep_total, per_layer, min_keep = plan_expert_counts(model, recipe)
+    check_pattern_shapes(model, recipe.pattern)
+    method = get_expert_method(recipe.expert_method)
+    if per_layer is None and not method.supports_global:
+        raise ValueError(f"method {recipe.expert_method!r} needs layer_budget='uniform'")
+    needs = method.needs_for(recipe.method_kwargs())
+    data_needed = (recipe.expert_sparsity > 0 and needs) or (recipe.prunes_weights and recipe.metric != "magnitude")
+    if data_needed and calibration is None:
+        if tokenizer is None:
+            raise ValueError("this recipe needs calibration data: pass calibration=token ids [N, L] or tokenizer=...")
+        from .data import calibration_blocks
+
+        calibration = calibration_blocks(tokenizer, None, recipe.calibration_samples, recipe.calibration_seq_len, recipe.seed)
+
+    before = ModelCensus.of(model)
+    seconds, passes, removed = {}, {}, {}
+
+    # Structured phase.
+    if recipe.expert_sparsity > 0:
+        start = time.perf_counter()
+        stats = None
+        if needs:
+            stats = calibrate(model, calibration, collect=(ROUTING,), batch_size=recipe.batch_size, device=device, progress=progress, desc="routing statistics")
+            passes["structured"] = stats.layer_passes
+        layers = moe_layers(model)
+        ctx = SelectionContext(model, layers, keep_total, per_layer, min_keep, stats, recipe.seed, recipe.method_kwargs())
+        keep = method.select(ctx)
+        _check_selection(keep, layers, keep_total, per_layer)
+        for layer in layers:
+            kept = keep_experts(model, layer.index, keep[layer.index], lower_top_k=recipe.lower_top_k)
+            removed[layer.index] = [e for e in range(layer_count(before, layer.index)) if e not in kept]
+        seconds["structured"] = time.perf_counter() - start
+
+    # Unstructured phase.
+    targets, low_tokens = {}, {}
+    if recipe.prunes_weights:
+        start = time.perf_counter()
+        within = _within_sparsity(recipe, before, model)
+        targets, low_tokens, n_passes = _prune_weights(model, recipe, within, calibration, device, progress)
+        passes["unstructured"] = n_passes
+        seconds["unstructured"] = time.perf_counter() - start
+
+    return PruneReport.compare(
+        before,
+        ModelCensus.of(model),
+        recipe.to_dict(),
+        removed,
+        layer_target_sparsity=targets,
+        low_token_experts=low_tokens,
+        seconds=seconds,
+        layer_passes=passes,
+    )
+
+
+def layer_count(census: ModelCensus, index: int) -> int:
+    return census.num_experts[index]
+
+
+def _check_selection(keep: dict[int, list[int]], layers: list[MoELayer], keep_total: int, per_layer: dict[int, int] | None) -> None:
+    got = {layer.index: len(set(keep.get(layer.index, []))) for layer in layers}
+    if per_layer is not None and got != per_layer:
+        raise RuntimeError(f"expert method returned counts {got}, expected {per_layer}")
+    if per_layer is None and sum(got.values()) != keep_total:
+        raise RuntimeError(f"expert method kept {sum(got.values())} experts, expected {keep_total}")
+
+
+def _within_sparsity(recipe: StunRecipe, before: ModelCensus, model: nn.Module) -> float:
+    """Sparsity inside kept experts: the recipe's, or derived from total_sparsity STUN's way."""
+    if recipe.total_sparsity is None:
+        return recipe.sparsity
+    kept = ModelCensus.of(model).expert_total.total / before.expert_total.total
+    within = 1.0 - (1.0 - recipe.total_sparsity) / kept
+    if within < 0:
+        raise InvalidSparsityError(
+            f"total_sparsity={recipe.total_sparsity} is below what expert removal already gives ({1 - kept:.3f}); raise it or lower expert_sparsity"
+        )
+    return within
+
+
+def _matrix_scores(layer: MoELayer, stats: LayerStats | None, metric: str, low: set[int], rule: str):
+    """Yield (expert, matrix name, [out, in] weight view, scores or None to leave dense)."""
+    gated = metric == "moe_pruner"
+    for name, weights in layer.expert_matrices().items():
+        norms = stats.input_norms(name, gated) if stats is not None and metric != "magnitude" else None
+        for e in range(layer.num_experts):
+            if e in low:
+                if rule == "dense":
+                    yield e, name, weights[e], None
+                    continue
+                yield e, name, weights[e], score(weights[e], "magnitude")
+            else:
+                yield e, name, weights[e], score(weights[e], metric, norms[e] if norms is not None else None)
+
+
+def _prune_weights(model, recipe: StunRecipe, within: float, calibration, device, progress):
+    layers = {layer.index: layer for layer in moe_layers(model)}
+    nm = parse_pattern(recipe.pattern)
+    uses_data = recipe.metric != "magnitude"
+    low_tokens: dict[int, list[int]] = {}
+    n_passes = 0
+
+    def low_set(i: int, stats: LayerStats | None) -> set[int]:
+        if stats is None:
+            return set()
+        low = stats.low_token_experts(recipe.min_tokens)
+        if low:
+            low_tokens[i] = low
+        return set(low)
+
+    targets = {i: (nm[0] / nm[1] if nm else within) for i in layers}
+    if recipe.allocation == "owl":
+        ratios, sizes = {}, {}
+        if uses_data:
+            stats = calibrate(model, calibration, collect=(NORMS,), batch_size=recipe.batch_size, device=device, progress=progress, desc="OWL outlier ratios")
+            n_passes += stats.layer_passes
+        for i, layer in layers.items():
+            s = stats[i] if uses_data else None
+            scores = [sc for _, _, _, sc in _matrix_scores(layer, s, recipe.metric, low_set(i, s), recipe.low_token_rule) if sc is not None]
+            ratios[i] = outlier_ratio(scores, recipe.owl_threshold)
+            sizes[i] = sum(w.numel() for w in layer.expert_matrices().values())
+        base = nm[0] / nm[1] if nm else within
+        targets = owl_allocation(ratios, sizes, base, recipe.owl_lambda)
+        low_tokens.clear()
+
+    def prune_layer(i: int, layer: MoELayer | None, stats: LayerStats | None) -> bool:
+        if layer is None:
+            return False
+        pattern = recipe.pattern
+        if nm and recipe.allocation == "owl":
+            pattern = f"{nm_sparsity_for(targets[i], nm[1])}:{nm[1]}"
+        with torch.no_grad():
+            for _, _, weight, scores in _matrix_scores(layer, stats, recipe.metric, low_set(i, stats), recipe.low_token_rule):
+                if scores is not None:
+                    weight.mul_(mask_from_scores(scores, targets[i], pattern).to(weight.dtype))
+        return recipe.sequential
+
+    if uses_data:
+        stats = calibrate(model, calibration, collect=(NORMS,), batch_size=recipe.batch_size, device=device, on_layer=prune_layer, progress=progress, desc="pruning weights")
+        n_passes += stats.layer_passes
+    else:
+        for i, layer in layers.items():
+            prune_layer(i, layer, None)
+    return targets, low_tokens, n_passes

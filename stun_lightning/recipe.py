@@ -1,0 +1,130 @@
+"""The pruning recipe: every choice of a STUN run in one dataclass that also loads from YAML."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .masks import METRICS, check_sparsity, parse_pattern
+from .methods import expert_methods
+from .methods.stun import DISTANCES
+
+
+@dataclass
+class StunRecipe:
+    """Structured-then-unstructured pruning of a MoE model.
+
+    Structured phase (whole experts):
+        expert_sparsity: fraction of routed experts removed over all MoE layers (0 = skip).
+        expert_method: ``stun`` (default), ``frequency`` or ``random``.
+        layer_budget: ``global`` (STUN: one threshold shared by all layers, so counts differ per
+            layer) or ``uniform`` (the same count in every layer: plain transformers loads it).
+        distance / divide_by_norm / mix_weight / merge_max_clusters: STUN options (see methods.stun).
+        max_removed_per_layer: cap on experts removed from any one layer (None = no cap).
+        lower_top_k: allow a layer to keep fewer experts than top-k by lowering its top-k.
+    Unstructured phase (weights inside surviving experts):
+        sparsity: fraction of weights zeroed inside each surviving expert matrix.
+        total_sparsity: alternatively, the target over all original expert parameters, STUN's way:
+            ``1 - total = (1 - removed expert params) * (1 - sparsity)``; overrides ``sparsity``.
+        metric: ``wanda`` (default), ``moe_pruner`` or ``magnitude``.
+        allocation: ``uniform`` or ``owl`` (owl_threshold M, owl_lambda).
+        pattern: ``unstructured``, ``2:4`` or ``4:8`` (N:M fixes the sparsity at N/M).
+        sequential: later layers calibrate on already-pruned earlier layers (Wanda's scheme).
+        low_token_rule / min_tokens: experts routed fewer than ``min_tokens`` calibration tokens are
+            left dense (``dense``, the official STUN behaviour) or pruned by ``magnitude``.
+    Calibration: calibration_samples windows of calibration_seq_len tokens, batch_size, seed.
+    """
+
+    expert_sparsity: float = 0.25
+    expert_method: str = "stun"
+    layer_budget: str = "global"
+    distance: str = "router"
+    divide_by_norm: bool = True
+    mix_weight: float = 1.0
+    merge_max_clusters: int = 0
+    max_removed_per_layer: int | None = None
+    lower_top_k: bool = False
+
+    sparsity: float = 0.0
+    total_sparsity: float | None = None
+    metric: str = "wanda"
+    allocation: str = "uniform"
+    owl_threshold: float = 5.0
+    owl_lambda: float = 0.08
+    pattern: str = "unstructured"
+    sequential: bool = True
+    low_token_rule: str = "dense"
+    min_tokens: int = 1
+
+    calibration_samples: int = 128
+    calibration_seq_len: int = 256
+    batch_size: int = 8
+    seed: int = 0
+    method_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> "StunRecipe":
+        check_sparsity(self.expert_sparsity, "expert_sparsity")
+        check_sparsity(self.sparsity, "sparsity")
+        if self.total_sparsity is not None:
+            check_sparsity(self.total_sparsity, "total_sparsity")
+        parse_pattern(self.pattern)
+        choices = {
+            "expert_method": (self.expert_method, expert_methods()),
+            "layer_budget": (self.layer_budget, ["global", "uniform"]),
+            "distance": (self.distance, list(DISTANCES)),
+            "metric": (self.metric, list(METRICS)),
+            "allocation": (self.allocation, ["uniform", "owl"]),
+            "low_token_rule": (self.low_token_rule, ["dense", "magnitude"]),
+        }
+        for name, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise ValueError(f"recipe {name}={value!r} is not one of {allowed}")
+        for name in ("calibration_samples", "calibration_seq_len", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"recipe {name} must be >= 1, got {getattr(self, name)}")
+        return self
+
+    @property
+    def prunes_weights(self) -> bool:
+        return self.sparsity > 0 or self.total_sparsity is not None or self.pattern != "unstructured"
+
+    def method_kwargs(self) -> dict[str, Any]:
+        return {
+            "distance": self.distance,
+            "divide_by_norm": self.divide_by_norm,
+            "mix_weight": self.mix_weight,
+            "merge_max_clusters": self.merge_max_clusters,
+            **self.method_options,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "StunRecipe":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown recipe fields {unknown}; known fields: {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "StunRecipe":
+        """Load a recipe file; a ``recipe:`` top-level key (LightningCLI-style files) is accepted."""
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"recipe file {path} does not exist (see configs/ for examples)")
+        data = yaml.safe_load(path.read_text()) or {}
+        if isinstance(data, dict) and "recipe" in data and isinstance(data["recipe"], dict):
+            data = data["recipe"]
+        return cls.from_dict(data)
+
+    def to_yaml(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))

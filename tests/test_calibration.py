@@ -1,0 +1,89 @@
+import torch
+
+from stun_lightning import calibrate, moe_layers
+from stun_lightning.tiny import build_tiny_model
+
+from conftest import random_ids
+
+
+def record_experts_calls(model, ids):
+    """Reference: what each MoE layer's experts module receives in a plain full forward."""
+    seen, handles = {}, []
+    for layer in moe_layers(model):
+        def hook(module, args, i=layer.index):
+            seen.setdefault(i, []).append(tuple(a.detach().clone() for a in args[:3]))
+        handles.append(layer.experts.register_forward_pre_hook(hook))
+    with torch.no_grad():
+        for batch in ids.split(2):
+            model(batch)
+    for h in handles:
+        h.remove()
+    return {i: [torch.cat(parts) for parts in zip(*calls)] for i, calls in seen.items()}
+
+
+def test_layerwise_pass_reproduces_the_full_forward(family):
+    """Stats from the layer-by-layer stream equal a direct computation from a full forward pass
+    (this checks the captured per-layer kwargs, e.g. GPT-OSS's sliding/full attention masks)."""
+    model = build_tiny_model(family)
+    ids = random_ids(model, n=4, length=24)
+    reference = record_experts_calls(model, ids)
+    stats = calibrate(model, ids, batch_size=2, progress=False)
+    assert set(stats.layers) == set(reference)
+    for i, (x, index, weights) in reference.items():
+        s = stats[i]
+        E = s.num_experts
+        assert s.tokens == ids.numel()
+        assert int(s.expert_tokens.sum()) == ids.numel() * s.top_k
+        counts = torch.bincount(index.flatten(), minlength=E)
+        assert torch.equal(s.expert_tokens, counts)
+        assert torch.equal(torch.diagonal(s.coactivation).long(), counts)
+        layer = [l for l in moe_layers(model) if l.index == i][0]
+        for e in range(E):
+            tok, pos = torch.where(index == e)
+            g = weights[tok, pos][:, None].float()
+            xe = x[tok].float()
+            torch.testing.assert_close(s.input_norms("gate_up_proj")[e], xe.norm(dim=0), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(s.input_norms("gate_up_proj", gated=True)[e], (xe * g).norm(dim=0), rtol=1e-4, atol=1e-5)
+            with torch.no_grad():
+                h = layer.adapter.expert_hidden(layer.experts, e, x[tok]).float()
+            torch.testing.assert_close(s.input_norms("down_proj", gated=True)[e], (h * g).norm(dim=0), rtol=1e-4, atol=1e-5)
+
+
+def test_on_layer_changes_propagate_to_later_layers():
+    model = build_tiny_model("mixtral")
+    ids = random_ids(model)
+    plain = calibrate(model, ids, progress=False)
+
+    def zero_first_layer(i, layer, stats):
+        if i == 0:
+            with torch.no_grad():
+                layer.experts.down_proj.zero_()
+            return True
+        return False
+
+    changed = calibrate(model, ids, on_layer=zero_first_layer, progress=False)
+    torch.testing.assert_close(changed[0].input_sq["gate_up_proj"], plain[0].input_sq["gate_up_proj"])
+    assert not torch.allclose(changed[1].input_sq["gate_up_proj"], plain[1].input_sq["gate_up_proj"])
+    assert changed.layer_passes == plain.layer_passes + 1
+
+
+def test_experts_no_token_reaches_are_reported_without_nan():
+    model = build_tiny_model("gpt_oss")
+    layer = moe_layers(model)[0]
+    with torch.no_grad():
+        layer.router.bias[5] = -1e4  # expert 5 of layer 0 is never routed
+    stats = calibrate(model, random_ids(model), progress=False)
+    assert stats.low_token_report() == {0: [5]}
+    for name in ("gate_up_proj", "down_proj"):
+        assert torch.isfinite(stats[0].input_norms(name)).all()
+        assert float(stats[0].input_norms(name)[5].abs().sum()) == 0.0
+
+
+def test_block_io_is_kept_on_request():
+    model = build_tiny_model("qwen3_moe")
+    stats = calibrate(model, random_ids(model, n=4, length=16), keep_block_io=40, progress=False)
+    x = torch.cat(stats[0].block_inputs)
+    y = torch.cat(stats[0].block_outputs)
+    assert x.shape == y.shape == (40, model.config.hidden_size)
+    with torch.no_grad():
+        torch.testing.assert_close(moe_layers(model)[0].block(x[None])[0], y, rtol=1e-4, atol=1e-5)

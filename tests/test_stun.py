@@ -1,0 +1,113 @@
+import pytest
+import torch
+
+from stun_lightning import StunRecipe, moe_layers, prune
+from stun_lightning.methods.stun import expert_distances, greedy_clusters
+from stun_lightning.tiny import build_tiny_model
+
+from conftest import clone, logits, random_ids
+
+DUPLICATES = {1: 0, 4: 3}  # expert 1 copies expert 0, expert 4 copies expert 3
+
+
+def model_with_duplicates(top_k=1, seed=0):
+    model = build_tiny_model("mixtral", seed=seed, num_experts_per_tok=top_k)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in moe_layers(model):
+            for copy_, source in DUPLICATES.items():
+                for _, p in layer.expert_parameters():
+                    p[copy_] = p[source]
+                w = layer.router_weight
+                w[copy_] = w[source] + 1e-7 * torch.randn(w.shape[1], generator=gen)
+    return model
+
+
+def relative_change(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def test_stun_removes_planted_duplicates_and_output_barely_moves():
+    model = model_with_duplicates(top_k=1)
+    ids = random_ids(model, n=8, length=32)
+    dense = logits(model, ids)
+    stun = clone(model)
+    report = prune(stun, StunRecipe(expert_sparsity=0.25, layer_budget="uniform"), progress=False)
+    for i, removed in report.removed_experts.items():
+        assert len(removed) == 2
+        # one of each duplicate pair went, never a unique expert
+        assert all(e in DUPLICATES or e in DUPLICATES.values() for e in removed), removed
+        assert len({DUPLICATES.get(e, e) for e in removed}) == 2
+    stun_change = relative_change(logits(stun, ids), dense)
+    random_changes = []
+    for seed in range(4):
+        rnd = clone(model)
+        prune(rnd, StunRecipe(expert_sparsity=0.25, layer_budget="uniform", expert_method="random", seed=seed), progress=False)
+        random_changes.append(relative_change(logits(rnd, ids), dense))
+    assert stun_change < 1e-3
+    assert stun_change * 10 < min(random_changes)
+
+
+def test_stun_with_top2_still_picks_the_duplicates_and_beats_random():
+    model = model_with_duplicates(top_k=2)
+    ids = random_ids(model, n=8, length=32)
+    dense = logits(model, ids)
+    stun = clone(model)
+    report = prune(stun, StunRecipe(expert_sparsity=0.25, layer_budget="uniform"), progress=False)
+    assert all({DUPLICATES.get(e, e) for e in r} == {0, 3} for r in report.removed_experts.values())
+    stun_change = relative_change(logits(stun, ids), dense)
+    rnd_changes = []
+    for seed in range(4):
+        rnd = clone(model)
+        prune(rnd, StunRecipe(expert_sparsity=0.25, layer_budget="uniform", expert_method="random", seed=seed), progress=False)
+        rnd_changes.append(relative_change(logits(rnd, ids), dense))
+    assert stun_change < sum(rnd_changes) / len(rnd_changes)
+
+
+def test_global_threshold_hits_the_exact_total_and_layers_may_differ():
+    model = build_tiny_model("qwen3_moe", num_experts=16, num_hidden_layers=4, seed=3)
+    report = prune(model, StunRecipe(expert_sparsity=0.375), progress=False)
+    assert sum(report.experts_after.values()) == 64 - 24
+    assert all(n >= 2 for n in report.experts_after.values())
+    assert "structured" not in report.layer_passes  # router distances: no forward pass
+
+
+@pytest.mark.parametrize("num_experts", [8, 32])
+def test_coactivation_costs_one_routing_pass_whatever_the_expert_count(num_experts):
+    model = build_tiny_model("qwen3_moe", num_experts=num_experts, num_hidden_layers=2)
+    report = prune(model, StunRecipe(expert_sparsity=0.25, distance="coactivation", layer_budget="uniform"), calibration=random_ids(model), progress=False)
+    assert report.layer_passes["structured"] == 2  # one pass = one forward of each decoder layer
+    assert all(n == num_experts - num_experts // 4 for n in report.experts_after.values())
+
+
+def test_greedy_clustering_follows_the_official_rule():
+    # 0-1 close, 2 close to 1 but far from 0: with t=0.5 the pair (1,2) is rejected (0 is too far from 2)
+    d = torch.tensor(
+        [[0, 0.1, 0.9, 5], [0.1, 0, 0.2, 5], [0.9, 0.2, 0, 5], [5, 5, 5, 0]], dtype=torch.float
+    )
+    d.fill_diagonal_(float("inf"))
+    assert greedy_clusters(d, 0.5, 1) == [(0, 1), (2,), (3,)]
+    assert greedy_clusters(d, 1.0, 1) == [(0, 1, 2), (3,)]
+    assert greedy_clusters(d, 1.0, 3) == [(0, 1), (2,), (3,)]  # per-layer minimum stops merging
+
+
+def test_router_distance_is_scaled_by_router_norm():
+    w = torch.randn(6, 10)
+    d = expert_distances(w)
+    torch.testing.assert_close(d[0, 1], (w[0] - w[1]).norm() / w.norm())
+    assert torch.isinf(torch.diagonal(d)).all()
+
+
+def test_frequency_removes_unrouted_experts_and_random_is_seeded():
+    model = build_tiny_model("gpt_oss")
+    with torch.no_grad():
+        for layer in moe_layers(model):
+            layer.router.bias[[2, 6]] = -1e4
+    ids = random_ids(model, n=8)
+    freq = clone(model)
+    report = prune(freq, StunRecipe(expert_sparsity=0.25, expert_method="frequency", layer_budget="uniform"), calibration=ids, progress=False)
+    assert all(r == [2, 6] for r in report.removed_experts.values())
+    a = prune(clone(model), StunRecipe(expert_sparsity=0.25, expert_method="random", seed=1), progress=False)
+    b = prune(clone(model), StunRecipe(expert_sparsity=0.25, expert_method="random", seed=1), progress=False)
+    c = prune(clone(model), StunRecipe(expert_sparsity=0.25, expert_method="random", seed=2), progress=False)
+    assert a.removed_experts == b.removed_experts != c.removed_experts
