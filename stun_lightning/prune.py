@@ -62,6 +62,16 @@ def check_pattern_shapes(model: nn.Module, pattern: str) -> None:
                 )
 
 
+def check_recipe(model: nn.Module, recipe: StunRecipe) -> tuple[int, dict[int, int] | None, dict[int, int]]:
+    """Every check that can refuse ``recipe`` on ``model`` before any work; returns the expert plan."""
+    recipe.validate()
+    plan = plan_expert_counts(model, recipe)
+    check_pattern_shapes(model, recipe.pattern)
+    if plan[1] is None and not get_expert_method(recipe.expert_method).supports_global:
+        raise ValueError(f"method {recipe.expert_method!r} needs layer_budget='uniform'")
+    return plan
+
+
 def prune(
     model: nn.Module,
     recipe: StunRecipe | None = None,
@@ -80,11 +90,8 @@ def prune(
     Returns a :class:`PruneReport` counted from the pruned tensors.
     """
     recipe = (recipe or StunRecipe()).validate()
-    keep_total, per_layer, min_keep = plan_expert_counts(model, recipe)
-    check_pattern_shapes(model, recipe.pattern)
+    keep_total, per_layer, min_keep = check_recipe(model, recipe)
     method = get_expert_method(recipe.expert_method)
-    if per_layer is None and not method.supports_global:
-        raise ValueError(f"method {recipe.expert_method!r} needs layer_budget='uniform'")
     needs = method.needs_for(recipe.method_kwargs())
     data_needed = (recipe.expert_sparsity > 0 and needs) or (recipe.prunes_weights and recipe.metric != "magnitude")
     if data_needed and calibration is None:

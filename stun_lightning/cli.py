@@ -1,0 +1,199 @@
+"""``stun-lightning``: prune and evaluate MoE models from the command line.
+
+    stun-lightning prune                                   # the embedded default, ~1 min on a CPU
+    stun-lightning prune --model PATH_OR_HUB_ID --recipe configs/X.yaml --calib FILE --out DIR
+    stun-lightning eval --model DIR --data FILE
+    stun-lightning fit --config configs/fit_X.yaml       # Lightning fine-tune (stun_lightning.callbacks)
+
+Every input is checked before any work; output goes to a temporary directory renamed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .recipe import StunRecipe
+
+#: the recipe of ``stun-lightning prune`` without --recipe: STUN removes a quarter of the experts,
+#: then OWL-Wanda masks 40% inside the survivors (55% of expert parameters in total)
+DEFAULT_RECIPE = dict(expert_sparsity=0.25, sparsity=0.4, allocation="owl", metric="wanda", calibration_samples=64, calibration_seq_len=256)
+
+
+class UsageError(Exception):
+    """Bad command-line input; reported in one line, nothing written."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stun-lightning", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prune", help="prune a MoE model (default: the embedded tiny model)")
+    p.add_argument("--model", help="saved model directory or Hugging Face hub id (default: embedded tiny MoE)")
+    p.add_argument("--tokenizer", help="tokenizer path or hub id (default: the model's, or the shipped one)")
+    p.add_argument("--recipe", help="YAML recipe (see configs/); flags below override its fields")
+    p.add_argument("--calib", help="calibration text: .txt, .jsonl or a directory (default: shipped mix)")
+    p.add_argument("--eval-data", help="held-out text for perplexity (default: shipped held-out mix)")
+    p.add_argument("--eval-tokens", type=int, default=16384, help="tokens of held-out text to score (0 = skip perplexity)")
+    p.add_argument("--out", help="write the pruned model here (temp dir, renamed at the end)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    p.add_argument("--device", help="where calibration runs, one layer at a time (default: cuda if available)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="load the model in this dtype")
+    for name, kind in (("expert-sparsity", float), ("sparsity", float), ("total-sparsity", float), ("expert-method", str), ("layer-budget", str), ("distance", str), ("metric", str), ("allocation", str), ("pattern", str), ("calibration-samples", int), ("calibration-seq-len", int), ("seed", int)):
+        p.add_argument(f"--{name}", type=kind, help=f"recipe field {name.replace('-', '_')}")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    e = sub.add_parser("eval", help="sliding-window perplexity of a model on a text")
+    e.add_argument("--model", help="saved model directory or hub id (default: embedded tiny MoE)")
+    e.add_argument("--tokenizer")
+    e.add_argument("--data", help="text to score: .txt, .jsonl or a directory (default: shipped held-out mix)")
+    e.add_argument("--seq-len", type=int, default=256)
+    e.add_argument("--stride", type=int, help="sliding-window stride (default: seq-len, no overlap)")
+    e.add_argument("--max-tokens", type=int)
+    e.add_argument("--device")
+    e.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+
+    sub.add_parser("fit", help="prune and fine-tune with Lightning (args go to stun_lightning.callbacks.cli)", add_help=False)
+    return parser
+
+
+def load_model_and_tokenizer(model_spec: str | None, tokenizer_spec: str | None, dtype: str | None):
+    """(model, tokenizer) from a directory, a hub id, or the embedded default when ``model_spec`` is None."""
+    from .tiny import load_tokenizer
+
+    torch_dtype = getattr(torch, dtype) if dtype else None
+    if model_spec is None:
+        from .tiny import build_tiny_model
+
+        model = build_tiny_model("mixtral")
+        if torch_dtype is not None:
+            model = model.to(torch_dtype)
+        return model, load_tokenizer(tokenizer_spec), "embedded tiny Mixtral-style MoE (random weights)"
+    path = Path(model_spec)
+    if path.exists():
+        from .serialization import load_pruned
+
+        model = load_pruned(path, torch_dtype=torch_dtype)
+    elif model_spec.startswith((".", "/", "~")) or model_spec.count("/") > 1:
+        raise FileNotFoundError(f"model directory {model_spec} does not exist")
+    else:
+        from transformers import AutoModelForCausalLM
+
+        try:
+            model = AutoModelForCausalLM.from_pretrained(model_spec, dtype=torch_dtype)
+        except OSError as err:
+            raise FileNotFoundError(f"cannot load {model_spec!r} from a local directory or the Hugging Face hub: {err}") from err
+    tokenizer = None
+    for candidate in (tokenizer_spec, model_spec):
+        if candidate is None:
+            continue
+        try:
+            tokenizer = load_tokenizer(candidate)
+            break
+        except (OSError, ValueError):
+            if candidate == tokenizer_spec:
+                raise
+    if tokenizer is None:
+        raise UsageError(f"no tokenizer found with {model_spec}; pass --tokenizer PATH_OR_HUB_ID")
+    return model.eval(), tokenizer, model_spec
+
+
+def recipe_from_args(args) -> StunRecipe:
+    data = dict(DEFAULT_RECIPE) if args.recipe is None else StunRecipe.from_yaml(args.recipe).to_dict()
+    for field in ("expert_sparsity", "sparsity", "total_sparsity", "expert_method", "layer_budget", "distance", "metric", "allocation", "pattern", "calibration_samples", "calibration_seq_len", "seed"):
+        value = getattr(args, field)
+        if value is not None:
+            data[field] = value
+    return StunRecipe.from_dict(data)
+
+
+def default_device(requested: str | None) -> str:
+    if requested:
+        if requested.startswith("cuda") and not torch.cuda.is_available():
+            raise UsageError(f"--device {requested} asked, but this machine has no CUDA device; use --device cpu")
+        return requested
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def run_prune(args) -> int:
+    from .data import calibration_blocks
+    from .evaluate import perplexity
+    from .serialization import save_pruned
+    from .prune import check_recipe, prune
+
+    recipe = recipe_from_args(args)
+    out = Path(args.out) if args.out else None
+    if out is not None and out.exists() and not args.overwrite:
+        raise UsageError(f"output directory {out} already exists; choose another --out or pass --overwrite")
+    for label, file in (("--calib", args.calib), ("--eval-data", args.eval_data)):
+        if file is not None and not Path(file).exists():
+            raise FileNotFoundError(f"{label} {file} does not exist")
+    device = default_device(args.device)
+    start = time.perf_counter()
+    model, tokenizer, name = load_model_and_tokenizer(args.model, args.tokenizer, args.dtype)
+    check_recipe(model, recipe)
+    progress = not args.quiet
+    calibration = calibration_blocks(tokenizer, args.calib, recipe.calibration_samples, recipe.calibration_seq_len, recipe.seed)
+
+    def ppl():
+        if not args.eval_tokens:
+            return None
+        # scored where the model lives (pruning moves one layer at a time to `device` and back)
+        return perplexity(model, tokenizer, args.eval_data, seq_len=recipe.calibration_seq_len, max_tokens=args.eval_tokens, progress=progress)
+
+    ppl_before = ppl()
+    report = prune(model, recipe, calibration, device=device, progress=progress)
+    ppl_after = ppl()
+    if ppl_before is not None:
+        report.perplexity = {"before": ppl_before, "after": ppl_after}
+    report.seconds["total"] = time.perf_counter() - start
+    print(f"\nstun-lightning prune: {name}\n")
+    print(report.to_markdown())
+    if out is not None:
+        save_pruned(model, out, tokenizer=tokenizer, overwrite=args.overwrite, extra_files={"stun_report.json": report.to_json(), "stun_recipe.yaml": _yaml(recipe)})
+        print(f"\nsaved to {out}")
+    return 0
+
+
+def _yaml(recipe: StunRecipe) -> str:
+    import yaml
+
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)
+
+
+def run_eval(args) -> int:
+    from .evaluate import next_token_accuracy, perplexity
+
+    if args.data is not None and not Path(args.data).exists():
+        raise FileNotFoundError(f"--data {args.data} does not exist")
+    device = default_device(args.device)
+    model, tokenizer, name = load_model_and_tokenizer(args.model, args.tokenizer, args.dtype)
+    model.to(device)
+    kwargs = dict(seq_len=args.seq_len, stride=args.stride, max_tokens=args.max_tokens)
+    value = perplexity(model, tokenizer, args.data, **kwargs)
+    accuracy = next_token_accuracy(model, tokenizer, args.data, **kwargs)
+    print(json.dumps({"model": str(name), "data": args.data or "shipped held-out mix", "perplexity": value, "next_token_accuracy": accuracy, **kwargs}, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["fit"]:
+        from .callbacks.cli import main as fit_main
+
+        return fit_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        return {"prune": run_prune, "eval": run_eval}[args.command](args)
+    except (UsageError, FileNotFoundError, FileExistsError, ValueError) as err:
+        print(f"stun-lightning {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
