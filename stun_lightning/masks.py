@@ -21,7 +21,7 @@ exactly S; the official code averages layers unweighted.
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Callable, Iterable, Mapping
 
 import torch
 
@@ -90,11 +90,18 @@ def nm_sparsity_for(target: float, m: int) -> int:
     return int(min(m - 1, max(1, round(target * m))))
 
 
-def outlier_ratio(scores: list[torch.Tensor], threshold: float = 5.0) -> float:
-    """OWL's D_l: share of a layer's scores above ``threshold`` x their mean."""
-    total = sum(s.numel() for s in scores)
-    mean = sum(float(s.double().sum()) for s in scores) / max(1, total)
-    above = sum(int((s > threshold * mean).sum()) for s in scores)
+def outlier_ratio(scores: Callable[[], Iterable[torch.Tensor]], threshold: float = 5.0) -> float:
+    """OWL's D_l: share of a layer's scores above ``threshold`` x their mean.
+
+    ``scores`` returns a fresh iterable of score tensors; it is walked twice (mean, then count) so
+    a layer's scores never need to be held in memory at once.
+    """
+    total, mass = 0, 0.0
+    for s in scores():
+        total += s.numel()
+        mass += float(s.double().sum())
+    mean = mass / max(1, total)
+    above = sum(int((s > threshold * mean).sum()) for s in scores())
     return above / max(1, total)
 
 

@@ -199,16 +199,24 @@ def _prune_weights(model, recipe: StunRecipe, within: float, calibration, device
     targets = {i: (nm[0] / nm[1] if nm else within) for i in layers}
     if recipe.allocation == "owl":
         ratios, sizes = {}, {}
+
+        def measure(i: int, layer: MoELayer | None, stats: LayerStats | None) -> bool:
+            if layer is not None:
+                low = low_set(i, stats)
+                ratios[i] = outlier_ratio(
+                    lambda: (sc for *_, sc in _matrix_scores(layer, stats, recipe.metric, low, recipe.low_token_rule) if sc is not None),
+                    recipe.owl_threshold,
+                )
+                sizes[i] = sum(w.numel() for w in layer.expert_matrices().values())
+            return False
+
         if uses_data:
-            stats = calibrate(model, calibration, collect=(NORMS,), batch_size=recipe.batch_size, device=device, progress=progress, desc="OWL outlier ratios")
+            stats = calibrate(model, calibration, collect=(NORMS,), batch_size=recipe.batch_size, device=device, on_layer=measure, progress=progress, desc="OWL outlier ratios")
             n_passes += stats.layer_passes
-        for i, layer in layers.items():
-            s = stats[i] if uses_data else None
-            scores = [sc for _, _, _, sc in _matrix_scores(layer, s, recipe.metric, low_set(i, s), recipe.low_token_rule) if sc is not None]
-            ratios[i] = outlier_ratio(scores, recipe.owl_threshold)
-            sizes[i] = sum(w.numel() for w in layer.expert_matrices().values())
-        base = nm[0] / nm[1] if nm else within
-        targets = owl_allocation(ratios, sizes, base, recipe.owl_lambda)
+        else:
+            for i, layer in layers.items():
+                measure(i, layer, None)
+        targets = owl_allocation(ratios, sizes, nm[0] / nm[1] if nm else within, recipe.owl_lambda)
         low_tokens.clear()
 
     def prune_layer(i: int, layer: MoELayer | None, stats: LayerStats | None) -> bool:
