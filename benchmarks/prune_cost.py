@@ -40,9 +40,9 @@ import transformers
 from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's package, also when not pip-installed
-from stun_lightning import StunRecipe, calibrate, moe_layers, prune
-from stun_lightning.adapters import decoder_layers
-from stun_lightning.tiny import tiny_config
+from stun_lightning import StunRecipe, calibrate, moe_layers, prune  # noqa: E402
+from stun_lightning.adapters import decoder_layers  # noqa: E402
+from stun_lightning.tiny import tiny_config  # noqa: E402
 
 # Layer shapes: (family, config fields). Head counts and head_dim are the real models', so one
 # decoder layer's bytes are the real layer's; vocab and depth are cut so a layer fits anywhere.
@@ -188,7 +188,12 @@ def measure(device: torch.device):
 # ---------------------------------------------------------------- models
 
 
-def build_model(family: str, fields: dict, layers: int, seq_len: int, dtype: torch.dtype, vocab: int = 1024):
+def build_model(family: str, fields: dict, layers: int, seq_len: int, dtype: torch.dtype, device: torch.device, vocab: int = 1024):
+    """A randomly initialised model on the CPU.
+
+    Initialised on ``device`` and then moved to the CPU: random init of a Mixtral-sized layer takes
+    seconds on a GPU and minutes on a few CPU cores.
+    """
     config = tiny_config(
         family,
         **fields,
@@ -199,10 +204,12 @@ def build_model(family: str, fields: dict, layers: int, seq_len: int, dtype: tor
         max_position_embeddings=max(1024, seq_len),
         attn_implementation="sdpa",
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
+    torch.manual_seed(0)
+    with device:
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return model.eval()  # stays on the CPU: prune/calibrate move one layer at a time
+    model = model.to("cpu").eval()  # stays on the CPU: prune/calibrate move one layer at a time
+    _release_memory(device)
+    return model
 
 
 def layer_bytes(model) -> int:
@@ -282,7 +289,9 @@ def timed(device: torch.device, fn):
 def phase_costs(shape: str, args, device: torch.device, dtype: torch.dtype) -> list[Row]:
     """Table 1: the three phases of STUN on one layer shape."""
     family, fields = SHAPES[shape]
-    model = build_model(family, fields, args.layers, args.seq_len, dtype)
+    start = time.perf_counter()
+    model = build_model(family, fields, args.layers, args.seq_len, dtype, device)
+    print(f"  {shape}: built {args.layers} layer(s), {sum(p.numel() for p in model.parameters()) / 1e6:,.1f} M params, in {time.perf_counter() - start:.1f} s", flush=True)
     ids = calibration_ids(model.config.vocab_size, args.samples, args.seq_len)
     moe = moe_layers(model)[0]
     E, k = moe.num_experts, moe.top_k
@@ -316,7 +325,7 @@ def pass_scaling(args, device: torch.device, dtype: torch.dtype) -> list[Row]:
     rows = []
     for E in args.experts:
         k = min(8, max(1, E // 4))
-        model = build_model("qwen3_moe", dict(dims, num_experts=E, num_experts_per_tok=k), args.layers, args.seq_len, dtype)
+        model = build_model("qwen3_moe", dict(dims, num_experts=E, num_experts_per_tok=k), args.layers, args.seq_len, dtype, device)
         ids = calibration_ids(model.config.vocab_size, args.samples, args.seq_len)
         naee = {s: naee_subsets(E, s) for s in (0.25, 0.5)}
         for label, recipe_fields in EXPERT_METHODS.items():
@@ -332,14 +341,16 @@ def pass_scaling(args, device: torch.device, dtype: torch.dtype) -> list[Row]:
     return rows
 
 
-def warm_up(device: torch.device, dtype: torch.dtype) -> None:
-    """Pay CUDA context, cuBLAS and allocator start-up outside the measured rows."""
-    if device.type != "cuda":
-        return
+def warm_up(args, device: torch.device, dtype: torch.dtype) -> None:
+    """Pay first-call costs (CUDA context, cuBLAS, attention kernels) outside the measured rows.
+
+    A tiny model runs the routing pass and Wanda on batches of the measured shape.
+    """
     family, fields = SHAPES["tiny"]
-    model = build_model(family, fields, 1, 64, dtype)
-    recipe = StunRecipe(expert_sparsity=0.25, expert_method="frequency", sparsity=0.5)
-    prune(model, recipe, calibration=calibration_ids(1024, 2, 64), device=device, progress=False)
+    model = build_model(family, fields, 1, args.seq_len, dtype, device)
+    ids = calibration_ids(model.config.vocab_size, min(args.samples, args.batch_size), args.seq_len)
+    recipe = StunRecipe(expert_sparsity=0.25, expert_method="frequency", sparsity=0.5, batch_size=args.batch_size)
+    prune(model, recipe, calibration=ids, device=device, progress=False)
     del model
     _release_memory(device)
 
@@ -432,7 +443,7 @@ def main(argv=None) -> None:
         f"expert sparsity {args.expert_sparsity:.0%}, Wanda sparsity {args.sparsity:.0%}",
         flush=True,
     )
-    warm_up(device, dtype)
+    warm_up(args, device, dtype)
     rows = []
     for shape in args.shapes:
         rows += phase_costs(shape, args, device, dtype)
@@ -440,6 +451,12 @@ def main(argv=None) -> None:
 
     print("\n## Cost of each phase (one decoder layer at a time on the device)\n")
     print(phase_table(rows, device))
+    print(
+        "\nphase s: the phase's own time as the library reports it; call s: the whole synchronized call (prune also "
+        "counts the parameters before and after). Wanda passes each layer twice: once to collect input norms, once "
+        "after masking so the next layer calibrates on pruned activations (sequential=True). The structured phase's "
+        "expert surgery runs on the CPU copy of the model, hence its host RSS growth."
+    )
     if sweep:
         dims = SWEEP_DIMS[args.sweep_dims]
         print(
@@ -447,7 +464,7 @@ def main(argv=None) -> None:
             f"({args.sweep_dims} dims: hidden {dims['hidden_size']}, expert FFN {dims['moe_intermediate_size']})\n"
         )
         print(scaling_table(sweep, args.expert_sparsity))
-        print("\nNAEE (not implemented yet) enumerates C(E, E(1-s)) expert subsets per layer, each scored by a forward pass of the layer's MoE block.")
+        print("\nNAEE (not implemented yet) enumerates C(E, E(1-s)) expert subsets per layer, each scored by the MoE block's output error on the calibration tokens.")
     notes = error_notes(rows + sweep)
     if notes:
         print("\n" + notes)

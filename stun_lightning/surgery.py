@@ -61,7 +61,7 @@ def check_expert_counts(model: nn.Module, counts: Mapping[int, int], lower_top_k
 
 def _slice_param(module: nn.Module, name: str, keep: torch.Tensor) -> None:
     old = getattr(module, name)
-    new = old.detach().index_select(0, keep.to(old.device)).clone()
+    new = old.detach().index_select(0, keep.to(old.device))  # a new tensor already
     if isinstance(old, nn.Parameter):
         setattr(module, name, nn.Parameter(new, requires_grad=old.requires_grad))
     else:

@@ -74,12 +74,10 @@ def greedy_clusters(distances: torch.Tensor, threshold: float, min_clusters: int
         if not float(values[v1, v2]) < threshold:
             break
         c1, c2 = member[v1], member[v2]
-        lengths = [values[c, v2] for c in c1] + [values[c, v1] for c in c2]
-        if float(max(lengths)) < threshold:
-            for c in c1:
-                values[c, v2] = float("inf")
-            for c in c2:
-                values[c, v1] = float("inf")
+        m1, m2 = list(c1), list(c2)
+        if float(torch.cat([values[m1, v2], values[m2, v1]]).max()) < threshold:
+            values[m1, v2] = float("inf")
+            values[m2, v1] = float("inf")
             union = c1 | c2
             for v in union:
                 member[v] = union
@@ -132,9 +130,12 @@ def _force_count(dist: dict[int, torch.Tensor], clusters: dict[int, list[list[in
 def _representative(layer, cluster: tuple[int, ...]) -> int:
     if len(cluster) == 1:
         return cluster[0]
-    flat = torch.stack([torch.cat([p[e].detach().float().flatten() for _, p in layer.expert_parameters()]) for e in cluster])
-    centroid = flat.mean(0)
-    return cluster[int(torch.argmin(torch.linalg.norm(flat - centroid, dim=1)))]
+    idx = torch.tensor(cluster)
+    sq = torch.zeros(len(cluster), dtype=torch.float64)
+    for _, p in layer.expert_parameters():  # one parameter at a time: no flattened copy of the experts
+        members = p.detach()[idx.to(p.device)].float()
+        sq += (members - members.mean(0)).flatten(1).square().sum(1).double().cpu()
+    return cluster[int(torch.argmin(sq))]
 
 
 @torch.no_grad()
