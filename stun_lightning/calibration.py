@@ -14,7 +14,9 @@ respected):
 * per-expert input-channel sums of squares, plain and gate-weighted, for both expert matrices
   (``gate_up_proj`` sees the block input, ``down_proj`` sees the expert's activation): Wanda and
   MoE-Pruner scores;
-* optionally the MoE block's inputs and outputs (for layer-output reconstruction methods).
+* optionally the MoE block's inputs and outputs (for layer-output reconstruction methods);
+* optionally (``"linear"``) input-channel sums of squares of every dense ``nn.Linear`` of each
+  decoder layer (attention, shared experts, dense MLPs), for Wanda on the dense part.
 
 Experts that receive fewer than ``min_tokens`` tokens are listed in ``LayerStats.low_token_experts``;
 metric code decides what to do with them (see ``stun_lightning.masks``), norms are never NaN.
@@ -32,7 +34,7 @@ from tqdm.auto import tqdm
 
 from .adapters import MoELayer, decoder_layers, moe_layers
 
-ROUTING, NORMS, BLOCK_IO = "routing", "norms", "block_io"
+ROUTING, NORMS, LINEAR = "routing", "norms", "linear"
 
 
 @dataclass
@@ -51,6 +53,7 @@ class LayerStats:
     input_sq_gated: dict[str, torch.Tensor] = field(default_factory=dict)
     block_inputs: list[torch.Tensor] = field(default_factory=list)
     block_outputs: list[torch.Tensor] = field(default_factory=list)
+    linear_sq: dict[str, torch.Tensor] = field(default_factory=dict)  # dense nn.Linear name -> [in]
 
     def frequency(self) -> torch.Tensor:
         """Fraction of routed slots per expert."""
@@ -205,6 +208,31 @@ class _MoECollector:
             s.input_sq_gated["down_proj"][e] += (h * g).square().sum(0)
 
 
+class _LinearCollector:
+    """Input sums of squares of every ``nn.Linear`` inside one decoder layer."""
+
+    def __init__(self, decoder_layer: nn.Module):
+        self.sq: dict[str, torch.Tensor] = {}
+        self.handles = [
+            module.register_forward_pre_hook(self._hook(name))
+            for name, module in decoder_layer.named_modules()
+            if isinstance(module, nn.Linear)
+        ]
+
+    def _hook(self, name):
+        def hook(module, args):
+            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+            total = x.square().sum(0)
+            self.sq[name] = self.sq[name] + total if name in self.sq else total
+
+        return hook
+
+    def close(self) -> dict[str, torch.Tensor]:
+        for h in self.handles:
+            h.remove()
+        return {k: v.cpu() for k, v in self.sq.items()}
+
+
 LayerCallback = Callable[[int, "MoELayer | None", "LayerStats | None"], bool | None]
 
 
@@ -223,7 +251,9 @@ def calibrate(
     """Stream ``input_ids`` ``[N, L]`` through ``model`` one decoder layer at a time.
 
     Args:
-        collect: any of ``"routing"`` (always on), ``"norms"`` (per-expert input norms).
+        collect: any of ``"routing"`` (always on), ``"norms"`` (per-expert input norms), ``"linear"``
+            (input norms of the dense linears; a dense decoder layer then gets a LayerStats with
+            ``num_experts=0`` in ``on_layer``, not kept in the result).
         device: where each layer runs (default: where the model's parameters are).
         on_layer: called as ``on_layer(decoder_index, moe_layer_or_None, stats_or_None)`` after a
             layer's statistics are complete. If it returns True (it changed the layer, e.g. pruned
@@ -250,13 +280,19 @@ def calibrate(
             layer.to(device)
             moe = moe_by_index.get(i)
             collector = _MoECollector(moe, collect, keep_block_io) if moe is not None else None
+            linear = _LinearCollector(layer) if LINEAR in collect else None
             try:
                 outputs = _run_layer(layer, hidden, kwargs_per_layer[i])
             finally:
                 layer_stats = collector.close() if collector is not None else None
+                linear_sq = linear.close() if linear is not None else {}
             passes += 1
             if layer_stats is not None:
                 stats[i] = layer_stats
+            elif linear_sq:  # a dense decoder layer: its statistics go to on_layer only
+                layer_stats = LayerStats(i, 0, 0)
+            if layer_stats is not None:
+                layer_stats.linear_sq = linear_sq
             if on_layer is not None and on_layer(i, moe, layer_stats):
                 outputs = _run_layer(layer, hidden, kwargs_per_layer[i])
                 passes += 1

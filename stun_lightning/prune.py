@@ -7,8 +7,8 @@ import time
 import torch
 from torch import nn
 
-from .adapters import MoELayer, get_adapter, moe_layers
-from .calibration import NORMS, ROUTING, CalibrationStats, LayerStats, calibrate
+from .adapters import MoELayer, decoder_layers, get_adapter, moe_layers
+from .calibration import LINEAR, NORMS, ROUTING, LayerStats, calibrate
 from .masks import InvalidSparsityError, mask_from_scores, nm_sparsity_for, outlier_ratio, owl_allocation, parse_pattern, score
 from .methods import SelectionContext, get_expert_method
 from .recipe import StunRecipe
@@ -49,10 +49,23 @@ def plan_expert_counts(model: nn.Module, recipe: StunRecipe) -> tuple[int, dict[
     return keep_total, None, min_keep
 
 
-def check_pattern_shapes(model: nn.Module, pattern: str) -> None:
+def dense_linears(decoder_layer: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """The dense linears of a decoder layer (attention, shared experts, dense MLP)."""
+    return [(n, m) for n, m in decoder_layer.named_modules() if isinstance(m, nn.Linear)]
+
+
+def check_pattern_shapes(model: nn.Module, pattern: str, include_dense: bool = False) -> None:
     nm = parse_pattern(pattern)
     if nm is None:
         return
+    if include_dense:
+        for i, decoder_layer in enumerate(decoder_layers(model)):
+            for name, linear in dense_linears(decoder_layer):
+                if linear.in_features % nm[1]:
+                    raise InvalidSparsityError(
+                        f"pattern {pattern} needs input dimensions divisible by {nm[1]}, but layer {i} {name} has "
+                        f"{linear.in_features}; use pattern='unstructured' or prune_dense=False"
+                    )
     for layer in moe_layers(model):
         for name, w in layer.expert_matrices().items():
             if w.shape[2] % nm[1]:
@@ -66,7 +79,7 @@ def check_recipe(model: nn.Module, recipe: StunRecipe) -> tuple[int, dict[int, i
     """Every check that can refuse ``recipe`` on ``model`` before any work; returns the expert plan."""
     recipe.validate()
     plan = plan_expert_counts(model, recipe)
-    check_pattern_shapes(model, recipe.pattern)
+    check_pattern_shapes(model, recipe.pattern, recipe.prune_dense)
     if plan[1] is None and not get_expert_method(recipe.expert_method).supports_global:
         raise ValueError(f"method {recipe.expert_method!r} needs layer_budget='uniform'")
     return plan
@@ -219,22 +232,32 @@ def _prune_weights(model, recipe: StunRecipe, within: float, calibration, device
         targets = owl_allocation(ratios, sizes, nm[0] / nm[1] if nm else within, recipe.owl_lambda)
         low_tokens.clear()
 
+    all_layers = decoder_layers(model)
+
     def prune_layer(i: int, layer: MoELayer | None, stats: LayerStats | None) -> bool:
-        if layer is None:
+        if layer is None and not recipe.prune_dense:
             return False
+        target = targets.get(i, within)
         pattern = recipe.pattern
-        if nm and recipe.allocation == "owl":
-            pattern = f"{nm_sparsity_for(targets[i], nm[1])}:{nm[1]}"
+        if nm and recipe.allocation == "owl" and i in targets:
+            pattern = f"{nm_sparsity_for(target, nm[1])}:{nm[1]}"
         with torch.no_grad():
-            for _, _, weight, scores in _matrix_scores(layer, stats, recipe.metric, low_set(i, stats), recipe.low_token_rule):
-                if scores is not None:
-                    weight.mul_(mask_from_scores(scores, targets[i], pattern).to(weight.dtype))
+            if layer is not None:
+                for _, _, weight, scores in _matrix_scores(layer, stats, recipe.metric, low_set(i, stats), recipe.low_token_rule):
+                    if scores is not None:
+                        weight.mul_(mask_from_scores(scores, target, pattern).to(weight.dtype))
+            if recipe.prune_dense:
+                for name, linear in dense_linears(all_layers[i]):
+                    norms = stats.linear_sq[name].sqrt() if uses_data else None
+                    scores = score(linear.weight, "wanda" if uses_data else "magnitude", norms)
+                    linear.weight.mul_(mask_from_scores(scores, target, pattern).to(linear.weight.dtype))
         return recipe.sequential
 
     if uses_data:
-        stats = calibrate(model, calibration, collect=(NORMS,), batch_size=recipe.batch_size, device=device, on_layer=prune_layer, progress=progress, desc="pruning weights")
+        collect = (NORMS, LINEAR) if recipe.prune_dense else (NORMS,)
+        stats = calibrate(model, calibration, collect=collect, batch_size=recipe.batch_size, device=device, on_layer=prune_layer, progress=progress, desc="pruning weights")
         n_passes += stats.layer_passes
     else:
-        for i, layer in layers.items():
-            prune_layer(i, layer, None)
+        for i in range(len(all_layers)):
+            prune_layer(i, layers.get(i), None)
     return targets, low_tokens, n_passes

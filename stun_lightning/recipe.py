@@ -34,6 +34,9 @@ class StunRecipe:
         allocation: ``uniform`` or ``owl`` (owl_threshold M, owl_lambda).
         pattern: ``unstructured``, ``2:4`` or ``4:8`` (N:M fixes the sparsity at N/M).
         sequential: later layers calibrate on already-pruned earlier layers (Wanda's scheme).
+        prune_dense: also mask the dense linears of every decoder layer (attention, shared experts,
+            dense MLPs) with the same metric and layer sparsity, as STUN's official runs do
+            (MoE-Pruner's gate does not apply there: Wanda is used). Default off: only experts.
         low_token_rule / min_tokens: experts routed fewer than ``min_tokens`` calibration tokens are
             left dense (``dense``, the official STUN behaviour) or pruned by ``magnitude``.
     Calibration: calibration_samples windows of calibration_seq_len tokens, batch_size, seed.
@@ -57,6 +60,7 @@ class StunRecipe:
     owl_lambda: float = 0.08
     pattern: str = "unstructured"
     sequential: bool = True
+    prune_dense: bool = False
     low_token_rule: str = "dense"
     min_tokens: int = 1
 

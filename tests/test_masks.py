@@ -142,3 +142,21 @@ def test_bad_sparsity_and_patterns_are_refused():
     with pytest.raises(InvalidSparsityError, match="divisible by 4"):
         prune(model, StunRecipe(pattern="2:4"), calibration=random_ids(model), progress=False)
     assert moe_layers(model)[0].num_experts == 8  # nothing was done
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3"])
+def test_dense_linears_stay_dense_unless_asked(family):
+    ids = None
+    for prune_dense in (False, True):
+        model = build_tiny_model(family)
+        ids = random_ids(model, n=8) if ids is None else ids
+        prune(model, StunRecipe(expert_sparsity=0.0, sparsity=0.5, prune_dense=prune_dense), calibration=ids, progress=False)
+        attn = [m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "self_attn" in n]
+        shared = [m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "shared_expert" in n and "gate" not in n.split(".")[-1]]
+        zeros = [float((w == 0).float().mean()) for w in attn + shared]
+        assert attn and shared
+        if prune_dense:
+            assert all(abs(z - 0.5) < 0.02 for z in zeros), zeros
+        else:
+            assert all(z == 0 for z in zeros)
+        assert float((model.lm_head.weight == 0).float().mean()) == 0

@@ -1,0 +1,250 @@
+"""Expert-wise knowledge distillation from the unpruned model (MoE-Pruner, Xie et al. 2024, arXiv 2410.12013).
+
+Loss, as the paper defines it: ``L = L_CE + lambda * sum_layers sum_experts MSE(student expert out,
+teacher expert out)`` with ``lambda`` initialised to ``L_CE / L_expert`` at the first step and then
+kept fixed. The paper leaves two points open; our choices:
+
+* Tokens compared: each surviving student expert is compared with its *teacher original* (the
+  expert of the unpruned model it was kept from) on the tokens the *teacher* routes to that
+  original. The teacher expert sees the teacher's MoE-block input at those tokens; the student
+  expert sees the student's own MoE-block input at the same token positions, so the gradient
+  reaches the whole student, not only the expert weights.
+* Removed experts are not compared (the student has no counterpart); their tokens still count in
+  the cross-entropy and in the optional MoE-block-output term.
+
+Options: a logit KL term ``T^2 * KL(softmax(t/T) || softmax(s/T))`` (Hinton et al.) and an MSE between
+the MoE blocks' outputs, each with its own weight. The expert term costs one extra expert pass of
+the student and of the teacher over the teacher-routed tokens (about one MoE layer's forward each).
+
+Everything here is plain torch: forward hooks record what the loss needs during the models' own
+forward passes (:class:`MoECapture`), and the loss functions read those records.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .adapters import MoELayer, moe_layers
+
+
+@dataclass
+class CapturedLayer:
+    hidden: torch.Tensor  # [T, H] input of the fused experts module
+    index: torch.Tensor  # [T, k] routed experts
+    block_output: torch.Tensor | None = None  # [B, L, H] MoE block output (routed + shared)
+
+
+class MoECapture:
+    """Forward hooks recording, for every MoE layer, the experts' input tokens and routing, and
+    optionally the MoE block's output, during a model's own forward pass.
+
+    ``detach=True`` for the teacher (nothing kept for autograd). Records are replaced on every
+    forward; :meth:`clear` drops them, :meth:`close` removes the hooks.
+    """
+
+    def __init__(self, model: nn.Module, *, detach: bool, block_outputs: bool = False):
+        self.layers = {layer.index: layer for layer in moe_layers(model)}
+        self.detach = detach
+        self.records: dict[int, CapturedLayer] = {}
+        self.enabled = True
+        self._handles = []
+        for i, layer in self.layers.items():
+            self._handles.append(layer.experts.register_forward_pre_hook(self._on_experts(i)))
+            if block_outputs:
+                self._handles.append(layer.block.register_forward_hook(self._on_block(i)))
+
+    def _on_experts(self, i: int):
+        def hook(module, args):
+            if not self.enabled:
+                return
+            hidden, index = args[0], args[1]
+            if self.detach:
+                hidden = hidden.detach()
+            self.records[i] = CapturedLayer(hidden, index.detach())
+
+        return hook
+
+    def _on_block(self, i: int):
+        def hook(module, args, output):
+            if not self.enabled or i not in self.records:
+                return
+            out = output[0] if isinstance(output, tuple) else output
+            self.records[i].block_output = out.detach() if self.detach else out
+
+        return hook
+
+    def clear(self) -> None:
+        self.records = {}
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self.records = {}
+
+
+def identity_expert_map(model: nn.Module) -> dict[int, list[int]]:
+    """Student expert j is teacher expert j (no expert was removed)."""
+    return {layer.index: list(range(layer.num_experts)) for layer in moe_layers(model)}
+
+
+def kept_from_removed(teacher: nn.Module, removed: dict[int, list[int]]) -> dict[int, list[int]]:
+    """Expert map from a PruneReport's ``removed_experts``: kept original indices per layer."""
+    return {
+        layer.index: [e for e in range(layer.num_experts) if e not in set(removed.get(layer.index, []))]
+        for layer in moe_layers(teacher)
+    }
+
+
+def check_expert_map(student: nn.Module, teacher: nn.Module, expert_map: dict[int, list[int]]) -> None:
+    s_layers = {layer.index: layer.num_experts for layer in moe_layers(student)}
+    t_layers = {layer.index: layer.num_experts for layer in moe_layers(teacher)}
+    problems = []
+    if set(s_layers) != set(t_layers):
+        problems.append(f"student MoE layers {sorted(s_layers)} differ from the teacher's {sorted(t_layers)}")
+    for i, n in s_layers.items():
+        kept = expert_map.get(i)
+        if kept is None or len(kept) != n:
+            problems.append(f"layer {i}: student has {n} experts, expert map lists {None if kept is None else len(kept)}")
+        elif i in t_layers and (min(kept) < 0 or max(kept) >= t_layers[i]):
+            problems.append(f"layer {i}: expert map {kept} outside the teacher's 0..{t_layers[i] - 1}")
+    if problems:
+        raise ValueError(
+            "student and teacher do not match under the expert map (pass the kept original indices per layer, "
+            "e.g. from StunCallback.kept_experts or kept_from_removed(report.removed_experts)):\n  " + "\n  ".join(problems)
+        )
+
+
+@torch.inference_mode()
+def _teacher_expert_outputs(teacher_layers: dict[int, MoELayer], records: dict[int, CapturedLayer], expert_map: dict[int, list[int]]):
+    out = {}
+    for i, rec in records.items():
+        layer = teacher_layers[i]
+        for j, e in enumerate(expert_map[i]):
+            tok = (rec.index == e).any(-1).nonzero().squeeze(1)
+            if tok.numel():
+                out[(i, j)] = (tok, layer.adapter.expert_output(layer.experts, e, rec.hidden[tok]))
+    return out
+
+
+def expert_mse(
+    student: MoECapture,
+    teacher: MoECapture,
+    expert_map: dict[int, list[int]],
+) -> torch.Tensor:
+    """``sum_layers sum_surviving experts MSE(student expert j, teacher expert expert_map[i][j])`` on the
+    tokens the teacher routes to the original expert (fp32; experts with no such token add nothing)."""
+    # inference tensors cannot be saved for backward: clone the targets outside inference mode
+    targets = {k: (tok.clone(), y.clone()) for k, (tok, y) in _teacher_expert_outputs(teacher.layers, teacher.records, expert_map).items()}
+    total = None
+    for (i, j), (tok, target) in targets.items():
+        layer, rec = student.layers[i], student.records[i]
+        tok = tok.to(rec.hidden.device)
+        pred = layer.adapter.expert_output(layer.experts, j, rec.hidden[tok])
+        term = F.mse_loss(pred.float(), target.to(pred.device).float())
+        total = term if total is None else total + term
+    if total is None:
+        return torch.zeros((), device=next(iter(student.records.values())).hidden.device)
+    return total
+
+
+def block_mse(student: MoECapture, teacher: MoECapture) -> torch.Tensor:
+    """Sum over MoE layers of the MSE between the student's and the teacher's MoE block outputs."""
+    terms = []
+    for i, rec in student.records.items():
+        t = teacher.records[i].block_output
+        if rec.block_output is None or t is None:
+            raise ValueError("block outputs were not captured: build the MoECapture with block_outputs=True")
+        terms.append(F.mse_loss(rec.block_output.float(), t.clone().to(rec.block_output.device).float()))
+    return torch.stack(terms).sum()
+
+
+def logit_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 2.0) -> torch.Tensor:
+    """``T^2 * KL(teacher || student)`` of the temperature-softened next-token distributions, mean per token."""
+    t = teacher_logits.clone().to(student_logits.device).float() / temperature
+    s = student_logits.float() / temperature
+    kl = F.kl_div(F.log_softmax(s, -1).flatten(0, -2), F.log_softmax(t, -1).flatten(0, -2), log_target=True, reduction="batchmean")
+    return kl * temperature**2
+
+
+@dataclass
+class DistillWeights:
+    """Weights of the loss terms.
+
+    ``expert``: None initialises lambda to ``L_CE / L_expert`` at the first step (MoE-Pruner), a
+    number fixes it. ``logit_kl`` / ``block``: weights of the optional terms (0 = off).
+    """
+
+    ce: float = 1.0
+    expert: float | None = None
+    logit_kl: float = 0.0
+    block: float = 0.0
+    temperature: float = 2.0
+
+    def __post_init__(self) -> None:
+        for name in ("ce", "logit_kl", "block"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"distillation weight {name} must be >= 0, got {getattr(self, name)}")
+        if self.expert is not None and self.expert < 0:
+            raise ValueError(f"distillation weight expert must be >= 0 or None (auto), got {self.expert}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+
+
+def init_expert_lambda(ce: torch.Tensor, expert: torch.Tensor) -> float | None:
+    """MoE-Pruner's initial lambda, ``L_CE / L_expert``, so both terms start equal.
+
+    Returns None while the expert term is exactly zero (the surviving experts still reproduce the
+    teacher's on their inputs, e.g. before any weight is masked): the term then contributes neither
+    loss nor gradient, and lambda is initialised at the first step where it is not zero.
+    """
+    ce_v, ex_v = float(ce.detach()), float(expert.detach())
+    if not math.isfinite(ce_v) or not math.isfinite(ex_v) or ex_v < 0:
+        raise ValueError(
+            f"cannot initialise lambda = L_CE / L_expert with L_CE={ce_v}, L_expert={ex_v}; "
+            "set the expert weight explicitly (DistillWeights(expert=...))"
+        )
+    return ce_v / ex_v if ex_v > 0 else None
+
+
+@dataclass
+class DistillLosses:
+    total: torch.Tensor
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def combine(weights: DistillWeights, expert_lambda: float | None, ce: torch.Tensor, expert=None, kl=None, block=None) -> DistillLosses:
+    """``ce_w * CE + lambda * L_expert + kl_w * KL + block_w * L_block`` with every term reported."""
+    terms = {"ce": ce}
+    total = weights.ce * ce
+    if expert is not None:
+        terms["expert"] = expert
+        total = total + (expert_lambda if expert_lambda is not None else 0.0) * expert
+    if kl is not None:
+        terms["logit_kl"] = kl
+        total = total + weights.logit_kl * kl
+    if block is not None:
+        terms["block"] = block
+        total = total + weights.block * block
+    return DistillLosses(total, terms)
+
+
+__all__ = [
+    "CapturedLayer",
+    "DistillLosses",
+    "DistillWeights",
+    "MoECapture",
+    "block_mse",
+    "check_expert_map",
+    "combine",
+    "expert_mse",
+    "identity_expert_map",
+    "init_expert_lambda",
+    "kept_from_removed",
+    "logit_kl",
+]

@@ -1,0 +1,263 @@
+"""Masks on the surviving experts that stay in force while the model trains.
+
+A :class:`ExpertMasks` holds one boolean keep-mask ``[E, out, in]`` per MoE layer and expert matrix
+(the orientation of ``MoELayer.expert_matrices``). Enforcing it means three things, each a plain
+function here so it is tested without a training framework:
+
+* :func:`apply_masks`: masked weights set to exactly zero;
+* :func:`mask_gradients`: masked gradient entries zeroed before the optimizer step, so gradient
+  clipping measures, and the optimizer sees, only the live weights;
+* :func:`mask_optimizer_state`: every per-parameter optimizer state tensor shaped like the weight
+  (Adam's ``exp_avg`` / ``exp_avg_sq``, SGD's ``momentum_buffer``...) zeroed at masked entries, so
+  momentum cannot revive a pruned weight (sparsegpt #17, filter-pruning-geometric-median #47).
+
+Masks are recomputed by :func:`compute_masks` from the recipe's metric (``stun_lightning.masks``);
+already-masked weights score zero, so masks only grow as the target sparsity rises. Masks cost one
+byte per expert weight in memory; :meth:`ExpertMasks.state_dict` packs them to one bit for checkpoints.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .adapters import MoELayer, moe_layers
+from .calibration import LayerStats
+from .masks import mask_from_scores, nm_sparsity_for, outlier_ratio, owl_allocation, parse_pattern, score
+
+MATRICES = ("gate_up_proj", "down_proj")
+
+
+def _key(layer_index: int, matrix: str) -> str:
+    return f"{layer_index}.{matrix}"
+
+
+@dataclass
+class ExpertMasks:
+    """Keep-masks (True = keep) keyed ``"<decoder layer>.<matrix>"``, each ``[E, out, in]`` bool."""
+
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.masks)
+
+    def get(self, layer_index: int, matrix: str) -> torch.Tensor | None:
+        return self.masks.get(_key(layer_index, matrix))
+
+    def set(self, layer_index: int, matrix: str, mask: torch.Tensor) -> None:
+        self.masks[_key(layer_index, matrix)] = mask.bool()
+
+    def sparsity(self) -> float:
+        total = sum(m.numel() for m in self.masks.values())
+        kept = sum(int(m.sum()) for m in self.masks.values())
+        return 1.0 - kept / total if total else 0.0
+
+    def equal(self, other: "ExpertMasks") -> bool:
+        return self.masks.keys() == other.masks.keys() and all(
+            torch.equal(self.masks[k].cpu(), other.masks[k].cpu()) for k in self.masks
+        )
+
+    def state_dict(self) -> dict[str, dict]:
+        """Masks packed to one bit per weight (CPU uint8) with their shapes."""
+        return {k: {"shape": list(m.shape), "bits": pack_bits(m)} for k, m in self.masks.items()}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, dict]) -> "ExpertMasks":
+        return cls({k: unpack_bits(v["bits"], v["shape"]) for k, v in state.items()})
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """A bool tensor as uint8, eight entries per byte (little-endian within the byte)."""
+    flat = mask.detach().reshape(-1).to("cpu", torch.uint8)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+    return (flat.reshape(-1, 8) * weights).sum(1, dtype=torch.uint8)
+
+
+def unpack_bits(bits: torch.Tensor, shape) -> torch.Tensor:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    shifts = torch.arange(8, dtype=torch.uint8)
+    flat = ((bits.to(torch.uint8)[:, None] >> shifts) & 1).reshape(-1)[:n]
+    return flat.bool().reshape(list(shape))
+
+
+def _param_views(layer: MoELayer) -> Iterator[tuple[str, nn.Parameter, bool]]:
+    """(matrix name, parameter, stored transposed) for the layer's fused expert weights."""
+    experts = layer.experts
+    for name in MATRICES:
+        yield name, getattr(experts, name), layer.adapter.transposed
+
+
+def _in_param_layout(mask: torch.Tensor, param: torch.Tensor, transposed: bool) -> torch.Tensor:
+    if mask.device != param.device:
+        mask = mask.to(param.device)
+    return mask.transpose(1, 2) if transposed else mask
+
+
+def _check_shape(layer: MoELayer, name: str, mask: torch.Tensor, param: torch.Tensor, transposed: bool) -> None:
+    expected = param.transpose(1, 2).shape if transposed else param.shape
+    if tuple(mask.shape) != tuple(expected):
+        raise ValueError(
+            f"mask for layer {layer.index} {name} has shape {tuple(mask.shape)} but the weight is {tuple(expected)}: "
+            "the masks were computed for a different expert set (restore the expert sets before the masks)"
+        )
+
+
+def iter_masked(model: nn.Module, masks: ExpertMasks) -> Iterator[tuple[nn.Parameter, torch.Tensor]]:
+    """(parameter, keep-mask in the parameter's own layout) for every masked expert weight.
+
+    The masks are moved to their parameter's device once and kept there.
+    """
+    for layer in moe_layers(model):
+        for name, param, transposed in _param_views(layer):
+            mask = masks.get(layer.index, name)
+            if mask is None:
+                continue
+            _check_shape(layer, name, mask, param, transposed)
+            if mask.device != param.device:
+                mask = mask.to(param.device)
+                masks.set(layer.index, name, mask)
+            yield param, _in_param_layout(mask, param, transposed)
+
+
+@torch.no_grad()
+def apply_masks(model: nn.Module, masks: ExpertMasks) -> None:
+    """Set every masked expert weight to exactly zero."""
+    for param, mask in iter_masked(model, masks):
+        param.mul_(mask)
+
+
+@torch.no_grad()
+def mask_gradients(model: nn.Module, masks: ExpertMasks) -> None:
+    for param, mask in iter_masked(model, masks):
+        if param.grad is not None:
+            param.grad.mul_(mask)
+
+
+@torch.no_grad()
+def mask_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, masks: ExpertMasks) -> int:
+    """Zero the masked entries of every state tensor shaped like its parameter; returns how many
+    state tensors were masked. Scalars (Adam's ``step``) and differently shaped state are left alone."""
+    n = 0
+    for param, mask in iter_masked(model, masks):
+        state = optimizer.state.get(param)
+        if not state:
+            continue
+        for value in state.values():
+            if isinstance(value, torch.Tensor) and value.shape == param.shape:
+                value.mul_(mask)
+                n += 1
+    return n
+
+
+def measured_sparsity(model: nn.Module) -> float:
+    """Zeros over the surviving experts' weight matrices, counted from the tensors."""
+    total = zeros = 0
+    for layer in moe_layers(model):
+        for _, param, _ in _param_views(layer):
+            total += param.numel()
+            zeros += param.numel() - int(torch.count_nonzero(param.detach()))
+    return zeros / total if total else 0.0
+
+
+@dataclass
+class MaskUpdate:
+    masks: ExpertMasks
+    layer_targets: dict[int, float]
+    low_token_experts: dict[int, list[int]]
+
+
+@torch.no_grad()
+def compute_masks(
+    model: nn.Module,
+    sparsity: float,
+    metric: str = "magnitude",
+    stats: dict[int, LayerStats] | None = None,
+    *,
+    pattern: str = "unstructured",
+    allocation: str = "uniform",
+    owl_threshold: float = 5.0,
+    owl_lambda: float = 0.08,
+    low_token_rule: str = "dense",
+    min_tokens: int = 1,
+    previous: ExpertMasks | None = None,
+) -> MaskUpdate:
+    """Keep-masks for every surviving expert matrix at ``sparsity`` (per output row, as Wanda).
+
+    Scores are ``stun_lightning.masks.score`` of the current weights; ``wanda`` / ``moe_pruner``
+    read the input norms of ``stats`` (from :class:`stun_lightning.activation_stats.ActivationStats`).
+    Experts routed fewer than ``min_tokens`` tokens in ``stats``: with ``low_token_rule="dense"`` they
+    keep their ``previous`` mask (or stay dense), as the one-shot pipeline leaves them dense; with
+    ``"magnitude"`` they are masked by magnitude. ``allocation="owl"`` spreads ``sparsity`` over
+    layers by outlier ratio (parameter-weighted, see ``stun_lightning.masks``).
+    """
+    nm = parse_pattern(pattern)
+    layers = moe_layers(model)
+    uses_data = metric != "magnitude"
+    if uses_data and stats is None:
+        raise ValueError(f"metric {metric!r} needs activation statistics (stats=...) or use metric='magnitude'")
+    low_tokens: dict[int, list[int]] = {}
+
+    def layer_scores(layer: MoELayer) -> Iterator[tuple[str, int, torch.Tensor | None]]:
+        s = stats.get(layer.index) if uses_data else None
+        if uses_data and s is None:
+            raise ValueError(f"no activation statistics for MoE layer {layer.index}")
+        low = set(s.low_token_experts(min_tokens)) if s is not None else set()
+        if low:
+            low_tokens[layer.index] = sorted(low)
+        for name, weights in layer.expert_matrices().items():
+            norms = s.input_norms(name, gated=metric == "moe_pruner") if s is not None else None
+            for e in range(layer.num_experts):
+                if e in low:
+                    yield name, e, None if low_token_rule == "dense" else score(weights[e], "magnitude")
+                else:
+                    yield name, e, score(weights[e], metric, norms[e] if norms is not None else None)
+
+    targets = {layer.index: (nm[0] / nm[1] if nm else sparsity) for layer in layers}
+    if allocation == "owl":
+        ratios, sizes = {}, {}
+        for layer in layers:
+            ratios[layer.index] = outlier_ratio([sc for _, _, sc in layer_scores(layer) if sc is not None], owl_threshold)
+            sizes[layer.index] = sum(w.numel() for w in layer.expert_matrices().values())
+        targets = owl_allocation(ratios, sizes, nm[0] / nm[1] if nm else sparsity, owl_lambda)
+        low_tokens.clear()
+
+    out = ExpertMasks()
+    for layer in layers:
+        layer_pattern = f"{nm_sparsity_for(targets[layer.index], nm[1])}:{nm[1]}" if nm and allocation == "owl" else pattern
+        mats = layer.expert_matrices()
+        new = {name: torch.ones(w.shape, dtype=torch.bool, device=w.device) for name, w in mats.items()}
+        for name, e, sc in layer_scores(layer):
+            old = previous.get(layer.index, name) if previous is not None else None
+            old = old[e].to(new[name].device) if old is not None else None
+            if sc is None:
+                if old is not None:
+                    new[name][e] = old
+                continue
+            if old is not None:  # pruned weights rank below every live one: masks only grow
+                sc = sc.masked_fill(~old.to(sc.device), -1.0)
+            new[name][e] = mask_from_scores(sc, targets[layer.index], layer_pattern)
+        for name, m in new.items():
+            out.set(layer.index, name, m)
+    return MaskUpdate(out, targets, low_tokens)
+
+
+__all__ = [
+    "ExpertMasks",
+    "MaskUpdate",
+    "apply_masks",
+    "compute_masks",
+    "iter_masked",
+    "mask_gradients",
+    "mask_optimizer_state",
+    "measured_sparsity",
+    "pack_bits",
+    "unpack_bits",
+]
