@@ -10,7 +10,10 @@ Two tables, printed as markdown (and written as one CSV with ``--csv PATH``):
    visits the accelerator: peak GPU memory is compared with one decoder layer's bytes.
 2. Forward passes each expert-pruning method needs as the expert count grows, measured from
    ``PruneReport.layer_passes``, beside the subsets NAEE would enumerate per layer
-   (``C(E, E * (1 - s))``; NAEE itself is not implemented yet).
+   (``C(E, E * (1 - s))``).
+3. The field's expert-pruning methods (REAP, UNCURL, NAEE, EEP; STUN as the baseline) on the same
+   sweep with a uniform budget: forward passes counted by hooks and wall time; NAEE refused past
+   its subset limit, with the passes it would have needed.
 
 Weights are random (cost does not depend on them); bf16 on CUDA, float32 on CPU.
 
@@ -83,7 +86,7 @@ EXPERT_METHODS = {  # label -> recipe fields of the structured phase
 CSV_FIELDS = [
     "table", "shape", "experts", "top_k", "layers", "phase", "method", "layer_passes",
     "model_passes", "phase_s", "call_s", "gpu_peak_mib", "rss_growth_mib", "layer_mib", "peak_over_layer",
-    "naee_subsets_s25", "naee_subsets_s50", "error",
+    "naee_subsets_s25", "naee_subsets_s50", "error", "router_passes", "note",
 ]
 
 
@@ -341,6 +344,103 @@ def pass_scaling(args, device: torch.device, dtype: torch.dtype) -> list[Row]:
     return rows
 
 
+# ---------------------------------------------------------------- the field's expert-pruning methods (issue 11)
+#
+# NAEE, EEP, UNCURL and REAP run their own passes inside the method (PruneReport counts only the
+# routing pass prune() makes for them), so this table counts forward calls with hooks: every call
+# of a MoE block and of a router, divided by the number of calibration batches, summed over layers
+# (one pass of every layer = the layer count, as "decoder-layer passes" above).
+
+FIELD_METHODS = {  # label -> (expert_method, method_options); STUN router is the same run's baseline
+    "STUN router": ("stun", {}),
+    "REAP": ("reap", {}),
+    "UNCURL": ("uncurl", {}),
+    "NAEE": ("naee", {}),
+    "EEP, 8 of 400 evaluations": ("eep", dict(max_init=3, prune_evaluations=4, total_evaluations=8)),
+}
+
+
+@dataclass
+class MethodRow(Row):
+    router_passes: float | None = None  # router calls over the calibration set, summed over layers
+    note: str = ""
+
+    def csv(self) -> dict:
+        return dict(super().csv(), router_passes="" if self.router_passes is None else f"{self.router_passes:g}", note=self.note)
+
+
+@contextmanager
+def counted_calls(model, batches: int):
+    """Count MoE-block and router forward calls while the block runs (per calibration batch)."""
+    counts = {"block": 0, "router": 0}
+    handles = []
+    for layer in moe_layers(model):
+        handles.append(layer.block.register_forward_pre_hook(lambda *a: counts.__setitem__("block", counts["block"] + 1)))
+        handles.append(layer.router.register_forward_pre_hook(lambda *a: counts.__setitem__("router", counts["router"] + 1)))
+    try:
+        yield counts
+    finally:
+        for h in handles:
+            h.remove()
+        counts["block"] /= batches
+        counts["router"] /= batches
+
+
+def method_scaling(args, device: torch.device, dtype: torch.dtype) -> list[MethodRow]:
+    """Forward passes and time of every expert-pruning method (uniform budget) versus E."""
+    from stun_lightning.methods.naee import DEFAULT_MAX_SUBSETS, naee_subsets as naee_count
+
+    dims = SWEEP_DIMS[args.sweep_dims]
+    batches = math.ceil(args.samples / args.batch_size)
+    rows = []
+    for E in args.method_experts:
+        k = min(8, max(1, E // 4))
+        model = build_model("qwen3_moe", dict(dims, num_experts=E, num_experts_per_tok=k), args.layers, args.seq_len, dtype, device)
+        ids = calibration_ids(model.config.vocab_size, args.samples, args.seq_len)
+        keep = E - int(round(E * args.expert_sparsity))
+        for label, (method, options) in FIELD_METHODS.items():
+            work = copy.deepcopy(model)
+            if method == "eep":
+                work.to(device)  # EEP scores whole-model forwards: the model lives on the device
+            recipe = StunRecipe(expert_sparsity=args.expert_sparsity, sparsity=0.0, batch_size=args.batch_size, layer_budget="uniform",
+                                expert_method=method, method_options=options)
+            with counted_calls(work, batches) as counts:
+                m, error = timed(device, lambda: prune(work, recipe, calibration=ids, device=device, progress=False))
+            note = ""
+            if method == "naee":
+                subsets = naee_count(E, keep) * args.layers
+                note = f"C({E},{keep}) = {naee_count(E, keep):.3g} subsets/layer: {subsets:.3g} block evaluations"
+                if error and error.startswith("EnumerationTooLargeError"):
+                    error, note = None, f"refused (limit {DEFAULT_MAX_SUBSETS:.0e}): would need {note}"
+            if method == "eep":
+                model_passes = (counts["block"] - args.layers) / args.layers  # minus prune()'s routing pass
+                note = f"{model_passes:g} model passes; the official 400 evaluations: ~{model_passes * 50:,.0f}"
+            refused = note.startswith("refused")
+            passes = None if error or refused else int(round(counts["block"]))
+            phase_s = None if error or refused else m.result.seconds["structured"]
+            rows.append(MethodRow("method_scaling", args.sweep_dims, E, k, args.layers, "structured", label, passes, phase_s, m.seconds,
+                                  error=error, router_passes=None if error or refused else counts["router"], note=note))
+            del work, m
+        failed = [r.method for r in rows[-len(FIELD_METHODS):] if r.error]
+        print(f"  methods, {E} experts done{'  FAILED: ' + ', '.join(failed) if failed else ''}", flush=True)
+        del model
+    return rows
+
+
+def method_table(rows: list[MethodRow], expert_sparsity: float) -> str:
+    lines = [
+        f"| experts | top-k | method (uniform budget, {expert_sparsity:.0%} of experts removed) | MoE-block passes | router passes "
+        "| structured s | call s | note |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        c = r.cells()
+        router = "n/a" if r.router_passes is None else f"{r.router_passes:,.0f}"
+        lines.append(f"| {r.experts} | {r.top_k} | {r.method} | {c['layer_passes'] if not r.note.startswith('refused') else 'refused'} | {router} "
+                     f"| {c['phase_s']} | {c['call_s']} | {r.note} |")
+    return "\n".join(lines)
+
+
 def warm_up(args, device: torch.device, dtype: torch.dtype) -> None:
     """Pay first-call costs (CUDA context, cuBLAS, attention kernels) outside the measured rows.
 
@@ -417,6 +517,8 @@ def parse_args(argv=None):
     p.add_argument("--expert-sparsity", type=float, default=0.25)
     p.add_argument("--sparsity", type=float, default=0.5, help="Wanda sparsity inside experts")
     p.add_argument("--skip-sweep", action="store_true", help="only the phase-cost table")
+    p.add_argument("--method-experts", default="8,16,32,64,128", help="expert counts of the NAEE/EEP/UNCURL/REAP table")
+    p.add_argument("--skip-methods", action="store_true", help="no NAEE/EEP/UNCURL/REAP table")
     p.add_argument("--csv", type=Path, default=None, help="also write every row here")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -427,6 +529,7 @@ def parse_args(argv=None):
         p.error(f"unknown shapes {unknown}; choose from {list(SHAPES)}")
     args.sweep_dims = args.sweep_dims or ("tiny" if args.quick else "qwen3")
     args.experts = [int(e) for e in args.experts.split(",")]
+    args.method_experts = [int(e) for e in args.method_experts.split(",")]
     args.samples = args.samples or (8 if args.quick else 16)
     args.seq_len = args.seq_len or (128 if args.quick else 512)
     return args
@@ -448,6 +551,7 @@ def main(argv=None) -> None:
     for shape in args.shapes:
         rows += phase_costs(shape, args, device, dtype)
     sweep = [] if args.skip_sweep else pass_scaling(args, device, dtype)
+    methods = [] if args.skip_methods else method_scaling(args, device, dtype)
 
     print("\n## Cost of each phase (one decoder layer at a time on the device)\n")
     print(phase_table(rows, device))
@@ -464,8 +568,17 @@ def main(argv=None) -> None:
             f"({args.sweep_dims} dims: hidden {dims['hidden_size']}, expert FFN {dims['moe_intermediate_size']})\n"
         )
         print(scaling_table(sweep, args.expert_sparsity))
-        print("\nNAEE (not implemented yet) enumerates C(E, E(1-s)) expert subsets per layer, each scored by the MoE block's output error on the calibration tokens.")
-    notes = error_notes(rows + sweep)
+        print("\nNAEE enumerates C(E, E(1-s)) expert subsets per layer, each scored by the MoE block's output error on the calibration tokens (table below).")
+    if methods:
+        print(f"\n## Forward passes of the field's expert-pruning methods versus expert count ({args.sweep_dims} dims)\n")
+        print(method_table(methods, args.expert_sparsity))
+        print(
+            "\nMoE-block / router passes: forward calls of every MoE block / router over the calibration set, summed over layers, "
+            "counted by hooks (includes the routing pass prune() makes before REAP, UNCURL, NAEE and EEP run their own). "
+            "NAEE re-runs only the router per subset (each expert's output is computed once per batch), hence its router passes. "
+            "EEP's rows run 8 evaluations; the note extrapolates the official 400."
+        )
+    notes = error_notes(rows + sweep + methods)
     if notes:
         print("\n" + notes)
     if args.csv:
@@ -473,9 +586,9 @@ def main(argv=None) -> None:
         with args.csv.open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
             writer.writeheader()
-            for r in rows + sweep:
+            for r in rows + sweep + methods:
                 writer.writerow(r.csv())
-        print(f"\nwrote {len(rows) + len(sweep)} rows to {args.csv}")
+        print(f"\nwrote {len(rows) + len(sweep) + len(methods)} rows to {args.csv}")
     if notes:
         raise SystemExit(1)
 

@@ -14,6 +14,8 @@ respected):
 * per-expert input-channel sums of squares, plain and gate-weighted, for both expert matrices
   (``gate_up_proj`` sees the block input, ``down_proj`` sees the expert's activation): Wanda and
   MoE-Pruner scores;
+* optionally (``"saliency"``) per expert the sum over its routed tokens of gate x ``||expert output||_2``
+  (REAP's saliency, :meth:`LayerStats.saliency`);
 * optionally the MoE block's inputs and outputs (for layer-output reconstruction methods);
 * optionally (``"linear"``) input-channel sums of squares of every dense ``nn.Linear`` of each
   decoder layer (attention, shared experts, dense MLPs), for Wanda on the dense part.
@@ -34,7 +36,7 @@ from tqdm.auto import tqdm
 
 from .adapters import MoELayer, decoder_layers, moe_layers
 
-ROUTING, NORMS, LINEAR = "routing", "norms", "linear"
+ROUTING, NORMS, LINEAR, SALIENCY = "routing", "norms", "linear", "saliency"
 
 
 @dataclass
@@ -49,6 +51,7 @@ class LayerStats:
     gate_sum: torch.Tensor | None = None  # [E] sum of gate values (router-weighted frequency)
     coactivation: torch.Tensor | None = None  # [E, E] tokens routed to both i and j (diag = counts)
     router_logit_sum: torch.Tensor | None = None  # [E]
+    saliency_sum: torch.Tensor | None = None  # [E] sum over routed tokens of gate * ||expert output||_2 ("saliency")
     input_sq: dict[str, torch.Tensor] = field(default_factory=dict)  # "gate_up_proj" / "down_proj" -> [E, in]
     input_sq_gated: dict[str, torch.Tensor] = field(default_factory=dict)
     block_inputs: list[torch.Tensor] = field(default_factory=list)
@@ -65,6 +68,12 @@ class LayerStats:
         if matrix not in source:
             raise KeyError(f"no input norms for {matrix!r}: calibrate with collect including {NORMS!r}")
         return source[matrix].clamp_min(0).sqrt()
+
+    def saliency(self) -> torch.Tensor:
+        """REAP saliency per expert: mean over its routed tokens of gate x ``||output||_2`` (0 if never routed)."""
+        if self.saliency_sum is None:
+            raise KeyError(f"no saliency statistics: calibrate with collect including {SALIENCY!r}")
+        return self.saliency_sum / self.expert_tokens.clamp_min(1).double()
 
     def low_token_experts(self, min_tokens: int = 1) -> list[int]:
         return [e for e, n in enumerate(self.expert_tokens.tolist()) if n < min_tokens]
@@ -146,6 +155,8 @@ class _MoECollector:
         s.gate_sum = torch.zeros(E, dtype=torch.float64, device=dev)
         s.coactivation = torch.zeros(E, E, dtype=torch.float64, device=dev)
         s.router_logit_sum = torch.zeros(E, dtype=torch.float64, device=dev)
+        if SALIENCY in collect:
+            s.saliency_sum = torch.zeros(E, dtype=torch.float64, device=dev)
         if NORMS in collect:
             for name, w in layer.expert_matrices().items():
                 s.input_sq[name] = torch.zeros(E, w.shape[2], dtype=torch.float32, device=dev)
@@ -161,8 +172,9 @@ class _MoECollector:
         for h in self.handles:
             h.remove()
         s = self.stats
-        for name in ("expert_tokens", "gate_sum", "coactivation", "router_logit_sum"):
-            setattr(s, name, getattr(s, name).cpu())
+        for name in ("expert_tokens", "gate_sum", "coactivation", "router_logit_sum", "saliency_sum"):
+            if getattr(s, name) is not None:
+                setattr(s, name, getattr(s, name).cpu())
         s.input_sq = {k: v.cpu() for k, v in s.input_sq.items()}
         s.input_sq_gated = {k: v.cpu() for k, v in s.input_sq_gated.items()}
         return s
@@ -194,6 +206,11 @@ class _MoECollector:
         s.expert_tokens += onehot.sum(0).long().to(s.expert_tokens.device)
         s.coactivation += (onehot.t() @ onehot).to(s.coactivation.device)
         s.gate_sum.index_add_(0, index[valid].long().to(s.gate_sum.device), weights[valid].double().to(s.gate_sum.device))
+        if SALIENCY in self.collect:
+            for e in torch.unique(index[valid]).tolist():
+                tok, pos = torch.where(index == e)
+                out = self.layer.adapter.expert_output(module, e, hidden[tok]).double()
+                s.saliency_sum[e] += (weights[tok, pos].double() * out.norm(dim=-1)).sum().to(s.saliency_sum.device)
         if NORMS not in self.collect:
             return
         x = hidden.float()
@@ -251,7 +268,8 @@ def calibrate(
     """Stream ``input_ids`` ``[N, L]`` through ``model`` one decoder layer at a time.
 
     Args:
-        collect: any of ``"routing"`` (always on), ``"norms"`` (per-expert input norms), ``"linear"``
+        collect: any of ``"routing"`` (always on), ``"norms"`` (per-expert input norms), ``"saliency"``
+            (REAP's gate x expert-output-norm sums), ``"linear"``
             (input norms of the dense linears; a dense decoder layer then gets a LayerStats with
             ``num_experts=0`` in ``on_layer``, not kept in the result).
         device: where each layer runs (default: where the model's parameters are).
@@ -261,6 +279,8 @@ def calibrate(
             activations (the sequential scheme of Wanda / SparseGPT).
         keep_block_io: keep up to this many MoE-block input/output rows per layer (CPU).
     """
+    if input_ids.numel() == 0:
+        raise ValueError(f"calibration token ids are empty (shape {tuple(input_ids.shape)}); pass a non-empty [N, L] tensor of the task's text")
     start = time.perf_counter()
     collect = set(collect) | {ROUTING}
     home = next(model.parameters()).device

@@ -120,13 +120,18 @@ def prune(
     # Structured phase.
     if recipe.expert_sparsity > 0:
         start = time.perf_counter()
-        stats = None
-        if needs:
-            stats = calibrate(model, calibration, collect=(ROUTING,), batch_size=recipe.batch_size, device=device, progress=progress, desc="routing statistics")
-            passes["structured"] = stats.layer_passes
+        stats, shared_passes = None, 0
+        if needs and needs != "data":
+            stats = calibrate(model, calibration, collect=(ROUTING, needs), batch_size=recipe.batch_size, device=device, progress=progress, desc=f"{needs} statistics")
+            shared_passes = stats.layer_passes
         layers = moe_layers(model)
-        ctx = SelectionContext(model, layers, keep_total, per_layer, min_keep, stats, recipe.seed, recipe.method_kwargs())
+        ctx = SelectionContext(
+            model, layers, keep_total, per_layer, min_keep, stats, recipe.seed, recipe.method_kwargs(),
+            calibration=calibration, batch_size=recipe.batch_size, device=device, progress=progress,
+        )
         keep = method.select(ctx)
+        if shared_passes + ctx.layer_passes:
+            passes["structured"] = shared_passes + ctx.layer_passes
         _check_selection(keep, layers, keep_total, per_layer)
         for layer in layers:
             kept = keep_experts(model, layer.index, keep[layer.index], lower_top_k=recipe.lower_top_k)

@@ -20,10 +20,13 @@ class StunRecipe:
 
     Structured phase (whole experts):
         expert_sparsity: fraction of routed experts removed over all MoE layers (0 = skip).
-        expert_method: ``stun`` (default), ``frequency`` or ``random``.
+        expert_method: ``stun`` (default), ``frequency``, ``random``, ``reap``, ``naee``, ``eep`` or
+            ``uncurl`` (see ``stun_lightning/methods/``; the last four keep the same count per layer).
         layer_budget: ``global`` (STUN: one threshold shared by all layers, so counts differ per
             layer) or ``uniform`` (the same count in every layer: plain transformers loads it).
         distance / divide_by_norm / mix_weight / merge_max_clusters: STUN options (see methods.stun).
+        method_options: further options of the chosen method (e.g. NAEE ``max_subsets``, EEP
+            ``total_evaluations``), passed to it unchanged.
         max_removed_per_layer: cap on experts removed from any one layer (None = no cap).
         lower_top_k: allow a layer to keep fewer experts than top-k by lowering its top-k.
     Unstructured phase (weights inside surviving experts):

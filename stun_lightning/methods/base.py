@@ -1,9 +1,11 @@
 """The structured phase's one interface: a method picks the experts to keep in every MoE layer.
 
 A method is a function ``select(ctx: SelectionContext) -> dict[layer_index, list[kept experts]]``
-registered under a name with :func:`register_expert_method`; it declares what calibration it needs
-(``None``: no forward pass at all, ``"routing"``: one routing pass). Adding a method is one file and
-one registration.
+registered under a name with :func:`register_expert_method`; it declares what calibration it needs:
+``None`` (no forward pass at all), a statistic the shared pass collects before ``select`` runs
+(``"routing"``, ``"saliency"``: ``ctx.stats``), or ``"data"`` (the calibration token ids only: the method
+runs its own passes with ``ctx.calibrate(...)``, counted in ``ctx.layer_passes``). Adding a method is
+one file and one registration.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 from torch import nn
 
 from ..adapters import MoELayer
-from ..calibration import CalibrationStats
+from ..calibration import CalibrationStats, calibrate
 
 
 @dataclass
@@ -35,13 +37,27 @@ class SelectionContext:
     stats: CalibrationStats | None = None
     seed: int = 0
     options: dict[str, Any] = field(default_factory=dict)
+    calibration: torch.Tensor | None = None  # token ids [N, L]
+    batch_size: int = 8
+    device: str | torch.device | None = None
+    progress: bool = False
+    layer_passes: int = 0  # decoder-layer passes the method ran itself
+
+    def calibrate(self, **kwargs) -> CalibrationStats:
+        """A streamed pass over the calibration ids (``kwargs`` as :func:`stun_lightning.calibrate`)."""
+        if self.calibration is None or self.calibration.numel() == 0:
+            raise ValueError("this expert method needs calibration data: pass calibration token ids [N, L] of the task's text")
+        kwargs.setdefault("progress", self.progress)
+        stats = calibrate(self.model, self.calibration, batch_size=self.batch_size, device=self.device, **kwargs)
+        self.layer_passes += stats.layer_passes
+        return stats
 
 
 @dataclass(frozen=True)
 class ExpertMethod:
     name: str
     select: Callable[[SelectionContext], dict[int, list[int]]]
-    needs: str | None | Callable[[dict[str, Any]], str | None]  # None, "routing", or a function of the options
+    needs: str | None | Callable[[dict[str, Any]], str | None]  # None, "routing", "saliency", "data", or a function of the options
     supports_global: bool
 
     def needs_for(self, options: dict[str, Any]) -> str | None:
