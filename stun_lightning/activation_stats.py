@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .adapters import MoELayer, moe_layers
+from .adapters import moe_layers
 from .calibration import NORMS, ROUTING, LayerStats, _MoECollector
 
 
@@ -117,4 +117,4 @@ def reduce_stats(stats: dict[int, LayerStats], reduce_sum) -> dict[int, LayerSta
     return stats
 
 
-__all__ = ["ActivationStats", "LayerStats", "MoELayer", "reduce_stats"]
+__all__ = ["ActivationStats", "LayerStats", "reduce_stats"]

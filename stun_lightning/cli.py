@@ -3,6 +3,7 @@
     stun-lightning prune                                   # the embedded default, ~1 min on a CPU
     stun-lightning prune --model PATH_OR_HUB_ID --recipe configs/X.yaml --calib FILE --out DIR
     stun-lightning eval --model DIR --data FILE
+    stun-lightning export --model DIR --format hf|sparse|aoti --out DIR
     stun-lightning fit --config configs/fit_X.yaml       # Lightning fine-tune (stun_lightning.callbacks)
 
 Every input is checked before any work; output goes to a temporary directory renamed at the end.
@@ -58,7 +59,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device")
     e.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
 
+    x = sub.add_parser("export", help="write a pruned model as hf (dense, zeros kept), sparse (2:4 compressed) or aoti (compiled decode step)")
+    x.add_argument("--model", required=True, help="pruned model directory (from `prune --out`) or a sparse export")
+    x.add_argument("--format", required=True, choices=["hf", "sparse", "aoti"], help="hf: plain transformers directory; sparse: 2:4 values + metadata; aoti: AOTInductor package")
+    x.add_argument("--out", required=True, help="write here (temp dir, renamed at the end)")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    x.add_argument("--device", help="aoti: compile for this device (default: cuda if available)")
+    x.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast the weights before exporting")
+    x.add_argument("--max-cache-len", type=int, default=256, help="aoti: static KV-cache length of the decode step")
+
     sub.add_parser("fit", help="prune and fine-tune with Lightning (args go to stun_lightning.callbacks.cli)", add_help=False)
+    sub.add_parser("validate", help="validate a fit recipe's model with Lightning", add_help=False)
     return parser
 
 
@@ -181,15 +192,27 @@ def run_eval(args) -> int:
     return 0
 
 
+def run_export(args) -> int:
+    from .export import export_directory
+
+    if args.max_cache_len < 1:
+        raise UsageError(f"--max-cache-len must be positive, got {args.max_cache_len}")
+    device = default_device(args.device) if args.format == "aoti" else args.device
+    out = export_directory(args.model, args.out, args.format, overwrite=args.overwrite, device=device, torch_dtype=getattr(torch, args.dtype) if args.dtype else None, max_cache_len=args.max_cache_len)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    print(f"stun-lightning export: {args.format} -> {out} ({size / 2**20:.1f} MiB on disk)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["fit"]:
+    if argv[:1] in (["fit"], ["validate"]):
         from .callbacks.cli import main as fit_main
 
-        return fit_main(argv[1:])
+        return fit_main(argv)
     args = build_parser().parse_args(argv)
     try:
-        return {"prune": run_prune, "eval": run_eval}[args.command](args)
+        return {"prune": run_prune, "eval": run_eval, "export": run_export}[args.command](args)
     except (UsageError, FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"stun-lightning {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -7,46 +7,13 @@ import time
 import torch
 from torch import nn
 
-from .adapters import MoELayer, decoder_layers, get_adapter, moe_layers
-from .calibration import LINEAR, NORMS, ROUTING, LayerStats, calibrate
+from .adapters import MoELayer, decoder_layers, moe_layers
+from .calibration import LINEAR, NORMS, LayerStats, calibrate
 from .masks import InvalidSparsityError, mask_from_scores, nm_sparsity_for, outlier_ratio, owl_allocation, parse_pattern, score
-from .methods import SelectionContext, get_expert_method
+from .methods import get_expert_method
 from .recipe import StunRecipe
 from .report import ModelCensus, PruneReport
-from .surgery import InfeasiblePruningError, check_expert_counts, keep_experts
-
-
-def plan_expert_counts(model: nn.Module, recipe: StunRecipe) -> tuple[int, dict[int, int] | None, dict[int, int]]:
-    """(experts to keep in total, per-layer counts or None for a global budget, per-layer minimum).
-
-    Checks feasibility before any work is done.
-    """
-    layers = moe_layers(model)
-    adapter = get_adapter(model)
-    n_group = getattr(model.config, adapter.group_field, None) if adapter.group_field else None
-    min_keep = {}
-    for layer in layers:
-        floor = 1 if recipe.lower_top_k else layer.top_k
-        if recipe.max_removed_per_layer is not None:
-            floor = max(floor, layer.num_experts - recipe.max_removed_per_layer)
-        min_keep[layer.index] = floor
-    total = sum(layer.num_experts for layer in layers)
-    keep_total = total - int(round(total * recipe.expert_sparsity))
-    if recipe.layer_budget == "uniform" or (n_group and n_group > 1 and recipe.expert_sparsity > 0):
-        per_layer = {layer.index: layer.num_experts - int(round(layer.num_experts * recipe.expert_sparsity)) for layer in layers}
-        check_expert_counts(model, per_layer, lower_top_k=recipe.lower_top_k)
-        for i, k in per_layer.items():
-            if k < min_keep[i]:
-                raise InfeasiblePruningError(
-                    f"layer {i}: keeping {k} experts breaks max_removed_per_layer={recipe.max_removed_per_layer}; lower expert_sparsity"
-                )
-        return sum(per_layer.values()), per_layer, min_keep
-    if keep_total < sum(min_keep.values()):
-        raise InfeasiblePruningError(
-            f"expert_sparsity={recipe.expert_sparsity} keeps {keep_total} experts in total, but every layer needs at "
-            f"least top-k ({sum(min_keep.values())} in total); lower expert_sparsity or set lower_top_k=True"
-        )
-    return keep_total, None, min_keep
+from .structured import apply_expert_sets, needs_calibration, plan_expert_counts, run_selection
 
 
 def dense_linears(decoder_layer: nn.Module) -> list[tuple[str, nn.Linear]]:
@@ -104,9 +71,7 @@ def prune(
     """
     recipe = (recipe or StunRecipe()).validate()
     keep_total, per_layer, min_keep = check_recipe(model, recipe)
-    method = get_expert_method(recipe.expert_method)
-    needs = method.needs_for(recipe.method_kwargs())
-    data_needed = (recipe.expert_sparsity > 0 and needs) or (recipe.prunes_weights and recipe.metric != "magnitude")
+    data_needed = needs_calibration(recipe) or (recipe.prunes_weights and recipe.metric != "magnitude")
     if data_needed and calibration is None:
         if tokenizer is None:
             raise ValueError("this recipe needs calibration data: pass calibration=token ids [N, L] or tokenizer=...")
@@ -120,22 +85,10 @@ def prune(
     # Structured phase.
     if recipe.expert_sparsity > 0:
         start = time.perf_counter()
-        stats, shared_passes = None, 0
-        if needs and needs != "data":
-            stats = calibrate(model, calibration, collect=(ROUTING, needs), batch_size=recipe.batch_size, device=device, progress=progress, desc=f"{needs} statistics")
-            shared_passes = stats.layer_passes
-        layers = moe_layers(model)
-        ctx = SelectionContext(
-            model, layers, keep_total, per_layer, min_keep, stats, recipe.seed, recipe.method_kwargs(),
-            calibration=calibration, batch_size=recipe.batch_size, device=device, progress=progress,
-        )
-        keep = method.select(ctx)
-        if shared_passes + ctx.layer_passes:
-            passes["structured"] = shared_passes + ctx.layer_passes
-        _check_selection(keep, layers, keep_total, per_layer)
-        for layer in layers:
-            kept = keep_experts(model, layer.index, keep[layer.index], lower_top_k=recipe.lower_top_k)
-            removed[layer.index] = [e for e in range(layer_count(before, layer.index)) if e not in kept]
+        keep, n_passes = run_selection(model, recipe, calibration, plan=(keep_total, per_layer, min_keep), device=device, progress=progress)
+        if n_passes:
+            passes["structured"] = n_passes
+        removed = apply_expert_sets(model, keep, lower_top_k=recipe.lower_top_k)
         seconds["structured"] = time.perf_counter() - start
 
     # Unstructured phase.
@@ -157,18 +110,6 @@ def prune(
         seconds=seconds,
         layer_passes=passes,
     )
-
-
-def layer_count(census: ModelCensus, index: int) -> int:
-    return census.num_experts[index]
-
-
-def _check_selection(keep: dict[int, list[int]], layers: list[MoELayer], keep_total: int, per_layer: dict[int, int] | None) -> None:
-    got = {layer.index: len(set(keep.get(layer.index, []))) for layer in layers}
-    if per_layer is not None and got != per_layer:
-        raise RuntimeError(f"expert method returned counts {got}, expected {per_layer}")
-    if per_layer is None and sum(got.values()) != keep_total:
-        raise RuntimeError(f"expert method kept {sum(got.values())} experts, expected {keep_total}")
 
 
 def _within_sparsity(recipe: StunRecipe, before: ModelCensus, model: nn.Module) -> float:

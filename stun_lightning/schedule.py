@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from .masks import check_sparsity
+from .masks import check_sparsity, parse_pattern
 
 KINDS = ("cubic", "linear", "one_shot")
 
@@ -123,3 +123,41 @@ class SparsitySchedule:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def check_training_schedule(
+    schedule: SparsitySchedule,
+    *,
+    pattern: str = "unstructured",
+    needs_stats: bool = False,
+    stats_steps: int = 1,
+    max_steps: int | None = None,
+) -> None:
+    """Refuse, before any work, a schedule that cannot run in a fit.
+
+    ``needs_stats``: the metric reads activation statistics gathered on the ``stats_steps``
+    optimizer steps before each update (Wanda, MoE-Pruner), so no update with a non-zero target may
+    come before that many training steps. ``max_steps``: the fit's step limit, when known.
+    """
+    if stats_steps < 1:
+        raise InvalidScheduleError(f"stats_steps must be >= 1, got {stats_steps}")
+    if parse_pattern(pattern) is not None and schedule.kind != "one_shot":
+        raise InvalidScheduleError(f"pattern {pattern} fixes the sparsity at N/M and cannot ramp: use SparsitySchedule(kind='one_shot')")
+    if needs_stats:
+        ramps_from_zero = schedule.kind != "one_shot" and schedule.initial == 0 and schedule.end_step != schedule.start_step
+        if schedule.start_step < stats_steps and not ramps_from_zero:
+            raise InvalidScheduleError(
+                f"the metric needs activation statistics from forward hooks on training batches, but the first mask "
+                f"update (step {schedule.start_step}) comes before {stats_steps} training step(s) have run: set "
+                f"start_step >= {stats_steps} or use metric='magnitude'"
+            )
+        if schedule.kind != "one_shot" and stats_steps > schedule.update_every:
+            raise InvalidScheduleError(
+                f"stats_steps={stats_steps} is longer than update_every={schedule.update_every}: statistics windows "
+                "would overlap; lower stats_steps or raise update_every"
+            )
+    if max_steps is not None and max_steps > 0 and schedule.end_step is not None and schedule.end_step > max_steps:
+        raise InvalidScheduleError(
+            f"schedule end_step={schedule.end_step} is after the fit's max_steps={max_steps}: the final sparsity "
+            "would never be reached; lower end_step or raise max_steps"
+        )

@@ -13,12 +13,44 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from .adapters import moe_layers
+from .adapters import get_adapter, moe_layers
 from .calibration import ROUTING, calibrate
 from .methods import SelectionContext, get_expert_method
-from .prune import plan_expert_counts
 from .recipe import StunRecipe
-from .surgery import apply_top_k, keep_experts, sync_config
+from .surgery import InfeasiblePruningError, apply_top_k, check_expert_counts, keep_experts, sync_config
+
+
+def plan_expert_counts(model: nn.Module, recipe: StunRecipe) -> tuple[int, dict[int, int] | None, dict[int, int]]:
+    """(experts to keep in total, per-layer counts or None for a global budget, per-layer minimum).
+
+    Checks feasibility before any work is done.
+    """
+    layers = moe_layers(model)
+    adapter = get_adapter(model)
+    n_group = getattr(model.config, adapter.group_field, None) if adapter.group_field else None
+    min_keep = {}
+    for layer in layers:
+        floor = 1 if recipe.lower_top_k else layer.top_k
+        if recipe.max_removed_per_layer is not None:
+            floor = max(floor, layer.num_experts - recipe.max_removed_per_layer)
+        min_keep[layer.index] = floor
+    total = sum(layer.num_experts for layer in layers)
+    keep_total = total - int(round(total * recipe.expert_sparsity))
+    if recipe.layer_budget == "uniform" or (n_group and n_group > 1 and recipe.expert_sparsity > 0):
+        per_layer = {layer.index: layer.num_experts - int(round(layer.num_experts * recipe.expert_sparsity)) for layer in layers}
+        check_expert_counts(model, per_layer, lower_top_k=recipe.lower_top_k)
+        for i, k in per_layer.items():
+            if k < min_keep[i]:
+                raise InfeasiblePruningError(
+                    f"layer {i}: keeping {k} experts breaks max_removed_per_layer={recipe.max_removed_per_layer}; lower expert_sparsity"
+                )
+        return sum(per_layer.values()), per_layer, min_keep
+    if keep_total < sum(min_keep.values()):
+        raise InfeasiblePruningError(
+            f"expert_sparsity={recipe.expert_sparsity} keeps {keep_total} experts in total, but every layer needs at "
+            f"least top-k ({sum(min_keep.values())} in total); lower expert_sparsity or set lower_top_k=True"
+        )
+    return keep_total, None, min_keep
 
 
 def needs_calibration(recipe: StunRecipe) -> bool:
@@ -39,30 +71,52 @@ def select_experts(
     """Experts to keep per MoE layer (original indices, sorted) as ``prune()`` would choose them.
 
     Nothing is removed; a method may still change weights it selects (STUN's cluster averaging
-    with ``merge_max_clusters``). Raises InfeasiblePruningError before any work for impossible budgets.
+    with ``merge_max_clusters``, EEP/UNCURL merging). Raises InfeasiblePruningError before any work
+    for impossible budgets.
     """
     recipe.validate()
-    layers = moe_layers(model)
     if recipe.expert_sparsity <= 0:
-        return {layer.index: list(range(layer.num_experts)) for layer in layers}
-    keep_total, per_layer, min_keep = plan_expert_counts(model, recipe)
+        return {layer.index: list(range(layer.num_experts)) for layer in moe_layers(model)}
+    return run_selection(model, recipe, calibration, device=device, progress=progress)[0]
+
+
+def run_selection(
+    model: nn.Module,
+    recipe: StunRecipe,
+    calibration: torch.Tensor | None,
+    *,
+    plan: tuple[int, dict[int, int] | None, dict[int, int]] | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> tuple[dict[int, list[int]], int]:
+    """(experts to keep per layer, decoder-layer passes spent choosing them).
+
+    One shared pass collects the statistic the method declares (``needs``: "routing", "saliency");
+    methods that declare "data" get the token ids and run their own passes, counted too.
+    """
+    keep_total, per_layer, min_keep = plan or plan_expert_counts(model, recipe)
     method = get_expert_method(recipe.expert_method)
     if per_layer is None and not method.supports_global:
         raise ValueError(f"method {recipe.expert_method!r} needs layer_budget='uniform'")
-    stats = None
-    if method.needs_for(recipe.method_kwargs()):
-        if calibration is None:
-            raise ValueError(
-                f"expert method {recipe.expert_method!r} with these options needs calibration token ids [N, L] "
-                "for a routing pass; pass calibration=..."
-            )
-        stats = calibrate(model, calibration, collect=(ROUTING,), batch_size=recipe.batch_size, device=device, progress=progress, desc="routing statistics")
-    ctx = SelectionContext(model, layers, keep_total, per_layer, min_keep, stats, recipe.seed, recipe.method_kwargs())
+    needs = method.needs_for(recipe.method_kwargs())
+    if needs and calibration is None:
+        raise ValueError(
+            f"expert method {recipe.expert_method!r} with these options needs calibration token ids [N, L]; pass calibration=..."
+        )
+    stats, passes = None, 0
+    if needs and needs != "data":
+        stats = calibrate(model, calibration, collect=(ROUTING, needs), batch_size=recipe.batch_size, device=device, progress=progress, desc=f"{needs} statistics")
+        passes = stats.layer_passes
+    layers = moe_layers(model)
+    ctx = SelectionContext(
+        model, layers, keep_total, per_layer, min_keep, stats, recipe.seed, recipe.method_kwargs(),
+        calibration=calibration, batch_size=recipe.batch_size, device=device, progress=progress,
+    )
     keep = {i: sorted(set(int(e) for e in v)) for i, v in method.select(ctx).items()}
     got = {layer.index: len(keep.get(layer.index, [])) for layer in layers}
     if (per_layer is not None and got != per_layer) or sum(got.values()) != keep_total:
         raise RuntimeError(f"expert method {recipe.expert_method!r} kept {got}, expected {per_layer or keep_total} in total")
-    return keep
+    return keep, passes + ctx.layer_passes
 
 
 def apply_expert_sets(model: nn.Module, keep: Mapping[int, list[int]], lower_top_k: bool = False) -> dict[int, list[int]]:
@@ -107,4 +161,4 @@ def resize_experts(model: nn.Module, counts: Mapping[int, int], top_k: Mapping[i
     sync_config(model)
 
 
-__all__ = ["apply_expert_sets", "needs_calibration", "resize_experts", "select_experts"]
+__all__ = ["apply_expert_sets", "needs_calibration", "plan_expert_counts", "resize_experts", "run_selection", "select_experts"]

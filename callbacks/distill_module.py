@@ -1,0 +1,284 @@
+"""``StunDistillModule``: fine-tune a pruned MoE student against its unpruned original.
+
+Loss (``stun_lightning.distill``, MoE-Pruner's expert-wise distillation): cross-entropy on the
+labels plus lambda times the sum over layers and surviving experts of the MSE between each student
+expert's output and its teacher original's, on the tokens the teacher routes to that original
+(removed experts are not compared); lambda starts at ``L_CE / L_expert``. Optional logit KL with a
+temperature and an MoE-block-output MSE. With ``teacher=None`` it is a plain causal-LM fine-tune.
+
+The teacher is frozen, runs under ``torch.inference_mode`` (bf16 by default) and is never updated.
+It is deliberately *not* a registered submodule: it is not in the checkpoint (re-created from
+``teacher`` on resume), the optimizer never sees it, and the strategy never moves, wraps or shards it.
+
+Memory: teacher and student on one GPU cost the student's weights, gradients and optimizer state
+plus the teacher's weights (half the student's in bf16 when the student trains in fp32) and one
+batch of the teacher's activations (no autograd graph). To put the teacher elsewhere pass
+``teacher_device`` ("cuda:1", or "cpu" to trade speed for memory); inputs go there and the
+captured outputs come back. Under FSDP keep the teacher outside the sharded module, as here
+(sharding a frozen teacher with the student saves nothing: lightning #20138, pytorch #104690).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from torch import nn
+
+from stun_lightning.adapters import moe_layers
+from stun_lightning.distill import (
+    DistillWeights,
+    MoECapture,
+    block_mse,
+    check_expert_map,
+    combine,
+    expert_mse,
+    identity_expert_map,
+    init_expert_lambda,
+    logit_kl,
+)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, None: None}
+
+
+def load_causal_lm(spec: str | nn.Module, dtype: str | None = None, seed: int = 0) -> nn.Module:
+    """A model from ``"tiny:<family>"`` (the shipped tiny models), a ``from_pretrained`` path, or as given."""
+    if isinstance(spec, nn.Module):
+        return spec
+    if spec.startswith("tiny:"):
+        from stun_lightning.tiny import build_tiny_model
+
+        model = build_tiny_model(spec.split(":", 1)[1], seed=seed)
+        return model.to(_DTYPES[dtype]) if dtype else model
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(spec, dtype=_DTYPES[dtype] if dtype else "auto")
+
+
+def tokenizer_for(spec: str) -> str | None:
+    """The tokenizer path that goes with a model spec (None = the shipped tokenizer of tiny models)."""
+    return None if spec.startswith("tiny:") else spec
+
+
+class StunDistillModule(LightningModule):
+    """Causal-LM fine-tuning of a (to be) pruned MoE student, optionally distilled from its original.
+
+    Args:
+        student: the model (module, ``"tiny:<family>"`` or a ``from_pretrained`` path). A
+            :class:`~stun_lightning.callbacks.StunCallback` prunes it at fit start.
+        teacher: ``"copy"`` (a frozen copy of the student taken here, before any pruning), a model
+            or path, or None for no distillation.
+        expert_map: per MoE layer, the teacher index of every student expert; default the
+            StunCallback's kept experts, or the identity when nothing was removed.
+        ce_weight / expert_weight / logit_kl_weight / block_weight / temperature: loss weights
+            (``expert_weight=None``: lambda = L_CE / L_expert at the first step, MoE-Pruner).
+        lambda_init_step: with ``expert_weight=None``, lambda is set at the first step at or after
+            this one where the expert term is not zero (before that the term adds nothing). When the
+            StunCallback masks progressively, set it to the schedule's ``end_step``: lambda then
+            balances the terms of the final student, not of a nearly dense one whose expert term is
+            tiny (which would give a huge lambda).
+        lr / weight_decay / warmup_steps / min_lr_ratio: AdamW with linear warmup then cosine decay
+            (MoE-Pruner: lr 2e-5, cosine).
+        teacher_dtype / teacher_device: where and in which precision the teacher runs.
+        lora: peft ``LoraConfig`` keyword arguments for a cheaper recovery (e.g. ``{"r": 16,
+            "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}``); LoRA is added after the
+            structured phase and merged before the masks are made permanent.
+    """
+
+    def __init__(
+        self,
+        student: str | nn.Module = "tiny:mixtral",
+        teacher: str | nn.Module | None = "copy",
+        expert_map: dict[int, list[int]] | None = None,
+        ce_weight: float = 1.0,
+        expert_weight: float | None = None,
+        logit_kl_weight: float = 0.0,
+        block_weight: float = 0.0,
+        temperature: float = 2.0,
+        lr: float = 2e-5,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        min_lr_ratio: float = 0.0,
+        dtype: str | None = None,
+        teacher_dtype: str | None = "bfloat16",
+        teacher_device: str | None = None,
+        lambda_init_step: int = 0,
+        lora: dict[str, Any] | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["student", "teacher"] if isinstance(student, nn.Module) else ["teacher"])
+        self.student = load_causal_lm(student, dtype, seed).train()  # from_pretrained returns eval mode
+        if teacher == "copy":
+            teacher = copy.deepcopy(self.student)
+        elif teacher is not None:
+            teacher = load_causal_lm(teacher, teacher_dtype, seed)
+        if teacher is not None:
+            if teacher_dtype:
+                teacher = teacher.to(_DTYPES[teacher_dtype])
+            teacher.eval().requires_grad_(False)
+        self._teacher_box = [teacher]  # a list: not a registered submodule (see the module docstring)
+        self.weights = DistillWeights(ce_weight, expert_weight, logit_kl_weight, block_weight, temperature)
+        self.expert_map = expert_map
+        self.lr, self.weight_decay, self.warmup_steps, self.min_lr_ratio = lr, weight_decay, warmup_steps, min_lr_ratio
+        self.teacher_device = teacher_device
+        self.lambda_init_step = lambda_init_step
+        self.lora = lora
+        # lambda lives in the checkpoint so a resumed fit keeps the value of the first step
+        self.register_buffer("expert_lambda", torch.tensor(float("nan") if expert_weight is None else expert_weight))
+        self._captures: tuple[MoECapture, MoECapture] | None = None
+        self._val_nll = self._val_tokens = None
+        self.last_losses: dict[str, torch.Tensor] = {}  # terms of the latest training step (detached)
+
+    @property
+    def teacher(self) -> nn.Module | None:
+        return self._teacher_box[0]
+
+    def configure_model(self) -> None:
+        """LoRA goes on after the StunCallback's structured phase (callback ``setup`` runs first)."""
+        if self.lora and not hasattr(self.student, "peft_config"):
+            from peft import LoraConfig, get_peft_model
+
+            if self.lora.get("target_parameters"):
+                raise ValueError(
+                    "LoRA on fused expert parameters (target_parameters) wraps mlp.experts in peft's ParamWrapper, which hides "
+                    "the expert tensors that pruning and masking act on; put LoRA on attention/linear modules "
+                    "(target_modules) and train the experts fully, or fine-tune without LoRA"
+                )
+            self.student = get_peft_model(self.student, LoraConfig(**self.lora))
+
+    # ------------------------------------------------------------------ distillation plumbing
+
+    def _student_model(self) -> nn.Module:
+        s = self.student
+        return s.get_base_model() if hasattr(s, "get_base_model") else s
+
+    def _resolve_expert_map(self) -> dict[int, list[int]]:
+        if self.expert_map is not None:
+            return {int(k): list(v) for k, v in self.expert_map.items()}
+        teacher_counts = {layer.index: layer.num_experts for layer in moe_layers(self.teacher)}
+        trainer = self._trainer
+        for cb in trainer.callbacks if trainer is not None else []:
+            kept = getattr(cb, "kept_experts", None)
+            if kept is not None:
+                if getattr(cb, "dense_expert_counts", None) != teacher_counts:
+                    raise ValueError(
+                        f"{type(cb).__name__} found a student with {cb.dense_expert_counts} experts per layer, but the "
+                        f"teacher has {teacher_counts}: experts were removed before it ran, so its expert sets do not "
+                        "index the teacher; pass expert_map= (kept_from_removed(teacher, report.removed_experts))"
+                    )
+                return kept
+        student_counts = {layer.index: layer.num_experts for layer in moe_layers(self._student_model())}
+        if student_counts != teacher_counts:
+            raise ValueError(
+                f"the student has {student_counts} experts per layer and the teacher {teacher_counts}; pass expert_map= "
+                "(the kept original indices per layer, e.g. kept_from_removed(teacher, report.removed_experts))"
+            )
+        return identity_expert_map(self._student_model())
+
+    def on_fit_start(self) -> None:
+        if self.teacher is None:
+            return
+        self.teacher.to(self.teacher_device or self.device)
+        expert_map = self._resolve_expert_map()
+        check_expert_map(self._student_model(), self.teacher, expert_map)
+        self.expert_map = expert_map
+        blocks = self.weights.block > 0
+        self._captures = (
+            MoECapture(self._student_model(), detach=False, block_outputs=blocks),
+            MoECapture(self.teacher, detach=True, block_outputs=blocks),
+        )
+
+    def on_fit_end(self) -> None:
+        if self._captures is not None:
+            for c in self._captures:
+                c.close()
+            self._captures = None
+
+    # ------------------------------------------------------------------ steps
+
+    def forward(self, input_ids: torch.Tensor, **kwargs):
+        return self.student(input_ids=input_ids, **kwargs)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        ids = batch["input_ids"]
+        labels = batch.get("labels", ids)
+        distil = self.teacher is not None and self._captures is not None
+        if distil:
+            s_cap, t_cap = self._captures
+            s_cap.clear()
+            t_cap.clear()
+        out = self.student(input_ids=ids, attention_mask=batch.get("attention_mask"), labels=labels)
+        ce = out.loss
+        expert = kl = block = None
+        if distil:
+            t_dev = next(self.teacher.parameters()).device
+            with torch.inference_mode():
+                t_out = self.teacher(input_ids=ids.to(t_dev), attention_mask=None if batch.get("attention_mask") is None else batch["attention_mask"].to(t_dev))
+            if self.expert_lambda.isnan() or float(self.expert_lambda) > 0:
+                expert = expert_mse(s_cap, t_cap, self.expert_map)
+            if self.weights.logit_kl > 0:
+                kl = logit_kl(out.logits, t_out.logits, self.weights.temperature)
+            if self.weights.block > 0:
+                block = block_mse(s_cap, t_cap)
+            s_cap.clear()
+            t_cap.clear()
+            if expert is not None and self.expert_lambda.isnan() and self.global_step >= self.lambda_init_step:
+                lam = init_expert_lambda(ce, expert)
+                if lam is not None:
+                    self.expert_lambda.fill_(lam)
+        lam = float(self.expert_lambda)
+        losses = combine(self.weights, None if math.isnan(lam) else lam, ce, expert, kl, block)
+        self.last_losses = {"total": losses.total.detach(), **{k: v.detach() for k, v in losses.terms.items()}}
+        for name, value in losses.terms.items():
+            self.log(f"train/{name}", value.detach(), prog_bar=name == "ce")
+        self.log("train/loss", losses.total.detach(), prog_bar=True)
+        if expert is not None and not math.isnan(lam):
+            self.log("train/expert_lambda", lam)
+        return losses.total
+
+    def on_validation_epoch_start(self) -> None:
+        if self._captures is not None:
+            for c in self._captures:
+                c.enabled = False
+        self._val_nll = torch.zeros((), dtype=torch.float64, device=self.device)
+        self._val_tokens = torch.zeros((), dtype=torch.float64, device=self.device)
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        ids = batch["input_ids"]
+        logits = self.student(input_ids=ids).logits
+        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum")
+        self._val_nll += nll.double()
+        self._val_tokens += ids[:, 1:].numel()
+
+    def on_validation_epoch_end(self) -> None:
+        nll = self.trainer.strategy.reduce(self._val_nll, reduce_op="sum")
+        tokens = self.trainer.strategy.reduce(self._val_tokens, reduce_op="sum")
+        if self._captures is not None:
+            for c in self._captures:
+                c.enabled = True
+        loss = float(nll / tokens.clamp_min(1))
+        self.log("val_loss", loss, prog_bar=True, sync_dist=False)
+        self.log("val_ppl", math.exp(min(loss, 50.0)), prog_bar=True, sync_dist=False)
+
+    def configure_optimizers(self):
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup, floor = self.warmup_steps, self.min_lr_ratio
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+__all__ = ["StunDistillModule", "load_causal_lm", "tokenizer_for"]

@@ -1,0 +1,477 @@
+"""``StunCallback``: STUN during ``trainer.fit``: remove experts before the optimizer exists, then
+mask weights inside the survivors progressively while the model trains.
+
+Hooks only decide *when*; the work is done by the framework-free core (``stun_lightning.structured``,
+``.mask_state``, ``.schedule``, ``.activation_stats``), each tested without a Trainer.
+
+When, in Lightning's order of a fit:
+
+* ``setup``: structured phase on the dense model (the recipe's expert method, budget and checks, as
+  ``prune()``), before ``strategy.setup`` builds the optimizers; optimizers that already exist are
+  rebuilt so none holds a removed tensor.
+* Resume: Lightning restores the module's weights *before* any callback state, into a model the
+  user re-created dense. The callback therefore also wraps the module's ``on_load_checkpoint`` (the
+  one hook that runs before the weights are loaded) and there rebuilds the checkpoint's expert sets;
+  when ``trainer.ckpt_path`` is already known at ``setup`` it replays them there instead, with no
+  selection work. Masks and the schedule position come back through ``load_state_dict``.
+* Every optimizer step: masked gradients zeroed before the step (so gradient clipping sees only live
+  weights, and Adam's moments or SGD's momentum, zeroed when the masks change, stay zero), masked
+  weights zeroed right after it (a ``torch.optim`` post-step hook, so it holds with gradient
+  accumulation, AMP / bf16-mixed and skipped steps alike).
+* Every ``update_every`` steps of the schedule: masks recomputed at the schedule's sparsity from
+  the recipe's metric; Wanda / MoE-Pruner statistics come from forward hooks on the training
+  batches of the ``stats_steps`` optimizer steps just before the update (no extra data pass).
+* ``on_train_end``: masks made permanent (LoRA merged first if the model is a peft model), the
+  :class:`stun_lightning.PruneReport` logged through the trainer's loggers and written next to the
+  logs; the model saved with ``save_pruned`` when ``save_dir`` is set.
+
+Limits: single-device and DDP (statistics are summed over ranks, so every rank computes the same
+masks). Sharded strategies (FSDP, DeepSpeed) shard the expert tensors and are not supported yet.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from stun_lightning.activation_stats import ActivationStats, reduce_stats
+from stun_lightning.adapters import moe_layers
+from stun_lightning.mask_state import ExpertMasks, apply_masks, compute_masks, mask_gradients, mask_optimizer_state, measured_sparsity
+from stun_lightning.masks import InvalidSparsityError, parse_pattern
+from stun_lightning.recipe import StunRecipe
+from stun_lightning.report import ModelCensus, PruneReport
+from stun_lightning.schedule import InvalidScheduleError, SparsitySchedule, check_training_schedule
+from stun_lightning.surgery import apply_top_k, sync_config
+from stun_lightning.structured import apply_expert_sets, needs_calibration, resize_experts, select_experts
+
+from .resume import callback_state_in, intercept_on_load_checkpoint
+
+STATE_VERSION = 1
+
+
+class StunCallback(Callback):
+    """Structured-then-unstructured pruning of the MoE model inside a LightningModule during fit.
+
+    Args:
+        recipe: what to prune (``StunRecipe``); its ``sparsity`` / ``total_sparsity`` is the final
+            within-expert target of the schedule unless ``schedule.final`` is set.
+        schedule: how the target grows (``SparsitySchedule``: cubic / linear / one_shot, initial,
+            start_step, end_step); default cubic from 0 over the whole fit.
+        update_every: recompute masks every N optimizer steps (overrides ``schedule.update_every``).
+        stats_steps: optimizer steps of training batches whose activations feed a Wanda / MoE-Pruner
+            update (hooks are on only then, so other steps pay nothing for them).
+        model_attr: attribute of the LightningModule holding the transformers MoE model (dotted
+            paths allowed); default: ``student``, then ``model``.
+        calibration: token ids ``[N, L]`` for expert methods that need a routing pass; default the
+            datamodule's ``calibration_ids()`` when it has one.
+        optimizer_state: when masked entries of the optimizer state are zeroed: ``"on_update"``
+            (default: whenever masks change or are restored; gradients are masked before every step,
+            so Adam's moments and SGD's momentum stay exactly zero there in between),
+            ``"every_step"`` (also after every step, for optimizers whose state moves without a
+            gradient) or ``"off"``.
+        save_dir: where to ``save_pruned`` the final model (checked at fit start; ``overwrite``).
+    """
+
+    def __init__(
+        self,
+        recipe: StunRecipe | None = None,
+        schedule: SparsitySchedule | None = None,
+        update_every: int | None = None,
+        stats_steps: int = 1,
+        model_attr: str | None = None,
+        calibration: torch.Tensor | None = None,
+        optimizer_state: str = "on_update",
+        save_dir: str | None = None,
+        overwrite: bool = False,
+    ) -> None:
+        self.recipe = (recipe or StunRecipe()).validate()
+        schedule = schedule or SparsitySchedule()
+        if update_every is not None:
+            schedule = SparsitySchedule(**{**schedule.to_dict(), "update_every": update_every})
+        self.schedule = schedule
+        self.stats_steps = stats_steps
+        self.model_attr = model_attr
+        self.calibration = calibration
+        if optimizer_state not in ("on_update", "every_step", "off"):
+            raise ValueError(f"optimizer_state must be 'on_update', 'every_step' or 'off', got {optimizer_state!r}")
+        self.optimizer_state = optimizer_state
+        self.save_dir = save_dir
+        self.overwrite = overwrite
+
+        # state saved in checkpoints
+        self.kept_experts: dict[int, list[int]] | None = None
+        self.removed_experts: dict[int, list[int]] = {}
+        self.top_k: dict[int, int] = {}
+        self.masks = ExpertMasks()
+        self.last_update_step = -1
+        self.current_sparsity = 0.0
+        self.layer_targets: dict[int, float] = {}
+        self.low_token_experts: dict[int, list[int]] = {}
+
+        self.report: PruneReport | None = None
+        self._resolved: SparsitySchedule | None = None
+        self._census: ModelCensus | None = None
+        self._stats: ActivationStats | None = None
+        self._handles: list = []
+        self._undo_wrap = None
+        self._seconds: dict[str, float] = {}
+        self._seen_step = -1
+        self._pending_stats: dict | None = None
+
+    # ------------------------------------------------------------------ model lookup
+
+    def target(self, pl_module: LightningModule) -> nn.Module:
+        """The transformers MoE model this callback prunes (peft wrappers unwrapped)."""
+        owner, name = self._owner(pl_module)
+        model = getattr(owner, name)
+        return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+    def _owner(self, pl_module: LightningModule) -> tuple[Any, str]:
+        candidates = [self.model_attr] if self.model_attr else ["student", "model"]
+        for path in candidates:
+            owner, parts = pl_module, path.split(".")
+            for part in parts[:-1]:
+                owner = getattr(owner, part, None)
+            if owner is not None and isinstance(getattr(owner, parts[-1], None), nn.Module):
+                return owner, parts[-1]
+        raise ValueError(
+            f"StunCallback found no model to prune on {type(pl_module).__name__}: tried attribute(s) {candidates}; "
+            "pass StunCallback(model_attr='name of the attribute holding the transformers MoE model')"
+        )
+
+    @property
+    def dense_expert_counts(self) -> dict[int, int] | None:
+        """Experts per MoE layer of the model as the callback found it (before its structured phase)."""
+        return dict(self._census.num_experts) if self._census is not None else None
+
+    @property
+    def _uses_stats(self) -> bool:
+        return self.recipe.prunes_weights and self.recipe.metric != "magnitude"
+
+    # ------------------------------------------------------------------ checks
+
+    def _check_static(self, trainer: Trainer) -> None:
+        """Config errors that need no model: raised before any work."""
+        needs_stats = self._uses_stats
+        check_training_schedule(
+            self.schedule, pattern=self.recipe.pattern, needs_stats=needs_stats, stats_steps=self.stats_steps, max_steps=trainer.max_steps
+        )
+        if self.save_dir and Path(self.save_dir).exists() and not self.overwrite:
+            raise FileExistsError(f"save_dir {self.save_dir} already exists; choose another path or pass overwrite=True")
+
+    def _final_sparsity(self, model: nn.Module) -> float:
+        if self.schedule.final is not None:
+            return self.schedule.final
+        nm = parse_pattern(self.recipe.pattern)
+        if nm is not None:
+            return nm[0] / nm[1]
+        if self.recipe.total_sparsity is None:
+            return self.recipe.sparsity
+        kept = ModelCensus.of(model).expert_total.total / self._census.expert_total.total
+        within = 1.0 - (1.0 - self.recipe.total_sparsity) / kept
+        if within < 0:
+            raise InvalidSparsityError(
+                f"total_sparsity={self.recipe.total_sparsity} is below what expert removal already gives ({1 - kept:.3f}); raise it or lower expert_sparsity"
+            )
+        return within
+
+    # ------------------------------------------------------------------ structured phase
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._wrap_on_load_checkpoint(trainer, pl_module)
+        if stage != "fit":
+            return
+        self._check_static(trainer)
+        model = self.target(pl_module)
+        if self._census is None:
+            self._census = ModelCensus.of(model)
+        if self.kept_experts is None:
+            state = callback_state_in(trainer.ckpt_path, self.state_key)
+            if state is not None:
+                self._replay(trainer, model, state)
+            else:
+                self._structured_phase(trainer, model)
+        if trainer.optimizers:  # a second fit: optimizers built before may hold removed tensors
+            trainer.strategy.setup_optimizers(trainer)
+
+    def _structured_phase(self, trainer: Trainer, model: nn.Module) -> None:
+        start = time.perf_counter()
+        calibration = None
+        if needs_calibration(self.recipe):
+            calibration = self.calibration
+            dm = trainer.datamodule
+            if calibration is None and dm is not None and hasattr(dm, "calibration_ids"):
+                calibration = dm.calibration_ids()
+            if calibration is None:
+                raise ValueError(
+                    f"expert method {self.recipe.expert_method!r} needs calibration token ids for a routing pass: pass "
+                    "StunCallback(calibration=ids [N, L]) or a datamodule with calibration_ids() (StunDataModule)"
+                )
+        keep = select_experts(model, self.recipe, calibration, device=trainer.strategy.root_device)
+        self.removed_experts = apply_expert_sets(model, keep, lower_top_k=self.recipe.lower_top_k)
+        self.kept_experts = keep
+        self.top_k = {layer.index: layer.top_k for layer in moe_layers(model)}
+        self._seconds["structured"] = time.perf_counter() - start
+        n = sum(len(v) for v in self.removed_experts.values())
+        rank_zero_info(f"StunCallback: removed {n} experts before training: {self.removed_experts}")
+
+    def _replay(self, trainer: Trainer, model: nn.Module, state: dict) -> None:
+        """Give ``model`` the checkpoint's expert sets, before the checkpoint's weights are loaded."""
+        saved = {int(k): list(v) for k, v in state["kept_experts"].items()}
+        top_k = {int(k): int(v) for k, v in state["top_k"].items()}
+        if self.kept_experts == saved:
+            return
+        if self.kept_experts is None:
+            apply_expert_sets(model, saved, lower_top_k=True)
+        else:  # already pruned differently in this process: only shapes matter, weights come from the checkpoint
+            resize_experts(model, {i: len(v) for i, v in saved.items()})
+        apply_top_k(model, top_k)
+        sync_config(model)
+        self.kept_experts = saved
+        self.removed_experts = {int(k): list(v) for k, v in state["removed_experts"].items()}
+        self.top_k = top_k
+        if trainer.optimizers:
+            trainer.strategy.setup_optimizers(trainer)
+
+    def _wrap_on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._undo_wrap is not None:
+            return
+
+        def before_weights_load(checkpoint: dict) -> None:
+            state = checkpoint.get("callbacks", {}).get(self.state_key)
+            if state is not None:
+                if self._census is None:
+                    self._census = ModelCensus.of(self.target(pl_module))
+                self._replay(trainer, self.target(pl_module), state)
+
+        self._undo_wrap = intercept_on_load_checkpoint(pl_module, before_weights_load)
+
+    # ------------------------------------------------------------------ unstructured phase
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        total = int(trainer.max_steps) if trainer.max_steps and trainer.max_steps > 0 else int(trainer.estimated_stepping_batches)
+        model = self.target(pl_module)
+        final = self._final_sparsity(model)
+        end = self.schedule.end_step if self.schedule.end_step is not None else total
+        if end > total:
+            raise InvalidScheduleError(
+                f"schedule end_step={end} is after the fit's last optimizer step ({total}): the final sparsity would never "
+                "be reached; lower end_step or train longer"
+            )
+        try:
+            self._resolved = self.schedule.resolved(final, end)
+        except (InvalidScheduleError, InvalidSparsityError) as err:
+            raise InvalidScheduleError(f"schedule does not fit this recipe: {err}") from err
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        model = self.target(pl_module)
+        for optimizer in trainer.optimizers:
+            self._handles.append(optimizer.register_step_post_hook(self._after_step(model)))
+        if self.masks:
+            apply_masks(model, self.masks)
+            self._mask_state(trainer, model)
+        self._seen_step = trainer.global_step
+        if self.recipe.prunes_weights and self._resolved.is_update_step(trainer.global_step) and trainer.global_step > self.last_update_step:
+            if self._resolved.sparsity_at(trainer.global_step) == 0 or not self._uses_stats:
+                self._update(trainer, pl_module, trainer.global_step)
+
+    def _after_step(self, model: nn.Module):
+        def hook(optimizer, args, kwargs) -> None:
+            if self.masks:
+                apply_masks(model, self.masks)
+                if self.optimizer_state == "every_step":
+                    mask_optimizer_state(optimizer, model, self.masks)
+
+        return hook
+
+    def _mask_state(self, trainer: Trainer, model: nn.Module) -> None:
+        if self.optimizer_state != "off":
+            for optimizer in trainer.optimizers:
+                mask_optimizer_state(optimizer, model, self.masks)
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> None:
+        if self.masks:
+            mask_gradients(self.target(pl_module), self.masks)
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int) -> None:
+        if not (self.recipe.prunes_weights and self._uses_stats) or self._resolved is None:
+            return
+        step = trainer.global_step
+        upcoming = self._resolved.next_update(step + 1)
+        if upcoming is not None and upcoming - step <= self.stats_steps:
+            if self._stats is None:
+                self._stats = ActivationStats(self.target(pl_module), norms=True)
+            if self._pending_stats is not None:
+                self._stats.load_state_dict(self._pending_stats)
+                self._pending_stats = None
+            self._stats.open()
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._stats is not None:
+            self._stats.paused = True
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._stats is not None:
+            self._stats.paused = False
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
+        step = trainer.global_step
+        if step != self._seen_step:
+            self._seen_step = step
+            if self.recipe.prunes_weights and self._resolved.is_update_step(step) and step > self.last_update_step:
+                self._update(trainer, pl_module, step)
+        pl_module.log("stun/target_sparsity", self.current_sparsity, on_step=True, on_epoch=False)
+
+    def _update(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
+        start = time.perf_counter()
+        model = self.target(pl_module)
+        target = self._resolved.sparsity_at(step)
+        stats = None
+        if self._stats is not None and self._stats.is_open:
+            seen = self._stats.tokens_seen()
+            stats = self._stats.close()
+        else:
+            seen = 0
+        if self._uses_stats and target > 0:
+            if stats is None or seen == 0:
+                raise RuntimeError(
+                    f"metric {self.recipe.metric!r} needs activation statistics at step {step}, but the forward hooks on "
+                    "the experts saw no training tokens (does the model's forward bypass its experts module, or run "
+                    "in eval mode?); use metric='magnitude'"
+                )
+            if trainer.world_size > 1:
+                stats = reduce_stats(stats, lambda t: trainer.strategy.reduce(t.to(trainer.strategy.root_device), reduce_op="sum").cpu())
+        if target > 0:
+            update = compute_masks(
+                model,
+                target,
+                self.recipe.metric,
+                stats,
+                pattern=self.recipe.pattern,
+                allocation=self.recipe.allocation,
+                owl_threshold=self.recipe.owl_threshold,
+                owl_lambda=self.recipe.owl_lambda,
+                low_token_rule=self.recipe.low_token_rule,
+                min_tokens=self.recipe.min_tokens,
+                previous=self.masks or None,
+            )
+            self.masks = update.masks
+            self.layer_targets = update.layer_targets
+            self.low_token_experts = update.low_token_experts
+            apply_masks(model, self.masks)
+            self._mask_state(trainer, model)
+        self.current_sparsity = target
+        self.last_update_step = step
+        self._seconds["mask_updates"] = self._seconds.get("mask_updates", 0.0) + time.perf_counter() - start
+
+    # ------------------------------------------------------------------ end of fit
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        if self._stats is not None and self._stats.is_open:
+            self._stats.close()
+        owner, name = self._owner(pl_module)
+        wrapped = getattr(owner, name)
+        if hasattr(wrapped, "merge_and_unload"):  # peft: fold LoRA into the weights, then re-apply the masks
+            setattr(owner, name, wrapped.merge_and_unload())
+        model = self.target(pl_module)
+        if self.masks:
+            apply_masks(model, self.masks)
+        self.report = PruneReport.compare(
+            self._census,
+            ModelCensus.of(model),
+            {**self.recipe.to_dict(), "schedule": self._resolved.to_dict() if self._resolved else None},
+            self.removed_experts,
+            layer_target_sparsity=self.layer_targets,
+            low_token_experts=self.low_token_experts,
+            seconds=dict(self._seconds),
+        )
+        self._log_report(trainer)
+        if self.save_dir and trainer.is_global_zero:
+            from stun_lightning.serialization import save_pruned
+
+            tokenizer = getattr(trainer.datamodule, "tokenizer", None) if trainer.datamodule is not None else None
+            save_pruned(model, self.save_dir, tokenizer=tokenizer, overwrite=self.overwrite, extra_files={"stun_report.json": self.report.to_json()})
+
+    def _log_report(self, trainer: Trainer) -> None:
+        r = self.report
+        metrics = {
+            "stun/expert_sparsity": r.expert_sparsity,
+            "stun/within_expert_sparsity": r.within_expert_sparsity,
+            "stun/model_sparsity": r.model_sparsity,
+            "stun/experts_removed": float(sum(len(v) for v in r.removed_experts.values())),
+        }
+        for i, s in r.layer_sparsity.items():
+            metrics[f"stun/layer_{i}/sparsity"] = s
+            metrics[f"stun/layer_{i}/experts"] = float(r.experts_after[i])
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+            logger.log_hyperparams({"stun_removed_experts": json.dumps({str(k): v for k, v in r.removed_experts.items()})})
+            logger.save()
+        if trainer.is_global_zero and trainer.loggers and trainer.log_dir:
+            out = Path(trainer.log_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "stun_report.json").write_text(r.to_json())
+            (out / "stun_report.md").write_text(r.to_markdown())
+        rank_zero_info("StunCallback report:\n" + r.to_markdown())
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        if self._undo_wrap is not None:
+            self._undo_wrap()
+            self._undo_wrap = None
+
+    # ------------------------------------------------------------------ checkpoint state
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(model_attr=self.model_attr)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION,
+            "recipe": self.recipe.to_dict(),
+            "kept_experts": self.kept_experts,
+            "removed_experts": self.removed_experts,
+            "top_k": self.top_k,
+            "masks": self.masks.state_dict(),
+            "last_update_step": self.last_update_step,
+            "current_sparsity": self.current_sparsity,
+            "layer_targets": self.layer_targets,
+            "low_token_experts": self.low_token_experts,
+            "schedule": self._resolved.to_dict() if self._resolved else None,
+            # statistics of a window the checkpoint interrupts, so the resumed update sees all of them
+            "open_stats": self._stats.state_dict() if self._stats is not None and self._stats.is_open else None,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = {int(k): list(v) for k, v in state_dict["kept_experts"].items()}
+        if self.kept_experts is not None and self.kept_experts != saved:
+            raise RuntimeError(
+                "the checkpoint's expert sets differ from the model's; they are rebuilt from the module's "
+                "on_load_checkpoint, which this callback wraps at setup: was the callback set up before loading?"
+            )
+        self.kept_experts = saved
+        self.removed_experts = {int(k): list(v) for k, v in state_dict["removed_experts"].items()}
+        self.top_k = {int(k): int(v) for k, v in state_dict["top_k"].items()}
+        self.masks = ExpertMasks.from_state_dict(state_dict["masks"])
+        self.last_update_step = int(state_dict["last_update_step"])
+        self.current_sparsity = float(state_dict["current_sparsity"])
+        self.layer_targets = {int(k): float(v) for k, v in state_dict["layer_targets"].items()}
+        self.low_token_experts = {int(k): list(v) for k, v in state_dict["low_token_experts"].items()}
+        self._pending_stats = state_dict.get("open_stats")
+
+    def measured_sparsity(self, pl_module: LightningModule) -> float:
+        """Zeros inside the surviving experts, counted from the weights."""
+        return measured_sparsity(self.target(pl_module))
