@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 
+from stun_lightning import moe_layers
 from stun_lightning.routing import router_logits_forced_to_minus_inf  # noqa: F401  (used by test modules)
 from stun_lightning.tiny import SUPPORTED_TINY_FAMILIES, build_tiny_model
 
@@ -36,3 +37,27 @@ def clone(model):
 @pytest.fixture
 def tiny():
     return build_tiny_model
+
+
+DUPLICATES = {1: 0, 4: 3}  # expert 1 copies expert 0, expert 4 copies expert 3
+
+
+def model_with_duplicates(family="mixtral", top_k=1, seed=0, noise=1e-7):
+    """A tiny model whose experts 1 and 4 copy experts 0 and 3 (router rows up to ``noise``).
+
+    With top-1 a 6-expert model can reproduce it exactly; with top-2 a token may pick both copies.
+    """
+    model = build_tiny_model(family, seed=seed, num_experts_per_tok=top_k)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in moe_layers(model):
+            for copy_, source in DUPLICATES.items():
+                for _, p in layer.expert_parameters():
+                    p[copy_] = p[source]
+                w = layer.router_weight
+                w[copy_] = w[source] + noise * torch.randn(w.shape[1], generator=gen)
+    return model
+
+
+def relative_change(a, b):
+    return float((a - b).norm() / b.norm())

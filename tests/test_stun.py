@@ -5,27 +5,7 @@ from stun_lightning import StunRecipe, moe_layers, prune
 from stun_lightning.methods.stun import expert_distances, greedy_clusters
 from stun_lightning.tiny import build_tiny_model
 
-from conftest import clone, logits, random_ids
-
-DUPLICATES = {1: 0, 4: 3}  # expert 1 copies expert 0, expert 4 copies expert 3
-
-
-def model_with_duplicates(top_k=1, seed=0):
-    model = build_tiny_model("mixtral", seed=seed, num_experts_per_tok=top_k)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in moe_layers(model):
-            for copy_, source in DUPLICATES.items():
-                for _, p in layer.expert_parameters():
-                    p[copy_] = p[source]
-                w = layer.router_weight
-                w[copy_] = w[source] + 1e-7 * torch.randn(w.shape[1], generator=gen)
-    return model
-
-
-def relative_change(a, b):
-    return float((a - b).norm() / b.norm())
-
+from conftest import DUPLICATES, clone, logits, model_with_duplicates, random_ids, relative_change
 
 def test_stun_removes_planted_duplicates_and_output_barely_moves():
     model = model_with_duplicates(top_k=1)

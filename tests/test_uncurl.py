@@ -7,32 +7,11 @@ from stun_lightning import StunRecipe, calibrate, load_pruned, moe_layers, prune
 from stun_lightning.methods.uncurl import average_linkage, merge_cluster, pruning_factor
 from stun_lightning.tiny import build_tiny_model
 
-from conftest import clone, logits, random_ids
-
-DUPLICATES = {1: 0, 4: 3}  # expert 1 copies expert 0, expert 4 copies expert 3
-
-
-def model_with_duplicates(family="mixtral", seed=0):
-    # top-1: with top-2 a token would pick both copies, and no 6-expert model can reproduce that
-    model = build_tiny_model(family, seed=seed, num_experts_per_tok=1)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in moe_layers(model):
-            for copy_, source in DUPLICATES.items():
-                for _, p in layer.expert_parameters():
-                    p[copy_] = p[source]
-                w = layer.router_weight
-                w[copy_] = w[source] + 1e-4 * torch.randn(w.shape[1], generator=gen)
-    return model
-
-
-def relative_change(a, b):
-    return float((a - b).norm() / b.norm())
-
+from conftest import DUPLICATES, clone, logits, model_with_duplicates, random_ids, relative_change
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
 def test_uncurl_merges_planted_duplicates_and_reports_the_pruning_factor(family, caplog):
-    model = model_with_duplicates(family)
+    model = model_with_duplicates(family, noise=1e-4)
     ids = random_ids(model, n=8, length=32)
     dense = logits(model, ids)
     pruned = clone(model)
