@@ -12,6 +12,19 @@ from .report import PruneReport
 from .serialization import IncompleteCheckpointError, load_pruned, save_pruned
 from .surgery import InfeasiblePruningError, keep_experts, remove_experts
 
+
+def __getattr__(name):
+    # sparse inference and export pull in Triton-facing code: import on first use only
+    if name == "sparsify":
+        from .sparse.convert import sparsify
+
+        return sparsify
+    if name == "export":
+        from .export import export
+
+        return export
+    raise AttributeError(f"module 'stun_lightning' has no attribute {name!r}")
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -24,6 +37,7 @@ __all__ = [
     "StunRecipe",
     "UnsupportedModelError",
     "calibrate",
+    "export",
     "get_adapter",
     "keep_experts",
     "load_pruned",
@@ -32,5 +46,6 @@ __all__ = [
     "register_adapter",
     "remove_experts",
     "save_pruned",
+    "sparsify",
     "supported_model_types",
 ]

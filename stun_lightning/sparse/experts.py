@@ -1,0 +1,190 @@
+"""The ``stun_sparse24`` experts implementation: fused experts run from compressed 2:4 weights.
+
+Registered in transformers' ``ExpertsInterface`` on import, so any model whose experts class uses
+``@use_experts_implementation`` runs it once ``config._experts_implementation = "stun_sparse24"``
+(:func:`stun_lightning.sparse.sparsify` sets it). Two paths compute the same function:
+
+* grouped (CUDA, and whenever torch.compile / torch.export traces): the (token, expert) pairs are
+  sorted by expert and padded to blocks of ``block_m`` rows with static shapes (as vLLM's
+  ``moe_align_block_size``, but in torch ops, so CUDA graphs and compile see no data-dependent
+  shape), then ``stun::sparse24_grouped_mm`` runs gate_up and down for the routed experts only,
+  reading compressed values + metadata. On CUDA its body is a Triton kernel
+  (:mod:`.triton_kernel`); the op is a ``torch.library.triton_op``, so compile and AOTInductor
+  trace into it with no graph break.
+* reference (eager CPU): decompress the weights of each expert that some token selected and run
+  it as transformers' eager loop does; nothing dense is kept between calls.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from transformers.integrations.moe import ExpertsInterface
+
+from .format import decompress_24
+
+#: the name to put in ``config._experts_implementation``
+IMPLEMENTATION = "stun_sparse24"
+#: fused expert matrices that are stored compressed (biases stay dense)
+MATRICES = ("gate_up_proj", "down_proj")
+
+
+class NotSparseExpertsError(RuntimeError):
+    """``stun_sparse24`` was selected for experts that still hold dense weights."""
+
+
+def is_sparse24(experts: torch.nn.Module) -> bool:
+    return bool(getattr(type(experts), "_stun_sparse24", False))
+
+
+def block_m_for(num_pairs: int, num_experts: int) -> int:
+    """Rows per block: 16 (the smallest tensor-core tile) while experts see few tokens, else 64."""
+    per_expert = num_pairs / max(1, min(num_experts, num_pairs))
+    return 16 if per_expert <= 16 else 64
+
+
+def align_pairs(top_k_index: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group (token, expert) pairs by expert in blocks of ``block_m`` rows, with static shapes.
+
+    Pair ``s = token * top_k + j`` selects expert ``top_k_index.view(-1)[s]``. Returns
+    ``sorted_ids`` ``[n_blocks * block_m]`` (pair ids, each expert's run padded to whole blocks with
+    the sentinel ``S`` = number of pairs) and ``block_expert`` ``[n_blocks]`` (each block's expert,
+    -1 for the unused tail). ``n_blocks = ceil(S / block_m) + min(E, S)`` bounds any routing.
+    """
+    flat = top_k_index.reshape(-1)
+    n_pairs = flat.numel()
+    device = flat.device
+    sorted_experts, perm = torch.sort(flat, stable=True)
+    counts = torch.zeros(num_experts, dtype=torch.long, device=device).scatter_add_(0, flat.long(), torch.ones_like(flat, dtype=torch.long))
+    padded = (counts + block_m - 1) // block_m * block_m
+    padded_end = padded.cumsum(0)
+    padded_start = padded_end - padded
+    count_start = counts.cumsum(0) - counts
+    rank = torch.arange(n_pairs, device=device) - count_start[sorted_experts]
+    position = padded_start[sorted_experts] + rank
+    n_blocks = -(-n_pairs // block_m) + min(num_experts, n_pairs)
+    sorted_ids = torch.full((n_blocks * block_m,), n_pairs, dtype=torch.int32, device=device)
+    sorted_ids = sorted_ids.scatter(0, position, perm.to(torch.int32))
+    starts = torch.arange(n_blocks, device=device) * block_m
+    block_expert = torch.searchsorted(padded_end, starts, right=True)
+    block_expert = torch.where(block_expert < num_experts, block_expert, -1).to(torch.int32)
+    return sorted_ids, block_expert
+
+
+def grouped_mm_reference(a, values, meta, sorted_ids, block_expert, rows_per_a: int, block_m: int) -> torch.Tensor:
+    """What ``stun::sparse24_grouped_mm`` computes, in plain torch (static shapes, for CPU tracing)."""
+    n_pairs = a.shape[0] * rows_per_a
+    n_blocks = block_expert.numel()
+    experts = block_expert.clamp(min=0).long()
+    weights = decompress_24(values[experts], meta[experts])  # [n_blocks, N, K]
+    ids = sorted_ids.view(n_blocks, block_m).long()
+    valid = ids < n_pairs
+    rows = a[(ids.clamp(max=n_pairs - 1) // rows_per_a)] * valid.unsqueeze(-1).to(a.dtype)
+    out = torch.bmm(rows, weights.transpose(1, 2))  # [n_blocks, block_m, N]
+    target = torch.where(valid, ids, n_pairs).view(-1)
+    result = a.new_zeros(n_pairs + 1, values.shape[1])
+    result = result.index_put((target,), out.reshape(-1, values.shape[1]))
+    return result[:n_pairs]
+
+
+def _sparse24_grouped_mm(
+    a: torch.Tensor,
+    values: torch.Tensor,
+    meta: torch.Tensor,
+    sorted_ids: torch.Tensor,
+    block_expert: torch.Tensor,
+    rows_per_a: int,
+    block_m: int,
+) -> torch.Tensor:
+    """``out[s] = a[s // rows_per_a] @ W[expert(s)].T`` for every pair ``s``, W stored 2:4.
+
+    ``a`` ``[M, K]``; ``values`` ``[E, N, K/2]``, ``meta`` ``[E, N, ceil(K/8)]`` (:mod:`.format`);
+    ``sorted_ids`` / ``block_expert`` from :func:`align_pairs`. Returns ``[M * rows_per_a, N]``.
+    """
+    if a.device.type == "cuda":
+        from .triton_kernel import launch_grouped_mm
+
+        return launch_grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a, block_m, wrap=True)
+    return grouped_mm_reference(a, values, meta, sorted_ids, block_expert, rows_per_a, block_m)
+
+
+def _register_op():
+    # torch logs a warning when it cannot import triton to look for kernels (CPU-only installs)
+    log = logging.getLogger("torch._library.triton")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        return torch.library.triton_op("stun::sparse24_grouped_mm", mutates_args=())(_sparse24_grouped_mm)
+    finally:
+        log.setLevel(level)
+
+
+sparse24_grouped_mm = _register_op()
+
+
+def _check(self) -> None:
+    if not is_sparse24(self):
+        raise NotSparseExpertsError(
+            f"{type(self).__name__} holds dense weights but config._experts_implementation is {IMPLEMENTATION!r}; "
+            "convert the model with stun_lightning.sparse.sparsify(model), or load a compressed export with "
+            "stun_lightning.export.load_exported(path)"
+        )
+
+
+def _finish(self, out: torch.Tensor) -> torch.Tensor:
+    if getattr(self, "has_post_expert_norm", False):
+        out = self.post_expert_norm(out)
+    return out
+
+
+def _grouped_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    num_tokens, hidden = hidden_states.shape
+    top_k = top_k_index.shape[-1]
+    num_experts = self.gate_up_proj_values.shape[0]
+    block_m = block_m_for(num_tokens * top_k, num_experts)
+    sorted_ids, block_expert = align_pairs(top_k_index, num_experts, block_m)
+    flat = top_k_index.reshape(-1)
+    x = hidden_states.to(self.gate_up_proj_values.dtype)
+    gate_up = sparse24_grouped_mm(x, self.gate_up_proj_values, self.gate_up_proj_meta, sorted_ids, block_expert, top_k, block_m)
+    if getattr(self, "has_bias", False):
+        gate_up = gate_up + self.gate_up_proj_bias[flat]
+    h = self._apply_gate(gate_up)
+    out = sparse24_grouped_mm(h, self.down_proj_values, self.down_proj_meta, sorted_ids, block_expert, 1, block_m)
+    if getattr(self, "has_bias", False):
+        out = out + self.down_proj_bias[flat]
+    out = _finish(self, out)
+    # weighted sum over each token's experts, accumulated in float32 (as transformers' grouped_mm path)
+    out = out.float() * top_k_weights.reshape(-1, 1).float()
+    return out.view(num_tokens, top_k, hidden).sum(dim=1).to(hidden_states.dtype)
+
+
+def _reference_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    final = torch.zeros_like(hidden_states)
+    num_experts = self.gate_up_proj_values.shape[0]
+    with torch.no_grad():
+        hit = torch.bincount(top_k_index.reshape(-1), minlength=num_experts).nonzero().flatten().tolist()
+    for e in hit:
+        token_idx, slot = torch.where(top_k_index == e)
+        x = hidden_states[token_idx].to(self.gate_up_proj_values.dtype)
+        gate_up = x @ decompress_24(self.gate_up_proj_values[e], self.gate_up_proj_meta[e]).t()
+        if getattr(self, "has_bias", False):
+            gate_up = gate_up + self.gate_up_proj_bias[e]
+        h = self._apply_gate(gate_up)
+        out = h @ decompress_24(self.down_proj_values[e], self.down_proj_meta[e]).t()
+        if getattr(self, "has_bias", False):
+            out = out + self.down_proj_bias[e]
+        out = _finish(self, out) * top_k_weights[token_idx, slot, None]
+        final.index_add_(0, token_idx, out.to(final.dtype))
+    return final
+
+
+def sparse24_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    """``ExpertsInterface`` entry: ``hidden_states [T, H]``, ``top_k_index/weights [T, k]`` -> ``[T, H]``."""
+    _check(self)
+    if hidden_states.is_cuda or torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return _grouped_forward(self, hidden_states, top_k_index, top_k_weights)
+    return _reference_forward(self, hidden_states, top_k_index, top_k_weights)
+
+
+ExpertsInterface.register(IMPLEMENTATION, sparse24_experts_forward)
