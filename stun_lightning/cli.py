@@ -21,9 +21,11 @@ import torch
 
 from .recipe import StunRecipe
 
-#: the recipe of ``stun-lightning prune`` without --recipe: STUN removes a quarter of the experts,
-#: then OWL-Wanda masks 40% inside the survivors (55% of expert parameters in total)
-DEFAULT_RECIPE = dict(expert_sparsity=0.25, sparsity=0.4, allocation="owl", metric="wanda", calibration_samples=64, calibration_seq_len=256)
+#: the recipe of ``stun-lightning prune`` without --recipe: STUN removes a quarter of the experts of
+#: every layer, then OWL-Wanda masks 40% inside the survivors (55% of expert parameters in total).
+#: Uniform per layer: on the small reference model STUN's single global threshold piles removals into
+#: one layer (6 of its 8 experts), and the output loads in plain transformers.
+DEFAULT_RECIPE = dict(expert_sparsity=0.25, layer_budget="uniform", sparsity=0.4, allocation="owl", metric="wanda", calibration_samples=64, calibration_seq_len=256)
 
 
 class UsageError(Exception):
@@ -35,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prune", help="prune a MoE model (default: the embedded tiny model)")
-    p.add_argument("--model", help="saved model directory or Hugging Face hub id (default: embedded tiny MoE)")
+    p.add_argument("--model", help="saved model directory or Hugging Face hub id (default: the embedded trained reference MoE)")
     p.add_argument("--tokenizer", help="tokenizer path or hub id (default: the model's, or the shipped one)")
     p.add_argument("--recipe", help="YAML recipe (see configs/); flags below override its fields")
     p.add_argument("--calib", help="calibration text: .txt, .jsonl or a directory (default: shipped mix)")
@@ -50,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     e = sub.add_parser("eval", help="sliding-window perplexity of a model on a text")
-    e.add_argument("--model", help="saved model directory or hub id (default: embedded tiny MoE)")
+    e.add_argument("--model", help="saved model directory or hub id (default: the embedded reference MoE)")
     e.add_argument("--tokenizer")
     e.add_argument("--data", help="text to score: .txt, .jsonl or a directory (default: shipped held-out mix)")
     e.add_argument("--seq-len", type=int, default=256)
@@ -79,12 +81,10 @@ def load_model_and_tokenizer(model_spec: str | None, tokenizer_spec: str | None,
 
     torch_dtype = getattr(torch, dtype) if dtype else None
     if model_spec is None:
-        from .tiny import build_tiny_model
+        from .reference import load_reference_model
 
-        model = build_tiny_model("mixtral")
-        if torch_dtype is not None:
-            model = model.to(torch_dtype)
-        return model, load_tokenizer(tokenizer_spec), "embedded tiny Mixtral-style MoE (random weights)"
+        model, tokenizer = load_reference_model(dtype=torch_dtype or torch.float32)
+        return model, tokenizer, "embedded reference MoE (Mixtral-style, 4 layers, 8 experts top-2, trained on prose/math/code)"
     path = Path(model_spec)
     if path.exists():
         from .serialization import load_pruned

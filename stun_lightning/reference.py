@@ -1,10 +1,11 @@
 """The shipped reference model: a small Mixtral-style MoE trained on real text.
 
 Why it ships: pruning quality can only be judged on trained weights, and tests, examples and the
-CLI must run with no download. It was trained from scratch by ``benchmarks/train_reference.py``
-(preset ``mixtral_8x2``: 4 layers, hidden 128, 8 experts top-2, 4.4 M parameters, tied embeddings)
-on the train mix of prose, GSM8K math and Python code, with the shipped tokenizer; command, seed,
-steps and held-out figures are in ``benchmarks/REFERENCE.md``. Stored in bf16 (under 10 MB),
+CLI must run with no download. It was trained by ``benchmarks/train_reference.py`` (preset
+``mixtral_8x2_upcycled_small``: 4 layers, hidden 128, 8 experts top-2, 4.4 M parameters, tied
+embeddings; a dense model upcycled into an MoE) on the train mix of prose, GSM8K math and Python
+code, with the shipped tokenizer. Command, seed, steps, held-out figures, and why the upcycled model
+rather than one trained as an MoE from scratch: ``benchmarks/REFERENCE.md``. Stored in bf16 (8.8 MB),
 loaded in float32 by default.
 """
 
@@ -35,8 +36,8 @@ def load_reference_model(dtype: torch.dtype = torch.float32, device: str | torch
     if missing:
         raise FileNotFoundError(
             f"shipped reference model incomplete: {', '.join(missing)} missing in {REFERENCE_DIR}. Rebuild it with "
-            "`python benchmarks/train_reference.py --model mixtral_8x2 --out out/reference/mixtral_8x2` (see "
-            "benchmarks/REFERENCE.md) and copy out/reference/mixtral_8x2/model/{config.json,model.safetensors} there."
+            "`python benchmarks/train_reference.py --model mixtral_8x2_upcycled_small --out out/reference/mixtral_8x2_upcycled_small` "
+            "(see benchmarks/REFERENCE.md) and copy its model/{config.json,model.safetensors} there."
         )
     tokenizer = load_tokenizer()
     model = AutoModelForCausalLM.from_pretrained(REFERENCE_DIR, dtype=dtype)

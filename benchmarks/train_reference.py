@@ -1,0 +1,422 @@
+"""Train the reference MoE language models from scratch on real text.
+
+Why: pruning quality can only be judged on trained weights, and no pretrained MoE can be
+downloaded here. These models use transformers' own MoE classes (Mixtral, Qwen3-MoE), the
+tokenizer shipped in ``stun_lightning/assets/tokenizer`` (byte-level BPE, 8192 entries, trained on
+the same train mix by ``benchmarks/build_assets.py``), and the train mix of the shared data folder
+(SOURCES.md): prose (Tiny Shakespeare + WikiText-2 valid), math (GSM8K train), code (Python stdlib
+train). Held out, for every figure: WikiText-2 test, GSM8K test, Python stdlib test.
+
+Presets (``--model``):
+* ``mixtral_8x2``: Mixtral-style, 8 experts top-2, 4 layers, hidden 128, 4.4 M parameters.
+* ``qwen3_moe_32x4``: fine-grained Qwen3-MoE-style, 32 experts top-4, 6 layers, hidden 192, 12.8 M.
+* ``mixtral_8x2_upcycled`` (12.8 M, 6 layers, hidden 192) and ``mixtral_8x2_upcycled_small`` (the
+  shape of ``mixtral_8x2``; the shipped model): a dense model (Mixtral with one expert, top-1)
+  trained first, its FFN copied into 8 experts plus small noise, a fresh router, then trained on as
+  an MoE (sparse upcycling, Komatsuzaki et al. 2023).
+
+Training: plain PyTorch loop, AdamW (0.9, 0.95), weight decay 0.1, linear warm-up then cosine to
+10% of the peak, gradient clipping 1.0, bf16 autocast on CUDA, fp32 master weights, and the
+Switch-Transformer load-balancing loss (``router_aux_loss_coef`` x the loss) so all experts are used.
+Deviation from transformers' own ``load_balancing_loss_func``: we compute it per layer and average
+over layers. transformers sums expert counts and router probabilities over all layers before
+multiplying, which only balances each expert index summed over layers: our first models trained
+with it had dead experts (two of eight in one Mixtral layer never routed to; an upcycled model
+sent every token of layer 0 to the same two experts), cancelled by other layers' imbalance.
+Windows of ``seq_len`` tokens are drawn uniformly from the concatenated train streams (so each
+domain appears in proportion to its size). ``--time-budget`` makes a run fit a time limit: after
+the first ``PROBE`` steps (inside the warm-up, where the schedule does not yet depend on the step
+count) the step count is lowered if needed and recorded, so ``--steps <recorded>`` repeats the run.
+
+Output (``--out DIR``): ``model/`` (save_pretrained, bf16 safetensors) and ``figures.json``: the
+config, steps, seconds, held-out perplexity and next-token accuracy per domain (of the saved bf16
+weights, reloaded in fp32), routing frequencies per domain and layer, and total-variation distances
+between the domains' routing distributions (with the same distance between two halves of one
+domain as the noise floor).
+
+    python benchmarks/train_reference.py --prepare --cache out/data/tokens.pt   # tokenize once (CPU)
+    python benchmarks/train_reference.py --model mixtral_8x2_upcycled_small --cache out/data/tokens.pt \
+        --out out/reference/mixtral_8x2_upcycled_small --time-budget 240       # the shipped model (GPU)
+
+Figures and commands of the trained models: ``benchmarks/REFERENCE.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import AutoModelForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's package, also when not pip-installed
+from stun_lightning.calibration import calibrate  # noqa: E402
+from stun_lightning.data import read_texts, token_stream  # noqa: E402
+from stun_lightning.evaluate import next_token_accuracy, perplexity  # noqa: E402
+from stun_lightning.tiny import load_tokenizer, tiny_config  # noqa: E402
+
+DEFAULT_DATA = Path("/work/shared/data")
+# domain -> (train files, held-out file), paths inside the shared data folder
+DOMAINS = {
+    "prose": (["tinyshakespeare/input.txt", "wikitext2/valid.txt"], "wikitext2/test.txt"),
+    "math": (["gsm8k/train.jsonl"], "gsm8k/test.jsonl"),
+    "code": (["python_stdlib/train.txt"], "python_stdlib/test.txt"),
+}
+PROBE = 30  # steps timed before the step count is fitted to --time-budget
+EVAL_SEQ_LEN = 256  # as the quality benchmark
+ROUTING_WINDOWS = 64  # held-out windows per domain for routing frequencies
+
+
+@dataclass
+class Preset:
+    family: str
+    config: dict
+    steps: int
+    lr: float
+    batch_size: int = 32
+    seq_len: int = 512
+    warmup: int = 200
+    aux_coef: float = 0.01
+    dense_steps: int = 0  # > 0: upcycle from a dense model trained this many steps
+    upcycle_noise: float = 0.01  # expert copy = dense weight + noise * std(dense weight) * N(0, 1)
+
+
+_SMALL = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32)
+_MEDIUM = dict(hidden_size=192, num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=2, head_dim=32)
+PRESETS = {
+    "mixtral_8x2": Preset("mixtral", dict(_SMALL, num_local_experts=8, num_experts_per_tok=2, intermediate_size=256), steps=2500, lr=3e-3),
+    "qwen3_moe_32x4": Preset(
+        "qwen3_moe",
+        dict(_MEDIUM, num_experts=32, num_experts_per_tok=4, moe_intermediate_size=96, intermediate_size=384, norm_topk_prob=True),
+        steps=2500,
+        lr=2e-3,
+    ),
+    "mixtral_8x2_upcycled_small": Preset(
+        "mixtral", dict(_SMALL, num_local_experts=8, num_experts_per_tok=2, intermediate_size=256), steps=1500, lr=3e-3, dense_steps=1000
+    ),
+    "mixtral_8x2_upcycled": Preset(
+        "mixtral", dict(_MEDIUM, num_local_experts=8, num_experts_per_tok=2, intermediate_size=384), steps=1500, lr=2e-3, dense_steps=1000
+    ),
+}
+
+
+# ---------------------------------------------------------------- data
+
+
+def prepare_tokens(data: Path) -> dict:
+    """Token streams per domain and split, tokenized with the shipped tokenizer (int16: vocab 8192)."""
+    if not (data / "SOURCES.md").exists():
+        raise FileNotFoundError(f"{data} is not the shared data folder (no SOURCES.md); pass --data")
+    tokenizer = load_tokenizer()
+    out = {"train": {}, "test": {}}
+    for domain, (train_files, test_file) in DOMAINS.items():
+        out["train"][domain] = token_stream(tokenizer, [t for f in train_files for t in read_texts(data / f)]).to(torch.int16)
+        out["test"][domain] = token_stream(tokenizer, read_texts(data / test_file)).to(torch.int16)
+    return out
+
+
+def load_tokens(cache: Path | None, data: Path) -> dict:
+    if cache is not None and cache.exists():
+        return torch.load(cache)
+    tokens = prepare_tokens(data)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(tokens, cache)
+    return tokens
+
+
+class WindowSampler:
+    """Uniform random windows of the concatenated train streams (seeded, independent of torch's RNG)."""
+
+    def __init__(self, streams: dict[str, torch.Tensor], seq_len: int, batch_size: int, seed: int):
+        self.ids = torch.cat([s.long() for s in streams.values()])
+        self.seq_len, self.batch_size = seq_len, batch_size
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def __call__(self) -> torch.Tensor:
+        starts = torch.randint(0, len(self.ids) - self.seq_len, (self.batch_size,), generator=self.gen)
+        return torch.stack([self.ids[s : s + self.seq_len] for s in starts.tolist()])
+
+
+# ---------------------------------------------------------------- model
+
+
+def build_config(preset: Preset, experts_impl: str, **overrides):
+    # router_aux_loss_coef=0: the model's own (all-layers) balancing loss stays out of out.loss; ours
+    # is added per layer in train_phase, and the coefficient is written into the saved config.
+    fields = dict(preset.config, tie_word_embeddings=True, router_aux_loss_coef=0.0, output_router_logits=True)
+    fields.update(overrides)
+    config = tiny_config(preset.family, **fields)
+    config._attn_implementation = "sdpa"
+    config._experts_implementation = experts_impl
+    return config
+
+
+def pick_experts_impl(preset: Preset, sampler: WindowSampler, device: torch.device) -> str:
+    """``grouped_mm`` where it runs and agrees with ``eager`` on a training step, else ``eager``."""
+    if device.type != "cuda":
+        return "eager"
+    losses = {}
+    batch = sampler().to(device)
+    for impl in ("eager", "grouped_mm"):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(build_config(preset, impl)).to(device)
+        try:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(input_ids=batch, labels=batch).loss
+            loss.backward()
+            losses[impl] = float(loss)
+        except Exception as exc:  # an unsupported kernel: report it and train with eager
+            print(f"experts implementation {impl} failed: {type(exc).__name__}: {exc}", flush=True)
+        del model
+    ok = "grouped_mm" in losses and abs(losses["grouped_mm"] - losses["eager"]) < 2e-2 * abs(losses["eager"])
+    print(f"probe losses {losses}: training with {'grouped_mm' if ok else 'eager'}", flush=True)
+    return "grouped_mm" if ok else "eager"
+
+
+@torch.no_grad()
+def upcycle(dense, config, seed: int, noise_scale: float):
+    """An MoE whose every expert is the dense model's FFN plus small noise; a fresh router."""
+    torch.manual_seed(seed)
+    moe = AutoModelForCausalLM.from_config(config).to(next(dense.parameters()).device)
+    state = dense.state_dict()
+    own = moe.state_dict()
+    for name, tensor in own.items():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            w = state[name][0]
+            noise = torch.randn((tensor.shape[0], *w.shape), device=w.device) * w.std() * noise_scale
+            tensor.copy_(w.expand_as(tensor) + noise)
+        elif not name.endswith("mlp.gate.weight"):
+            tensor.copy_(state[name])
+    return moe
+
+
+# ---------------------------------------------------------------- training
+
+
+def balance_loss(router_logits: tuple[torch.Tensor, ...], top_k: int) -> torch.Tensor:
+    """Switch-Transformer load balancing E * sum_e f_e * P_e per layer, averaged over layers (balanced = top_k)."""
+    losses = []
+    for logits in router_logits:
+        probs = logits.float().softmax(-1)
+        n_tokens, n_experts = probs.shape
+        chosen = probs.topk(top_k, dim=-1).indices.reshape(-1)
+        frac = torch.zeros(n_experts, device=probs.device).index_add_(0, chosen, torch.ones_like(chosen, dtype=torch.float)) / n_tokens
+        losses.append(n_experts * (frac * probs.mean(0)).sum())
+    return torch.stack(losses).mean()
+
+
+
+def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+@dataclass
+class PhaseLog:
+    name: str
+    steps_planned: int
+    steps: int = 0
+    seconds: float = 0.0
+    tokens: int = 0
+    final_loss: float = float("nan")
+    final_aux_loss: float = float("nan")
+    history: list = field(default_factory=list)
+
+
+def train_phase(model, sampler, preset: Preset, steps: int, name: str, device, deadline: float | None, compile: bool) -> PhaseLog:
+    log = PhaseLog(name, steps)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=preset.lr, betas=(0.9, 0.95), fused=device.type == "cuda",
+    )
+    step_fn = torch.compile(model) if compile else model
+    n_experts = next(iter(model.model.layers)).mlp.experts.gate_up_proj.shape[0]
+    model.train()
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    start = time.perf_counter()
+    loss_sum = aux_sum = 0.0
+    n_sum, step = 0, 0
+    while step < steps:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, preset.lr, min(preset.warmup, steps))
+        batch = sampler().to(device, non_blocking=True)
+        with amp:
+            out = step_fn(input_ids=batch, labels=batch)
+            balanced = model.config.output_router_logits and model.config.num_experts_per_tok < n_experts
+            aux = balance_loss(out.router_logits, model.config.num_experts_per_tok) if balanced else torch.zeros((), device=device)
+        (out.loss + preset.aux_coef * aux).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        loss_sum += float(out.loss.detach())
+        aux_sum += float(aux.detach())
+        n_sum += 1
+        if step == PROBE and deadline is not None and steps > PROBE:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            per_step = (time.perf_counter() - start) / PROBE
+            fit = PROBE + int((deadline - time.perf_counter()) / per_step)
+            if fit < steps:
+                print(f"{name}: {per_step * 1e3:.0f} ms/step, lowering steps {steps} -> {fit} to fit the time budget", flush=True)
+                steps = max(fit, PROBE + 1)
+        if step % 100 == 0 or step == steps:
+            row = dict(step=step, loss=loss_sum / n_sum, aux_loss=aux_sum / n_sum, lr=opt.param_groups[0]["lr"], seconds=time.perf_counter() - start)
+            log.history.append(row)
+            print(f"{name} step {step}/{steps} loss {row['loss']:.4f} aux {row['aux_loss']:.4f} lr {row['lr']:.2e} {row['seconds']:.0f}s", flush=True)
+            log.final_loss, log.final_aux_loss = row["loss"], row["aux_loss"]
+            loss_sum = aux_sum = 0.0
+            n_sum = 0
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    log.steps, log.seconds = steps, time.perf_counter() - start
+    log.tokens = steps * sampler.batch_size * sampler.seq_len
+    model.eval()
+    return log
+
+
+# ---------------------------------------------------------------- figures
+
+
+def tv(p: torch.Tensor, q: torch.Tensor) -> float:
+    return 0.5 * float((p - q).abs().sum())
+
+
+def routing_figures(model, tests: dict[str, torch.Tensor], device) -> dict:
+    """Routing frequency per domain and layer on held-out windows; domain-vs-domain TV distances."""
+    freqs, halves = {}, {}
+    for domain, ids in tests.items():
+        n = min(ROUTING_WINDOWS, len(ids) // EVAL_SEQ_LEN)
+        blocks = ids[: n * EVAL_SEQ_LEN].long().view(n, EVAL_SEQ_LEN)
+        per_half = []
+        for part in (blocks[: n // 2], blocks[n // 2 :], blocks):
+            stats = calibrate(model, part, collect=("routing",), batch_size=16, device=device, progress=False)
+            per_half.append({i: s.expert_tokens.double() / s.expert_tokens.sum() for i, s in stats.layers.items()})
+        halves[domain] = {i: tv(per_half[0][i], per_half[1][i]) for i in per_half[2]}
+        freqs[domain] = per_half[2]
+    layers = sorted(next(iter(freqs.values())))
+    names = list(tests)
+    pairs = {f"{a}-{b}": {i: tv(freqs[a][i], freqs[b][i]) for i in layers} for k, a in enumerate(names) for b in names[k + 1 :]}
+    mean = lambda d: sum(d.values()) / len(d)  # noqa: E731
+    return {
+        "frequency": {d: {str(i): [round(float(x), 5) for x in f[i]] for i in layers} for d, f in freqs.items()},
+        "tv_between_domains": {k: {str(i): round(v[i], 4) for i in layers} for k, v in pairs.items()},
+        "tv_between_domains_mean": {k: round(mean(v), 4) for k, v in pairs.items()},
+        "tv_within_domain_halves_mean": {d: round(mean(v), 4) for d, v in halves.items()},
+        "max_expert_share_mean": {d: round(mean({i: float(f[i].max()) for i in layers}), 4) for d, f in freqs.items()},
+    }
+
+
+def quality_figures(model, tests: dict[str, torch.Tensor], device, max_tokens: int | None = None) -> dict:
+    out = {}
+    for domain, ids in tests.items():
+        ids = ids[:max_tokens].long()
+        kw = dict(seq_len=EVAL_SEQ_LEN, batch_size=32, device=device, progress=False)
+        out[domain] = {"perplexity": round(perplexity(model, ids, **kw), 4), "accuracy": round(next_token_accuracy(model, ids, **kw), 4), "tokens": len(ids)}
+    return out
+
+
+def reload_fp32(model, path: Path, device):
+    """Save in bf16 (the shipped format) and reload in fp32: figures are of exactly what is saved."""
+    model.to(torch.bfloat16).save_pretrained(path)
+    reloaded = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
+    return reloaded
+
+
+# ---------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", choices=sorted(PRESETS), default="mixtral_8x2")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--cache", type=Path, default=None, help="token cache (.pt); written if missing")
+    parser.add_argument("--prepare", action="store_true", help="only tokenize the data into --cache")
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--steps", type=int, default=None, help="MoE steps (default: the preset's)")
+    parser.add_argument("--dense-steps", type=int, default=None, help="dense steps before upcycling (upcycled preset)")
+    parser.add_argument("--time-budget", type=float, default=None, help="seconds for all training; lowers steps to fit")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=None, help="windows per step (default: the preset's)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--eval-tokens", type=int, default=None, help="held-out tokens per domain (default: all)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the training forward")
+    args = parser.parse_args(argv)
+
+    tokens = load_tokens(args.cache, args.data)
+    if args.prepare:
+        print({s: {d: len(t) for d, t in v.items()} for s, v in tokens.items()})
+        return
+    if args.out is None:
+        parser.error("--out is required to train")
+    preset = PRESETS[args.model]
+    if args.batch_size is not None:
+        preset = Preset(**{**asdict(preset), "batch_size": args.batch_size})
+    steps = preset.steps if args.steps is None else args.steps
+    dense_steps = preset.dense_steps if args.dense_steps is None else args.dense_steps
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    start = time.perf_counter()
+    deadline = None if args.time_budget is None else start + args.time_budget
+    sampler = WindowSampler(tokens["train"], preset.seq_len, preset.batch_size, args.seed)
+    impl = pick_experts_impl(preset, sampler, device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    figures: dict = {"preset": args.model, "command": " ".join(["python", "benchmarks/train_reference.py", *(argv or sys.argv[1:])])}
+    phases = []
+
+    torch.manual_seed(args.seed)
+    if dense_steps:
+        dense_fields = {"num_local_experts": 1, "num_experts_per_tok": 1, "output_router_logits": False}
+        dense = AutoModelForCausalLM.from_config(build_config(preset, impl, **dense_fields)).to(device)
+        # The dense phase gets its share of the budget in proportion to its planned steps (MoE steps cost ~1.5x).
+        dense_deadline = None if deadline is None else start + args.time_budget * dense_steps / (dense_steps + 1.5 * steps)
+        phases.append(train_phase(dense, sampler, preset, dense_steps, "dense", device, dense_deadline, args.compile))
+        figures["dense_quality"] = quality_figures(dense, tokens["test"], device, args.eval_tokens)
+        model = upcycle(dense, build_config(preset, impl), args.seed + 1, preset.upcycle_noise)
+        del dense
+    else:
+        model = AutoModelForCausalLM.from_config(build_config(preset, impl)).to(device)
+    phases.append(train_phase(model, sampler, preset, steps, "moe", device, deadline, args.compile))
+
+    model.config.output_router_logits = False  # inference default for whoever loads it
+    model.config.router_aux_loss_coef = preset.aux_coef  # what was used (per layer, see balance_loss)
+    model.config._experts_implementation = None
+    model = reload_fp32(model, args.out / "model", device)
+    figures.update(
+        family=preset.family,
+        seed=args.seed,
+        preset_fields={k: v for k, v in asdict(preset).items() if k != "config"},
+        config=json.loads(model.config.to_json_string()),
+        parameters=sum(p.numel() for p in model.parameters()),
+        expert_parameters=sum(p.numel() for n, p in model.named_parameters() if ".experts." in n),
+        experts_implementation=impl,
+        phases=[asdict(p) for p in phases],
+        train_seconds=round(sum(p.seconds for p in phases), 1),
+        train_tokens={d: len(t) for d, t in tokens["train"].items()},
+        quality=quality_figures(model, tokens["test"], device, args.eval_tokens),
+        routing=routing_figures(model, tokens["test"], device),
+        wall_seconds=round(time.perf_counter() - start, 1),
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        versions={"torch": torch.__version__, "transformers": transformers.__version__},
+    )
+    (args.out / "figures.json").write_text(json.dumps(figures, indent=1))
+    print(json.dumps({k: figures[k] for k in ("preset", "parameters", "train_seconds", "quality")}, indent=1))
+    print(json.dumps(figures["routing"]["tv_between_domains_mean"]), json.dumps(figures["routing"]["tv_within_domain_halves_mean"]))
+
+
+if __name__ == "__main__":
+    main()

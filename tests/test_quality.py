@@ -1,0 +1,75 @@
+"""Pruning quality on the shipped trained reference model: outcomes that can fail.
+
+Perplexity on the first tokens of the shipped held-out text (WikiText-2 test, GSM8K test, Python
+stdlib test, interleaved), calibration on the shipped calibration text (train mix). The figures these
+assertions rest on, measured on more text, are in benchmarks/REFERENCE.md.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from stun_lightning import StunRecipe, moe_layers, prune
+from stun_lightning import reference
+from stun_lightning.data import calibration_blocks, heldout_path, read_texts, token_stream
+from stun_lightning.evaluate import perplexity
+from stun_lightning.reference import load_reference_model
+
+EVAL_TOKENS = 8192
+SEQ_LEN = 256
+RANDOM_SEEDS = (0, 1, 2)
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    torch.manual_seed(0)
+    model, tokenizer = load_reference_model()
+    calibration = calibration_blocks(tokenizer, None, n_samples=32, seq_len=SEQ_LEN, seed=0)
+    ids = token_stream(tokenizer, read_texts(heldout_path()))[:EVAL_TOKENS]
+    return model, calibration, ids
+
+
+def ppl(model, ids) -> float:
+    return perplexity(model, ids, seq_len=SEQ_LEN, batch_size=8, progress=False)
+
+
+def pruned_ppl(shipped, **recipe) -> float:
+    model, calibration, ids = shipped
+    pruned = copy.deepcopy(model)
+    prune(pruned, StunRecipe(calibration_samples=len(calibration), **recipe), calibration=calibration, progress=False)
+    return ppl(pruned, ids)
+
+
+@pytest.fixture(scope="module")
+def dense_ppl(shipped):
+    model, _, ids = shipped
+    return ppl(model, ids)
+
+
+def test_shipped_model_is_a_trained_moe(shipped, dense_ppl):
+    model, _, _ = shipped
+    assert model.config.model_type == "mixtral"
+    assert [layer.num_experts for layer in moe_layers(model)] == [8, 8, 8, 8]
+    # An untrained model of this vocabulary scores ~8000; the trained one ~30 (REFERENCE.md).
+    assert dense_ppl < 60, dense_ppl
+
+
+def test_stun_removes_experts_more_cheaply_than_random(shipped, dense_ppl):
+    stun = pruned_ppl(shipped, expert_sparsity=0.25, expert_method="stun")
+    random = [pruned_ppl(shipped, expert_sparsity=0.25, expert_method="random", seed=s) for s in RANDOM_SEEDS]
+    assert dense_ppl < stun < sum(random) / len(random), (dense_ppl, stun, random)
+
+
+def test_wanda_beats_magnitude_at_half_sparsity(shipped, dense_ppl):
+    wanda = pruned_ppl(shipped, expert_sparsity=0.0, sparsity=0.5, metric="wanda", low_token_rule="magnitude")
+    magnitude = pruned_ppl(shipped, expert_sparsity=0.0, sparsity=0.5, metric="magnitude")
+    assert dense_ppl < wanda < magnitude, (dense_ppl, wanda, magnitude)
+
+
+def test_missing_reference_model_names_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setattr(reference, "REFERENCE_DIR", tmp_path)
+    with pytest.raises(FileNotFoundError, match="train_reference.py"):
+        load_reference_model()
