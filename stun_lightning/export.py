@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .serialization import atomic_output_dir, commit_output_dir, load_pruned, save_pruned
+from .serialization import atomic_output, load_pruned, save_pruned
 from .sparse.checkpoint import is_sparse_checkpoint, load_sparse, save_sparse
 from .sparse.convert import densify, expert_modules, is_sparsified, sparsify
 from .sparse.experts import is_sparse24
@@ -88,8 +87,7 @@ def _export_aoti(model: nn.Module, out: Path, *, tokenizer, overwrite: bool, max
             program = wrapper.export(input_ids=example, cache_position=torch.zeros(1, dtype=torch.long, device=device))
     finally:
         generation.cache_implementation = previous
-    final, tmp = atomic_output_dir(out, overwrite)
-    try:
+    with atomic_output(out, overwrite, tokenizer) as tmp:
         torch._inductor.aoti_compile_and_package(program, package_path=str(tmp / AOTI_PACKAGE))
         model.config.save_pretrained(tmp)
         manifest = {
@@ -103,12 +101,7 @@ def _export_aoti(model: nn.Module, out: Path, *, tokenizer, overwrite: bool, max
             "experts": "stun-sparse24",
         }
         (tmp / AOTI_MANIFEST).write_text(json.dumps(manifest, indent=2))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        return commit_output_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return Path(out)
 
 
 class AotiDecoder:

@@ -13,7 +13,9 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -26,11 +28,7 @@ class IncompleteCheckpointError(RuntimeError):
 
 
 def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> tuple[Path, Path]:
-    """Check ``out_dir`` can be written and return ``(final, temporary)`` sibling paths.
-
-    Write into the temporary directory, then call :func:`commit_output_dir`, so a failure never
-    leaves a half-written output behind.
-    """
+    """Check ``out_dir`` can be written and return ``(final, temporary)`` sibling paths."""
     final = Path(out_dir)
     if final.exists() and not overwrite:
         raise FileExistsError(f"output directory {final} already exists; choose another path or pass overwrite=True (--overwrite)")
@@ -39,27 +37,34 @@ def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> tu
     return final, tmp
 
 
-def commit_output_dir(tmp: Path, final: Path) -> Path:
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    return final
+@contextmanager
+def atomic_output(out_dir: str | os.PathLike, overwrite: bool = False, tokenizer=None, extra_files: dict[str, str] | None = None) -> Iterator[Path]:
+    """Yield a temporary directory that replaces ``out_dir`` when the block succeeds.
 
-
-def save_pruned(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, overwrite: bool = False, extra_files: dict[str, str] | None = None) -> Path:
-    """Save a (pruned) model as safetensors + config, atomically (temp directory, then rename)."""
+    A failure removes the temporary directory, so no half-written output is ever left behind. The
+    tokenizer and extra text files are written last, beside what the block wrote.
+    """
     final, tmp = atomic_output_dir(out_dir, overwrite)
     try:
-        sync_config(model)
-        model.save_pretrained(tmp)
+        yield tmp
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
-        return commit_output_dir(tmp, final)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def save_pruned(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, overwrite: bool = False, extra_files: dict[str, str] | None = None) -> Path:
+    """Save a (pruned) model as safetensors + config, atomically (temp directory, then rename)."""
+    with atomic_output(out_dir, overwrite, tokenizer, extra_files) as tmp:
+        sync_config(model)
+        model.save_pretrained(tmp)
+    return Path(out_dir)
 
 
 def load_pruned(path: str | os.PathLike, torch_dtype: torch.dtype | None = None, device: str | torch.device = "cpu", **config_overrides) -> nn.Module:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -26,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..serialization import IncompleteCheckpointError, atomic_output_dir, commit_output_dir
+from ..serialization import IncompleteCheckpointError, atomic_output
 from ..surgery import apply_top_k, recorded_expert_counts, recorded_top_k, set_expert_counts_shape
 from .convert import _set_implementation, empty_sparse_experts_, expert_modules, is_sparsified
 from .experts import IMPLEMENTATION
@@ -64,8 +63,7 @@ def save_sparse(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, ov
             "save_sparse needs compressed experts: call stun_lightning.sparse.sparsify(model) first, or "
             "stun_lightning.export(model, out, format='sparse') which does both"
         )
-    final, tmp = atomic_output_dir(out_dir, overwrite)
-    try:
+    with atomic_output(out_dir, overwrite, tokenizer, extra_files) as tmp:
         config = copy.deepcopy(model.config)
         values_dtype = next(experts.gate_up_proj_values.dtype for _, experts, _ in expert_modules(model))
         setattr(config, CONFIG_FIELD, {"format": FORMAT_NAME, "version": FORMAT_VERSION, "pattern": "2:4", "weights": WEIGHTS_NAME, "values_dtype": str(values_dtype).removeprefix("torch.")})
@@ -75,14 +73,7 @@ def save_sparse(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, ov
             generation.save_pretrained(tmp)
         state, aliases = _unique_state(model)
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "stun_format": FORMAT_NAME, "stun_format_version": str(FORMAT_VERSION), "aliases": json.dumps(aliases)})
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
-        return commit_output_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return Path(out_dir)
 
 
 def _materialize_non_persistent(model: nn.Module, device: torch.device) -> None:
