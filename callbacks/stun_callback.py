@@ -25,8 +25,11 @@ When, in Lightning's order of a fit:
   :class:`stun_lightning.PruneReport` logged through the trainer's loggers and written next to the
   logs; the model saved with ``save_pruned`` when ``save_dir`` is set.
 
-Limits: single-device and DDP (statistics are summed over ranks, so every rank computes the same
-masks). Sharded strategies (FSDP, DeepSpeed) shard the expert tensors and are not supported yet.
+Limits: single-device and DDP. Under DDP the structured phase's calibration is split across ranks
+and its statistics all-reduced (``stun_lightning.distributed``), rank 0's expert sets are broadcast
+and adopted by every rank, and mask statistics are summed over ranks, so every rank holds the same
+expert sets and masks. Sharded strategies (FSDP, FSDP2 via ModelParallelStrategy, DeepSpeed) shard
+the expert tensors and are refused at ``setup`` with the fix named.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from torch import nn
 
 from stun_lightning.activation_stats import ActivationStats, reduce_stats
 from stun_lightning.adapters import moe_layers
+from stun_lightning.distributed import broadcast_object, calibration_across_ranks
 from stun_lightning.mask_state import ExpertMasks, apply_masks, compute_masks, mask_gradients, mask_optimizer_state, measured_sparsity
 from stun_lightning.masks import InvalidSparsityError, parse_pattern
 from stun_lightning.recipe import StunRecipe
@@ -165,6 +169,30 @@ class StunCallback(Callback):
         )
         if self.save_dir and Path(self.save_dir).exists() and not self.overwrite:
             raise FileExistsError(f"save_dir {self.save_dir} already exists; choose another path or pass overwrite=True")
+        self._check_strategy(trainer)
+
+    @staticmethod
+    def _check_strategy(trainer: Trainer) -> None:
+        """Refuse strategies whose parameter layout the masks cannot reach, naming what works."""
+        strategy = trainer.strategy
+        name = type(strategy).__name__
+        if name == "ModelParallelStrategy":
+            if strategy.root_device.type != "cuda":
+                raise RuntimeError(
+                    "StunCallback: ModelParallelStrategy (FSDP2) needs CUDA GPUs and none is in use here; on CPU use "
+                    "strategy='ddp' (devices=N, accelerator='cpu'), or run on GPUs"
+                )
+            raise NotImplementedError(
+                "StunCallback does not yet write masks into FSDP2's DTensor shards (ModelParallelStrategy); use "
+                "strategy='ddp' while the model, its teacher and optimizer state fit on one GPU"
+            )
+        if name == "FSDPStrategy":
+            raise RuntimeError(
+                "StunCallback: FSDPStrategy (FSDP1) flattens parameters, so masks cannot reach every rank's shard; use "
+                "strategy='ddp' (FSDP2 through ModelParallelStrategy is planned, issue 13)"
+            )
+        if "DeepSpeed" in name:
+            raise RuntimeError(f"StunCallback: {name} partitions the expert tensors, which masks cannot follow; use strategy='ddp'")
 
     def _final_sparsity(self, model: nn.Module) -> float:
         if self.schedule.final is not None:
@@ -214,7 +242,11 @@ class StunCallback(Callback):
                     f"expert method {self.recipe.expert_method!r} needs calibration token ids for a routing pass: pass "
                     "StunCallback(calibration=ids [N, L]) or a datamodule with calibration_ids() (StunDataModule)"
                 )
-        keep = select_experts(model, self.recipe, calibration, device=trainer.strategy.root_device)
+        # under DDP each rank calibrates on its slice and statistics are all-reduced; rank 0's choice
+        # is then adopted everywhere (DDP also broadcasts rank 0's weights when it wraps the module)
+        with calibration_across_ranks():
+            keep = select_experts(model, self.recipe, calibration, device=trainer.strategy.root_device)
+        keep = broadcast_object(keep)
         self.removed_experts = apply_expert_sets(model, keep, lower_top_k=self.recipe.lower_top_k)
         self.kept_experts = keep
         self.top_k = {layer.index: layer.top_k for layer in moe_layers(model)}

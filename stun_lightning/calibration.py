@@ -27,8 +27,9 @@ metric code decides what to do with them (see ``stun_lightning.masks``), norms a
 from __future__ import annotations
 
 import time
+from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Protocol
 
 import torch
 from torch import nn
@@ -253,6 +254,21 @@ class _LinearCollector:
 LayerCallback = Callable[[int, "MoELayer | None", "LayerStats | None"], bool | None]
 
 
+class CalibrationPartition(Protocol):
+    """How one process of several takes part in a calibration pass (``stun_lightning.distributed``):
+    ``local`` picks this process's rows of the token ids, ``reduce`` turns a layer's local
+    statistics into the statistics of all rows (it must be called on every process, layer by layer)."""
+
+    def local(self, input_ids: torch.Tensor) -> torch.Tensor: ...
+
+    def reduce(self, stats: LayerStats, keep_block_io: int = 0) -> LayerStats: ...
+
+
+# Set by ``stun_lightning.distributed.calibration_across_ranks`` so that calls made deep inside
+# expert methods (``SelectionContext.calibrate``) are split across ranks without new arguments.
+_PARTITION: ContextVar[CalibrationPartition | None] = ContextVar("stun_calibration_partition", default=None)
+
+
 def calibrate(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -264,6 +280,7 @@ def calibrate(
     keep_block_io: int = 0,
     progress: bool = True,
     desc: str = "calibrating",
+    partition: CalibrationPartition | None = None,
 ) -> CalibrationStats:
     """Stream ``input_ids`` ``[N, L]`` through ``model`` one decoder layer at a time.
 
@@ -278,14 +295,22 @@ def calibrate(
             it) the layer's outputs are recomputed, so later layers see the pruned model's
             activations (the sequential scheme of Wanda / SparseGPT).
         keep_block_io: keep up to this many MoE-block input/output rows per layer (CPU).
+        partition: run over several processes (default: the one set by
+            ``stun_lightning.distributed.calibration_across_ranks``, else none): this process streams
+            only ``partition.local(input_ids)`` and every layer's statistics are ``partition.reduce``d
+            before ``on_layer`` sees them. ``layer_passes`` and ``seconds`` stay this process's own.
     """
     if input_ids.numel() == 0:
         raise ValueError(f"calibration token ids are empty (shape {tuple(input_ids.shape)}); pass a non-empty [N, L] tensor of the task's text")
     start = time.perf_counter()
+    partition = partition if partition is not None else _PARTITION.get()
+    total_tokens = int(input_ids.numel())
+    if partition is not None:
+        input_ids = partition.local(input_ids)
     collect = set(collect) | {ROUTING}
     home = next(model.parameters()).device
     device = torch.device(device) if device is not None else home
-    batches = list(input_ids.split(batch_size))
+    batches = [b for b in input_ids.split(batch_size) if b.numel()]  # a rank's slice may be empty
     was_training = model.training
     model.eval()
     hidden, kwargs_per_layer = _capture_layer_inputs(model, batches, device)
@@ -313,6 +338,10 @@ def calibrate(
                 layer_stats = LayerStats(i, 0, 0)
             if layer_stats is not None:
                 layer_stats.linear_sq = linear_sq
+                if partition is not None:
+                    layer_stats = partition.reduce(layer_stats, keep_block_io)
+                    if i in stats:
+                        stats[i] = layer_stats
             if on_layer is not None and on_layer(i, moe, layer_stats):
                 outputs = _run_layer(layer, hidden, kwargs_per_layer[i])
                 passes += 1
@@ -320,7 +349,7 @@ def calibrate(
             hidden = outputs
     finally:
         model.train(was_training)
-    return CalibrationStats(stats, int(input_ids.numel()), time.perf_counter() - start, passes)
+    return CalibrationStats(stats, total_tokens, time.perf_counter() - start, passes)
 
 
 @torch.no_grad()
