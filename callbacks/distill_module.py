@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torch import nn
 
-from stun_lightning.adapters import moe_layers
+from stun_lightning.adapters import get_adapter, moe_layers
 from stun_lightning.distill import (
     DistillWeights,
     MoECapture,
@@ -64,6 +64,33 @@ def tokenizer_for(spec: str) -> str | None:
     return None if spec.startswith("tiny:") else spec
 
 
+def _with_expert_targets(lora: dict[str, Any], model: nn.Module) -> dict[str, Any]:
+    """``lora`` with the fused expert tensors of ``model``'s family added to ``target_parameters``."""
+    attr = get_adapter(model).experts_attr
+    targets = list(lora.get("target_parameters") or [])
+    targets += [t for t in (f"{attr}.gate_up_proj", f"{attr}.down_proj") if t not in targets]
+    # no target_modules means peft's per-architecture default (attention); [] means experts only
+    return {"target_modules": [], **lora, "target_parameters": targets}
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold a peft model's LoRA into its weights and return the plain model, with every fused expert
+    entry that was exactly zero before the merge zero again (a dense delta must not undo pruning).
+
+    The StunCallback merges at the end of a fit and re-applies its own masks; use this after a LoRA
+    fit without the callback (e.g. recovery of a model pruned once with ``prune``).
+    """
+    if not hasattr(model, "merge_and_unload"):
+        raise TypeError(f"{type(model).__name__} is not a peft model (no merge_and_unload); nothing to merge")
+    was_zero = {layer.index: {n: getattr(layer.experts, n) == 0 for n in ("gate_up_proj", "down_proj")} for layer in moe_layers(model)}
+    merged = model.merge_and_unload()
+    for layer in moe_layers(merged):
+        for name, zero in was_zero[layer.index].items():
+            getattr(layer.experts, name).masked_fill_(zero, 0)
+    return merged
+
+
 class StunDistillModule(LightningModule):
     """Causal-LM fine-tuning of a (to be) pruned MoE student, optionally distilled from its original.
 
@@ -86,7 +113,19 @@ class StunDistillModule(LightningModule):
         teacher_dtype / teacher_device: where and in which precision the teacher runs.
         lora: peft ``LoraConfig`` keyword arguments for a cheaper recovery (e.g. ``{"r": 16,
             "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}``); LoRA is added after the
-            structured phase and merged before the masks are made permanent.
+            structured phase and merged before the masks are made permanent. ``target_parameters``
+            (e.g. ``["experts.gate_up_proj", "experts.down_proj"]``) puts LoRA on the fused expert
+            tensors too (peft requires ``lora_dropout=0`` there).
+        lora_experts: add the family's fused expert tensors to ``lora``'s ``target_parameters``.
+
+    LoRA on experts and masks: the base expert tensors stay frozen, so their pruned zeros stay zero
+    during the fit, but each expert's low-rank delta is dense. Merging keeps the masks: the
+    StunCallback re-applies its masks after ``merge_and_unload``, and :func:`merge_lora` (without
+    the callback) zeroes again every expert entry that was exactly zero in the base. The merged
+    expert is therefore ``mask * (W + delta)``; during the fit the adapted forward computes
+    ``mask * W + delta``, so the masked part of the delta (trained but dropped) is a deviation
+    between the fitted and the merged student. The expert-wise loss compares the student's experts
+    through their adapted weights (``stun_lightning.distill.lora_adapted``).
     """
 
     def __init__(
@@ -108,6 +147,7 @@ class StunDistillModule(LightningModule):
         teacher_device: str | None = None,
         lambda_init_step: int = 0,
         lora: dict[str, Any] | None = None,
+        lora_experts: bool = False,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -127,7 +167,9 @@ class StunDistillModule(LightningModule):
         self.lr, self.weight_decay, self.warmup_steps, self.min_lr_ratio = lr, weight_decay, warmup_steps, min_lr_ratio
         self.teacher_device = teacher_device
         self.lambda_init_step = lambda_init_step
-        self.lora = lora
+        if lora_experts and not lora:
+            raise ValueError("lora_experts=True needs the LoRA settings too: pass lora={'r': 16, 'target_modules': [...]}")
+        self.lora = _with_expert_targets(lora, self.student) if lora_experts else lora
         # lambda lives in the checkpoint so a resumed fit keeps the value of the first step
         self.register_buffer("expert_lambda", torch.tensor(float("nan") if expert_weight is None else expert_weight))
         self._captures: tuple[MoECapture, MoECapture] | None = None
@@ -143,12 +185,7 @@ class StunDistillModule(LightningModule):
         if self.lora and not hasattr(self.student, "peft_config"):
             from peft import LoraConfig, get_peft_model
 
-            if self.lora.get("target_parameters"):
-                raise ValueError(
-                    "LoRA on fused expert parameters (target_parameters) wraps mlp.experts in peft's ParamWrapper, which hides "
-                    "the expert tensors that pruning and masking act on; put LoRA on attention/linear modules "
-                    "(target_modules) and train the experts fully, or fine-tune without LoRA"
-                )
+            # peft's ParamWrappers around mlp.experts are looked through by stun_lightning.adapters
             self.student = get_peft_model(self.student, LoraConfig(**self.lora))
 
     # ------------------------------------------------------------------ distillation plumbing
@@ -281,4 +318,4 @@ class StunDistillModule(LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-__all__ = ["StunDistillModule", "load_causal_lm", "tokenizer_for"]
+__all__ = ["StunDistillModule", "load_causal_lm", "merge_lora", "tokenizer_for"]

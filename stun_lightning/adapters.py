@@ -168,7 +168,8 @@ class MoELayer:
 
     @property
     def experts(self) -> nn.Module:
-        return getattr(self.block, self.adapter.experts_attr)
+        """The module holding the fused expert tensors, under any peft wrappers (see :func:`unwrap_experts`)."""
+        return unwrap_experts(getattr(self.block, self.adapter.experts_attr))
 
     @property
     def num_experts(self) -> int:
@@ -194,8 +195,25 @@ class MoELayer:
         return self.experts.named_parameters(recurse=False)
 
 
+def unwrap_experts(module: nn.Module | None) -> nn.Module | None:
+    """The fused-experts module under ``module``'s wrapper chain, or None when there is none.
+
+    peft's LoRA on parameters (``LoraConfig(target_parameters=["experts.gate_up_proj", ...])``)
+    replaces ``mlp.experts`` with nested ``ParamWrapper`` modules, one per targeted tensor, each
+    keeping the module it wraps as ``.base_layer``. The wrappers call the innermost module's forward
+    with unchanged arguments, so hooks, masks and surgery act on that module and its tensors; LoRA
+    reaches those tensors only inside the wrappers' forward (``distill.lora_adapted``).
+    """
+    while module is not None and not hasattr(module, "gate_up_proj"):
+        module = getattr(module, "base_layer", None)
+    return module
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder-layer list of a causal LM (``model.model.layers`` in every supported family)."""
+    """The decoder-layer list of a causal LM (``model.model.layers`` in every supported family;
+    a peft ``PeftModel`` is looked through to the model it wraps)."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
     base = getattr(model, "model", model)
     layers = getattr(base, "layers", None)
     if not isinstance(layers, nn.ModuleList):
@@ -215,8 +233,7 @@ def moe_layers(model: nn.Module) -> list[MoELayer]:
     found = []
     for i, layer in enumerate(decoder_layers(model)):
         block = getattr(layer, "mlp", None)
-        experts = getattr(block, adapter.experts_attr, None) if block is not None else None
-        if experts is not None and hasattr(experts, "gate_up_proj"):
+        if block is not None and unwrap_experts(getattr(block, adapter.experts_attr, None)) is not None:
             found.append(MoELayer(i, layer, block, adapter))
     if not found:
         raise UnsupportedModelError(

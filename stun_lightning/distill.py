@@ -23,7 +23,9 @@ forward passes (:class:`MoECapture`), and the loss functions read those records.
 from __future__ import annotations
 
 import math
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from typing import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -132,6 +134,34 @@ def _teacher_expert_outputs(teacher_layers: dict[int, MoELayer], records: dict[i
     return out
 
 
+@contextmanager
+def lora_adapted(layers: Iterable[MoELayer]) -> Iterator[None]:
+    """Inside, the fused expert tensors of ``layers`` read as their peft-LoRA-adapted values.
+
+    peft's ``ParamWrapper`` adds ``scaling * B @ A`` to a wrapped 3-D parameter only during its own
+    forward (a temporary ``torch.nn.utils.parametrize`` proxy), so code that reads the tensors
+    directly, such as ``MoEAdapter.expert_output``, sees the frozen base weights. This enters the
+    same activation peft's forward uses (autograd reaches the LoRA factors), for every wrapper of
+    every layer; layers without wrappers, merged or disabled adapters are left as they are.
+    """
+    with ExitStack() as stack:
+        for layer in layers:
+            module = getattr(layer.block, layer.adapter.experts_attr)
+            while module is not layer.experts:
+                if not (getattr(module, "merged", False) or getattr(module, "disable_adapters", False)):
+                    activate = getattr(module, "_activate_lora", None)
+                    if activate is None:
+                        raise TypeError(
+                            f"layer {layer.index}: {type(module).__name__} wraps the experts but has no "
+                            "_activate_lora (peft 0.21's LoRA ParamWrapper has it), so expert-wise distillation cannot "
+                            "read its adapted weights: use peft 0.21, merge the adapters first (merge_and_unload), or "
+                            "put LoRA on attention only"
+                        )
+                    stack.enter_context(activate(module.active_adapters))
+                module = module.base_layer
+        yield
+
+
 def expert_mse(
     student: MoECapture,
     teacher: MoECapture,
@@ -142,12 +172,13 @@ def expert_mse(
     # inference tensors cannot be saved for backward: clone the targets outside inference mode
     targets = {k: (tok.clone(), y.clone()) for k, (tok, y) in _teacher_expert_outputs(teacher.layers, teacher.records, expert_map).items()}
     total = None
-    for (i, j), (tok, target) in targets.items():
-        layer, rec = student.layers[i], student.records[i]
-        tok = tok.to(rec.hidden.device)
-        pred = layer.adapter.expert_output(layer.experts, j, rec.hidden[tok])
-        term = F.mse_loss(pred.float(), target.to(pred.device).float())
-        total = term if total is None else total + term
+    with lora_adapted(student.layers.values()):  # a LoRA-wrapped student is compared through its adapted weights
+        for (i, j), (tok, target) in targets.items():
+            layer, rec = student.layers[i], student.records[i]
+            tok = tok.to(rec.hidden.device)
+            pred = layer.adapter.expert_output(layer.experts, j, rec.hidden[tok])
+            term = F.mse_loss(pred.float(), target.to(pred.device).float())
+            total = term if total is None else total + term
     if total is None:
         return torch.zeros((), device=next(iter(student.records.values())).hidden.device)
     return total
@@ -247,4 +278,5 @@ __all__ = [
     "init_expert_lambda",
     "kept_from_removed",
     "logit_kl",
+    "lora_adapted",
 ]
