@@ -14,7 +14,7 @@ The only package of stun-lightning that imports Lightning; the work is done by t
 from stun_lightning.schedule import SparsitySchedule
 
 from .datamodule import StunDataModule
-from .distill_module import StunDistillModule
+from .distill_module import StunDistillModule, merge_lora
 from .stun_callback import StunCallback
 
-__all__ = ["SparsitySchedule", "StunCallback", "StunDataModule", "StunDistillModule"]
+__all__ = ["SparsitySchedule", "StunCallback", "StunDataModule", "StunDistillModule", "merge_lora"]
