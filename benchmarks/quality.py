@@ -11,7 +11,26 @@ One table per model (markdown + CSV), the dense model in the same run. Rows:
   metric inside the survivors (``total_sparsity=``), against the same unstructured method alone at
   the same total; STUN then 2:4;
 * ``--investigate``: at 60-80% total, STUN with a per-layer budget, co-activation distances, other
-  expert fractions, and frequency-based expert pruning in STUN's place.
+  expert fractions, and frequency-based expert pruning in STUN's place;
+* every expert method (issue 11: stun, frequency, random, reap, naee, eep, uncurl), all with
+  ``layer_budget="uniform"`` (the same count in every layer: the last four only support that), at
+  25% and 50% of the experts, alone and then OWL+Wanda to a fixed 70% total (``METHODS_TOTAL``).
+  NAEE enumerates on ``NAEE_TOKENS`` calibration tokens per layer; EEP is capped at
+  ``EEP_EVALUATIONS`` fitness evaluations (held-out loss of the first ``EEP_FITNESS_WINDOWS``
+  calibration windows), far below the official 400: a budget-limited EEP, not the paper's;
+* task-specific (math): stun, reap, uncurl and frequency at 50% of the experts, calibrated on GSM8K
+  train only (``gsm8k/train.jsonl`` of ``--data``; without it, the GSM8K lines of the shipped
+  calibration text), perplexity on every domain, to set against the same methods on the mixed
+  calibration in the rows above;
+* expert-wise distillation (issue 10) of the STUN rows at 50% and 70% total (25% of the experts +
+  OWL+Wanda): ``StunDistillModule`` with the dense model as teacher, the pruned copy as student,
+  its masks held fixed (gradients and weights re-masked at every step), ``--distill-steps`` steps of
+  ``--distill-batch`` x 128 tokens of the shipped calibration text (a slice of the train mix),
+  perplexity before and after and the share of the gap to dense recovered; a CE-only fine-tune of
+  the same steps (no teacher) as a control.
+
+``--only`` runs a subset of these families (``base``, ``methods``, ``task``, ``distill``; the dense row
+always runs).
 
 Perplexity is measured on disjoint windows of 256 tokens (as ``stun_lightning.evaluate``) of the
 held-out splits: prose = WikiText-2 test, math = GSM8K test, code = Python stdlib test (or the
@@ -22,7 +41,8 @@ its nominal sparsity; the official STUN code leaves them dense, which would flat
 keeps more of them (our first, unbalanced models had dead experts: unstructured-only rows then
 stayed ~3 points under their target).
 
-    python benchmarks/quality.py --quick                  # shipped model, CPU, a few minutes
+    python benchmarks/quality.py --quick                  # shipped model, CPU, 75 rows in ~6-10 minutes on 2 cores
+    python benchmarks/quality.py --quick --only methods,task,distill   # the issue 10 / 11 rows only
     python benchmarks/quality.py --model out/reference/qwen3_moe_32x4/model --device cuda --investigate
 """
 
@@ -43,8 +63,11 @@ from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's package, also when not pip-installed
 from stun_lightning import StunRecipe, prune  # noqa: E402
-from stun_lightning.data import calibration_blocks, heldout_path, read_texts, token_stream  # noqa: E402
+from stun_lightning.adapters import moe_layers  # noqa: E402
+from stun_lightning.data import calibration_blocks, calibration_path, heldout_path, read_texts, token_stream  # noqa: E402
+from stun_lightning.distill import kept_from_removed  # noqa: E402
 from stun_lightning.evaluate import sliding_windows  # noqa: E402
+from stun_lightning.mask_state import MATRICES, ExpertMasks, apply_masks, mask_gradients, measured_sparsity  # noqa: E402
 from stun_lightning.reference import load_reference_model  # noqa: E402
 from stun_lightning.tiny import load_tokenizer  # noqa: E402
 
@@ -53,6 +76,15 @@ HELDOUT = {"prose": "wikitext2/test.txt", "math": "gsm8k/test.jsonl", "code": "p
 TOTALS = (0.4, 0.5, 0.6, 0.7, 0.8)
 EXPERT_FRACTIONS = (0.125, 0.25, 0.5)
 RANDOM_SEEDS = (0, 1, 2)
+EXPERT_METHODS = ("stun", "frequency", "random", "reap", "naee", "eep", "uncurl")
+METHOD_FRACTIONS = (0.25, 0.5)
+METHODS_TOTAL = 0.7  # the fixed total of the "+ owl+wanda" method rows
+TASK_METHODS = ("stun", "reap", "uncurl", "frequency")
+TASK_FRACTION = 0.5
+NAEE_TOKENS = 4096
+EEP_EVALUATIONS, EEP_INIT, EEP_PRUNE_EVALUATIONS, EEP_FITNESS_WINDOWS = 40, 10, 20, 8
+DISTILL_TOTALS = (0.5, 0.7)
+FAMILIES = ("base", "methods", "task", "distill")
 UNSTRUCTURED = {  # label -> recipe fields of the unstructured phase
     "magnitude": dict(metric="magnitude"),
     "wanda": dict(metric="wanda"),
@@ -67,6 +99,8 @@ class Row:
     method: str
     recipe: dict | None  # StunRecipe fields; None = the dense model
     seeds: tuple[int, ...] = (0,)
+    calibration: str = "mixed"  # "mixed" (the shipped calibration text) or "math" (GSM8K train only)
+    distill: str | None = None  # None, "kd" (expert-wise KD from the dense model) or "ce" (CE-only control)
 
 
 @dataclass
@@ -86,8 +120,66 @@ class Result:
         return math.exp(sum(math.log(p) for p in self.ppl.values()) / len(self.ppl))
 
 
-def build_rows(stun_experts: float, investigate: bool) -> list[Row]:
+def method_options(method: str) -> dict:
+    """Options that keep a method CPU-sized here; the calibration-dependent EEP fitness ids are added in run_row."""
+    if method == "naee":
+        return {"max_tokens": NAEE_TOKENS}
+    if method == "eep":
+        return {"total_evaluations": EEP_EVALUATIONS, "max_init": EEP_INIT, "prune_evaluations": EEP_PRUNE_EVALUATIONS}
+    return {}
+
+
+def method_rows() -> list[Row]:
+    """Issue 11: every expert method, uniform budget, 25/50% of the experts, alone and + OWL+Wanda to METHODS_TOTAL."""
+    rows = []
+    for second in (False, True):
+        for frac in METHOD_FRACTIONS:
+            group = f"methods {frac:.0%} experts" + (f" + owl+wanda to {METHODS_TOTAL:.0%}" if second else "")
+            for method in EXPERT_METHODS:
+                seeds = RANDOM_SEEDS if method == "random" else (0,)
+                label = f"{method} (mean of {len(seeds)} seeds)" if len(seeds) > 1 else method
+                recipe = dict(expert_sparsity=frac, expert_method=method, layer_budget="uniform", method_options=method_options(method))
+                if second:
+                    recipe.update(total_sparsity=METHODS_TOTAL, **UNSTRUCTURED["owl+wanda"])
+                rows.append(Row(group, label, recipe, seeds))
+    return rows
+
+
+def task_rows() -> list[Row]:
+    """Issue 11's task-specific row: prune for math (GSM8K train calibration), perplexity on every domain."""
+    return [
+        Row(f"math-calibrated {TASK_FRACTION:.0%} experts", f"{method} (math calibration)",
+            dict(expert_sparsity=TASK_FRACTION, expert_method=method, layer_budget="uniform", method_options=method_options(method)), calibration="math")
+        for method in TASK_METHODS
+    ]
+
+
+def distill_rows(stun_experts: float) -> list[Row]:
+    """Issue 10: the STUN rows at 50% and 70% total, after expert-wise KD (and a CE-only control)."""
+    rows = []
+    for total in DISTILL_TOTALS:
+        recipe = dict(expert_sparsity=stun_experts, total_sparsity=total, **UNSTRUCTURED["owl+wanda"])
+        for kind, label in (("kd", "expert-wise KD"), ("ce", "CE-only fine-tune (control)")):
+            rows.append(Row(f"distilled {total:.0%}", f"STUN {stun_experts:.0%} experts + owl+wanda, {label}", recipe, distill=kind))
+    return rows
+
+
+def build_rows(stun_experts: float, investigate: bool, families: tuple[str, ...] = FAMILIES) -> list[Row]:
     rows = [Row("dense", "dense", None)]
+    if "base" in families:
+        rows += base_rows(stun_experts, investigate)
+    if "methods" in families:
+        rows += method_rows()
+    if "task" in families:
+        rows += task_rows()
+    if "distill" in families:
+        rows += distill_rows(stun_experts)
+    return rows
+
+
+def base_rows(stun_experts: float, investigate: bool) -> list[Row]:
+    """Issue 10's first rows: unstructured only, experts only, STUN's claim, 2:4, ``--investigate``."""
+    rows = []
     for name, fields in UNSTRUCTURED.items():
         rows.append(Row("unstructured 50%", name, dict(expert_sparsity=0.0, sparsity=0.5, **fields)))
     for name in ("magnitude", "wanda", "moe_pruner"):
@@ -172,16 +264,101 @@ def heldout_ids(tokenizer, source: str, data: Path, max_tokens: int | None, cach
 # ---------------------------------------------------------------- runs
 
 
-def run_row(dense, row: Row, calibration, heldout, args) -> Result:
+def math_calibration(tokenizer, data: Path, n_samples: int, seq_len: int) -> tuple[torch.Tensor, str]:
+    """Calibration windows of math text only: GSM8K train, or the GSM8K lines of the shipped calibration text."""
+    gsm8k = data / "gsm8k" / "train.jsonl"
+    if gsm8k.exists():
+        return calibration_blocks(tokenizer, gsm8k, n_samples, seq_len, seed=0), str(gsm8k)
+    # GSM8K answers carry calculator annotations (<<48/2=24>>) and a final "#### n": prose and code lines do not.
+    lines = [line for line in read_texts(calibration_path())[0].splitlines() if "<<" in line or line.startswith("####")]
+    return calibration_blocks(tokenizer, None, n_samples, seq_len, seed=0, texts=["\n".join(lines)]), "GSM8K lines of the shipped calibration text"
+
+
+def masks_from_zeros(model) -> ExpertMasks:
+    """Keep-masks of a pruned model: every expert weight that is not exactly zero."""
+    masks = ExpertMasks()
+    for layer in moe_layers(model):
+        for name in MATRICES:
+            weight = getattr(layer.experts, name).detach()
+            masks.set(layer.index, name, (weight.transpose(1, 2) if layer.adapter.transposed else weight) != 0)
+    return masks
+
+
+def distill(dense, student, report, args, teacher: bool) -> dict:
+    """A short StunDistillModule fit of the pruned ``student`` with its masks held fixed.
+
+    teacher=True: expert-wise KD (CE + lambda * expert MSE, lambda = L_CE / L_expert at the first
+    step, MoE-Pruner) from a frozen copy of the dense model, survivors matched to their originals
+    with the report's removed experts; teacher=False: the same fit with CE only (the control).
+    The masks are the student's zeros after pruning: gradients are masked before every optimizer
+    step and weights re-zeroed after it (``stun_lightning.mask_state``), so sparsity cannot change.
+    """
+    from lightning.pytorch import Callback, Trainer, seed_everything
+
+    from stun_lightning.callbacks import StunDataModule, StunDistillModule
+
+    masks = masks_from_zeros(student)
+    sparsity_before = measured_sparsity(student)
+
+    class FixedMasks(Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            mask_gradients(pl_module.student, masks)
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            apply_masks(pl_module.student, masks)
+
+    class Losses(Callback):
+        def __init__(self):
+            self.first = self.last = None
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses = {k: float(v) for k, v in pl_module.last_losses.items()}
+            self.first = self.first or losses
+            self.last = losses
+
+    seed_everything(0, verbose=False)
+    module = StunDistillModule(
+        student=student,
+        teacher=copy.deepcopy(dense) if teacher else None,
+        expert_map=kept_from_removed(dense, report.removed_experts) if teacher else None,
+        teacher_dtype=None,  # fp32 like the student (bf16 matmuls are slow on CPUs)
+        lr=args.distill_lr,
+        warmup_steps=max(1, args.distill_steps // 10),
+        min_lr_ratio=0.1,
+    )
+    data = StunDataModule(seq_len=128, batch_size=args.distill_batch, seed=0)
+    losses = Losses()
+    trainer = Trainer(
+        accelerator="gpu" if args.device.type == "cuda" else "cpu", devices=1, max_steps=args.distill_steps, limit_val_batches=0,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        callbacks=[FixedMasks(), losses],
+    )
+    start = time.perf_counter()
+    with torch.enable_grad():
+        trainer.fit(module, data)
+    student.eval()
+    if abs(measured_sparsity(student) - sparsity_before) > 1e-9:
+        raise RuntimeError(f"masks moved during distillation: {sparsity_before:.4f} -> {measured_sparsity(student):.4f}")
+    return {"steps": trainer.global_step, "fit_seconds": time.perf_counter() - start, "first": losses.first, "last": losses.last}
+
+
+def run_row(dense, row: Row, calibrations: dict[str, torch.Tensor], heldout, args) -> Result:
     start = time.perf_counter()
     if row.recipe is None:
         ppl, acc = evaluate(dense, heldout, args.seq_len, args.batch_size, args.device)
         return Result(row, ppl, acc, 0.0, 0.0, 0.0, "-", time.perf_counter() - start)
-    ppls, accs, reports = [], [], []
+    calibration = calibrations[row.calibration]
+    fields = dict(row.recipe)
+    if fields.get("expert_method") == "eep":  # fitness: LM loss of a few calibration windows (EEP's default is all of them)
+        fields["method_options"] = {**fields["method_options"], "fitness_ids": calibration[:EEP_FITNESS_WINDOWS]}
+    ppls, accs, reports, extra = [], [], [], {}
     for seed in row.seeds:
         model = copy.deepcopy(dense)
-        recipe = StunRecipe(**row.recipe, seed=seed, low_token_rule="magnitude", calibration_samples=len(calibration), calibration_seq_len=calibration.shape[1], batch_size=args.calib_batch)
+        recipe = StunRecipe(**fields, seed=seed, low_token_rule="magnitude", calibration_samples=len(calibration), calibration_seq_len=calibration.shape[1], batch_size=args.calib_batch)
         reports.append(prune(model, recipe, calibration=calibration, device=args.device, progress=False))
+        if row.distill is not None:
+            before, before_acc = evaluate(model, heldout, args.seq_len, args.batch_size, args.device)
+            extra = {"before": before, "before_acc": before_acc, **distill(dense, model, reports[-1], args, teacher=row.distill == "kd")}
         p, a = evaluate(model, heldout, args.seq_len, args.batch_size, args.device)
         ppls.append(p)
         accs.append(a)
@@ -194,7 +371,7 @@ def run_row(dense, row: Row, calibration, heldout, args) -> Result:
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     return Result(
         row, ppl, mean(accs), removed, mean([rep.expert_sparsity for rep in reports]), mean([rep.within_expert_sparsity for rep in reports]),
-        after, time.perf_counter() - start,
+        after, time.perf_counter() - start, extra,
     )
 
 
@@ -226,6 +403,71 @@ def claim_table(results: list[Result], stun_experts: float) -> str:
             ratio = (stun.mean_ppl - dense) / max(1e-9, only.mean_ppl - dense)
             lines.append(f"| {total:.0%} | {name} | {only.mean_ppl:.2f} | {stun.mean_ppl:.2f} | {'yes' if stun.mean_ppl < only.mean_ppl else 'no'} | {ratio:.2f} |")
     return "\n".join(lines)
+
+
+def methods_table(results: list[Result]) -> str:
+    """Issue 11: mean perplexity of every expert method (uniform budget), alone and then OWL+Wanda."""
+    by = {(r.row.group, r.row.method.split(" (")[0]): r for r in results}
+    groups = [f"methods {f:.0%} experts" + s for s in ("", f" + owl+wanda to {METHODS_TOTAL:.0%}") for f in METHOD_FRACTIONS]
+    present = [g for g in groups if any(k[0] == g for k in by)]
+    if not present:
+        return ""
+    lines = ["| method | " + " | ".join(present) + " |", "|---|" + "---|" * len(present)]
+    for method in EXPERT_METHODS:
+        cells = []
+        for g in present:
+            r = by.get((g, method))
+            best = r is not None and r.mean_ppl == min(x.mean_ppl for k, x in by.items() if k[0] == g)
+            cells.append("-" if r is None else (f"**{r.mean_ppl:.2f}**" if best else f"{r.mean_ppl:.2f}"))
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def task_table(results: list[Result]) -> str:
+    """Math-calibrated expert pruning against the same method on the mixed calibration, per domain."""
+    by = {(r.row.group, r.row.method.split(" (")[0]): r for r in results}
+    domains = list(results[0].ppl)
+    lines = ["| method | calibration | " + " | ".join(f"ppl {d}" for d in domains) + " | ppl mean |", "|---|---|" + "---|" * (len(domains) + 1)]
+    lines.append("| dense | - | " + " | ".join(f"{results[0].ppl[d]:.2f}" for d in domains) + f" | {results[0].mean_ppl:.2f} |")
+    for method in TASK_METHODS:
+        for label, group in (("mixed", f"methods {TASK_FRACTION:.0%} experts"), ("math only", f"math-calibrated {TASK_FRACTION:.0%} experts")):
+            r = by.get((group, method))
+            if r is not None:
+                lines.append(f"| {method} | {label} | " + " | ".join(f"{r.ppl[d]:.2f}" for d in domains) + f" | {r.mean_ppl:.2f} |")
+    return "\n".join(lines) if len(lines) > 3 else ""
+
+
+def distill_table(results: list[Result]) -> str:
+    """Perplexity before and after the short fit, and the share of the gap to dense it closes."""
+    dense = results[0]
+    domains = list(dense.ppl)
+    rows = [r for r in results if r.row.distill is not None and r.extra]
+    if not rows:
+        return ""
+    lines = ["| row | fit | steps | fit s | ppl before (" + " / ".join(domains) + ") | mean before | ppl after (" + " / ".join(domains) + ") | mean after | gap to dense recovered |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        before = math.exp(sum(math.log(v) for v in r.extra["before"].values()) / len(domains))
+        recovered = (before - r.mean_ppl) / max(1e-9, before - dense.mean_ppl)
+        lines.append(f"| {r.row.group} | {'expert-wise KD' if r.row.distill == 'kd' else 'CE only'} | {r.extra['steps']} | {r.extra['fit_seconds']:.0f} | "
+                     + " / ".join(f"{r.extra['before'][d]:.2f}" for d in domains) + f" | {before:.2f} | "
+                     + " / ".join(f"{r.ppl[d]:.2f}" for d in domains) + f" | {r.mean_ppl:.2f} | {recovered:.0%} |")
+    return "\n".join(lines)
+
+
+def report_text(results: list[Result], title: str, stun_experts: float) -> str:
+    text = markdown(results, title) + "\n"
+    claim = claim_table(results, stun_experts)
+    if claim.count("\n") > 1:
+        text += f"\nSTUN's claim (mean perplexity over domains; dense {results[0].mean_ppl:.2f}):\n\n{claim}\n"
+    for heading, table in (
+        (f"Every expert method, the same count per layer (mean perplexity; OWL+Wanda rows at {METHODS_TOTAL:.0%} total; bold: best of the column)", methods_table(results)),
+        (f"Pruning for math: {TASK_FRACTION:.0%} of the experts, calibrated on math only vs the mixed calibration", task_table(results)),
+        ("Expert-wise distillation with the masks held fixed", distill_table(results)),
+    ):
+        if table:
+            text += f"\n{heading}:\n\n{table}\n"
+    return text
 
 
 def write_csv(results: list[Result], path: Path, model_name: str) -> None:
@@ -260,36 +502,53 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--calib-batch", type=int, default=16)
     parser.add_argument("--stun-experts", type=float, default=0.25, help="fraction of experts STUN removes before the unstructured phase")
     parser.add_argument("--investigate", action="store_true")
+    parser.add_argument("--only", default=",".join(FAMILIES), help=f"comma-separated row families among {','.join(FAMILIES)} (the dense row always runs)")
+    parser.add_argument("--distill-steps", type=int, default=None, help="optimizer steps of each distillation fit (default 300; --quick: 60)")
+    parser.add_argument("--distill-batch", type=int, default=8, help="windows of 128 tokens per distillation step")
+    parser.add_argument("--distill-lr", type=float, default=2e-4, help="peak AdamW lr of the distillation fits (warm-up 10%%, cosine to 10%%)")
     parser.add_argument("--out", type=Path, default=Path("out/quality"))
     args = parser.parse_args(argv)
+    families = tuple(f.strip() for f in args.only.split(",") if f.strip())
+    unknown = sorted(set(families) - set(FAMILIES))
+    if unknown:
+        parser.error(f"--only: unknown families {unknown}; choose among {list(FAMILIES)}")
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     args.batch_size = args.batch_size or (64 if args.device.type == "cuda" else 8)
+    args.distill_steps = args.distill_steps or (60 if args.quick else 300)
     max_tokens = args.max_tokens if args.max_tokens is not None else (8192 if args.quick else None)
     n_calib = args.calib_samples or (64 if args.quick else 128)
     torch.set_grad_enabled(False)
 
     tokenizer = load_tokenizer()
     heldout = heldout_ids(tokenizer, args.heldout, args.data, max_tokens, args.cache)
-    calibration = calibration_blocks(tokenizer, None, n_calib, args.seq_len, seed=0)
-    rows = build_rows(args.stun_experts, args.investigate)
+    calibrations = {"mixed": calibration_blocks(tokenizer, None, n_calib, args.seq_len, seed=0)}
+    math_source = "-"
+    if "task" in families:
+        calibrations["math"], math_source = math_calibration(tokenizer, args.data, n_calib, args.seq_len)
+    rows = build_rows(args.stun_experts, args.investigate, families)
     args.out.mkdir(parents=True, exist_ok=True)
+    suffix = "" if set(families) == set(FAMILIES) else "_" + "_".join(families)
     for spec in args.model or ["shipped"]:
         name = "shipped" if spec == "shipped" else Path(spec).resolve().name if Path(spec).name != "model" else Path(spec).resolve().parent.name
         dense = load_model(spec, args.device)
         title = (f"{name}: {sum(p.numel() for p in dense.parameters()) / 1e6:.1f} M parameters, held-out {args.heldout} "
                  f"({', '.join(f'{d} {len(t)}' for d, t in heldout.items())} tokens), {n_calib} x {args.seq_len} calibration tokens, {args.device.type}")
+        if "task" in families:
+            title += f"; math calibration: {math_source}"
+        if "distill" in families:
+            title += f"; distillation: {args.distill_steps} steps of {args.distill_batch} x 128 tokens, lr {args.distill_lr:g}"
         results, start = [], time.perf_counter()
         for row in rows:
-            results.append(run_row(dense, row, calibration, heldout, args))
+            results.append(run_row(dense, row, calibrations, heldout, args))
             r = results[-1]
             print(f"[{name} {time.perf_counter() - start:5.0f}s] {row.group:<18} {row.method:<42} total {r.total_sparsity:6.1%} ppl "
-                  + " ".join(f"{d} {p:8.2f}" for d, p in r.ppl.items()) + f"  acc {r.accuracy:.3f}", flush=True)
+                  + " ".join(f"{d} {p:8.2f}" for d, p in r.ppl.items()) + f"  acc {r.accuracy:.3f}  ({r.seconds:.0f}s)", flush=True)
             # Written after every row, so a run stopped at a time limit keeps what it measured.
-            text = markdown(results, title) + "\n\nSTUN's claim (mean perplexity over domains; dense " + f"{results[0].mean_ppl:.2f}):\n\n" + claim_table(results, args.stun_experts) + "\n"
-            (args.out / f"quality_{name}.md").write_text(text)
-            write_csv(results, args.out / f"quality_{name}.csv", name)
+            text = report_text(results, title, args.stun_experts)
+            (args.out / f"quality_{name}{suffix}.md").write_text(text)
+            write_csv(results, args.out / f"quality_{name}{suffix}.csv", name)
         print("\n" + text, flush=True)
-        print(f"{name}: {len(rows)} rows in {time.perf_counter() - start:.0f}s; wrote {args.out}/quality_{name}.md and .csv", flush=True)
+        print(f"{name}: {len(rows)} rows in {time.perf_counter() - start:.0f}s; wrote {args.out}/quality_{name}{suffix}.md and .csv", flush=True)
 
 
 if __name__ == "__main__":
