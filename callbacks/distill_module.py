@@ -98,7 +98,8 @@ class StunDistillModule(LightningModule):
         student: the model (module, ``"tiny:<family>"`` or a ``from_pretrained`` path). A
             :class:`~stun_lightning.callbacks.StunCallback` prunes it at fit start.
         teacher: ``"copy"`` (a frozen copy of the student taken here, before any pruning), a model
-            or path, or None for no distillation.
+            or path, or None for no distillation. A model passed in is used as is, not copied (a
+            teacher can be tens of GB): it is frozen and, with ``teacher_dtype``, cast in place.
         expert_map: per MoE layer, the teacher index of every student expert; default the
             StunCallback's kept experts, or the identity when nothing was removed.
         ce_weight / expert_weight / logit_kl_weight / block_weight / temperature: loss weights
