@@ -574,7 +574,7 @@ def main(argv=None) -> None:
         print(method_table(methods, args.expert_sparsity))
         print(
             "\nMoE-block / router passes: forward calls of every MoE block / router over the calibration set, summed over layers, "
-            "counted by hooks (includes the routing pass prune() makes before REAP, UNCURL, NAEE and EEP run their own). "
+            "counted by hooks (REAP shares the one statistics pass; UNCURL, NAEE and EEP run their own passes only). "
             "NAEE re-runs only the router per subset (each expert's output is computed once per batch), hence its router passes. "
             "EEP's rows run 8 evaluations; the note extrapolates the official 400."
         )
