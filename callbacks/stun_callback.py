@@ -56,6 +56,7 @@ from stun_lightning.surgery import apply_top_k, sync_config
 from stun_lightning.structured import apply_expert_sets, needs_calibration, resize_experts, select_experts
 
 from .resume import callback_state_in, intercept_on_load_checkpoint
+from .strategy_checks import check_strategy
 
 STATE_VERSION = 1
 
@@ -169,30 +170,7 @@ class StunCallback(Callback):
         )
         if self.save_dir and Path(self.save_dir).exists() and not self.overwrite:
             raise FileExistsError(f"save_dir {self.save_dir} already exists; choose another path or pass overwrite=True")
-        self._check_strategy(trainer)
-
-    @staticmethod
-    def _check_strategy(trainer: Trainer) -> None:
-        """Refuse strategies whose parameter layout the masks cannot reach, naming what works."""
-        strategy = trainer.strategy
-        name = type(strategy).__name__
-        if name == "ModelParallelStrategy":
-            if strategy.root_device.type != "cuda":
-                raise RuntimeError(
-                    "StunCallback: ModelParallelStrategy (FSDP2) needs CUDA GPUs and none is in use here; on CPU use "
-                    "strategy='ddp' (devices=N, accelerator='cpu'), or run on GPUs"
-                )
-            raise NotImplementedError(
-                "StunCallback does not yet write masks into FSDP2's DTensor shards (ModelParallelStrategy); use "
-                "strategy='ddp' while the model, its teacher and optimizer state fit on one GPU"
-            )
-        if name == "FSDPStrategy":
-            raise RuntimeError(
-                "StunCallback: FSDPStrategy (FSDP1) flattens parameters, so masks cannot reach every rank's shard; use "
-                "strategy='ddp' (FSDP2 through ModelParallelStrategy is planned, issue 13)"
-            )
-        if "DeepSpeed" in name:
-            raise RuntimeError(f"StunCallback: {name} partitions the expert tensors, which masks cannot follow; use strategy='ddp'")
+        check_strategy(trainer)
 
     def _final_sparsity(self, model: nn.Module) -> float:
         if self.schedule.final is not None:
