@@ -174,25 +174,30 @@ def test_kernel_matches_reference_on_gpu(shape, tokens, dtype):
 
 
 @cuda
-@pytest.mark.parametrize("shape", [(8, 2 * 96, 512, 2), (4, 40, 76, 3)])
+@pytest.mark.parametrize("shape", [(8, 2 * 96, 512, 2), (4, 40, 76, 3), (6, 24, 40, 2)])
 def test_every_autotuner_candidate_is_correct_on_gpu(shape):
-    """The autotuner may pick any candidate on some shape: each must compute the same product."""
+    """The autotuners may pick any candidate on some shape: each must compute the same product."""
+    from stun_lightning.sparse import triton_decode
     from stun_lightning.sparse.experts import block_m_for
-    from stun_lightning.sparse.triton_kernel import DECODE_CONFIGS, PREFILL_CONFIGS, launch_grouped_mm
+    from stun_lightning.sparse.triton_kernel import DECODE_CONFIGS, PREFILL_CONFIGS, launch_grouped_mm, rows_bucket_for
 
     num_experts, n, k, top_k = shape
     torch.manual_seed(0)
     values, meta = compress_24(mask_24(torch.randn(num_experts, n, k, device="cuda")).bfloat16())
-    for tokens, configs in ((3, DECODE_CONFIGS), (200, PREFILL_CONFIGS)):
+    for tokens, configs in ((3, DECODE_CONFIGS), (200, PREFILL_CONFIGS), (600, PREFILL_CONFIGS)):
         x = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16)
         index = torch.stack([torch.randperm(num_experts, device="cuda")[:top_k] for _ in range(tokens)])
         block_m = block_m_for(tokens * top_k, num_experts)
         ids, block_expert = align_pairs(index, num_experts, block_m)
         ref = grouped_mm_reference(x.double(), values.double(), meta, ids, block_expert, top_k, block_m)
-        for config in configs:
-            out = launch_grouped_mm(x, values, meta, ids, block_expert, top_k, block_m, config=config)
+        runs = [lambda c=c: launch_grouped_mm(x, values, meta, ids, block_expert, top_k, block_m, config=c) for c in configs]
+        if block_m <= 16 and triton_decode.fits(values):  # K % 8 == 0: the CUDA-core decode kernel too
+            bucket = rows_bucket_for(tokens * top_k, num_experts)
+            runs += [lambda c=c: triton_decode.launch_decode(x, values, meta, ids, block_expert, top_k, block_m, bucket, config=c) for c in triton_decode.CONFIGS]
+        for run in runs:
+            out = run()
             err = ((out.double() - ref).norm() / ref.norm()).item()
-            assert err < 1e-2, (config, err)
+            assert err < 1e-2, err
 
 
 @cuda

@@ -39,9 +39,10 @@ def is_sparse24(experts: torch.nn.Module) -> bool:
 
 
 def block_m_for(num_pairs: int, num_experts: int) -> int:
-    """Rows per block: 16 (the smallest tensor-core tile) while experts see few tokens, else 64."""
+    """Rows per block: 16 (the smallest tensor-core tile) while experts see few tokens, 64 up to 128
+    tokens per expert, then 128 (faster at 2048-token prefill on an H100: sparse_kernels_h100.md)."""
     per_expert = num_pairs / max(1, min(num_experts, num_pairs))
-    return 16 if per_expert <= 16 else 64
+    return 16 if per_expert <= 16 else 64 if per_expert < 128 else 128
 
 
 def align_pairs(top_k_index: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,21 +1,18 @@
-"""Triton kernel: grouped matmul of routed tokens with 2:4-compressed expert weights.
+"""Triton kernels: grouped matmul of routed tokens with 2:4-compressed expert weights.
 
 One program computes a ``[BLOCK_M, BLOCK_N]`` tile of ``out = A[rows] @ W[e].T`` for one block of
 (token, expert) pairs that all chose expert ``e`` (see :func:`..experts.align_pairs`). Per step of
 ``BLOCK_K`` inputs it streams ``BLOCK_N x BLOCK_K/2`` values and ``BLOCK_N x BLOCK_K/8`` metadata
 bytes, the only weight bytes the expert costs (0.5625 of dense bf16). Blocks past the routed
 experts exit at once, so the grid has a static size (CUDA graphs) while the work follows the
-routing. Two paths, chosen by the autotuner per shape and tokens per expert:
+routing. :func:`launch_grouped_mm` picks one of two kernels:
 
-* tensor cores (``USE_DOT``): each step is expanded to a dense ``[BLOCK_N, BLOCK_K]`` tile in
-  registers (two selects per position) and fed to ``tl.dot``. Prefill runs dense tensor-core math
-  (Triton exposes no sparse ``mma.sp``), so it cannot beat dense there.
-* FMA (decode, ``ROWS`` tokens per pass): ``v0 * x[4g + i0] + v1 * x[4g + i1]`` straight from the
-  compressed values, with no dense tile and no shared-memory round trip.
-
-Measured on an H100 (benchmarks/results/sparse_decode_h100.md) before the FMA path and the
-``num_stages=3`` candidates were added: decode 1.03-1.24x the compiled dense ``grouped_mm`` layer,
-kernels at 0.31-0.55 of the 2:4 byte floor; prefill 0.34-0.77x dense.
+* decode (:mod:`.triton_decode`): while the routed experts see one token each on average
+  (bf16, inputs % 8 == 0), a CUDA-core kernel that multiplies straight from the compressed
+  values, with no dense tile;
+* tensor cores (here): each step is expanded to a dense ``[BLOCK_N, BLOCK_K]`` tile in registers
+  and fed to ``tl.dot``. Prefill therefore runs dense tensor-core math (Triton exposes no sparse
+  ``mma.sp``) and cannot beat a dense kernel there.
 """
 
 from __future__ import annotations
@@ -24,28 +21,29 @@ import torch
 import triton
 import triton.language as tl
 
-def _config(block_n: int, block_k: int, warps: int, prefetch: bool = True, rows: int = 0, stages: int = 1) -> triton.Config:
-    """``rows=0``: tensor-core path; ``rows=R``: FMA path, R tokens of a block per pass."""
-    kwargs = {"BLOCK_N": block_n, "BLOCK_K": block_k, "PREFETCH": prefetch, "USE_DOT": rows == 0, "ROWS": max(rows, 1)}
-    return triton.Config(kwargs, num_warps=warps, num_stages=stages)
+from . import triton_decode
+
+#: the CUDA-core decode kernel serves calls whose pairs per touched expert round up to at most
+#: this; from two tokens per expert the tensor-core kernel was faster on an H100
+#: (benchmarks/results/sparse_kernels_h100.md: Mixtral gate_up at 8 tokens 581 vs 753 us; at one
+#: token per expert the decode kernel wins: Mixtral 1 token 117 vs 163 us, Qwen3 8 tokens 98 vs 120 us)
+DECODE_MAX_ROWS = 1
 
 
-# Candidates checked offline with Triton 3.6 for sm_90 (ptxas: no spills; no compiler crash, which
-# BLOCK_N=128 with 4 warps on the tensor-core path triggers); the autotuner picks per
-# (N, K, BLOCK_M, pairs per expert). Tensor-core path: num_stages=3 lets Triton stream the weight
-# tiles through shared memory with cp.async; PREFETCH instead holds the next K step in registers
-# (num_stages=1 ones were measured on an H100). FMA path (rows=R): decode with few tokens per expert,
-# no dense tile and no shared-memory round trip.
+def _config(block_n: int, block_k: int, warps: int, prefetch: bool = True, stages: int = 1) -> triton.Config:
+    return triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k, "PREFETCH": prefetch}, num_warps=warps, num_stages=stages)
+
+
+# Candidates checked with Triton 3.6 for sm_90 (no spills; BLOCK_N=128 with 4 warps crashes the
+# compiler); the autotuner picks per (N, K, BLOCK_M, pairs per expert). num_stages=3 streams the
+# weight tiles through shared memory with cp.async; PREFETCH holds the next K step in registers.
 DECODE_CONFIGS = [
     _config(16, 128, 4, prefetch=False, stages=3), _config(16, 256, 4, prefetch=False, stages=3),
     _config(32, 128, 8, prefetch=False, stages=3), _config(64, 64, 8, prefetch=False, stages=3),
-    _config(64, 64, 8), _config(32, 128, 8), _config(16, 128, 4),  # the measured winners (H100, see below)
-    _config(16, 256, 4, rows=1), _config(32, 128, 4, rows=1), _config(16, 512, 4, rows=1),
-    _config(16, 128, 4, rows=4), _config(32, 128, 4, rows=4),
+    _config(64, 64, 8), _config(32, 128, 8), _config(16, 128, 4),
 ]
 PREFILL_CONFIGS = [
-    _config(64, 64, 8),  # the measured winner at 2048 tokens (0.34x dense on Mixtral shapes)
-    _config(64, 64, 8, prefetch=False, stages=3), _config(128, 32, 8, prefetch=False, stages=3),
+    _config(64, 64, 8), _config(64, 64, 8, prefetch=False, stages=3), _config(128, 32, 8, prefetch=False, stages=3),
     _config(128, 64, 8, prefetch=False, stages=3), _config(64, 64, 4, prefetch=False, stages=3),
     _config(64, 32, 4, prefetch=False, stages=3),
 ]
@@ -99,36 +97,12 @@ def _step(acc, a_ptrs, valid, offs_k, k0, K, v, m, BLOCK_N: tl.constexpr, BLOCK_
 
 
 @triton.jit
-def _fma_step(acc3, x_ptrs, ok_r, offs_k, k0, K, v, m, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
-    """``acc3[r, n, g] += v0[n, g] * x[r, 4g + i0] + v1[n, g] * x[r, 4g + i1]``: no dense tile, no tensor cores."""
-    if EVEN_K:
-        x = tl.load(x_ptrs + k0, mask=ok_r[:, None], other=0.0)
-    else:
-        x = tl.load(x_ptrs + k0, mask=ok_r[:, None] & (offs_k[None, :] < K - k0), other=0.0)
-    x = x.to(tl.float32)
-    x02, x13 = tl.split(tl.reshape(x, (ROWS, BLOCK_K // 4, 2, 2)))
-    x0, x2 = tl.split(x02)
-    x1, x3 = tl.split(x13)
-    nib = tl.reshape(tl.join(m & 0xF, m >> 4), (BLOCK_N, BLOCK_K // 4))
-    i0 = (nib & 3)[None, :, :]
-    i1 = (nib >> 2)[None, :, :]
-    v0, v1 = tl.split(tl.reshape(v, (BLOCK_N, BLOCK_K // 4, 2)))
-    x0 = x0[:, None, :]
-    x1 = x1[:, None, :]
-    x2 = x2[:, None, :]
-    x3 = x3[:, None, :]
-    first = tl.where(i0 == 0, x0, tl.where(i0 == 1, x1, x2))
-    second = tl.where(i1 == 1, x1, tl.where(i1 == 2, x2, x3))
-    return acc3 + v0.to(tl.float32)[None, :, :] * first + v1.to(tl.float32)[None, :, :] * second
-
-
-@triton.jit
 def sparse24_grouped_mm_kernel(
     a_ptr, v_ptr, m_ptr, ids_ptr, be_ptr, c_ptr,
     N, K, n_pairs, rows_per_a, rows_bucket,
     stride_am, stride_ve, stride_vn, stride_me, stride_mn, stride_cm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
-    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PREFETCH: tl.constexpr, USE_DOT: tl.constexpr, ROWS: tl.constexpr,
+    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """``rows_bucket`` (pairs per touched expert, rounded to a power of two) only keys the autotuner."""
     pid_m = tl.program_id(0)
@@ -150,49 +124,23 @@ def sparse24_grouped_mm_kernel(
     half_k = K // 2
     meta_k = (K + 7) // 8
     last = (K - 1) // BLOCK_K * BLOCK_K
-    if USE_DOT:
-        # expand each K step to a dense tile and use the tensor cores (prefill, many tokens per expert)
-        row = tl.where(valid, pair // rows_per_a, 0).to(tl.int64)
-        a_ptrs = a_ptr + row[:, None] * stride_am + offs_k[None, :]
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if PREFETCH:
-            v, m = _load_w(v_ptrs, m_ptrs, n_ok, offs_v, offs_q, 0, half_k, meta_k, BLOCK_K, EVEN_K, EVEN_N)
-            for k0 in range(BLOCK_K, K, BLOCK_K):
-                v_next, m_next = _load_w(v_ptrs, m_ptrs, n_ok, offs_v, offs_q, k0, half_k, meta_k, BLOCK_K, EVEN_K, EVEN_N)
-                acc = _step(acc, a_ptrs, valid, offs_k, k0 - BLOCK_K, K, v, m, BLOCK_N, BLOCK_K, EVEN_K, IEEE)
-                v = v_next
-                m = m_next
-            acc = _step(acc, a_ptrs, valid, offs_k, last, K, v, m, BLOCK_N, BLOCK_K, EVEN_K, IEEE)
-        else:
-            for k0 in range(0, K, BLOCK_K):
-                v, m = _load_w(v_ptrs, m_ptrs, n_ok, offs_v, offs_q, k0, half_k, meta_k, BLOCK_K, EVEN_K, EVEN_N)
-                acc = _step(acc, a_ptrs, valid, offs_k, k0, K, v, m, BLOCK_N, BLOCK_K, EVEN_K, IEEE)
-        c_ptrs = c_ptr + pair[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
-        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
+    row = tl.where(valid, pair // rows_per_a, 0).to(tl.int64)
+    a_ptrs = a_ptr + row[:, None] * stride_am + offs_k[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if PREFETCH:  # hold the next K step's weight tile in registers while this one is multiplied
+        v, m = _load_w(v_ptrs, m_ptrs, n_ok, offs_v, offs_q, 0, half_k, meta_k, BLOCK_K, EVEN_K, EVEN_N)
+        for k0 in range(BLOCK_K, K, BLOCK_K):
+            v_next, m_next = _load_w(v_ptrs, m_ptrs, n_ok, offs_v, offs_q, k0, half_k, meta_k, BLOCK_K, EVEN_K, EVEN_N)
+            acc = _step(acc, a_ptrs, valid, offs_k, k0 - BLOCK_K, K, v, m, BLOCK_N, BLOCK_K, EVEN_K, IEEE)
+            v = v_next
+            m = m_next
+        acc = _step(acc, a_ptrs, valid, offs_k, last, K, v, m, BLOCK_N, BLOCK_K, EVEN_K, IEEE)
     else:
-        # decode: only the block's real rows, ROWS at a time, straight from the compressed values
-        n_valid = tl.sum(valid.to(tl.int32), axis=0)
-        offs_r = tl.arange(0, ROWS)
-        for r0 in range(0, n_valid, ROWS):
-            ok_r = r0 + offs_r < n_valid
-            pair_r = tl.load(ids_ptr + pid_m * BLOCK_M + r0 + offs_r, mask=ok_r, other=0)
-            x_ptrs = a_ptr + (pair_r // rows_per_a).to(tl.int64)[:, None] * stride_am + offs_k[None, :]
-            acc3 = tl.zeros((ROWS, BLOCK_N, BLOCK_K // 4), dtype=tl.float32)
-            if PREFETCH:
-                v, m = _load_w(v_ptrs, m_ptrs, n_ok, offs_v, offs_q, 0, half_k, meta_k, BLOCK_K, EVEN_K, EVEN_N)
-                for k0 in range(BLOCK_K, K, BLOCK_K):
-                    v_next, m_next = _load_w(v_ptrs, m_ptrs, n_ok, offs_v, offs_q, k0, half_k, meta_k, BLOCK_K, EVEN_K, EVEN_N)
-                    acc3 = _fma_step(acc3, x_ptrs, ok_r, offs_k, k0 - BLOCK_K, K, v, m, ROWS, BLOCK_N, BLOCK_K, EVEN_K)
-                    v = v_next
-                    m = m_next
-                acc3 = _fma_step(acc3, x_ptrs, ok_r, offs_k, last, K, v, m, ROWS, BLOCK_N, BLOCK_K, EVEN_K)
-            else:
-                for k0 in range(0, K, BLOCK_K):
-                    v, m = _load_w(v_ptrs, m_ptrs, n_ok, offs_v, offs_q, k0, half_k, meta_k, BLOCK_K, EVEN_K, EVEN_N)
-                    acc3 = _fma_step(acc3, x_ptrs, ok_r, offs_k, k0, K, v, m, ROWS, BLOCK_N, BLOCK_K, EVEN_K)
-            acc = tl.sum(acc3, axis=2)
-            c_ptrs = c_ptr + pair_r[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
-            tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=ok_r[:, None] & n_ok[None, :])
+        for k0 in range(0, K, BLOCK_K):
+            v, m = _load_w(v_ptrs, m_ptrs, n_ok, offs_v, offs_q, k0, half_k, meta_k, BLOCK_K, EVEN_K, EVEN_N)
+            acc = _step(acc, a_ptrs, valid, offs_k, k0, K, v, m, BLOCK_N, BLOCK_K, EVEN_K, IEEE)
+    c_ptrs = c_ptr + pair[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
 
 
 def _even(args) -> dict:
@@ -208,19 +156,31 @@ decode_kernel = _autotuned(DECODE_CONFIGS)
 prefill_kernel = _autotuned(PREFILL_CONFIGS)
 
 
+def rows_bucket_for(n_pairs: int, num_experts: int) -> int:
+    """Pairs per touched expert, rounded up to a power of two (at most 64): the autotuners' key."""
+    return min(64, triton.next_power_of_2(max(1, -(-n_pairs // max(1, min(num_experts, n_pairs))))))
+
+
+def uses_decode_kernel(values: torch.Tensor, n_pairs: int, block_m: int) -> bool:
+    """Whether :func:`launch_grouped_mm` runs :mod:`.triton_decode` for this call."""
+    return block_m <= 16 and rows_bucket_for(n_pairs, values.shape[0]) <= DECODE_MAX_ROWS and triton_decode.fits(values)
+
+
 def launch_grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a: int, block_m: int, *, wrap: bool = False, config: dict | triton.Config | None = None):
-    """Run the kernel; ``config`` (a ``triton.Config`` or a dict with ``BLOCK_N``, ``BLOCK_K`` and
-    optional ``PREFETCH`` / ``USE_DOT`` / ``ROWS``) skips autotuning (tests, the interpreter)."""
+    """Run the decode or the tensor-core kernel; ``config`` (a ``triton.Config`` or a dict with
+    ``BLOCK_N``, ``BLOCK_K`` and optional ``PREFETCH``) runs the tensor-core kernel without autotuning."""
     a = a.contiguous()
     num_experts, n, half_k = values.shape
     k = half_k * 2
     if a.shape[-1] != k:
         raise ValueError(f"activations have {a.shape[-1]} features but the compressed weight has {k} inputs")
     n_pairs = a.shape[0] * rows_per_a
+    rows_bucket = rows_bucket_for(n_pairs, num_experts)
+    if config is None and uses_decode_kernel(values, n_pairs, block_m):
+        return triton_decode.launch_decode(a, values, meta, sorted_ids, block_expert, rows_per_a, block_m, rows_bucket, wrap=wrap)
     out = torch.empty((n_pairs, n), dtype=a.dtype, device=a.device)
     n_blocks = block_expert.numel()
-    rows_bucket = triton.next_power_of_2(max(1, -(-n_pairs // max(1, min(num_experts, n_pairs)))))
-    args = (a, values, meta, sorted_ids, block_expert, out, n, k, n_pairs, rows_per_a, min(rows_bucket, 64),
+    args = (a, values, meta, sorted_ids, block_expert, out, n, k, n_pairs, rows_per_a, rows_bucket,
             a.stride(0), values.stride(0), values.stride(1), meta.stride(0), meta.stride(1), out.stride(0))
     ieee = a.dtype == torch.float32
     if config is None:
@@ -236,8 +196,6 @@ def launch_grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a: int
         grid = (n_blocks, triton.cdiv(n, config["BLOCK_N"]))
         extra = dict(config, EVEN_K=k % config["BLOCK_K"] == 0, EVEN_N=n % config["BLOCK_N"] == 0, **launch)
         extra.setdefault("PREFETCH", True)
-        extra.setdefault("USE_DOT", True)
-        extra.setdefault("ROWS", 1)
     if wrap:
         kernel = torch.library.wrap_triton(kernel)
     kernel[grid](*args, BLOCK_M=block_m, IEEE=ieee, **extra)
