@@ -15,6 +15,7 @@ from stun_lightning.schedule import SparsitySchedule
 
 from .datamodule import StunDataModule
 from .distill_module import StunDistillModule, merge_lora
+from .strategy_checks import FSDP2Strategy
 from .stun_callback import StunCallback
 
-__all__ = ["SparsitySchedule", "StunCallback", "StunDataModule", "StunDistillModule", "merge_lora"]
+__all__ = ["FSDP2Strategy", "SparsitySchedule", "StunCallback", "StunDataModule", "StunDistillModule", "merge_lora"]

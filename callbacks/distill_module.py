@@ -14,8 +14,18 @@ Memory: teacher and student on one GPU cost the student's weights, gradients and
 plus the teacher's weights (half the student's in bf16 when the student trains in fp32) and one
 batch of the teacher's activations (no autograd graph). To put the teacher elsewhere pass
 ``teacher_device`` ("cuda:1", or "cpu" to trade speed for memory); inputs go there and the
-captured outputs come back. Under FSDP keep the teacher outside the sharded module, as here
-(sharding a frozen teacher with the student saves nothing: lightning #20138, pytorch #104690).
+captured outputs come back.
+
+FSDP2 (``ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1)`` or
+:class:`~stun_lightning.callbacks.FSDP2Strategy`): ``configure_model`` shards the student per decoder
+layer over the data-parallel mesh (``stun_lightning.sharding``) after the StunCallback's structured
+phase, and the teacher the same way as its own FSDP2 model: frozen, no gradients, never in the
+optimizer or the checkpoint, its gathered weights freed after each forward. ``teacher_device``
+keeps it whole on that device instead (e.g. ``"cpu"``). Models built on the ``meta`` device get
+storage after sharding (each rank only its shard) and are initialised by :meth:`init_meta_weights`.
+Under sharding the teacher runs before the student and the expert-wise term is computed inside each
+student layer's forward (``stun_lightning.distill.InForwardExpertMSE``), while that layer's
+weights are gathered. LoRA is not supported with FSDP2.
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ from torch import nn
 from stun_lightning.adapters import get_adapter, moe_layers
 from stun_lightning.distill import (
     DistillWeights,
+    InForwardExpertMSE,
     MoECapture,
     block_mse,
     check_expert_map,
@@ -41,6 +52,9 @@ from stun_lightning.distill import (
     init_expert_lambda,
     logit_kl,
 )
+from stun_lightning.sharding import is_sharded, materialize, reshard, shard_decoder_layers
+
+from .strategy_checks import data_parallel_mesh
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, None: None}
 
@@ -174,6 +188,7 @@ class StunDistillModule(LightningModule):
         # lambda lives in the checkpoint so a resumed fit keeps the value of the first step
         self.register_buffer("expert_lambda", torch.tensor(float("nan") if expert_weight is None else expert_weight))
         self._captures: tuple[MoECapture, MoECapture] | None = None
+        self._in_forward: InForwardExpertMSE | None = None
         self._val_nll = self._val_tokens = None
         self.last_losses: dict[str, torch.Tensor] = {}  # terms of the latest training step (detached)
 
@@ -182,12 +197,34 @@ class StunDistillModule(LightningModule):
         return self._teacher_box[0]
 
     def configure_model(self) -> None:
-        """LoRA goes on after the StunCallback's structured phase (callback ``setup`` runs first)."""
+        """LoRA goes on, or FSDP2 shards the models, after the StunCallback's structured phase
+        (callback ``setup`` runs first)."""
+        mesh = getattr(self, "_device_mesh", None)  # set by ModelParallelStrategy only
+        if mesh is not None:
+            self._shard(mesh)
+            return
         if self.lora and not hasattr(self.student, "peft_config"):
             from peft import LoraConfig, get_peft_model
 
             # peft's ParamWrappers around mlp.experts are looked through by stun_lightning.adapters
             self.student = get_peft_model(self.student, LoraConfig(**self.lora))
+
+    def _shard(self, mesh) -> None:
+        if self.lora:
+            raise ValueError("StunDistillModule(lora=...) is not supported with FSDP2 (ModelParallelStrategy); use strategy='ddp' for LoRA")
+        dp = data_parallel_mesh(mesh)
+        device = self.trainer.strategy.root_device
+        models = [self.student] + ([self.teacher] if self.teacher is not None and self.teacher_device is None else [])
+        for model in models:
+            if not is_sharded(model):
+                shard_decoder_layers(model, dp)
+            materialize(model, device, self.init_meta_weights)
+
+    def init_meta_weights(self, model: nn.Module) -> None:
+        """Initialise a model built on the ``meta`` device once FSDP2 has given it storage (override to
+        load real weights; the default is transformers' random ``init_weights``, so a ``"copy"``
+        teacher of a meta student gets its own random weights, not the student's)."""
+        model.init_weights()
 
     # ------------------------------------------------------------------ distillation plumbing
 
@@ -221,7 +258,8 @@ class StunDistillModule(LightningModule):
     def on_fit_start(self) -> None:
         if self.teacher is None:
             return
-        self.teacher.to(self.teacher_device or self.device)
+        if not is_sharded(self.teacher):
+            self.teacher.to(self.teacher_device or self.device)
         expert_map = self._resolve_expert_map()
         check_expert_map(self._student_model(), self.teacher, expert_map)
         self.expert_map = expert_map
@@ -230,35 +268,51 @@ class StunDistillModule(LightningModule):
             MoECapture(self._student_model(), detach=False, block_outputs=blocks),
             MoECapture(self.teacher, detach=True, block_outputs=blocks),
         )
+        if is_sharded(self._student_model()):
+            self._in_forward = InForwardExpertMSE(*self._captures, expert_map)
 
     def on_fit_end(self) -> None:
         if self._captures is not None:
             for c in self._captures:
                 c.close()
             self._captures = None
+            self._in_forward = None
 
     # ------------------------------------------------------------------ steps
 
     def forward(self, input_ids: torch.Tensor, **kwargs):
         return self.student(input_ids=input_ids, **kwargs)
 
+    def _teacher_forward(self, batch: dict[str, torch.Tensor]):
+        t_dev = self.device if is_sharded(self.teacher) else next(self.teacher.parameters()).device
+        mask = batch.get("attention_mask")
+        with torch.inference_mode():
+            out = self.teacher(input_ids=batch["input_ids"].to(t_dev), attention_mask=None if mask is None else mask.to(t_dev))
+        if is_sharded(self.teacher):
+            reshard(self.teacher)  # no backward will free the root's gathered weights
+        return out
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         ids = batch["input_ids"]
         labels = batch.get("labels", ids)
         distil = self.teacher is not None and self._captures is not None
+        want_expert = self.expert_lambda.isnan() or float(self.expert_lambda) > 0
+        t_out = None
         if distil:
             s_cap, t_cap = self._captures
             s_cap.clear()
             t_cap.clear()
+            if self._in_forward is not None:  # sharded: targets first, the student adds its terms in its forward
+                self._in_forward.enabled = bool(want_expert)
+                t_out = self._teacher_forward(batch)
         out = self.student(input_ids=ids, attention_mask=batch.get("attention_mask"), labels=labels)
         ce = out.loss
         expert = kl = block = None
         if distil:
-            t_dev = next(self.teacher.parameters()).device
-            with torch.inference_mode():
-                t_out = self.teacher(input_ids=ids.to(t_dev), attention_mask=None if batch.get("attention_mask") is None else batch["attention_mask"].to(t_dev))
-            if self.expert_lambda.isnan() or float(self.expert_lambda) > 0:
-                expert = expert_mse(s_cap, t_cap, self.expert_map)
+            if t_out is None:
+                t_out = self._teacher_forward(batch)
+            if want_expert:
+                expert = self._in_forward.loss(ce.device) if self._in_forward is not None else expert_mse(s_cap, t_cap, self.expert_map)
             if self.weights.logit_kl > 0:
                 kl = logit_kl(out.logits, t_out.logits, self.weights.temperature)
             if self.weights.block > 0:

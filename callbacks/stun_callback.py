@@ -25,16 +25,13 @@ When, in Lightning's order of a fit:
   :class:`stun_lightning.PruneReport` logged through the trainer's loggers and written next to the
   logs; the model saved with ``save_pruned`` when ``save_dir`` is set.
 
-Limits: single-device and DDP. Under DDP the structured phase's calibration is split across ranks
-and its statistics all-reduced (``stun_lightning.distributed``), rank 0's expert sets are broadcast
-and adopted by every rank, and mask statistics are summed over ranks, so every rank holds the same
-expert sets and masks. Sharded strategies (FSDP, FSDP2 via ModelParallelStrategy, DeepSpeed) shard
-the expert tensors and are refused at ``setup`` with the fix named.
+Strategies: single device, DDP and FSDP2 (``ModelParallelStrategy``, ``FSDP2Strategy``); every
+rank ends with the same expert sets and masks. How each is handled, resume of sharded checkpoints
+included: ``callbacks/strategy_checks.py``. FSDP1 and DeepSpeed are refused at ``setup``.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -52,13 +49,20 @@ from stun_lightning.masks import InvalidSparsityError, parse_pattern
 from stun_lightning.recipe import StunRecipe
 from stun_lightning.report import ModelCensus, PruneReport
 from stun_lightning.schedule import InvalidScheduleError, SparsitySchedule, check_training_schedule
-from stun_lightning.surgery import apply_top_k, sync_config
-from stun_lightning.structured import apply_expert_sets, needs_calibration, resize_experts, select_experts
+from stun_lightning.structured import apply_expert_sets, needs_calibration, select_experts
 
-from .resume import callback_state_in, intercept_on_load_checkpoint
+from .final_model import log_report, save_final_model
+from .resume import (
+    callback_state_in,
+    check_expert_sets_before_load,
+    dump_state,
+    intercept_on_load_checkpoint,
+    intercept_strategy_load,
+    rebuild_expert_sets,
+    restore_state,
+)
 from .strategy_checks import check_strategy
 
-STATE_VERSION = 1
 
 
 class StunCallback(Callback):
@@ -126,6 +130,7 @@ class StunCallback(Callback):
         self._stats: ActivationStats | None = None
         self._handles: list = []
         self._undo_wrap = None
+        self._undo_load_check = None
         self._seconds: dict[str, float] = {}
         self._seen_step = -1
         self._pending_stats: dict | None = None
@@ -204,6 +209,8 @@ class StunCallback(Callback):
                 self._replay(trainer, model, state)
             else:
                 self._structured_phase(trainer, model)
+        if trainer.strategy.restore_checkpoint_after_setup and self._undo_load_check is None:
+            self._undo_load_check = intercept_strategy_load(trainer.strategy, self._check_before_sharded_load)
         if trainer.optimizers:  # a second fit: optimizers built before may hold removed tensors
             trainer.strategy.setup_optimizers(trainer)
 
@@ -234,21 +241,11 @@ class StunCallback(Callback):
 
     def _replay(self, trainer: Trainer, model: nn.Module, state: dict) -> None:
         """Give ``model`` the checkpoint's expert sets, before the checkpoint's weights are loaded."""
-        saved = {int(k): list(v) for k, v in state["kept_experts"].items()}
-        top_k = {int(k): int(v) for k, v in state["top_k"].items()}
-        if self.kept_experts == saved:
-            return
-        if self.kept_experts is None:
-            apply_expert_sets(model, saved, lower_top_k=True)
-        else:  # already pruned differently in this process: only shapes matter, weights come from the checkpoint
-            resize_experts(model, {i: len(v) for i, v in saved.items()})
-        apply_top_k(model, top_k)
-        sync_config(model)
-        self.kept_experts = saved
-        self.removed_experts = {int(k): list(v) for k, v in state["removed_experts"].items()}
-        self.top_k = top_k
-        if trainer.optimizers:
-            trainer.strategy.setup_optimizers(trainer)
+        rebuilt = rebuild_expert_sets(model, state, self.kept_experts)
+        if rebuilt is not None:
+            self.kept_experts, self.removed_experts, self.top_k = rebuilt
+            if trainer.optimizers:
+                trainer.strategy.setup_optimizers(trainer)
 
     def _wrap_on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._undo_wrap is not None:
@@ -262,6 +259,9 @@ class StunCallback(Callback):
                 self._replay(trainer, self.target(pl_module), state)
 
         self._undo_wrap = intercept_on_load_checkpoint(pl_module, before_weights_load)
+
+    def _check_before_sharded_load(self, path) -> None:
+        check_expert_sets_before_load(path, callback_state_in(path, self.state_key), self.kept_experts)
 
     # ------------------------------------------------------------------ unstructured phase
 
@@ -405,34 +405,9 @@ class StunCallback(Callback):
             low_token_experts=self.low_token_experts,
             seconds=dict(self._seconds),
         )
-        self._log_report(trainer)
-        if self.save_dir and trainer.is_global_zero:
-            from stun_lightning.serialization import save_pruned
-
-            tokenizer = getattr(trainer.datamodule, "tokenizer", None) if trainer.datamodule is not None else None
-            save_pruned(model, self.save_dir, tokenizer=tokenizer, overwrite=self.overwrite, extra_files={"stun_report.json": self.report.to_json()})
-
-    def _log_report(self, trainer: Trainer) -> None:
-        r = self.report
-        metrics = {
-            "stun/expert_sparsity": r.expert_sparsity,
-            "stun/within_expert_sparsity": r.within_expert_sparsity,
-            "stun/model_sparsity": r.model_sparsity,
-            "stun/experts_removed": float(sum(len(v) for v in r.removed_experts.values())),
-        }
-        for i, s in r.layer_sparsity.items():
-            metrics[f"stun/layer_{i}/sparsity"] = s
-            metrics[f"stun/layer_{i}/experts"] = float(r.experts_after[i])
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
-            logger.log_hyperparams({"stun_removed_experts": json.dumps({str(k): v for k, v in r.removed_experts.items()})})
-            logger.save()
-        if trainer.is_global_zero and trainer.loggers and trainer.log_dir:
-            out = Path(trainer.log_dir)
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "stun_report.json").write_text(r.to_json())
-            (out / "stun_report.md").write_text(r.to_markdown())
-        rank_zero_info("StunCallback report:\n" + r.to_markdown())
+        log_report(trainer, self.report)
+        if self.save_dir:
+            save_final_model(trainer, model, self.save_dir, self.report, self.overwrite)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         for h in self._handles:
@@ -441,6 +416,9 @@ class StunCallback(Callback):
         if self._undo_wrap is not None:
             self._undo_wrap()
             self._undo_wrap = None
+        if self._undo_load_check is not None:
+            self._undo_load_check()
+            self._undo_load_check = None
 
     # ------------------------------------------------------------------ checkpoint state
 
@@ -449,38 +427,10 @@ class StunCallback(Callback):
         return self._generate_state_key(model_attr=self.model_attr)
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "version": STATE_VERSION,
-            "recipe": self.recipe.to_dict(),
-            "kept_experts": self.kept_experts,
-            "removed_experts": self.removed_experts,
-            "top_k": self.top_k,
-            "masks": self.masks.state_dict(),
-            "last_update_step": self.last_update_step,
-            "current_sparsity": self.current_sparsity,
-            "layer_targets": self.layer_targets,
-            "low_token_experts": self.low_token_experts,
-            "schedule": self._resolved.to_dict() if self._resolved else None,
-            # statistics of a window the checkpoint interrupts, so the resumed update sees all of them
-            "open_stats": self._stats.state_dict() if self._stats is not None and self._stats.is_open else None,
-        }
+        return dump_state(self)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        saved = {int(k): list(v) for k, v in state_dict["kept_experts"].items()}
-        if self.kept_experts is not None and self.kept_experts != saved:
-            raise RuntimeError(
-                "the checkpoint's expert sets differ from the model's; they are rebuilt from the module's "
-                "on_load_checkpoint, which this callback wraps at setup: was the callback set up before loading?"
-            )
-        self.kept_experts = saved
-        self.removed_experts = {int(k): list(v) for k, v in state_dict["removed_experts"].items()}
-        self.top_k = {int(k): int(v) for k, v in state_dict["top_k"].items()}
-        self.masks = ExpertMasks.from_state_dict(state_dict["masks"])
-        self.last_update_step = int(state_dict["last_update_step"])
-        self.current_sparsity = float(state_dict["current_sparsity"])
-        self.layer_targets = {int(k): float(v) for k, v in state_dict["layer_targets"].items()}
-        self.low_token_experts = {int(k): list(v) for k, v in state_dict["low_token_experts"].items()}
-        self._pending_stats = state_dict.get("open_stats")
+        restore_state(self, state_dict)
 
     def measured_sparsity(self, pl_module: LightningModule) -> float:
         """Zeros inside the surviving experts, counted from the weights."""

@@ -54,6 +54,7 @@ class MoECapture:
         self.detach = detach
         self.records: dict[int, CapturedLayer] = {}
         self.enabled = True
+        self.on_record = None  # called as on_record(layer index, record) inside the layer's forward
         self._handles = []
         for i, layer in self.layers.items():
             self._handles.append(layer.experts.register_forward_pre_hook(self._on_experts(i)))
@@ -68,6 +69,8 @@ class MoECapture:
             if self.detach:
                 hidden = hidden.detach()
             self.records[i] = CapturedLayer(hidden, index.detach())
+            if self.on_record is not None:
+                self.on_record(i, self.records[i])
 
         return hook
 
@@ -184,6 +187,48 @@ def expert_mse(
     return total
 
 
+class InForwardExpertMSE:
+    """:func:`expert_mse` computed inside each MoE layer's own forward, for models whose expert
+    weights exist whole only then (FSDP2 gathers a decoder layer's shards for its forward and frees
+    them after; autograd then reaches the gathered weights and FSDP2 reduce-scatters their
+    gradients). The teacher must run first: its layer records the targets, the student's layer
+    adds its terms. Same value as ``expert_mse`` on the same records."""
+
+    def __init__(self, student: MoECapture, teacher: MoECapture, expert_map: dict[int, list[int]]):
+        self.student, self.teacher, self.expert_map = student, teacher, expert_map
+        self.enabled = True
+        self._targets: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._total: torch.Tensor | None = None
+        teacher.on_record, student.on_record = self._teacher_layer, self._student_layer
+
+    def clear(self) -> None:
+        self._targets, self._total = {}, None
+
+    def _teacher_layer(self, i: int, rec: CapturedLayer) -> None:
+        if self.enabled:
+            self._targets.update(_teacher_expert_outputs({i: self.teacher.layers[i]}, {i: rec}, self.expert_map))
+
+    def _student_layer(self, i: int, rec: CapturedLayer) -> None:
+        if not self.enabled:
+            return
+        layer = self.student.layers[i]
+        with lora_adapted([layer]):
+            for j in range(len(self.expert_map[i])):
+                if (i, j) not in self._targets:
+                    continue
+                tok, target = self._targets.pop((i, j))
+                tok = tok.clone().to(rec.hidden.device)  # inference tensors cannot be saved for backward
+                pred = layer.adapter.expert_output(layer.experts, j, rec.hidden[tok])
+                term = F.mse_loss(pred.float(), target.clone().to(pred.device).float())
+                self._total = term if self._total is None else self._total + term
+
+    def loss(self, device: torch.device) -> torch.Tensor:
+        """The sum of the terms of the last student forward (zero when no expert was compared)."""
+        total = self._total if self._total is not None else torch.zeros((), device=device)
+        self.clear()
+        return total
+
+
 def block_mse(student: MoECapture, teacher: MoECapture) -> torch.Tensor:
     """Sum over MoE layers of the MSE between the student's and the teacher's MoE block outputs."""
     terms = []
@@ -269,6 +314,7 @@ __all__ = [
     "CapturedLayer",
     "DistillLosses",
     "DistillWeights",
+    "InForwardExpertMSE",
     "MoECapture",
     "block_mse",
     "check_expert_map",

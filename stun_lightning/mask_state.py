@@ -14,6 +14,12 @@ function here so it is tested without a training framework:
 Masks are recomputed by :func:`compute_masks` from the recipe's metric (``stun_lightning.masks``);
 already-masked weights score zero, so masks only grow as the target sparsity rises. Masks cost one
 byte per expert weight in memory; :meth:`ExpertMasks.state_dict` packs them to one bit for checkpoints.
+
+Sharded models (FSDP2, ``stun_lightning.sharding``): masks are always the full ``[E, out, in]``
+tensors, kept on the CPU, identical on every rank; each rank enforces the rows of its own shard
+(:meth:`ExpertMasks.local`, cached on the shard's device) on the local parameter, gradient and
+optimizer state. :func:`compute_masks` gathers one layer's full weights at a time (a collective:
+every rank computes the same masks from the same statistics).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from torch import nn
 from .adapters import MoELayer, moe_layers
 from .calibration import LayerStats
 from .masks import mask_from_scores, nm_sparsity_for, outlier_ratio, owl_allocation, parse_pattern, score
+from .sharding import count_nonzero, full, is_sharded, local_mask, local_view
 
 MATRICES = ("gate_up_proj", "down_proj")
 
@@ -40,6 +47,7 @@ class ExpertMasks:
     """Keep-masks (True = keep) keyed ``"<decoder layer>.<matrix>"``, each ``[E, out, in]`` bool."""
 
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    _local: dict[str, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
 
     def __bool__(self) -> bool:
         return bool(self.masks)
@@ -48,7 +56,26 @@ class ExpertMasks:
         return self.masks.get(_key(layer_index, matrix))
 
     def set(self, layer_index: int, matrix: str, mask: torch.Tensor) -> None:
-        self.masks[_key(layer_index, matrix)] = mask.bool()
+        key = _key(layer_index, matrix)
+        self.masks[key] = mask.bool()
+        self._local.pop(key, None)
+
+    def local(self, layer_index: int, matrix: str, param: torch.Tensor, transposed: bool) -> torch.Tensor:
+        """The keep-mask in ``param``'s layout, restricted to this rank's shard when ``param`` is
+        sharded, on the parameter's device (cached until the mask is replaced)."""
+        key = _key(layer_index, matrix)
+        mask = self.masks[key]
+        if not is_sharded(param):
+            if mask.device != param.device:  # moved once and kept there
+                mask = mask.to(param.device)
+                self.masks[key] = mask
+            return _in_param_layout(mask, param, transposed)
+        cached = self._local.get(key)
+        if cached is None:
+            if mask.device.type != "cpu":  # the full masks of a sharded model stay off the accelerator
+                self.masks[key] = mask = mask.cpu()
+            cached = self._local[key] = local_mask(mask.transpose(1, 2) if transposed else mask, param)
+        return cached
 
     def sparsity(self) -> float:
         total = sum(m.numel() for m in self.masks.values())
@@ -111,34 +138,29 @@ def _check_shape(layer: MoELayer, name: str, mask: torch.Tensor, param: torch.Te
 
 
 def iter_masked(model: nn.Module, masks: ExpertMasks) -> Iterator[tuple[nn.Parameter, torch.Tensor]]:
-    """(parameter, keep-mask in the parameter's own layout) for every masked expert weight.
-
-    The masks are moved to their parameter's device once and kept there.
-    """
+    """(parameter, keep-mask in the parameter's own layout) for every masked expert weight; for a
+    sharded parameter the mask covers this rank's shard (apply it to ``local_view`` of the tensors)."""
     for layer in moe_layers(model):
         for name, param, transposed in _param_views(layer):
             mask = masks.get(layer.index, name)
             if mask is None:
                 continue
             _check_shape(layer, name, mask, param, transposed)
-            if mask.device != param.device:
-                mask = mask.to(param.device)
-                masks.set(layer.index, name, mask)
-            yield param, _in_param_layout(mask, param, transposed)
+            yield param, masks.local(layer.index, name, param, transposed)
 
 
 @torch.no_grad()
 def apply_masks(model: nn.Module, masks: ExpertMasks) -> None:
     """Set every masked expert weight to exactly zero."""
     for param, mask in iter_masked(model, masks):
-        param.mul_(mask)
+        local_view(param).mul_(mask)
 
 
 @torch.no_grad()
 def mask_gradients(model: nn.Module, masks: ExpertMasks) -> None:
     for param, mask in iter_masked(model, masks):
         if param.grad is not None:
-            param.grad.mul_(mask)
+            local_view(param.grad).mul_(mask)
 
 
 @torch.no_grad()
@@ -152,7 +174,7 @@ def mask_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, mas
             continue
         for value in state.values():
             if isinstance(value, torch.Tensor) and value.shape == param.shape:
-                value.mul_(mask)
+                local_view(value).mul_(mask)
                 n += 1
     return n
 
@@ -163,8 +185,13 @@ def measured_sparsity(model: nn.Module) -> float:
     for layer in moe_layers(model):
         for _, param, _ in _param_views(layer):
             total += param.numel()
-            zeros += param.numel() - int(torch.count_nonzero(param.detach()))
+            zeros += param.numel() - count_nonzero(param)
     return zeros / total if total else 0.0
+
+
+def _full_matrices(layer: MoELayer) -> dict[str, torch.Tensor]:
+    # one layer's whole expert weights (gathered when sharded: every rank, same order)
+    return {name: full(w) for name, w in layer.expert_matrices().items()}
 
 
 @dataclass
@@ -205,14 +232,14 @@ def compute_masks(
         raise ValueError(f"metric {metric!r} needs activation statistics (stats=...) or use metric='magnitude'")
     low_tokens: dict[int, list[int]] = {}
 
-    def layer_scores(layer: MoELayer) -> Iterator[tuple[str, int, torch.Tensor | None]]:
+    def layer_scores(layer: MoELayer, mats: dict[str, torch.Tensor]) -> Iterator[tuple[str, int, torch.Tensor | None]]:
         s = stats.get(layer.index) if uses_data else None
         if uses_data and s is None:
             raise ValueError(f"no activation statistics for MoE layer {layer.index}")
         low = set(s.low_token_experts(min_tokens)) if s is not None else set()
         if low:
             low_tokens[layer.index] = sorted(low)
-        for name, weights in layer.expert_matrices().items():
+        for name, weights in mats.items():
             norms = s.input_norms(name, gated=metric == "moe_pruner") if s is not None else None
             for e in range(layer.num_experts):
                 if e in low:
@@ -224,7 +251,7 @@ def compute_masks(
     if allocation == "owl":
         ratios, sizes = {}, {}
         for layer in layers:
-            ratios[layer.index] = outlier_ratio([sc for _, _, sc in layer_scores(layer) if sc is not None], owl_threshold)
+            ratios[layer.index] = outlier_ratio([sc for _, _, sc in layer_scores(layer, _full_matrices(layer)) if sc is not None], owl_threshold)
             sizes[layer.index] = sum(w.numel() for w in layer.expert_matrices().values())
         targets = owl_allocation(ratios, sizes, nm[0] / nm[1] if nm else sparsity, owl_lambda)
         low_tokens.clear()
@@ -232,9 +259,9 @@ def compute_masks(
     out = ExpertMasks()
     for layer in layers:
         layer_pattern = f"{nm_sparsity_for(targets[layer.index], nm[1])}:{nm[1]}" if nm and allocation == "owl" else pattern
-        mats = layer.expert_matrices()
+        mats = _full_matrices(layer)
         new = {name: torch.ones(w.shape, dtype=torch.bool, device=w.device) for name, w in mats.items()}
-        for name, e, sc in layer_scores(layer):
+        for name, e, sc in layer_scores(layer, mats):
             old = previous.get(layer.index, name) if previous is not None else None
             old = old[e].to(new[name].device) if old is not None else None
             if sc is None:
@@ -244,8 +271,9 @@ def compute_masks(
             if old is not None:  # pruned weights rank below every live one: masks only grow
                 sc = sc.masked_fill(~old.to(sc.device), -1.0)
             new[name][e] = mask_from_scores(sc, targets[layer.index], layer_pattern)
+        sharded = is_sharded(layer.experts.gate_up_proj)
         for name, m in new.items():
-            out.set(layer.index, name, m)
+            out.set(layer.index, name, m.cpu() if sharded else m)
     return MaskUpdate(out, targets, low_tokens)
 
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .adapters import moe_layers
+from .sharding import count_nonzero
 
 
 @dataclass
@@ -26,7 +27,7 @@ class ParamCount:
 
     def add(self, t: torch.Tensor) -> None:
         self.total += t.numel()
-        self.nonzero += int(torch.count_nonzero(t.detach()))
+        self.nonzero += count_nonzero(t)  # over all shards of a sharded tensor (a collective)
         self.bytes += t.numel() * t.element_size()
 
     @property

@@ -59,11 +59,21 @@ def atomic_output(out_dir: str | os.PathLike, overwrite: bool = False, tokenizer
         raise
 
 
-def save_pruned(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, overwrite: bool = False, extra_files: dict[str, str] | None = None) -> Path:
-    """Save a (pruned) model as safetensors + config, atomically (temp directory, then rename)."""
+def save_pruned(
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+    tokenizer=None,
+    overwrite: bool = False,
+    extra_files: dict[str, str] | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Save a (pruned) model as safetensors + config, atomically (temp directory, then rename).
+
+    ``state_dict``: the tensors to write instead of the model's own, e.g. the full tensors of a
+    sharded model gathered with ``stun_lightning.sharding.gather_state_dict`` (same names)."""
     with atomic_output(out_dir, overwrite, tokenizer, extra_files) as tmp:
         sync_config(model)
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=state_dict)
     return Path(out_dir)
 
 

@@ -10,7 +10,7 @@ from lightning.pytorch import Callback, Trainer
 
 from stun_lightning import StunRecipe, keep_experts, moe_layers, prune
 from stun_lightning.callbacks import SparsitySchedule, StunCallback, StunDataModule, StunDistillModule
-from stun_lightning.distill import MoECapture, expert_mse, init_expert_lambda, kept_from_removed, logit_kl
+from stun_lightning.distill import InForwardExpertMSE, MoECapture, expert_mse, init_expert_lambda, kept_from_removed, logit_kl
 from stun_lightning.mask_state import measured_sparsity
 from stun_lightning.tiny import build_tiny_model
 
@@ -71,6 +71,38 @@ def test_expert_term_compares_survivors_with_their_originals_on_teacher_routed_t
     grad = moe_layers(student)[1].experts.down_proj.grad
     assert grad[3].abs().sum() > 0 and grad[[0, 1, 2, 4, 5]].abs().sum() == 0
     assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_expert_term_computed_inside_the_forward_equals_the_one_after_it():
+    """The FSDP2 path (targets in the teacher's forward, terms in the student's) gives the same loss
+    and the same gradients as expert_mse computed after both forwards."""
+    teacher = build_tiny_model("mixtral", seed=2)
+    student = copy.deepcopy(teacher)
+    keep_experts(student, 0, [0, 1, 3, 4, 6, 7])
+    expert_map = {0: [0, 1, 3, 4, 6, 7], 1: list(range(8))}
+    with torch.no_grad():
+        for layer in moe_layers(student):
+            layer.experts.gate_up_proj.mul_(0.9)
+    ids = random_ids(teacher, n=2, length=16)
+    s_cap, t_cap = captured(student, teacher, ids)
+    after = expert_mse(s_cap, t_cap, expert_map)
+    after.backward()
+    want = [None if p.grad is None else p.grad.clone() for p in student.parameters()]
+    student.zero_grad()
+    in_forward = InForwardExpertMSE(s_cap, t_cap, expert_map)
+    with torch.inference_mode():
+        teacher(ids)  # teacher first: its layers leave the targets
+    student(ids)
+    during = in_forward.loss(ids.device)
+    assert float(after) > 0 and during.item() == pytest.approx(after.item(), rel=1e-6)
+    during.backward()
+    for g, w in zip((p.grad for p in student.parameters()), want):
+        assert (g is None) == (w is None) and (g is None or torch.allclose(g, w, atol=1e-7))
+    in_forward.enabled = False  # e.g. expert weight 0: nothing computed
+    with torch.inference_mode():
+        teacher(ids)
+    student(ids)
+    assert in_forward.loss(ids.device).item() == 0.0
 
 
 def test_lambda_starts_the_two_terms_equal_and_waits_for_a_nonzero_expert_term():

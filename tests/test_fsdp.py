@@ -1,0 +1,380 @@
+"""StunCallback + StunDistillModule under FSDP2 (Lightning's ModelParallelStrategy): 2 processes,
+spawned by the test, over gloo on CPUs (always) and over NCCL on 2 GPUs (when there are 2).
+
+One spawn serves every test of a backend: each rank fits (checkpointing a sharded checkpoint), resumes
+from that checkpoint in a second fit, and writes what it saw to files; the tests compare those files
+with each other, with the full masks, and with the consolidated directory rank 0 saved. On 2 GPUs:
+``python -m pytest tests/test_fsdp.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import time
+import traceback
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from stun_lightning import StunRecipe, load_pruned, moe_layers
+from stun_lightning.mask_state import ExpertMasks
+from stun_lightning.structured import select_experts
+from stun_lightning.tiny import build_tiny_model
+
+WORLD = 2
+TIMEOUT_S = 150  # the whole spawn; a hung collective fails the tests instead of hanging CI
+# 8 -> 5 experts per layer: 5 rows do not split evenly over 2 ranks (FSDP2 shards of 3 and 2)
+RECIPE = dict(expert_method="frequency", expert_sparsity=0.375, layer_budget="uniform", sparsity=0.5, metric="wanda", low_token_rule="magnitude")
+RESUME_FROM = "step=2"
+gpus = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < WORLD, reason="NCCL FSDP2 needs 2 CUDA GPUs")
+
+
+def calibration_ids():
+    return torch.randint(0, 1000, (6, 32), generator=torch.Generator().manual_seed(1))
+
+
+class Probe:
+    """A Lightning callback (built inside the worker) recording, after every optimizer step, whether
+    each rank's shards of the masked weights and of Adam's moments are zero where its mask says."""
+
+    @staticmethod
+    def make(stun, mod):
+        from lightning.pytorch import Callback
+
+        from stun_lightning.mask_state import iter_masked
+        from stun_lightning.sharding import full, is_sharded, local_view
+
+        class _Probe(Callback):
+            def __init__(self):
+                self.steps = self.violations = self.masked_steps = 0
+                self.start = self.end = None
+
+            def on_train_start(self, trainer, pl_module):
+                self.start = {"kept": dict(stun.kept_experts), "masks": {k: v.clone() for k, v in stun.masks.masks.items()}, "step": trainer.global_step}
+                opt = trainer.optimizers[0]
+                opt.register_step_post_hook(lambda o, a, k: self._check(o))
+                teacher = mod.teacher
+                in_optimizer = {id(p) for g in opt.param_groups for p in g["params"]}
+                self.teacher = None if teacher is None else {
+                    "sharded": is_sharded(teacher),
+                    "frozen": not any(p.requires_grad for p in teacher.parameters()),
+                    "in_optimizer": any(id(p) in in_optimizer for p in teacher.parameters()),
+                    "training": teacher.training,
+                }
+
+            def _check(self, optimizer):
+                self.steps += 1
+                if not stun.masks:
+                    return
+                self.masked_steps += 1
+                for param, mask in iter_masked(stun.target(mod), stun.masks):
+                    tensors = [param] + [v for v in optimizer.state.get(param, {}).values() if torch.is_tensor(v) and v.shape == param.shape]
+                    self.violations += sum(int(local_view(t.detach())[~mask].abs().sum() > 0) for t in tensors)
+
+            def on_train_end(self, trainer, pl_module):
+                model, opt = stun.target(mod), trainer.optimizers[0]
+                if mod.teacher is not None:  # gathered teacher weights were freed after its last forward
+                    self.teacher["resharded"] = all(is_sharded(p) for p in mod.teacher.parameters())
+                shards = []
+                for layer in moe_layers(model):
+                    for name in ("gate_up_proj", "down_proj"):
+                        p = getattr(layer.experts, name)
+                        state = opt.state[p]
+                        shards.append({
+                            "key": f"{layer.index}.{name}", "sharded": is_sharded(p), "local": local_view(p.detach()).cpu(),
+                            "mask": stun.masks.local(layer.index, name, p, layer.adapter.transposed).cpu(),
+                            "exp_avg": local_view(state["exp_avg"]).cpu(), "exp_avg_sq": local_view(state["exp_avg_sq"]).cpu(),
+                        })
+                self.end = {
+                    "kept": dict(stun.kept_experts), "masks": {k: v.cpu() for k, v in stun.masks.masks.items()}, "shards": shards,
+                    "full": {k: full(v.detach()).cpu() for k, v in model.state_dict().items()},  # every rank, same order
+                    "step": trainer.global_step, "report_sparsity": stun.report.within_expert_sparsity,
+                    "losses": {k: float(v) for k, v in mod.last_losses.items()}, "lambda": float(mod.expert_lambda),
+                }
+
+        return _Probe()
+
+
+def _fit(device, out_dir, *, max_steps, ckpt_path=None, set_ckpt_path=False):
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from stun_lightning.callbacks import FSDP2Strategy, SparsitySchedule, StunCallback, StunDataModule, StunDistillModule
+
+    dm = StunDataModule(seq_len=32, batch_size=2, max_train_blocks=16, max_val_blocks=2, seed=0)
+    mod = StunDistillModule("tiny:mixtral", teacher="copy", teacher_dtype=None, logit_kl_weight=0.1, lr=1e-2, seed=0)
+    stun = StunCallback(
+        StunRecipe(**RECIPE), SparsitySchedule("cubic", end_step=4), update_every=2, calibration=calibration_ids(),
+        save_dir=os.path.join(out_dir, "model" if ckpt_path is None else f"model_resumed{int(set_ckpt_path)}"),
+    )
+    probe = Probe.make(stun, mod)
+    ckpt = ModelCheckpoint(dirpath=os.path.join(out_dir, "ckpt"), filename="{step}", every_n_train_steps=2, save_top_k=-1)
+    trainer = Trainer(
+        accelerator=device, devices=WORLD, strategy=FSDP2Strategy(), precision="bf16-mixed", max_steps=max_steps,
+        logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+        default_root_dir=out_dir, callbacks=[stun, probe, ckpt],
+    )
+    if set_ckpt_path:  # known at setup: the expert sets are replayed from the checkpoint, not chosen again
+        trainer.ckpt_path, ckpt_path = ckpt_path, None
+    trainer.fit(mod, dm, ckpt_path=ckpt_path)
+    return {"start": probe.start, "end": probe.end, "steps": probe.steps, "masked_steps": probe.masked_steps,
+            "violations": probe.violations, "teacher": probe.teacher}
+
+
+def _meta_init_fit(device):
+    """A student built on the meta device: sharded, then given storage and initialised, then trained."""
+    from lightning.pytorch import Trainer
+
+    from stun_lightning.callbacks import FSDP2Strategy, StunDataModule, StunDistillModule
+    from stun_lightning.sharding import has_meta, is_sharded, local_view
+
+    with torch.device("meta"):
+        student = build_tiny_model("qwen3_moe", seed=0)
+    mod = StunDistillModule(student, teacher=None, lr=1e-2)
+    trainer = Trainer(
+        accelerator=device, devices=WORLD, strategy=FSDP2Strategy(), max_steps=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+    )
+    trainer.fit(mod, StunDataModule(seq_len=32, batch_size=2, max_train_blocks=4, max_val_blocks=2, seed=0))
+    params = list(mod.student.parameters())
+    return {
+        "meta": has_meta(mod.student), "sharded": is_sharded(mod.student), "finite": all(bool(torch.isfinite(local_view(p)).all()) for p in params),
+        "loss": float(mod.last_losses["total"]), "inv_freq": mod.student.model.rotary_emb.inv_freq.cpu(),
+    }
+
+
+def _worker(rank: int, port: int, out_dir: str, device: str) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD), RANK=str(rank), LOCAL_RANK=str(rank), NODE_RANK="0",
+        NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1",
+    )
+    torch.set_num_threads(1)
+    try:
+        if device == "cuda":
+            torch.cuda.set_device(rank)
+        # Lightning finds this process group and LOCAL_RANK / WORLD_SIZE: it launches nothing
+        dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
+        first = _fit(device, out_dir, max_steps=4)
+        ckpt = Path(out_dir) / "ckpt" / f"{RESUME_FROM}.ckpt"
+        resumed = _fit(device, out_dir, max_steps=6, ckpt_path=str(ckpt), set_ckpt_path=True)
+        again = _fit(device, out_dir, max_steps=5, ckpt_path=str(ckpt))  # chosen again, checked before loading
+        meta = _meta_init_fit(device)
+        torch.save({"first": first, "resumed": resumed, "again": again, "meta": meta, "ckpt": str(ckpt)}, os.path.join(out_dir, f"rank{rank}.pt"))
+    except BaseException:
+        (open(os.path.join(out_dir, f"error{rank}.txt"), "w")).write(traceback.format_exc())
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module", params=["cpu", pytest.param("cuda", marks=gpus)])
+def ranks(request, tmp_path_factory):
+    """What each of the 2 ranks wrote, where, and the spawn's wall time."""
+    out = tmp_path_factory.mktemp(f"fsdp_{request.param}")
+    start = time.perf_counter()
+    ctx = mp.start_processes(_worker, args=(_free_port(), str(out), request.param), nprocs=WORLD, join=False, start_method="spawn")
+    deadline = start + TIMEOUT_S
+    try:
+        while not ctx.join(timeout=max(1.0, deadline - time.perf_counter())):
+            if time.perf_counter() > deadline:
+                raise TimeoutError(f"the {WORLD} spawned ranks did not finish within {TIMEOUT_S} s")
+    except Exception as err:
+        errors = "\n".join(p.read_text() for p in sorted(out.glob("error*.txt")))
+        pytest.fail(f"spawned ranks failed: {err}\n{errors}")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+    got = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return {"ranks": got, "out": out, "seconds": time.perf_counter() - start}
+
+
+def test_every_rank_removes_the_same_experts_before_sharding(ranks):
+    a, b = (r["first"] for r in ranks["ranks"])
+    assert a["start"]["kept"] == b["start"]["kept"] == a["end"]["kept"] == b["end"]["kept"]
+    model = build_tiny_model("mixtral", seed=0)
+    assert a["end"]["kept"] == select_experts(model, StunRecipe(**RECIPE), calibration_ids())
+    assert all(len(v) == 5 for v in a["end"]["kept"].values())  # odd: the expert rows split 3 / 2
+
+
+def test_each_ranks_shard_holds_exactly_the_zeros_of_the_full_mask(ranks):
+    a, b = (r["first"] for r in ranks["ranks"])
+    assert a["end"]["masks"]
+    for key, mask in a["end"]["masks"].items():
+        assert torch.equal(mask, b["end"]["masks"][key]), key  # identical full masks on both ranks
+    assert 0.45 < 1 - float(torch.cat([m.flatten() for m in a["end"]["masks"].values()]).float().mean()) < 0.55
+    for sa, sb in zip(a["end"]["shards"], b["end"]["shards"]):
+        key = sa["key"]
+        assert sa["sharded"] and sb["sharded"], key  # really FSDP2 DTensors
+        full_mask = a["end"]["masks"][key]  # tiny Mixtral stores experts [E, out, in], the masks' own layout
+        assert (sa["local"].shape[0], sb["local"].shape[0]) == (3, 2), key
+        assert torch.equal(torch.cat([sa["mask"], sb["mask"]]), full_mask), key  # each rank's rows of the full mask
+        name = "model.layers.{}.mlp.experts.{}".format(*key.split("."))
+        gathered = a["end"]["full"][name]
+        assert torch.equal(torch.cat([sa["local"], sb["local"]]), gathered), key
+        assert torch.equal(gathered == 0, ~full_mask), key  # zeros exactly where masked, nowhere else
+        for moment in ("exp_avg", "exp_avg_sq"):
+            local = torch.cat([sa[moment], sb[moment]])
+            assert not local[~full_mask].any(), (key, moment)
+            assert local[full_mask].any(), (key, moment)  # the live entries do move
+
+
+def test_masks_hold_after_every_optimizer_step_on_every_shard(ranks):
+    for r in ranks["ranks"]:
+        for fit in (r["first"], r["resumed"]):
+            assert fit["violations"] == 0
+            assert fit["masked_steps"] >= 1
+        assert r["first"]["steps"] == 4 and r["resumed"]["steps"] == 4  # resumed at step 2, ran to 6
+
+
+def test_teacher_is_sharded_frozen_and_outside_the_optimizer(ranks):
+    for r in ranks["ranks"]:
+        assert r["first"]["teacher"] == {"sharded": True, "frozen": True, "in_optimizer": False, "training": False, "resharded": True}
+
+
+def test_rank_zero_saves_one_consolidated_directory_that_loads_as_the_gathered_weights(ranks):
+    a = ranks["ranks"][0]["first"]
+    saved = ranks["out"] / "model"
+    assert sorted(p.name for p in saved.iterdir() if p.suffix == ".safetensors") == ["model.safetensors"]
+    model = load_pruned(saved)
+    assert [l.num_experts for l in moe_layers(model)] == [5, 5]
+    state = model.state_dict()
+    assert state.keys() == a["end"]["full"].keys()
+    for name, value in a["end"]["full"].items():
+        assert torch.equal(state[name], value), name
+    assert a["end"]["report_sparsity"] == pytest.approx(0.5, abs=0.01)
+
+
+def test_resume_from_the_sharded_checkpoint_restores_expert_sets_and_masks_and_continues(ranks):
+    ckpt = Path(ranks["ranks"][0]["ckpt"])
+    assert ckpt.is_dir() and len(list(ckpt.glob("*.distcp"))) == WORLD  # one shard file per rank
+    saved = next(v for k, v in torch.load(ckpt / "meta.pt", weights_only=False)["callbacks"].items() if k.startswith("StunCallback"))
+    saved_masks = ExpertMasks.from_state_dict(saved["masks"])
+    assert saved_masks and saved["last_update_step"] == 2
+    for r in ranks["ranks"]:
+        start = r["resumed"]["start"]
+        assert start["step"] == 2
+        assert start["kept"] == {int(k): v for k, v in saved["kept_experts"].items()} == r["first"]["end"]["kept"]
+        assert ExpertMasks(start["masks"]).equal(saved_masks)
+        end = r["resumed"]["end"]
+        assert end["step"] == 6 and end["kept"] == start["kept"]
+        for key, mask in end["masks"].items():
+            assert not (mask & ~saved_masks.masks[key]).any(), key  # nothing pruned at step 2 came back
+            assert torch.equal(mask, ranks["ranks"][0]["resumed"]["end"]["masks"][key]), key
+    assert (ranks["out"] / "model_resumed1" / "config.json").is_file()
+    from stun_lightning.callbacks.resume import callback_state_in
+
+    assert callback_state_in(ckpt, next(k for k in torch.load(ckpt / "meta.pt", weights_only=False)["callbacks"]))["kept_experts"] == saved["kept_experts"]
+
+
+def test_a_resume_that_chooses_the_experts_again_is_checked_against_the_checkpoint(ranks):
+    for r in ranks["ranks"]:
+        again = r["again"]
+        assert again["start"]["step"] == 2 and again["end"]["step"] == 5 and again["violations"] == 0
+        assert again["start"]["kept"] == r["first"]["end"]["kept"]
+        assert ExpertMasks(again["start"]["masks"]).equal(ExpertMasks(r["resumed"]["start"]["masks"]))
+
+
+def test_the_expert_wise_term_is_computed_on_sharded_student_and_teacher(ranks):
+    for r in ranks["ranks"]:
+        end = r["first"]["end"]
+        assert end["losses"]["expert"] > 0 and math.isfinite(end["lambda"]) and end["lambda"] > 0
+        assert end["losses"]["logit_kl"] > 0
+
+
+def test_a_model_built_on_the_meta_device_is_sharded_then_materialised_and_trains(ranks):
+    for r in ranks["ranks"]:
+        meta = r["meta"]
+        assert meta["sharded"] and not meta["meta"] and meta["finite"] and math.isfinite(meta["loss"])
+        real = build_tiny_model("qwen3_moe", seed=0).model.rotary_emb.inv_freq
+        assert torch.equal(meta["inv_freq"], real)  # non-persistent buffers recomputed, not left empty
+
+
+def test_the_spawn_stays_within_the_ci_budget(ranks):
+    assert ranks["seconds"] < TIMEOUT_S
+
+
+def test_fsdp_needs_the_whole_world_on_the_data_parallel_axis():
+    from stun_lightning.callbacks.strategy_checks import data_parallel_mesh
+
+    class Mesh:  # the two axes of ModelParallelStrategy's mesh, as sizes
+        mesh_dim_names, ndim = ("data_parallel", "tensor_parallel"), 2
+
+        def __init__(self, dp, tp):
+            self.sizes = {"data_parallel": dp, "tensor_parallel": tp}
+
+        def __getitem__(self, name):
+            size = self.sizes[name]
+            return type("Sub", (), {"size": lambda self: size})()
+
+    with pytest.raises(ValueError, match=r"data_parallel_size=4, tensor_parallel_size=1\).*FSDP2Strategy"):
+        data_parallel_mesh(Mesh(1, 4))
+    assert data_parallel_mesh(Mesh(4, 1)).size() == 4
+
+
+def test_a_sharded_checkpoint_with_other_expert_sets_is_refused_before_any_tensor_loads(tmp_path):
+    from stun_lightning.callbacks.resume import callback_state_in, check_expert_sets_before_load, intercept_strategy_load
+
+    ckpt = tmp_path / "step=2.ckpt"
+    ckpt.mkdir()
+    torch.save({"callbacks": {"StunCallback": {"kept_experts": {0: [0, 1, 2]}}}}, ckpt / "meta.pt")
+    assert callback_state_in(ckpt, "StunCallback") == {"kept_experts": {0: [0, 1, 2]}}
+    loaded = []
+
+    class Strategy:
+        def load_checkpoint(self, path, weights_only=None):
+            loaded.append(path)
+
+    strategy = Strategy()
+    undo = intercept_strategy_load(strategy, lambda path: check_expert_sets_before_load(path, callback_state_in(path, "StunCallback"), {0: [0, 1, 3]}))
+    with pytest.raises(RuntimeError, match=r"trainer.ckpt_path = .*before trainer.fit"):
+        strategy.load_checkpoint(ckpt)
+    assert loaded == []
+    undo()
+    strategy.load_checkpoint(ckpt)
+    assert loaded == [ckpt]
+    check_expert_sets_before_load(ckpt, callback_state_in(ckpt, "StunCallback"), {0: [0, 1, 2]})  # same sets: no error
+
+
+def test_cli_fit_with_the_fsdp_config_on_two_cpu_processes(tmp_path):
+    """``stun-lightning fit --config configs/fit_tiny_fsdp.yaml --trainer.devices=2``, shortened, on CPUs:
+    Lightning launches the second process itself."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "fit_tiny_fsdp.yaml").read_text())
+    config["trainer"]["logger"]["init_args"]["save_dir"] = config["trainer"]["default_root_dir"] = str(tmp_path)
+    stun, checkpoint = (c["init_args"] for c in config["trainer"]["callbacks"])
+    stun["save_dir"] = str(tmp_path / "model")
+    stun["schedule"]["end_step"], stun["update_every"] = 4, 2
+    checkpoint["dirpath"], checkpoint["every_n_train_steps"] = str(tmp_path / "checkpoints"), 2
+    (tmp_path / "fit.yaml").write_text(yaml.safe_dump(config))
+    cmd = [
+        sys.executable, "-m", "stun_lightning.callbacks.cli", "fit", "--config", str(tmp_path / "fit.yaml"), "--trainer.devices=2",
+        "--trainer.accelerator=cpu", "--trainer.max_steps=4", "--trainer.val_check_interval=4", "--data.max_train_blocks=16",
+        "--model.lambda_init_step=0",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert done.returncode == 0, done.stderr[-3000:]
+    saved = load_pruned(tmp_path / "model")
+    assert [l.num_experts for l in moe_layers(saved)] == [6, 6]
+    assert json.loads((tmp_path / "model" / "stun_report.json").read_text())["within_expert_sparsity"] == 0.5
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step=2.ckpt", "step=4.ckpt"]
+    assert len(list((tmp_path / "checkpoints" / "step=2.ckpt").glob("*.distcp"))) == 2  # sharded, one file per rank
