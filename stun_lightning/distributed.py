@@ -109,8 +109,9 @@ class RankPartition:
         world, rank = dist.get_world_size(self.group), dist.get_rank(self.group)
         # every rank sees the same check results, so all raise together instead of hanging
         sig = torch.tensor([input_ids.shape[0], input_ids.numel(), int(input_ids.long().sum()), int((input_ids.long() * 31 + 7).square().sum() % (2**31))], dtype=torch.long)
+        sig = sig.to(_comm_device(self.group))  # NCCL gathers CUDA tensors only, into CUDA tensors
         sigs = [torch.zeros_like(sig) for _ in range(world)]
-        dist.all_gather(sigs, sig.to(_comm_device(self.group)), group=self.group)
+        dist.all_gather(sigs, sig, group=self.group)
         if any(not torch.equal(s.cpu(), sigs[0].cpu()) for s in sigs):
             raise RuntimeError(
                 "ranks were given different calibration token ids; every rank must pass the same [N, L] ids "

@@ -82,6 +82,8 @@ def full(t: torch.Tensor) -> torch.Tensor:
 
 def count_nonzero(t: torch.Tensor) -> int:
     """Nonzero entries of the whole tensor (summed over the sharded mesh dimensions)."""
+    if t.is_meta:  # no values yet (a model built on meta before materialize): counted dense
+        return t.numel()
     if not isinstance(t, DTensor):
         return int(torch.count_nonzero(t.detach()))
     n = torch.count_nonzero(t.to_local().detach()).reshape(1).to(torch.long)
