@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 
 from .masks import METRICS, check_sparsity, parse_pattern
-from .methods import expert_methods
+from .methods import expert_methods, get_expert_method
 from .methods.stun import DISTANCES
 
 
@@ -96,6 +96,7 @@ class StunRecipe:
         for name in ("calibration_samples", "calibration_seq_len", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"recipe {name} must be >= 1, got {getattr(self, name)}")
+        get_expert_method(self.expert_method).check_options(self.method_options)
         return self
 
     @property

@@ -32,3 +32,15 @@ def test_unknown_fields_and_values_are_named():
         StunRecipe.from_dict({"expert_sparsty": 0.2})
     with pytest.raises(ValueError, match="metric"):
         StunRecipe(metric="sparsegpt")
+
+
+def test_method_options_a_method_does_not_read_are_refused_with_a_suggestion():
+    with pytest.raises(ValueError, match=r"'max_subset' -> 'max_subsets'"):
+        StunRecipe(expert_method="naee", layer_budget="uniform", method_options={"max_subset": 10})
+    with pytest.raises(ValueError, match="not options of expert method 'frequency'.*reads: none"):
+        StunRecipe(expert_method="frequency", method_options={"max_tokens": 10})
+    with pytest.raises(ValueError, match="method_options"):
+        StunRecipe.from_dict({"expert_method": "stun", "method_options": {"distanse": "router"}})
+    # what each method reads passes
+    StunRecipe(expert_method="stun", method_options={"distance": "router", "merge_max_clusters": 1})
+    StunRecipe(expert_method="eep", layer_budget="uniform", method_options={"total_evaluations": 8, "fitness_ids": None})

@@ -1,7 +1,9 @@
 """The structured phase's one interface: a method picks the experts to keep in every MoE layer.
 
 A method is a function ``select(ctx: SelectionContext) -> dict[layer_index, list[kept experts]]``
-registered under a name with :func:`register_expert_method`; it declares what calibration it needs:
+registered under a name with :func:`register_expert_method`; it declares the ``method_options`` it
+reads (others are refused by ``StunRecipe.validate``, so a misspelt option is an error, not a
+silent default) and what calibration it needs:
 ``None`` (no forward pass at all), a statistic the shared pass collects before ``select`` runs
 (``"routing"``, ``"saliency"``: ``ctx.stats``), or ``"data"`` (the calibration token ids only: the method
 runs its own passes with ``ctx.calibrate(...)``, counted in ``ctx.layer_passes``). Adding a method is
@@ -59,6 +61,21 @@ class ExpertMethod:
     select: Callable[[SelectionContext], dict[int, list[int]]]
     needs: str | None | Callable[[dict[str, Any]], str | None]  # None, "routing", "saliency", "data", or a function of the options
     supports_global: bool
+    options: frozenset[str] = frozenset()  # the method_options it reads
+
+    def check_options(self, options: dict[str, Any]) -> None:
+        """Refuse ``method_options`` this method does not read, naming the ones it does."""
+        unknown = sorted(set(options) - self.options)
+        if not unknown:
+            return
+        import difflib
+
+        hints = [f"{k!r} -> {m[0]!r}?" for k in unknown if (m := difflib.get_close_matches(k, sorted(self.options), n=1))]
+        known = ", ".join(sorted(self.options)) or "none"
+        raise ValueError(
+            f"method_options {unknown} are not options of expert method {self.name!r} (it reads: {known})"
+            + (f"; did you mean {', '.join(hints)}" if hints else "")
+        )
 
     def needs_for(self, options: dict[str, Any]) -> str | None:
         return self.needs(options) if callable(self.needs) else self.needs
@@ -67,9 +84,9 @@ class ExpertMethod:
 _METHODS: dict[str, ExpertMethod] = {}
 
 
-def register_expert_method(name: str, needs=None, supports_global: bool = True):
+def register_expert_method(name: str, needs=None, supports_global: bool = True, options: tuple[str, ...] = ()):
     def wrap(fn):
-        _METHODS[name] = ExpertMethod(name, fn, needs, supports_global)
+        _METHODS[name] = ExpertMethod(name, fn, needs, supports_global, frozenset(options))
         return fn
 
     return wrap

@@ -408,7 +408,10 @@ def _needs(options: dict[str, Any]) -> str | None:
     return None if options.get("fitness") is not None or options.get("fitness_ids") is not None else "data"
 
 
-@register_expert_method("eep", needs=_needs, supports_global=False)
+@register_expert_method(
+    "eep", needs=_needs, supports_global=False,
+    options=tuple(f.name for f in fields(EEPConfig)) + ("fitness", "fitness_ids", "fitness_batch_size"),
+)
 def eep(ctx: SelectionContext) -> dict[int, list[int]]:
     """EEP search; applies the best candidate's merged experts to ``ctx.model`` and returns the slots to keep."""
     if ctx.keep_per_layer is None:

@@ -121,7 +121,7 @@ def enumerate_layer(layer: MoELayer, inputs: list[torch.Tensor], keep: int, grou
     return best, losses
 
 
-@register_expert_method("naee", needs="data", supports_global=False)
+@register_expert_method("naee", needs="data", supports_global=False, options=("max_subsets", "progressive", "max_tokens"))
 def naee(ctx: SelectionContext) -> dict[int, list[int]]:
     """NAEE enumeration (options: max_subsets, progressive, max_tokens)."""
     opts = ctx.options

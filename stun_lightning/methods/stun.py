@@ -149,7 +149,11 @@ def _average_into(layer, cluster: tuple[int, ...], survivor: int) -> None:
             t[survivor] = t[idx].mean(0)
 
 
-@register_expert_method("stun", needs=lambda options: None if options.get("distance", "router") == "router" else "routing")
+@register_expert_method(
+    "stun",
+    needs=lambda options: None if options.get("distance", "router") == "router" else "routing",
+    options=("distance", "divide_by_norm", "mix_weight", "merge_max_clusters"),
+)
 def stun(ctx: SelectionContext) -> dict[int, list[int]]:
     """STUN expert pruning (options: distance, divide_by_norm, mix_weight, merge_max_clusters)."""
     opts = ctx.options
