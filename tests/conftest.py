@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -12,6 +13,10 @@ from stun_lightning.routing import router_logits_forced_to_minus_inf  # noqa: F4
 from stun_lightning.tiny import SUPPORTED_TINY_FAMILIES, build_tiny_model
 
 FAMILIES = SUPPORTED_TINY_FAMILIES
+
+# GPU tests: the Triton kernels run their first candidate instead of timing every one on each new
+# shape (test_every_autotuner_candidate_is_correct_on_gpu checks them all); benchmarks autotune
+os.environ.setdefault("STUN_SPARSE_AUTOTUNE", "0")
 
 
 @pytest.fixture(params=FAMILIES)

@@ -149,7 +149,7 @@ def _even(args) -> dict:
 
 def _autotuned(configs):
     even = triton.heuristics({"EVEN_K": lambda a: _even(a)["EVEN_K"], "EVEN_N": lambda a: _even(a)["EVEN_N"]})
-    return triton.autotune(configs=configs, key=["N", "K", "BLOCK_M", "rows_bucket"])(even(sparse24_grouped_mm_kernel))
+    return triton.autotune(configs=triton_decode.autotune_candidates(configs), key=["N", "K", "BLOCK_M", "rows_bucket"])(even(sparse24_grouped_mm_kernel))
 
 
 decode_kernel = _autotuned(DECODE_CONFIGS)
