@@ -378,3 +378,24 @@ def test_cli_fit_with_the_fsdp_config_on_two_cpu_processes(tmp_path):
     assert json.loads((tmp_path / "model" / "stun_report.json").read_text())["within_expert_sparsity"] == 0.5
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step=2.ckpt", "step=4.ckpt"]
     assert len(list((tmp_path / "checkpoints" / "step=2.ckpt").glob("*.distcp"))) == 2  # sharded, one file per rank
+
+
+def test_a_meta_model_is_counted_dense_and_loses_experts_before_it_has_storage():
+    """The meta path of the distributed benchmark: census, random expert removal and the report
+    work on a model with no storage yet (nothing reads values)."""
+    from transformers import AutoModelForCausalLM
+
+    from stun_lightning import StunRecipe, moe_layers
+    from stun_lightning.report import ModelCensus
+    from stun_lightning.structured import apply_expert_sets, select_experts
+
+    config = build_tiny_model("qwen3_moe").config
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    before = config.num_experts
+    census = ModelCensus.of(model)
+    assert census.model.nonzero == census.model.total == sum(p.numel() for p in model.parameters())
+    keep = select_experts(model, StunRecipe(expert_method="random", expert_sparsity=0.25, layer_budget="uniform"))
+    apply_expert_sets(model, keep, lower_top_k=True)
+    assert all(layer.num_experts == len(keep[layer.index]) == before * 3 // 4 for layer in moe_layers(model))
+    assert all(p.is_meta for p in model.parameters())
