@@ -29,22 +29,28 @@ other weight and the KV cache; FLOPs are dense (Triton has no sparse tensor-core
 from __future__ import annotations
 
 import argparse
-import copy
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
 import transformers
-from transformers import AutoConfig, AutoModelForCausalLM, StaticCache
+from transformers import StaticCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's package, also when not pip-installed
-from stun_lightning import keep_experts, moe_layers  # noqa: E402
-from stun_lightning.masks import mask_from_scores, score  # noqa: E402
-from stun_lightning.adapters import decoder_layers  # noqa: E402
-from stun_lightning.sparse import sparsify  # noqa: E402
-from stun_lightning.sparse.convert import expert_modules  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helper modules beside this script, also when loaded by path
+from device_rates import make_timer, measured_rates  # noqa: E402
+from inference_models import (  # noqa: E402
+    RoutingRecorder,
+    build_model,
+    build_variants,
+    decode_step,
+    float_reference,
+    moe_blocks,
+    nbytes,
+    nbytes_of_cache,
+    prefill_step,
+)
 
 HEADS = dict(num_attention_heads=32, head_dim=128)
 SHAPES = {  # name -> (model_type, config fields): the real models' layer shapes
@@ -63,137 +69,7 @@ DENSE_OF = {"dense": "dense", "2:4": "dense", "experts-25%": "experts-25%", "bot
 COLUMNS = ["scope", "shape", "variant", "tokens", "us", "tokens/s", "x dense", "floor us", "of floor", "err", "err eager", "weights MB", "experts"]
 
 
-# ---------------------------------------------------------------- models
-
-
-def build_model(shape: dict, layers: int, vocab: int, device: str, seed: int) -> torch.nn.Module:
-    """Random bf16 causal LM with every expert matrix masked 2:4 by magnitude, ``grouped_mm`` experts."""
-    model_type, fields = shape
-    config = AutoConfig.for_model(model_type, vocab_size=vocab, num_hidden_layers=layers, max_position_embeddings=4096, **fields)
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa").to(device)
-    model.set_experts_implementation("grouped_mm")
-    with torch.no_grad():
-        for layer in moe_layers(model):
-            for w in layer.expert_matrices().values():
-                for e in range(w.shape[0]):  # one expert at a time: scores are float32
-                    w[e].mul_(mask_from_scores(score(w[e], "magnitude"), 0.5, "2:4"))
-    return model.eval()
-
-
-def build_variants(dense: torch.nn.Module, names, seed: int) -> dict:
-    models = {"dense": dense}
-    if {"experts-25%", "both"} & set(names):
-        pruned = copy.deepcopy(dense)
-        generator = torch.Generator().manual_seed(seed)
-        for layer in moe_layers(pruned):
-            n = layer.num_experts
-            keep_experts(pruned, layer.index, torch.randperm(n, generator=generator)[: n - n // 4].tolist())
-        models["experts-25%"] = pruned
-    if "2:4" in names:
-        models["2:4"] = sparsify(copy.deepcopy(dense))
-    if "both" in names:
-        models["both"] = sparsify(copy.deepcopy(models["experts-25%"]))
-    return models  # with the dense bases of the variants asked for: their float32 references
-
-
-def float_reference(model: torch.nn.Module) -> torch.nn.Module:
-    ref = copy.deepcopy(model).float()
-    ref.set_experts_implementation("eager")  # grouped_mm has no float32 CUDA kernel
-    return ref
-
-
-def nbytes(*modules) -> int:
-    """Bytes of the tensors the modules store (parameters and buffers; shared ones once)."""
-    seen = {}
-    for module in modules:
-        for t in (*module.parameters(), *module.buffers()):
-            seen[t.data_ptr()] = t.numel() * t.element_size()
-    return sum(seen.values())
-
-
-def moe_blocks(model) -> list[tuple]:
-    """(block, router, experts) of every MoE layer (``expert_modules`` never decompresses 2:4 experts)."""
-    layers = decoder_layers(model)
-    return [(layers[i].mlp, getattr(layers[i].mlp, a.router_attr), experts) for i, experts, a in expert_modules(model)]
-
-
-def decode_step(model, cache, position: int):
-    """One decode step on a static cache, rewinding the cache's write position first (so that it can repeat)."""
-    def step(ids, positions):
-        for layer in cache.layers:
-            if layer.is_initialized:
-                layer.cumulative_length.fill_(position)
-        return model(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True).logits
-    return step
-
-
-def prefill_step(model):
-    def step(ids, positions):
-        return model(input_ids=ids, position_ids=positions, use_cache=False).logits
-    return step
-
-
-class RoutingRecorder:
-    """Records every MoE router's (top-k weights, top-k indices) during one forward, or, given
-    ``force``, makes the routers return those instead (a float32 reference routed as the bf16 run was,
-    so that bf16 router ties are not counted as error)."""
-
-    def __init__(self, model, force=None):
-        self.model, self.routing, self.force = model, [], force
-
-    def _hook(self, i):
-        def hook(module, inputs, out):
-            if self.force is None:
-                self.routing.append(out[1:])
-                return None
-            weights, index = self.force[i]
-            return out[0], weights.to(out[1].dtype), index
-        return hook
-
-    def __enter__(self):
-        self.handles = [router.register_forward_hook(self._hook(i)) for i, (_, router, _) in enumerate(moe_blocks(self.model))]
-        return self
-
-    def __exit__(self, *exc):
-        for h in self.handles:
-            h.remove()
-
-
 # ---------------------------------------------------------------- measurement
-
-
-def make_timer(device: str):
-    """us per call: triton's do_bench median on CUDA (L2 flushed between calls), a plain median on CPU."""
-    if device == "cuda":
-        from triton.testing import do_bench
-
-        return lambda fn: do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
-
-    def cpu_timer(fn):
-        fn()
-        times, deadline = [], time.perf_counter() + 0.05
-        while len(times) < 3 or (len(times) < 50 and time.perf_counter() < deadline):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times) * 1e6
-
-    return cpu_timer
-
-
-def ceilings(device: str, timer) -> tuple[float, float]:
-    """(copy bytes/s counting read + write, bf16 matmul FLOP/s), measured now."""
-    n, m = (2**30, 8192) if device == "cuda" else (2**26, 512)
-
-    def rate(work, make, op):
-        a = make()
-        b = torch.empty_like(a) if op == "copy" else torch.randn_like(a)
-        return work / (timer(lambda: b.copy_(a) if op == "copy" else a @ b) * 1e-6)
-
-    bw = rate(2 * n, lambda: torch.empty(n, dtype=torch.uint8, device=device), "copy")
-    return bw, rate(2 * m**3, lambda: torch.randn(m, m, device=device, dtype=torch.bfloat16), "matmul")
 
 
 def compiled(fn, compile: bool, decode: bool):
@@ -294,10 +170,6 @@ class Setup:
         return dict(us=us, floor=max(read / bw, work / flops) * 1e6, err=err, eager_err=eager_err, mb=weight_bytes / 2**20, experts=touched)
 
 
-def nbytes_of_cache(cache) -> int:
-    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
-
-
 def cells(row: dict, dense: dict | None) -> list[str]:
     if "error" in row:
         return [f"error: {row['error']}"] + ["-"] * 8
@@ -377,7 +249,7 @@ def main(argv=None) -> int:
         return 2
     timer, started = make_timer(args.device), time.perf_counter()
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
-    bw, flops = ceilings(args.device, timer)
+    bw, flops = measured_rates(args.device, timer)
     head = (f"torch {torch.__version__}, transformers {transformers.__version__}, {device_name}; copy {bw / 1e12:.2f} TB/s, "
             f"bf16 matmul {flops / 1e12:.1f} TFLOP/s (measured in this run); compile: {'yes' if args.compile else 'no (eager)'}")
     print(head, flush=True)

@@ -26,16 +26,11 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
-import ctypes
-import gc
 import math
-import os
 import platform
 import sys
-import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -43,6 +38,9 @@ import transformers
 from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's package, also when not pip-installed
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helper modules beside this script, also when loaded by path
+from cost_measurement import release_memory, timed  # noqa: E402
+from prune_cost_tables import CSV_FIELDS, MethodRow, Row, error_notes, method_table, phase_table, scaling_table  # noqa: E402
 from stun_lightning import StunRecipe, calibrate, moe_layers, prune  # noqa: E402
 from stun_lightning.adapters import decoder_layers  # noqa: E402
 from stun_lightning.tiny import tiny_config  # noqa: E402
@@ -83,110 +81,6 @@ EXPERT_METHODS = {  # label -> recipe fields of the structured phase
     "random": dict(expert_method="random"),
 }
 
-CSV_FIELDS = [
-    "table", "shape", "experts", "top_k", "layers", "phase", "method", "layer_passes",
-    "model_passes", "phase_s", "call_s", "gpu_peak_mib", "rss_growth_mib", "layer_mib", "peak_over_layer",
-    "naee_subsets_s25", "naee_subsets_s50", "error", "router_passes", "note",
-]
-
-
-# ---------------------------------------------------------------- measurement
-
-
-class _RssSampler:
-    """Peak resident set size of this process while a block runs (CPU memory has no peak reset).
-
-    A thread polls /proc/self/statm; torch kernels release the GIL, so polls land during them.
-    Only Linux; elsewhere peak is None.
-    """
-
-    def __init__(self, interval: float = 0.002):
-        self.interval = interval
-        self.page = _page_size()
-        self.peak = 0
-        self._stop = threading.Event()
-
-    def rss(self) -> int | None:
-        try:
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * self.page
-        except (OSError, ValueError, IndexError):
-            return None
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            now = self.rss()
-            if now is not None:
-                self.peak = max(self.peak, now)
-            time.sleep(self.interval)
-
-    def __enter__(self) -> "_RssSampler":
-        self.start = self.rss()
-        self.peak = self.start or 0
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        end = self.rss()
-        if end is not None:
-            self.peak = max(self.peak, end)
-
-    @property
-    def delta(self) -> int | None:
-        return None if self.start is None else self.peak - self.start
-
-
-def _page_size() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):
-        return 4096
-
-
-def _release_memory(device: torch.device) -> None:
-    """Free what the last row left, so the next row's baseline is clean."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-    if platform.system() == "Linux":
-        try:  # return freed heap to the OS, else the next row's RSS baseline includes it
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
-
-
-@dataclass
-class Measured:
-    seconds: float = 0.0
-    gpu_peak: int | None = None  # CUDA: max allocated during the block, above what was allocated before
-    rss_growth: int | None = None  # host: peak resident set size during the block minus before it
-    result: object = None
-
-
-@contextmanager
-def measure(device: torch.device):
-    """Wall time (synchronized on CUDA), peak GPU memory and peak host RSS growth of the block."""
-    out = Measured()
-    _release_memory(device)
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)  # per row
-        base = torch.cuda.memory_allocated(device)
-    with _RssSampler() as rss:
-        start = time.perf_counter()
-        yield out
-        if cuda:
-            torch.cuda.synchronize(device)
-        out.seconds = time.perf_counter() - start
-    out.rss_growth = rss.delta
-    if cuda:
-        out.gpu_peak = torch.cuda.max_memory_allocated(device) - base
-
 
 # ---------------------------------------------------------------- models
 
@@ -211,7 +105,7 @@ def build_model(family: str, fields: dict, layers: int, seq_len: int, dtype: tor
     with device:
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model = model.to("cpu").eval()  # stays on the CPU: prune/calibrate move one layer at a time
-    _release_memory(device)
+    release_memory(device)
     return model
 
 
@@ -231,62 +125,6 @@ def naee_subsets(experts: int, expert_sparsity: float) -> str:
 
 
 # ---------------------------------------------------------------- benchmarks
-
-
-@dataclass
-class Row:
-    table: str
-    shape: str
-    experts: int
-    top_k: int
-    layers: int
-    phase: str
-    method: str
-    layer_passes: int | None  # None: the row failed
-    phase_s: float | None  # the phase's own time, as PruneReport / CalibrationStats report it
-    call_s: float  # the whole call, synchronized (prune also counts parameters before and after)
-    gpu_peak: int | None = None
-    rss_growth: int | None = None
-    layer_bytes: int | None = None
-    naee: dict = field(default_factory=dict)
-    error: str | None = None  # the exception that stopped this row; the other rows still run
-
-    @property
-    def model_passes(self) -> float | None:
-        return None if self.layer_passes is None else self.layer_passes / self.layers
-
-    def cells(self) -> dict[str, str]:
-        """Formatted values; failed measurements read 'failed', missing ones 'n/a'."""
-        failed = "failed" if self.error else "n/a"
-        fmt = lambda v, f: failed if v is None else format(v, f)  # noqa: E731
-        mib = lambda b: "n/a" if b is None else f"{b / 2**20:,.1f}"  # noqa: E731
-        # the device's peak: GPU memory on CUDA, host RSS growth on the CPU
-        peak = self.gpu_peak if self.gpu_peak is not None else self.rss_growth
-        ratio = "n/a" if peak is None or not self.layer_bytes else f"{peak / self.layer_bytes:.2f}"
-        return dict(
-            layer_passes=fmt(self.layer_passes, "d"), model_passes=fmt(self.model_passes, "g"),
-            phase_s=fmt(self.phase_s, ".3f"), call_s=f"{self.call_s:.3f}", gpu_peak_mib=mib(self.gpu_peak),
-            rss_growth_mib=mib(self.rss_growth), layer_mib=mib(self.layer_bytes), peak_over_layer=ratio,
-        )
-
-    def csv(self) -> dict:
-        c = self.cells()
-        return dict(
-            c, table=self.table, shape=self.shape, experts=self.experts, top_k=self.top_k, layers=self.layers,
-            phase=self.phase, method=self.method, phase_s="" if self.phase_s is None else f"{self.phase_s:.4f}",
-            naee_subsets_s25=self.naee.get(0.25, ""), naee_subsets_s50=self.naee.get(0.5, ""), error=self.error or "",
-        )
-
-
-def timed(device: torch.device, fn):
-    """Run ``fn()`` under :func:`measure`; an exception becomes the row's error, not the run's end."""
-    with measure(device) as m:
-        try:
-            m.result = fn()
-            error = None
-        except Exception as exc:  # noqa: BLE001  (report it in the table, go on with the other rows)
-            error = f"{type(exc).__name__}: {exc}"
-    return m, error
 
 
 def phase_costs(shape: str, args, device: torch.device, dtype: torch.dtype) -> list[Row]:
@@ -309,11 +147,11 @@ def phase_costs(shape: str, args, device: torch.device, dtype: torch.dtype) -> l
     for phase, method, recipe_fields in runs:
         work = copy.deepcopy(model)  # prune works in place
         if recipe_fields is None:
-            m, error = timed(device, lambda: calibrate(work, ids, collect=("routing", "norms"), device=device, batch_size=args.batch_size, progress=False))
+            m, error = timed(device, calibrate, work, ids, collect=("routing", "norms"), device=device, batch_size=args.batch_size, progress=False)
             passes, phase_s = (None, None) if error else (m.result.layer_passes, m.result.seconds)
         else:
             recipe = StunRecipe(**{"expert_sparsity": args.expert_sparsity, **recipe_fields, "batch_size": args.batch_size})
-            m, error = timed(device, lambda: prune(work, recipe, calibration=ids, device=device, progress=False))
+            m, error = timed(device, prune, work, recipe, calibration=ids, device=device, progress=False)
             passes, phase_s = (None, None) if error else (m.result.layer_passes.get(phase, 0), m.result.seconds[phase])
         rows.append(Row("phase_cost", shape, E, k, args.layers, phase, method, passes, phase_s, m.seconds, m.gpu_peak, m.rss_growth, one_layer, error=error))
         del work, m
@@ -334,7 +172,7 @@ def pass_scaling(args, device: torch.device, dtype: torch.dtype) -> list[Row]:
         for label, recipe_fields in EXPERT_METHODS.items():
             work = copy.deepcopy(model)
             recipe = StunRecipe(expert_sparsity=args.expert_sparsity, sparsity=0.0, batch_size=args.batch_size, **recipe_fields)
-            m, error = timed(device, lambda: prune(work, recipe, calibration=ids, device=device, progress=False))
+            m, error = timed(device, prune, work, recipe, calibration=ids, device=device, progress=False)
             passes, phase_s = (None, None) if error else (m.result.layer_passes.get("structured", 0), m.result.seconds["structured"])
             rows.append(Row("expert_scaling", args.sweep_dims, E, k, args.layers, "structured", label, passes, phase_s, m.seconds, naee=naee, error=error))
             del work, m
@@ -358,15 +196,6 @@ FIELD_METHODS = {  # label -> (expert_method, method_options); STUN router is th
     "NAEE": ("naee", {}),
     "EEP, 8 of 400 evaluations": ("eep", dict(max_init=3, prune_evaluations=4, total_evaluations=8)),
 }
-
-
-@dataclass
-class MethodRow(Row):
-    router_passes: float | None = None  # router calls over the calibration set, summed over layers
-    note: str = ""
-
-    def csv(self) -> dict:
-        return dict(super().csv(), router_passes="" if self.router_passes is None else f"{self.router_passes:g}", note=self.note)
 
 
 @contextmanager
@@ -405,7 +234,7 @@ def method_scaling(args, device: torch.device, dtype: torch.dtype) -> list[Metho
             recipe = StunRecipe(expert_sparsity=args.expert_sparsity, sparsity=0.0, batch_size=args.batch_size, layer_budget="uniform",
                                 expert_method=method, method_options=options)
             with counted_calls(work, batches) as counts:
-                m, error = timed(device, lambda: prune(work, recipe, calibration=ids, device=device, progress=False))
+                m, error = timed(device, prune, work, recipe, calibration=ids, device=device, progress=False)
             note = ""
             if method == "naee":
                 subsets = naee_count(E, keep) * args.layers
@@ -427,20 +256,6 @@ def method_scaling(args, device: torch.device, dtype: torch.dtype) -> list[Metho
     return rows
 
 
-def method_table(rows: list[MethodRow], expert_sparsity: float) -> str:
-    lines = [
-        f"| experts | top-k | method (uniform budget, {expert_sparsity:.0%} of experts removed) | MoE-block passes | router passes "
-        "| structured s | call s | note |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        c = r.cells()
-        router = "n/a" if r.router_passes is None else f"{r.router_passes:,.0f}"
-        lines.append(f"| {r.experts} | {r.top_k} | {r.method} | {c['layer_passes'] if not r.note.startswith('refused') else 'refused'} | {router} "
-                     f"| {c['phase_s']} | {c['call_s']} | {r.note} |")
-    return "\n".join(lines)
-
-
 def warm_up(args, device: torch.device, dtype: torch.dtype) -> None:
     """Pay first-call costs (CUDA context, cuBLAS, attention kernels) outside the measured rows.
 
@@ -452,49 +267,10 @@ def warm_up(args, device: torch.device, dtype: torch.dtype) -> None:
     recipe = StunRecipe(expert_sparsity=0.25, expert_method="frequency", sparsity=0.5, batch_size=args.batch_size)
     prune(model, recipe, calibration=ids, device=device, progress=False)
     del model
-    _release_memory(device)
+    release_memory(device)
 
 
 # ---------------------------------------------------------------- output
-
-
-def phase_table(rows: list[Row], device: torch.device) -> str:
-    ratio = "GPU peak / layer" if device.type == "cuda" else "RSS growth / layer"
-    lines = [
-        "| shape | experts (top-k) | phase | method | decoder-layer passes | phase s | call s | peak GPU MiB "
-        f"| host RSS growth MiB | one layer MiB | {ratio} |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        c = r.cells()
-        lines.append(
-            f"| {r.shape} | {r.experts} ({r.top_k}) | {r.phase} | {r.method} | {c['layer_passes']} | {c['phase_s']} | "
-            f"{c['call_s']} | {c['gpu_peak_mib']} | {c['rss_growth_mib']} | {c['layer_mib']} | {c['peak_over_layer']} |"
-        )
-    return "\n".join(lines)
-
-
-def scaling_table(rows: list[Row], expert_sparsity: float) -> str:
-    lines = [
-        f"| experts | top-k | method | decoder-layer passes | passes over the model | structured s (at {expert_sparsity:.0%}) "
-        "| NAEE subsets per layer, 25% | NAEE subsets per layer, 50% |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        c = r.cells()
-        lines.append(
-            f"| {r.experts} | {r.top_k} | {r.method} | {c['layer_passes']} | {c['model_passes']} | {c['phase_s']} | "
-            f"{r.naee[0.25]} | {r.naee[0.5]} |"
-        )
-    return "\n".join(lines)
-
-
-def error_notes(rows: list[Row]) -> str:
-    seen: dict[str, list[str]] = {}
-    for r in rows:
-        if r.error:
-            seen.setdefault(r.error, []).append(f"{r.shape}/{r.experts} experts/{r.method}")
-    return "\n".join(f"- failed ({len(where)} rows, e.g. {where[0]}): {err}" for err, where in seen.items())
 
 
 def device_name(device: torch.device) -> str:

@@ -50,11 +50,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import math
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -62,6 +60,9 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's package, also when not pip-installed
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helper modules beside this script, also when loaded by path
+from quality_rows import EEP_FITNESS_WINDOWS, FAMILIES, Result, Row, build_rows  # noqa: E402
+from quality_tables import report_text, write_csv  # noqa: E402
 from stun_lightning import StunRecipe, prune  # noqa: E402
 from stun_lightning.adapters import moe_layers  # noqa: E402
 from stun_lightning.data import calibration_blocks, calibration_path, heldout_path, read_texts, token_stream  # noqa: E402
@@ -73,143 +74,6 @@ from stun_lightning.tiny import load_tokenizer  # noqa: E402
 
 DEFAULT_DATA = Path("/work/shared/data")
 HELDOUT = {"prose": "wikitext2/test.txt", "math": "gsm8k/test.jsonl", "code": "python_stdlib/test.txt"}
-TOTALS = (0.4, 0.5, 0.6, 0.7, 0.8)
-EXPERT_FRACTIONS = (0.125, 0.25, 0.5)
-RANDOM_SEEDS = (0, 1, 2)
-EXPERT_METHODS = ("stun", "frequency", "random", "reap", "naee", "eep", "uncurl")
-METHOD_FRACTIONS = (0.25, 0.5)
-METHODS_TOTAL = 0.7  # the fixed total of the "+ owl+wanda" method rows
-TASK_METHODS = ("stun", "reap", "uncurl", "frequency")
-TASK_FRACTION = 0.5
-NAEE_TOKENS = 4096
-EEP_EVALUATIONS, EEP_INIT, EEP_PRUNE_EVALUATIONS, EEP_FITNESS_WINDOWS = 40, 10, 20, 8
-DISTILL_TOTALS = (0.5, 0.7)
-FAMILIES = ("base", "methods", "task", "distill")
-UNSTRUCTURED = {  # label -> recipe fields of the unstructured phase
-    "magnitude": dict(metric="magnitude"),
-    "wanda": dict(metric="wanda"),
-    "owl+wanda": dict(metric="wanda", allocation="owl"),
-    "moe_pruner": dict(metric="moe_pruner"),
-}
-
-
-@dataclass
-class Row:
-    group: str
-    method: str
-    recipe: dict | None  # StunRecipe fields; None = the dense model
-    seeds: tuple[int, ...] = (0,)
-    calibration: str = "mixed"  # "mixed" (the shipped calibration text) or "math" (GSM8K train only)
-    distill: str | None = None  # None, "kd" (expert-wise KD from the dense model) or "ce" (CE-only control)
-
-
-@dataclass
-class Result:
-    row: Row
-    ppl: dict[str, float]
-    accuracy: float
-    experts_removed: float
-    total_sparsity: float
-    within_sparsity: float
-    experts_after: str
-    seconds: float
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def mean_ppl(self) -> float:
-        return math.exp(sum(math.log(p) for p in self.ppl.values()) / len(self.ppl))
-
-
-def method_options(method: str) -> dict:
-    """Options that keep a method CPU-sized here; the calibration-dependent EEP fitness ids are added in run_row."""
-    if method == "naee":
-        return {"max_tokens": NAEE_TOKENS}
-    if method == "eep":
-        return {"total_evaluations": EEP_EVALUATIONS, "max_init": EEP_INIT, "prune_evaluations": EEP_PRUNE_EVALUATIONS}
-    return {}
-
-
-def method_rows() -> list[Row]:
-    """Issue 11: every expert method, uniform budget, 25/50% of the experts, alone and + OWL+Wanda to METHODS_TOTAL."""
-    rows = []
-    for second in (False, True):
-        for frac in METHOD_FRACTIONS:
-            group = f"methods {frac:.0%} experts" + (f" + owl+wanda to {METHODS_TOTAL:.0%}" if second else "")
-            for method in EXPERT_METHODS:
-                seeds = RANDOM_SEEDS if method == "random" else (0,)
-                label = f"{method} (mean of {len(seeds)} seeds)" if len(seeds) > 1 else method
-                recipe = dict(expert_sparsity=frac, expert_method=method, layer_budget="uniform", method_options=method_options(method))
-                if second:
-                    recipe.update(total_sparsity=METHODS_TOTAL, **UNSTRUCTURED["owl+wanda"])
-                rows.append(Row(group, label, recipe, seeds))
-    return rows
-
-
-def task_rows() -> list[Row]:
-    """Issue 11's task-specific row: prune for math (GSM8K train calibration), perplexity on every domain."""
-    return [
-        Row(f"math-calibrated {TASK_FRACTION:.0%} experts", f"{method} (math calibration)",
-            dict(expert_sparsity=TASK_FRACTION, expert_method=method, layer_budget="uniform", method_options=method_options(method)), calibration="math")
-        for method in TASK_METHODS
-    ]
-
-
-def distill_rows(stun_experts: float) -> list[Row]:
-    """Issue 10: the STUN rows at 50% and 70% total, after expert-wise KD (and a CE-only control)."""
-    rows = []
-    for total in DISTILL_TOTALS:
-        recipe = dict(expert_sparsity=stun_experts, total_sparsity=total, **UNSTRUCTURED["owl+wanda"])
-        for kind, label in (("kd", "expert-wise KD"), ("ce", "CE-only fine-tune (control)")):
-            rows.append(Row(f"distilled {total:.0%}", f"STUN {stun_experts:.0%} experts + owl+wanda, {label}", recipe, distill=kind))
-    return rows
-
-
-def build_rows(stun_experts: float, investigate: bool, families: tuple[str, ...] = FAMILIES) -> list[Row]:
-    rows = [Row("dense", "dense", None)]
-    if "base" in families:
-        rows += base_rows(stun_experts, investigate)
-    if "methods" in families:
-        rows += method_rows()
-    if "task" in families:
-        rows += task_rows()
-    if "distill" in families:
-        rows += distill_rows(stun_experts)
-    return rows
-
-
-def base_rows(stun_experts: float, investigate: bool) -> list[Row]:
-    """Issue 10's first rows: unstructured only, experts only, STUN's claim, 2:4, ``--investigate``."""
-    rows = []
-    for name, fields in UNSTRUCTURED.items():
-        rows.append(Row("unstructured 50%", name, dict(expert_sparsity=0.0, sparsity=0.5, **fields)))
-    for name in ("magnitude", "wanda", "moe_pruner"):
-        rows.append(Row("unstructured 2:4", name, dict(expert_sparsity=0.0, pattern="2:4", **UNSTRUCTURED[name])))
-    for frac in EXPERT_FRACTIONS:
-        for method in ("stun", "frequency", "random"):
-            seeds = RANDOM_SEEDS if method == "random" else (0,)
-            label = f"{method} (mean of {len(seeds)} seeds)" if len(seeds) > 1 else method
-            rows.append(Row(f"experts only {frac:.1%}", label, dict(expert_sparsity=frac, expert_method=method), seeds))
-    for total in TOTALS:
-        for name in ("owl+wanda", "moe_pruner"):
-            rows.append(Row(f"total {total:.0%}", f"{name} only", dict(expert_sparsity=0.0, total_sparsity=total, **UNSTRUCTURED[name])))
-            if total > stun_experts:
-                rows.append(Row(f"total {total:.0%}", f"STUN {stun_experts:.0%} experts + {name}", dict(expert_sparsity=stun_experts, total_sparsity=total, **UNSTRUCTURED[name])))
-    for name in ("wanda", "moe_pruner"):
-        rows.append(Row("STUN then 2:4", f"STUN {stun_experts:.0%} experts + {name} 2:4", dict(expert_sparsity=stun_experts, pattern="2:4", **UNSTRUCTURED[name])))
-    if investigate:
-        owl = UNSTRUCTURED["owl+wanda"]
-        for total in (0.6, 0.7, 0.8):
-            group = f"investigate {total:.0%}"
-            variants = {
-                f"STUN {stun_experts:.0%} uniform per layer + owl+wanda": dict(expert_sparsity=stun_experts, layer_budget="uniform"),
-                f"STUN {stun_experts:.0%} co-activation + owl+wanda": dict(expert_sparsity=stun_experts, distance="coactivation"),
-                f"frequency {stun_experts:.0%} experts + owl+wanda": dict(expert_sparsity=stun_experts, expert_method="frequency"),
-                "STUN 12.5% experts + owl+wanda": dict(expert_sparsity=0.125),
-                "STUN 50% experts + owl+wanda": dict(expert_sparsity=0.5),
-            }
-            for label, fields in variants.items():
-                rows.append(Row(group, label, dict(total_sparsity=total, **owl, **fields)))
-    return rows
 
 
 # ---------------------------------------------------------------- evaluation
@@ -373,111 +237,6 @@ def run_row(dense, row: Row, calibrations: dict[str, torch.Tensor], heldout, arg
         row, ppl, mean(accs), removed, mean([rep.expert_sparsity for rep in reports]), mean([rep.within_expert_sparsity for rep in reports]),
         after, time.perf_counter() - start, extra,
     )
-
-
-def markdown(results: list[Result], title: str) -> str:
-    dense = results[0]
-    domains = list(dense.ppl)
-    head = ["group", "method", "experts removed", "total sparsity", "inside kept", "experts per layer", *[f"ppl {d}" for d in domains]]
-    head += ["ppl mean", "vs dense", "next-token acc"]
-    lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in results:
-        cells = [r.row.group, r.row.method, f"{r.experts_removed:.1%}", f"{r.total_sparsity:.1%}", f"{r.within_sparsity:.1%}", r.experts_after]
-        cells += [f"{r.ppl[d]:.2f}" for d in domains]
-        cells += [f"{r.mean_ppl:.2f}", f"{r.mean_ppl / dense.mean_ppl - 1:+.1%}", f"{r.accuracy:.3f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def claim_table(results: list[Result], stun_experts: float) -> str:
-    """At each total: unstructured-only vs STUN then the same method (mean ppl), and the gap."""
-    by = {(r.row.group, r.row.method): r for r in results}
-    dense = results[0].mean_ppl
-    lines = ["| total | second phase | unstructured only | STUN then same | STUN closer to dense? | ppl increase ratio (STUN / only) |", "|---|---|---|---|---|---|"]
-    for total in TOTALS:
-        for name in ("owl+wanda", "moe_pruner"):
-            only = by.get((f"total {total:.0%}", f"{name} only"))
-            stun = by.get((f"total {total:.0%}", f"STUN {stun_experts:.0%} experts + {name}"))
-            if only is None or stun is None:
-                continue
-            ratio = (stun.mean_ppl - dense) / max(1e-9, only.mean_ppl - dense)
-            lines.append(f"| {total:.0%} | {name} | {only.mean_ppl:.2f} | {stun.mean_ppl:.2f} | {'yes' if stun.mean_ppl < only.mean_ppl else 'no'} | {ratio:.2f} |")
-    return "\n".join(lines)
-
-
-def methods_table(results: list[Result]) -> str:
-    """Issue 11: mean perplexity of every expert method (uniform budget), alone and then OWL+Wanda."""
-    by = {(r.row.group, r.row.method.split(" (")[0]): r for r in results}
-    groups = [f"methods {f:.0%} experts" + s for s in ("", f" + owl+wanda to {METHODS_TOTAL:.0%}") for f in METHOD_FRACTIONS]
-    present = [g for g in groups if any(k[0] == g for k in by)]
-    if not present:
-        return ""
-    lines = ["| method | " + " | ".join(present) + " |", "|---|" + "---|" * len(present)]
-    for method in EXPERT_METHODS:
-        cells = []
-        for g in present:
-            r = by.get((g, method))
-            best = r is not None and r.mean_ppl == min(x.mean_ppl for k, x in by.items() if k[0] == g)
-            cells.append("-" if r is None else (f"**{r.mean_ppl:.2f}**" if best else f"{r.mean_ppl:.2f}"))
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def task_table(results: list[Result]) -> str:
-    """Math-calibrated expert pruning against the same method on the mixed calibration, per domain."""
-    by = {(r.row.group, r.row.method.split(" (")[0]): r for r in results}
-    domains = list(results[0].ppl)
-    lines = ["| method | calibration | " + " | ".join(f"ppl {d}" for d in domains) + " | ppl mean |", "|---|---|" + "---|" * (len(domains) + 1)]
-    lines.append("| dense | - | " + " | ".join(f"{results[0].ppl[d]:.2f}" for d in domains) + f" | {results[0].mean_ppl:.2f} |")
-    for method in TASK_METHODS:
-        for label, group in (("mixed", f"methods {TASK_FRACTION:.0%} experts"), ("math only", f"math-calibrated {TASK_FRACTION:.0%} experts")):
-            r = by.get((group, method))
-            if r is not None:
-                lines.append(f"| {method} | {label} | " + " | ".join(f"{r.ppl[d]:.2f}" for d in domains) + f" | {r.mean_ppl:.2f} |")
-    return "\n".join(lines) if len(lines) > 3 else ""
-
-
-def distill_table(results: list[Result]) -> str:
-    """Perplexity before and after the short fit, and the share of the gap to dense it closes."""
-    dense = results[0]
-    domains = list(dense.ppl)
-    rows = [r for r in results if r.row.distill is not None and r.extra]
-    if not rows:
-        return ""
-    lines = ["| row | fit | steps | fit s | ppl before (" + " / ".join(domains) + ") | mean before | ppl after (" + " / ".join(domains) + ") | mean after | gap to dense recovered |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        before = math.exp(sum(math.log(v) for v in r.extra["before"].values()) / len(domains))
-        recovered = (before - r.mean_ppl) / max(1e-9, before - dense.mean_ppl)
-        lines.append(f"| {r.row.group} | {'expert-wise KD' if r.row.distill == 'kd' else 'CE only'} | {r.extra['steps']} | {r.extra['fit_seconds']:.0f} | "
-                     + " / ".join(f"{r.extra['before'][d]:.2f}" for d in domains) + f" | {before:.2f} | "
-                     + " / ".join(f"{r.ppl[d]:.2f}" for d in domains) + f" | {r.mean_ppl:.2f} | {recovered:.0%} |")
-    return "\n".join(lines)
-
-
-def report_text(results: list[Result], title: str, stun_experts: float) -> str:
-    text = markdown(results, title) + "\n"
-    claim = claim_table(results, stun_experts)
-    if claim.count("\n") > 1:
-        text += f"\nSTUN's claim (mean perplexity over domains; dense {results[0].mean_ppl:.2f}):\n\n{claim}\n"
-    for heading, table in (
-        (f"Every expert method, the same count per layer (mean perplexity; OWL+Wanda rows at {METHODS_TOTAL:.0%} total; bold: best of the column)", methods_table(results)),
-        (f"Pruning for math: {TASK_FRACTION:.0%} of the experts, calibrated on math only vs the mixed calibration", task_table(results)),
-        ("Expert-wise distillation with the masks held fixed", distill_table(results)),
-    ):
-        if table:
-            text += f"\n{heading}:\n\n{table}\n"
-    return text
-
-
-def write_csv(results: list[Result], path: Path, model_name: str) -> None:
-    with path.open("w", newline="") as f:
-        w = csv.writer(f)
-        domains = list(results[0].ppl)
-        w.writerow(["model", "group", "method", "seeds", "experts_removed", "total_sparsity", "within_sparsity", "experts_per_layer", *[f"ppl_{d}" for d in domains], "ppl_mean", "accuracy", "seconds"])
-        for r in results:
-            w.writerow([model_name, r.row.group, r.row.method, len(r.row.seeds), f"{r.experts_removed:.4f}", f"{r.total_sparsity:.4f}", f"{r.within_sparsity:.4f}", r.experts_after,
-                        *[f"{r.ppl[d]:.4f}" for d in domains], f"{r.mean_ppl:.4f}", f"{r.accuracy:.4f}", f"{r.seconds:.2f}"])
 
 
 def load_model(spec: str, device):

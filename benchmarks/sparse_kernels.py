@@ -18,8 +18,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # device_rates beside this script, also when loaded by path
+from device_rates import measured_rates  # noqa: E402
 
 SHAPES = {"mixtral": dict(hidden=4096, ffn=14336, experts=8, top_k=2), "qwen3": dict(hidden=2048, ffn=768, experts=128, top_k=8)}
 
@@ -38,18 +42,6 @@ def graphed_us(fn) -> float:
     with torch.cuda.graph(g):
         fn()
     return do_bench(g.replay, warmup=10, rep=50, return_mode="median") * 1e3
-
-
-def measured_rates() -> tuple[float, float]:
-    """(device copy bytes/s, read + write; bf16 matmul FLOP/s), measured now."""
-    from triton.testing import do_bench
-
-    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    bw = 2 * src.numel() / (do_bench(lambda: dst.copy_(src), return_mode="median") * 1e-3)
-    m = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    flops = 2 * 8192**3 / (do_bench(lambda: m @ m, return_mode="median") * 1e-3)
-    return bw, flops
 
 
 def mask_24(w: torch.Tensor) -> torch.Tensor:
@@ -76,7 +68,7 @@ def main(argv=None) -> int:
     from stun_lightning.sparse.triton_kernel import DECODE_CONFIGS, PREFILL_CONFIGS, launch_grouped_mm, rows_bucket_for
 
     torch.manual_seed(0)
-    bw, flops = measured_rates()
+    bw, flops = measured_rates("cuda")
     lines = [f"{torch.cuda.get_device_name()}, torch {torch.__version__}; copy {bw / 1e12:.2f} TB/s, bf16 matmul {flops / 1e12:.0f} TFLOP/s", "",
              "| shape | matrix | T | experts | kernel | config | us | 2:4 floor | of floor | dense grouped_mm | x dense | err |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]

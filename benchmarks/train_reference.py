@@ -57,9 +57,9 @@ import transformers
 from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's package, also when not pip-installed
-from stun_lightning.calibration import calibrate  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helper modules beside this script, also when loaded by path
+from reference_figures import quality_figures, reload_fp32, routing_figures  # noqa: E402
 from stun_lightning.data import read_texts, token_stream  # noqa: E402
-from stun_lightning.evaluate import next_token_accuracy, perplexity  # noqa: E402
 from stun_lightning.tiny import load_tokenizer, tiny_config  # noqa: E402
 
 DEFAULT_DATA = Path("/work/shared/data")
@@ -70,8 +70,6 @@ DOMAINS = {
     "code": (["python_stdlib/train.txt"], "python_stdlib/test.txt"),
 }
 PROBE = 30  # steps timed before the step count is fitted to --time-budget
-EVAL_SEQ_LEN = 256  # as the quality benchmark
-ROUTING_WINDOWS = 64  # held-out windows per domain for routing frequencies
 
 
 @dataclass
@@ -285,54 +283,6 @@ def train_phase(model, sampler, preset: Preset, steps: int, name: str, device, d
     log.tokens = steps * sampler.batch_size * sampler.seq_len
     model.eval()
     return log
-
-
-# ---------------------------------------------------------------- figures
-
-
-def tv(p: torch.Tensor, q: torch.Tensor) -> float:
-    return 0.5 * float((p - q).abs().sum())
-
-
-def routing_figures(model, tests: dict[str, torch.Tensor], device) -> dict:
-    """Routing frequency per domain and layer on held-out windows; domain-vs-domain TV distances."""
-    freqs, halves = {}, {}
-    for domain, ids in tests.items():
-        n = min(ROUTING_WINDOWS, len(ids) // EVAL_SEQ_LEN)
-        blocks = ids[: n * EVAL_SEQ_LEN].long().view(n, EVAL_SEQ_LEN)
-        per_half = []
-        for part in (blocks[: n // 2], blocks[n // 2 :], blocks):
-            stats = calibrate(model, part, collect=("routing",), batch_size=16, device=device, progress=False)
-            per_half.append({i: s.expert_tokens.double() / s.expert_tokens.sum() for i, s in stats.layers.items()})
-        halves[domain] = {i: tv(per_half[0][i], per_half[1][i]) for i in per_half[2]}
-        freqs[domain] = per_half[2]
-    layers = sorted(next(iter(freqs.values())))
-    names = list(tests)
-    pairs = {f"{a}-{b}": {i: tv(freqs[a][i], freqs[b][i]) for i in layers} for k, a in enumerate(names) for b in names[k + 1 :]}
-    mean = lambda d: sum(d.values()) / len(d)  # noqa: E731
-    return {
-        "frequency": {d: {str(i): [round(float(x), 5) for x in f[i]] for i in layers} for d, f in freqs.items()},
-        "tv_between_domains": {k: {str(i): round(v[i], 4) for i in layers} for k, v in pairs.items()},
-        "tv_between_domains_mean": {k: round(mean(v), 4) for k, v in pairs.items()},
-        "tv_within_domain_halves_mean": {d: round(mean(v), 4) for d, v in halves.items()},
-        "max_expert_share_mean": {d: round(mean({i: float(f[i].max()) for i in layers}), 4) for d, f in freqs.items()},
-    }
-
-
-def quality_figures(model, tests: dict[str, torch.Tensor], device, max_tokens: int | None = None) -> dict:
-    out = {}
-    for domain, ids in tests.items():
-        ids = ids[:max_tokens].long()
-        kw = dict(seq_len=EVAL_SEQ_LEN, batch_size=32, device=device, progress=False)
-        out[domain] = {"perplexity": round(perplexity(model, ids, **kw), 4), "accuracy": round(next_token_accuracy(model, ids, **kw), 4), "tokens": len(ids)}
-    return out
-
-
-def reload_fp32(model, path: Path, device):
-    """Save in bf16 (the shipped format) and reload in fp32: figures are of exactly what is saved."""
-    model.to(torch.bfloat16).save_pretrained(path)
-    reloaded = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
-    return reloaded
 
 
 # ---------------------------------------------------------------- main

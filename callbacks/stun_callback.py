@@ -2,7 +2,8 @@
 mask weights inside the survivors progressively while the model trains.
 
 Hooks only decide *when*; the work is done by the framework-free core (``stun_lightning.structured``,
-``.mask_state``, ``.schedule``, ``.activation_stats``), each tested without a Trainer.
+``.mask_state``, ``.schedule``, ``.activation_stats``), each tested without a Trainer, through
+``callbacks/structured_phase.py`` (expert removal) and ``callbacks/mask_updates.py`` (one mask update).
 
 When, in Lightning's order of a fit:
 
@@ -41,17 +42,15 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from stun_lightning.activation_stats import ActivationStats, reduce_stats
-from stun_lightning.adapters import moe_layers
-from stun_lightning.distributed import broadcast_object, calibration_across_ranks
-from stun_lightning.mask_state import ExpertMasks, apply_masks, compute_masks, mask_gradients, mask_optimizer_state, measured_sparsity
-from stun_lightning.masks import InvalidSparsityError, parse_pattern
+from stun_lightning.activation_stats import ActivationStats
+from stun_lightning.mask_state import ExpertMasks, apply_masks, mask_gradients, mask_optimizer_state, measured_sparsity
+from stun_lightning.masks import InvalidSparsityError
 from stun_lightning.recipe import StunRecipe
 from stun_lightning.report import ModelCensus, PruneReport
 from stun_lightning.schedule import InvalidScheduleError, SparsitySchedule, check_training_schedule
-from stun_lightning.structured import apply_expert_sets, needs_calibration, select_experts
 
 from .final_model import log_report, save_final_model
+from .mask_updates import final_sparsity, masks_at, window_statistics
 from .resume import (
     callback_state_in,
     check_expert_sets_before_load,
@@ -62,7 +61,7 @@ from .resume import (
     restore_state,
 )
 from .strategy_checks import check_strategy
-
+from .structured_phase import calibration_for, remove_experts
 
 
 class StunCallback(Callback):
@@ -178,20 +177,7 @@ class StunCallback(Callback):
         check_strategy(trainer)
 
     def _final_sparsity(self, model: nn.Module) -> float:
-        if self.schedule.final is not None:
-            return self.schedule.final
-        nm = parse_pattern(self.recipe.pattern)
-        if nm is not None:
-            return nm[0] / nm[1]
-        if self.recipe.total_sparsity is None:
-            return self.recipe.sparsity
-        kept = ModelCensus.of(model).expert_total.total / self._census.expert_total.total
-        within = 1.0 - (1.0 - self.recipe.total_sparsity) / kept
-        if within < 0:
-            raise InvalidSparsityError(
-                f"total_sparsity={self.recipe.total_sparsity} is below what expert removal already gives ({1 - kept:.3f}); raise it or lower expert_sparsity"
-            )
-        return within
+        return final_sparsity(self.recipe, self.schedule, self._census, model)
 
     # ------------------------------------------------------------------ structured phase
 
@@ -216,25 +202,8 @@ class StunCallback(Callback):
 
     def _structured_phase(self, trainer: Trainer, model: nn.Module) -> None:
         start = time.perf_counter()
-        calibration = None
-        if needs_calibration(self.recipe):
-            calibration = self.calibration
-            dm = trainer.datamodule
-            if calibration is None and dm is not None and hasattr(dm, "calibration_ids"):
-                calibration = dm.calibration_ids()
-            if calibration is None:
-                raise ValueError(
-                    f"expert method {self.recipe.expert_method!r} needs calibration token ids for a routing pass: pass "
-                    "StunCallback(calibration=ids [N, L]) or a datamodule with calibration_ids() (StunDataModule)"
-                )
-        # under DDP each rank calibrates on its slice and statistics are all-reduced; rank 0's choice
-        # is then adopted everywhere (DDP also broadcasts rank 0's weights when it wraps the module)
-        with calibration_across_ranks():
-            keep = select_experts(model, self.recipe, calibration, device=trainer.strategy.root_device)
-        keep = broadcast_object(keep)
-        self.removed_experts = apply_expert_sets(model, keep, lower_top_k=self.recipe.lower_top_k)
-        self.kept_experts = keep
-        self.top_k = {layer.index: layer.top_k for layer in moe_layers(model)}
+        calibration = calibration_for(self.recipe, self.calibration, trainer.datamodule)
+        self.kept_experts, self.removed_experts, self.top_k = remove_experts(model, self.recipe, calibration, trainer.strategy.root_device)
         self._seconds["structured"] = time.perf_counter() - start
         n = sum(len(v) for v in self.removed_experts.values())
         rank_zero_info(f"StunCallback: removed {n} experts before training: {self.removed_experts}")
@@ -343,35 +312,12 @@ class StunCallback(Callback):
         start = time.perf_counter()
         model = self.target(pl_module)
         target = self._resolved.sparsity_at(step)
-        stats = None
-        if self._stats is not None and self._stats.is_open:
-            seen = self._stats.tokens_seen()
-            stats = self._stats.close()
-        else:
-            seen = 0
-        if self._uses_stats and target > 0:
-            if stats is None or seen == 0:
-                raise RuntimeError(
-                    f"metric {self.recipe.metric!r} needs activation statistics at step {step}, but the forward hooks on "
-                    "the experts saw no training tokens (does the model's forward bypass its experts module, or run "
-                    "in eval mode?); use metric='magnitude'"
-                )
-            if trainer.world_size > 1:
-                stats = reduce_stats(stats, lambda t: trainer.strategy.reduce(t.to(trainer.strategy.root_device), reduce_op="sum").cpu())
+        across_ranks = None
+        if trainer.world_size > 1:
+            across_ranks = lambda t: trainer.strategy.reduce(t.to(trainer.strategy.root_device), reduce_op="sum").cpu()  # noqa: E731
+        stats = window_statistics(self._stats, self._uses_stats and target > 0, self.recipe.metric, step, across_ranks)
         if target > 0:
-            update = compute_masks(
-                model,
-                target,
-                self.recipe.metric,
-                stats,
-                pattern=self.recipe.pattern,
-                allocation=self.recipe.allocation,
-                owl_threshold=self.recipe.owl_threshold,
-                owl_lambda=self.recipe.owl_lambda,
-                low_token_rule=self.recipe.low_token_rule,
-                min_tokens=self.recipe.min_tokens,
-                previous=self.masks or None,
-            )
+            update = masks_at(model, target, self.recipe, stats, previous=self.masks or None)
             self.masks = update.masks
             self.layer_targets = update.layer_targets
             self.low_token_experts = update.low_token_experts

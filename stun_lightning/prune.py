@@ -95,7 +95,7 @@ def prune(
     targets, low_tokens = {}, {}
     if recipe.prunes_weights:
         start = time.perf_counter()
-        within = _within_sparsity(recipe, before, model)
+        within = within_sparsity(recipe, before, model)
         targets, low_tokens, n_passes = _prune_weights(model, recipe, within, calibration, device, progress)
         passes["unstructured"] = n_passes
         seconds["unstructured"] = time.perf_counter() - start
@@ -112,7 +112,7 @@ def prune(
     )
 
 
-def _within_sparsity(recipe: StunRecipe, before: ModelCensus, model: nn.Module) -> float:
+def within_sparsity(recipe: StunRecipe, before: ModelCensus, model: nn.Module) -> float:
     """Sparsity inside kept experts: the recipe's, or derived from total_sparsity STUN's way."""
     if recipe.total_sparsity is None:
         return recipe.sparsity

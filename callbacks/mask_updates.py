@@ -1,0 +1,76 @@
+"""StunCallback's unstructured phase: the final within-expert target, and one mask update.
+
+An update reads the activation statistics of the training batches just before it (the
+``stats_steps`` window of :class:`stun_lightning.activation_stats.ActivationStats`), sums them
+across ranks, and recomputes the masks at the schedule's sparsity (``stun_lightning.mask_state``).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from stun_lightning.activation_stats import ActivationStats, reduce_stats
+from stun_lightning.mask_state import ExpertMasks, MaskUpdate, compute_masks
+from stun_lightning.masks import parse_pattern
+from stun_lightning.prune import within_sparsity
+from stun_lightning.recipe import StunRecipe
+from stun_lightning.report import ModelCensus
+from stun_lightning.schedule import SparsitySchedule
+
+
+def final_sparsity(recipe: StunRecipe, schedule: SparsitySchedule, dense: ModelCensus, model: nn.Module) -> float:
+    """The schedule's final within-expert sparsity for ``model`` after expert removal (``dense``:
+    the census before it), from ``schedule.final``, the N:M pattern or the recipe's target."""
+    if schedule.final is not None:
+        return schedule.final
+    nm = parse_pattern(recipe.pattern)
+    if nm is not None:
+        return nm[0] / nm[1]
+    return within_sparsity(recipe, dense, model)  # total_sparsity turned into a within-expert target as prune() does
+
+
+def window_statistics(
+    window: ActivationStats | None,
+    needed: bool,
+    metric: str,
+    step: int,
+    reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> dict | None:
+    """Close the statistics window (if open) and return what it collected, summed with
+    ``reduce_sum`` (across ranks) when given; ``needed``: raise when it saw no tokens."""
+    stats = None
+    if window is not None and window.is_open:
+        seen = window.tokens_seen()
+        stats = window.close()
+    else:
+        seen = 0
+    if needed:
+        if stats is None or seen == 0:
+            raise RuntimeError(
+                f"metric {metric!r} needs activation statistics at step {step}, but the forward hooks on "
+                "the experts saw no training tokens (does the model's forward bypass its experts module, or run "
+                "in eval mode?); use metric='magnitude'"
+            )
+        if reduce_sum is not None:
+            stats = reduce_stats(stats, reduce_sum)
+    return stats
+
+
+def masks_at(model: nn.Module, target: float, recipe: StunRecipe, stats: dict | None, previous: ExpertMasks | None) -> MaskUpdate:
+    """Keep-masks of the surviving experts at ``target`` with the recipe's metric, pattern and allocation."""
+    return compute_masks(
+        model,
+        target,
+        recipe.metric,
+        stats,
+        pattern=recipe.pattern,
+        allocation=recipe.allocation,
+        owl_threshold=recipe.owl_threshold,
+        owl_lambda=recipe.owl_lambda,
+        low_token_rule=recipe.low_token_rule,
+        min_tokens=recipe.min_tokens,
+        previous=previous,
+    )
