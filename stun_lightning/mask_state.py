@@ -12,8 +12,9 @@ function here so it is tested without a training framework:
   momentum cannot revive a pruned weight (sparsegpt #17, filter-pruning-geometric-median #47).
 
 Masks are recomputed by :func:`compute_masks` from the recipe's metric (``stun_lightning.masks``);
-already-masked weights score zero, so masks only grow as the target sparsity rises. Masks cost one
-byte per expert weight in memory; :meth:`ExpertMasks.state_dict` packs them to one bit for checkpoints.
+already-masked weights score zero, so masks only grow as the target sparsity rises. Masks are held
+packed, one bit per expert weight on the CPU, plus one byte per weight of each parameter's own view
+(its shard under FSDP2) on the parameter's device while it is enforced.
 
 Sharded models (FSDP2, ``stun_lightning.sharding``): masks are always the full ``[E, out, in]``
 tensors, kept on the CPU, identical on every rank; each rank enforces the rows of its own shard
@@ -24,7 +25,8 @@ every rank computes the same masks from the same statistics).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -42,75 +44,114 @@ def _key(layer_index: int, matrix: str) -> str:
     return f"{layer_index}.{matrix}"
 
 
-@dataclass
 class ExpertMasks:
-    """Keep-masks (True = keep) keyed ``"<decoder layer>.<matrix>"``, each ``[E, out, in]`` bool."""
+    """Keep-masks (True = keep) keyed ``"<decoder layer>.<matrix>"``, each ``[E, out, in]`` bool.
 
-    masks: dict[str, torch.Tensor] = field(default_factory=dict)
-    _local: dict[str, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
+    Stored packed, one bit per weight on the CPU (every rank of a sharded fit holds all of them:
+    1/8 of a byte per expert weight); :meth:`local` unpacks what one parameter needs (its shard under
+    FSDP2, in its layout, on its device) and caches it until the mask is replaced. :attr:`masks`
+    unpacks every mask (for inspection and tests)."""
+
+    def __init__(self, masks: dict[str, torch.Tensor] | None = None) -> None:
+        self._packed: dict[str, tuple[torch.Tensor, tuple[int, ...]]] = {}
+        self._local: dict[str, torch.Tensor] = {}
+        for key, mask in (masks or {}).items():
+            self._set(key, mask)
 
     def __bool__(self) -> bool:
-        return bool(self.masks)
+        return bool(self._packed)
+
+    def __repr__(self) -> str:
+        return f"ExpertMasks({len(self._packed)} masks, sparsity {self.sparsity():.4f})"
+
+    @property
+    def masks(self) -> dict[str, torch.Tensor]:
+        """Every mask unpacked (bool, CPU): a copy, for inspection."""
+        return {k: self._unpack(k) for k in self._packed}
+
+    def keys(self) -> list[str]:
+        return list(self._packed)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the packed masks (the per-parameter caches of :meth:`local` not counted)."""
+        return sum(bits.numel() for bits, _ in self._packed.values())
+
+    def _unpack(self, key: str, device: torch.device | str = "cpu") -> torch.Tensor:
+        bits, shape = self._packed[key]
+        return unpack_bits(bits.to(device), shape)
+
+    def _set(self, key: str, mask: torch.Tensor) -> None:
+        self._packed[key] = (pack_bits(mask.bool()).cpu(), tuple(int(d) for d in mask.shape))
+        self._local.pop(key, None)
 
     def get(self, layer_index: int, matrix: str) -> torch.Tensor | None:
-        return self.masks.get(_key(layer_index, matrix))
+        key = _key(layer_index, matrix)
+        return self._unpack(key) if key in self._packed else None
 
     def set(self, layer_index: int, matrix: str, mask: torch.Tensor) -> None:
-        key = _key(layer_index, matrix)
-        self.masks[key] = mask.bool()
-        self._local.pop(key, None)
+        self._set(_key(layer_index, matrix), mask)
 
     def local(self, layer_index: int, matrix: str, param: torch.Tensor, transposed: bool) -> torch.Tensor:
         """The keep-mask in ``param``'s layout, restricted to this rank's shard when ``param`` is
         sharded, on the parameter's device (cached until the mask is replaced)."""
         key = _key(layer_index, matrix)
-        mask = self.masks[key]
-        if not is_sharded(param):
-            if mask.device != param.device:  # moved once and kept there
-                mask = mask.to(param.device)
-                self.masks[key] = mask
-            return _in_param_layout(mask, param, transposed)
         cached = self._local.get(key)
-        if cached is None:
-            if mask.device.type != "cpu":  # the full masks of a sharded model stay off the accelerator
-                self.masks[key] = mask = mask.cpu()
-            cached = self._local[key] = local_mask(mask.transpose(1, 2) if transposed else mask, param)
-        return cached
+        if cached is not None and cached.device == local_view(param).device:
+            return cached
+        if not is_sharded(param):
+            mask = _in_param_layout(self._unpack(key, param.device), param, transposed)
+        else:  # the full mask is unpacked on the CPU, one matrix at a time, and only the shard moves
+            mask = self._unpack(key)
+            mask = local_mask(mask.transpose(1, 2) if transposed else mask, param)
+        self._local[key] = mask
+        return mask
+
+    def shape(self, layer_index: int, matrix: str) -> tuple[int, ...] | None:
+        entry = self._packed.get(_key(layer_index, matrix))
+        return entry[1] if entry is not None else None
 
     def sparsity(self) -> float:
-        total = sum(m.numel() for m in self.masks.values())
-        kept = sum(int(m.sum()) for m in self.masks.values())
+        total = kept = 0
+        for key, (bits, shape) in self._packed.items():
+            n = math.prod(shape)
+            total += n
+            kept += int(unpack_bits(bits, shape).sum())
         return 1.0 - kept / total if total else 0.0
 
     def equal(self, other: "ExpertMasks") -> bool:
-        return self.masks.keys() == other.masks.keys() and all(
-            torch.equal(self.masks[k].cpu(), other.masks[k].cpu()) for k in self.masks
+        return self._packed.keys() == other._packed.keys() and all(
+            a[1] == b[1] and torch.equal(a[0], b[0]) for a, b in ((self._packed[k], other._packed[k]) for k in self._packed)
         )
 
     def state_dict(self) -> dict[str, dict]:
         """Masks packed to one bit per weight (CPU uint8) with their shapes."""
-        return {k: {"shape": list(m.shape), "bits": pack_bits(m)} for k, m in self.masks.items()}
+        return {k: {"shape": list(shape), "bits": bits.clone()} for k, (bits, shape) in self._packed.items()}
 
     @classmethod
     def from_state_dict(cls, state: dict[str, dict]) -> "ExpertMasks":
-        return cls({k: unpack_bits(v["bits"], v["shape"]) for k, v in state.items()})
+        out = cls()
+        for k, v in state.items():
+            shape = tuple(int(d) for d in v["shape"])
+            out._packed[k] = (v["bits"].to("cpu", torch.uint8), shape)
+        return out
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    """A bool tensor as uint8, eight entries per byte (little-endian within the byte)."""
-    flat = mask.detach().reshape(-1).to("cpu", torch.uint8)
+    """A bool tensor as uint8, eight entries per byte (little-endian within the byte), packed on
+    the mask's own device."""
+    flat = mask.detach().reshape(-1).to(torch.uint8)
     pad = (-flat.numel()) % 8
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
-    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=flat.device)
     return (flat.reshape(-1, 8) * weights).sum(1, dtype=torch.uint8)
 
 
 def unpack_bits(bits: torch.Tensor, shape) -> torch.Tensor:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    shifts = torch.arange(8, dtype=torch.uint8)
+    """The bool tensor of ``shape`` that :func:`pack_bits` packed, on ``bits``' device."""
+    n = math.prod(int(d) for d in shape)
+    shifts = torch.arange(8, dtype=torch.uint8, device=bits.device)
     flat = ((bits.to(torch.uint8)[:, None] >> shifts) & 1).reshape(-1)[:n]
     return flat.bool().reshape(list(shape))
 
@@ -128,11 +169,11 @@ def _in_param_layout(mask: torch.Tensor, param: torch.Tensor, transposed: bool) 
     return mask.transpose(1, 2) if transposed else mask
 
 
-def _check_shape(layer: MoELayer, name: str, mask: torch.Tensor, param: torch.Tensor, transposed: bool) -> None:
+def _check_shape(layer: MoELayer, name: str, shape: tuple[int, ...], param: torch.Tensor, transposed: bool) -> None:
     expected = param.transpose(1, 2).shape if transposed else param.shape
-    if tuple(mask.shape) != tuple(expected):
+    if tuple(shape) != tuple(expected):
         raise ValueError(
-            f"mask for layer {layer.index} {name} has shape {tuple(mask.shape)} but the weight is {tuple(expected)}: "
+            f"mask for layer {layer.index} {name} has shape {tuple(shape)} but the weight is {tuple(expected)}: "
             "the masks were computed for a different expert set (restore the expert sets before the masks)"
         )
 
@@ -142,10 +183,10 @@ def iter_masked(model: nn.Module, masks: ExpertMasks) -> Iterator[tuple[nn.Param
     sharded parameter the mask covers this rank's shard (apply it to ``local_view`` of the tensors)."""
     for layer in moe_layers(model):
         for name, param, transposed in _param_views(layer):
-            mask = masks.get(layer.index, name)
-            if mask is None:
+            shape = masks.shape(layer.index, name)
+            if shape is None:
                 continue
-            _check_shape(layer, name, mask, param, transposed)
+            _check_shape(layer, name, shape, param, transposed)
             yield param, masks.local(layer.index, name, param, transposed)
 
 

@@ -160,3 +160,23 @@ def test_dense_linears_stay_dense_unless_asked(family):
         else:
             assert all(z == 0 for z in zeros)
         assert float((model.lm_head.weight == 0).float().mean()) == 0
+
+
+def test_expert_masks_are_held_at_one_bit_per_weight_and_round_trip():
+    from stun_lightning.mask_state import ExpertMasks
+
+    gen = torch.Generator().manual_seed(0)
+    up, down = torch.rand(3, 10, 8, generator=gen) > 0.4, torch.rand(3, 8, 5, generator=gen) > 0.6
+    masks = ExpertMasks({"0.gate_up_proj": up})
+    masks.set(0, "down_proj", down)
+    assert masks.nbytes == (up.numel() + 7) // 8 + (down.numel() + 7) // 8
+    assert torch.equal(masks.get(0, "gate_up_proj"), up) and torch.equal(masks.get(0, "down_proj"), down)
+    assert abs(masks.sparsity() - (1 - (up.sum() + down.sum()).item() / (up.numel() + down.numel()))) < 1e-12
+    again = ExpertMasks.from_state_dict(masks.state_dict())
+    assert again.equal(masks) and not again.equal(ExpertMasks({"0.gate_up_proj": up}))
+    # a parameter's view: its layout (transposed here), cached until the mask is replaced
+    param = torch.nn.Parameter(torch.ones(3, 8, 10))
+    view = masks.local(0, "gate_up_proj", param, transposed=True)
+    assert torch.equal(view, up.transpose(1, 2)) and masks.local(0, "gate_up_proj", param, transposed=True) is view
+    masks.set(0, "gate_up_proj", ~up)
+    assert torch.equal(masks.local(0, "gate_up_proj", param, transposed=True), (~up).transpose(1, 2))
