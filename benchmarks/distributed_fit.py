@@ -204,8 +204,9 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     fit = resume = None
     if args.skip != "fit":
-        run_fit(args, args.layers, args.steps, str(work / "fit.json"))
-        fit = json.loads((work / "fit.json").read_text())
+        trainer, _, _ = run_fit(args, args.layers, args.steps, str(work / "fit.json"))
+        if trainer.is_global_zero:  # rank 0 wrote it; the other ranks go on without reading
+            fit = json.loads((work / "fit.json").read_text())
     if args.skip != "resume":
         k = args.resume_steps // 2
         ckpt = work / "ckpt"
