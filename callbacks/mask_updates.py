@@ -59,8 +59,10 @@ def window_statistics(
     return stats
 
 
-def masks_at(model: nn.Module, target: float, recipe: StunRecipe, stats: dict | None, previous: ExpertMasks | None) -> MaskUpdate:
-    """Keep-masks of the surviving experts at ``target`` with the recipe's metric, pattern and allocation."""
+def masks_at(model: nn.Module, target: float, recipe: StunRecipe, stats: dict | None, previous: ExpertMasks | None,
+             original_experts: dict[int, int] | None = None) -> MaskUpdate:
+    """Keep-masks of the surviving experts at ``target`` with the recipe's metric, pattern and
+    allocation (``original_experts``: expert counts before the structured phase)."""
     return compute_masks(
         model,
         target,
@@ -73,4 +75,6 @@ def masks_at(model: nn.Module, target: float, recipe: StunRecipe, stats: dict | 
         low_token_rule=recipe.low_token_rule,
         min_tokens=recipe.min_tokens,
         previous=previous,
+        allocation_base=recipe.allocation_base,
+        original_experts=original_experts,
     )

@@ -317,7 +317,7 @@ class StunCallback(Callback):
             across_ranks = lambda t: trainer.strategy.reduce(t.to(trainer.strategy.root_device), reduce_op="sum").cpu()  # noqa: E731
         stats = window_statistics(self._stats, self._uses_stats and target > 0, self.recipe.metric, step, across_ranks)
         if target > 0:
-            update = masks_at(model, target, self.recipe, stats, previous=self.masks or None)
+            update = masks_at(model, target, self.recipe, stats, previous=self.masks or None, original_experts=self.dense_expert_counts)
             self.masks = update.masks
             self.layer_targets = update.layer_targets
             self.low_token_experts = update.low_token_experts

@@ -34,7 +34,7 @@ from torch import nn
 
 from .adapters import MoELayer, moe_layers
 from .calibration import LayerStats
-from .masks import mask_from_scores, nm_sparsity_for, outlier_ratio, owl_allocation, parse_pattern, score
+from .masks import mask_from_scores, nm_sparsity_for, outlier_ratio, owl_allocation, parse_pattern, score, whole_layer_allocation
 from .sharding import count_nonzero, full, is_sharded, local_mask, local_view
 
 MATRICES = ("gate_up_proj", "down_proj")
@@ -256,6 +256,8 @@ def compute_masks(
     low_token_rule: str = "dense",
     min_tokens: int = 1,
     previous: ExpertMasks | None = None,
+    allocation_base: str = "kept",
+    original_experts: dict[int, int] | None = None,
 ) -> MaskUpdate:
     """Keep-masks for every surviving expert matrix at ``sparsity`` (per output row, as Wanda).
 
@@ -265,6 +267,8 @@ def compute_masks(
     keep their ``previous`` mask (or stay dense), as the one-shot pipeline leaves them dense; with
     ``"magnitude"`` they are masked by magnitude. ``allocation="owl"`` spreads ``sparsity`` over
     layers by outlier ratio (parameter-weighted, see ``stun_lightning.masks``).
+    ``allocation_base="layer"`` sets each layer's target over its original expert parameters
+    (``original_experts``: expert counts before removal; see ``masks.whole_layer_allocation``).
     """
     nm = parse_pattern(pattern)
     layers = moe_layers(model)
@@ -294,8 +298,15 @@ def compute_masks(
         for layer in layers:
             ratios[layer.index] = outlier_ratio([sc for _, _, sc in layer_scores(layer, _full_matrices(layer)) if sc is not None], owl_threshold)
             sizes[layer.index] = sum(w.numel() for w in layer.expert_matrices().values())
-        targets = owl_allocation(ratios, sizes, nm[0] / nm[1] if nm else sparsity, owl_lambda)
+        if allocation_base == "kept":
+            targets = owl_allocation(ratios, sizes, nm[0] / nm[1] if nm else sparsity, owl_lambda)
         low_tokens.clear()
+    if allocation_base == "layer":
+        if original_experts is None:
+            raise ValueError("allocation_base='layer' needs original_experts (each layer's expert count before expert removal)")
+        kept = {layer.index: sum(w.numel() for w in layer.expert_matrices().values()) for layer in layers}
+        counts = {layer.index: layer.num_experts for layer in layers}
+        targets = whole_layer_allocation(kept, counts, original_experts, sparsity, ratios if allocation == "owl" else None, owl_lambda)
 
     out = ExpertMasks()
     for layer in layers:

@@ -114,9 +114,13 @@ def owl_allocation(ratios: Mapping[int, float], sizes: Mapping[int, int], target
     span = float(d.max() - d.min())
     d_hat = (d - d.min()) / span * 2 * lam if span > 0 else torch.zeros_like(d)
     s = target - (d_hat - (d_hat * w).sum() / w.sum())
-    # Clip to [0, 0.99] and redistribute the clipped excess over the free layers.
-    lo, hi = 0.0, 0.99
-    for _ in range(len(keys) + 1):
+    return dict(zip(keys, _clip_to_mean(s, w, target)))
+
+
+def _clip_to_mean(s: torch.Tensor, w: torch.Tensor, target: float, lo: float = 0.0, hi: float = 0.99) -> list[float]:
+    """``s`` clipped to [lo, hi], the clipped excess redistributed over the free entries so that the
+    ``w``-weighted mean stays ``target``."""
+    for _ in range(len(s) + 1):
         clipped = s.clamp(lo, hi)
         err = target - float((clipped * w).sum() / w.sum())
         free = (clipped > lo) & (clipped < hi)
@@ -124,4 +128,41 @@ def owl_allocation(ratios: Mapping[int, float], sizes: Mapping[int, int], target
             s = clipped
             break
         s = clipped + err * free.double() * w.sum() / (w * free.double()).sum()
-    return {k: float(v) for k, v in zip(keys, s)}
+    return [float(v) for v in s]
+
+
+def whole_layer_allocation(
+    kept_sizes: Mapping[int, int],
+    kept_experts: Mapping[int, int],
+    original_experts: Mapping[int, int],
+    within: float,
+    ratios: Mapping[int, float] | None = None,
+    lam: float = 0.08,
+) -> dict[int, float]:
+    """Within-expert sparsity per layer, allocated over whole layers (``allocation_base="layer"``).
+
+    ``kept_sizes``: parameters of each layer's kept experts; ``kept_experts`` / ``original_experts``:
+    its expert counts after and before expert removal. Each layer's target is set for its original
+    expert parameters, the removed experts counting as
+    pruned: the same total sparsity in every layer, or OWL's spread of it by outlier ratio
+    (``ratios``) when given. A layer that lost more experts therefore loses fewer weights inside
+    the ones it kept. Those targets become within-expert sparsities, clipped to [0, 0.99] and
+    shifted so the kept-parameter-weighted mean is exactly ``within`` (the recipe's budget is
+    unchanged). With equal expert counts this is the usual allocation; it differs after a global
+    structured phase. On the shipped reference model (frequency, global budget, 25% of experts,
+    Wanda, 80% total) held-out perplexity was 78.9 with it against 205 with the per-kept-expert
+    uniform allocation and 1288 with OWL over kept experts (STUN: 84.7 with OWL vs 100).
+    """
+    check_sparsity(within, "within-expert sparsity")
+    keys = list(kept_sizes)
+    kept = torch.tensor([kept_sizes[k] for k in keys], dtype=torch.float64)
+    orig = torch.tensor([kept_sizes[k] * original_experts.get(k, kept_experts[k]) / kept_experts[k] for k in keys], dtype=torch.float64)
+    original_sizes = {k: float(v) for k, v in zip(keys, orig)}
+    total = 1.0 - (1.0 - within) * float(kept.sum() / orig.sum())
+    if ratios is not None:
+        layer = owl_allocation(ratios, original_sizes, total, lam)
+        layer_t = torch.tensor([layer[k] for k in keys], dtype=torch.float64)
+    else:
+        layer_t = torch.full((len(keys),), total, dtype=torch.float64)
+    s = 1.0 - (1.0 - layer_t) * orig / kept
+    return dict(zip(keys, _clip_to_mean(s, kept, within)))

@@ -9,7 +9,7 @@ from torch import nn
 
 from .adapters import MoELayer, decoder_layers, moe_layers
 from .calibration import LINEAR, NORMS, LayerStats, calibrate
-from .masks import InvalidSparsityError, mask_from_scores, nm_sparsity_for, outlier_ratio, owl_allocation, parse_pattern, score
+from .masks import InvalidSparsityError, mask_from_scores, nm_sparsity_for, outlier_ratio, owl_allocation, parse_pattern, score, whole_layer_allocation
 from .methods import get_expert_method
 from .recipe import StunRecipe
 from .report import ModelCensus, PruneReport
@@ -96,7 +96,7 @@ def prune(
     if recipe.prunes_weights:
         start = time.perf_counter()
         within = within_sparsity(recipe, before, model)
-        targets, low_tokens, n_passes = _prune_weights(model, recipe, within, calibration, device, progress)
+        targets, low_tokens, n_passes = _prune_weights(model, recipe, within, calibration, device, progress, before.num_experts)
         passes["unstructured"] = n_passes
         seconds["unstructured"] = time.perf_counter() - start
 
@@ -140,7 +140,7 @@ def _matrix_scores(layer: MoELayer, stats: LayerStats | None, metric: str, low: 
                 yield e, name, weights[e], score(weights[e], metric, norms[e] if norms is not None else None)
 
 
-def _prune_weights(model, recipe: StunRecipe, within: float, calibration, device, progress):
+def _prune_weights(model, recipe: StunRecipe, within: float, calibration, device, progress, original_experts: dict[int, int]):
     layers = {layer.index: layer for layer in moe_layers(model)}
     nm = parse_pattern(recipe.pattern)
     uses_data = recipe.metric != "magnitude"
@@ -175,8 +175,13 @@ def _prune_weights(model, recipe: StunRecipe, within: float, calibration, device
         else:
             for i, layer in layers.items():
                 measure(i, layer, None)
-        targets = owl_allocation(ratios, sizes, nm[0] / nm[1] if nm else within, recipe.owl_lambda)
+        if recipe.allocation_base == "kept":
+            targets = owl_allocation(ratios, sizes, nm[0] / nm[1] if nm else within, recipe.owl_lambda)
         low_tokens.clear()
+    if recipe.allocation_base == "layer":
+        kept = {i: sum(w.numel() for w in layer.expert_matrices().values()) for i, layer in layers.items()}
+        counts = {i: layer.num_experts for i, layer in layers.items()}
+        targets = whole_layer_allocation(kept, counts, original_experts, within, ratios if recipe.allocation == "owl" else None, recipe.owl_lambda)
 
     all_layers = decoder_layers(model)
 

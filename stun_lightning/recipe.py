@@ -35,6 +35,11 @@ class StunRecipe:
             ``1 - total = (1 - removed expert params) * (1 - sparsity)``; overrides ``sparsity``.
         metric: ``wanda`` (default), ``moe_pruner`` or ``magnitude``.
         allocation: ``uniform`` or ``owl`` (owl_threshold M, owl_lambda).
+        allocation_base: what a layer's target is a sparsity of: ``kept`` (the weights of its kept
+            experts, the official pipeline's) or ``layer`` (its original expert parameters, removed
+            experts counted as pruned; ours, for layers left with unequal expert counts by
+            ``layer_budget: global``: see ``stun_lightning.masks.whole_layer_allocation``). The
+            within-expert budget is the same either way; unstructured patterns only.
         pattern: ``unstructured``, ``2:4`` or ``4:8`` (N:M fixes the sparsity at N/M).
         sequential: later layers calibrate on already-pruned earlier layers (Wanda's scheme).
         prune_dense: also mask the dense linears of every decoder layer (attention, shared experts,
@@ -61,6 +66,7 @@ class StunRecipe:
     allocation: str = "uniform"
     owl_threshold: float = 5.0
     owl_lambda: float = 0.08
+    allocation_base: str = "kept"
     pattern: str = "unstructured"
     sequential: bool = True
     prune_dense: bool = False
@@ -88,6 +94,7 @@ class StunRecipe:
             "distance": (self.distance, list(DISTANCES)),
             "metric": (self.metric, list(METRICS)),
             "allocation": (self.allocation, ["uniform", "owl"]),
+            "allocation_base": (self.allocation_base, ["kept", "layer"]),
             "low_token_rule": (self.low_token_rule, ["dense", "magnitude"]),
         }
         for name, (value, allowed) in choices.items():
@@ -97,6 +104,11 @@ class StunRecipe:
             if getattr(self, name) < 1:
                 raise ValueError(f"recipe {name} must be >= 1, got {getattr(self, name)}")
         get_expert_method(self.expert_method).check_options(self.method_options)
+        if self.allocation_base == "layer" and self.pattern != "unstructured":
+            raise ValueError(
+                f"allocation_base='layer' moves sparsity between layers, which pattern={self.pattern!r} fixes per "
+                "group; use pattern='unstructured' or allocation_base='kept'"
+            )
         return self
 
     @property

@@ -180,3 +180,56 @@ def test_expert_masks_are_held_at_one_bit_per_weight_and_round_trip():
     assert torch.equal(view, up.transpose(1, 2)) and masks.local(0, "gate_up_proj", param, transposed=True) is view
     masks.set(0, "gate_up_proj", ~up)
     assert torch.equal(masks.local(0, "gate_up_proj", param, transposed=True), (~up).transpose(1, 2))
+
+
+def test_whole_layer_allocation_gives_layers_that_lost_experts_fewer_pruned_weights():
+    from stun_lightning.masks import whole_layer_allocation
+
+    kept_experts, original = {0: 3, 1: 7, 2: 8}, {0: 8, 1: 8, 2: 8}
+    kept_sizes = {i: 100 * n for i, n in kept_experts.items()}
+    within = 0.6
+    s = whole_layer_allocation(kept_sizes, kept_experts, original, within)
+    # the kept-weighted mean is the recipe's within-expert budget
+    assert sum(s[i] * kept_sizes[i] for i in s) / sum(kept_sizes.values()) == pytest.approx(within)
+    # every layer ends at the same sparsity over its original experts (removed ones count as pruned)
+    totals = [1 - (1 - s[i]) * kept_experts[i] / original[i] for i in s]
+    assert max(totals) - min(totals) < 1e-9
+    assert s[0] < s[1] < s[2]
+    # equal expert counts: the usual allocations
+    same = {i: 8 for i in kept_experts}
+    assert all(v == pytest.approx(within) for v in whole_layer_allocation({i: 800 for i in same}, same, same, within).values())
+    ratios = {0: 0.02, 1: 0.05, 2: 0.03}
+    owl = whole_layer_allocation({i: 800 for i in same}, same, same, within, ratios)
+    assert owl == pytest.approx(owl_allocation(ratios, {i: 800 for i in same}, within))
+
+
+def test_prune_with_a_global_expert_budget_allocates_over_whole_layers_when_asked():
+    model = build_tiny_model("qwen3_moe", num_hidden_layers=4, seed=2)
+    ids = random_ids(model, n=8)
+    recipe = dict(expert_method="frequency", expert_sparsity=0.25, layer_budget="global", total_sparsity=0.7, metric="wanda", low_token_rule="magnitude")
+    report = prune(clone(model), StunRecipe(**recipe, allocation_base="layer"), calibration=ids, progress=False)
+    kept = report.experts_after
+    assert len(set(kept.values())) > 1  # the global budget left unequal expert counts
+    assert report.expert_sparsity == pytest.approx(0.7, abs=0.01)
+    fewest, most = min(kept, key=kept.get), max(kept, key=kept.get)
+    assert report.layer_target_sparsity[fewest] < report.layer_target_sparsity[most]
+    baseline = prune(clone(model), StunRecipe(**recipe), calibration=ids, progress=False)
+    assert len(set(round(v, 6) for v in baseline.layer_target_sparsity.values())) == 1  # "kept": one within-expert target
+    with pytest.raises(ValueError, match="allocation_base='layer'"):
+        StunRecipe(pattern="2:4", allocation_base="layer")
+
+
+def test_masks_during_training_follow_the_whole_layer_allocation():
+    from stun_lightning.mask_state import compute_masks
+    from stun_lightning.structured import apply_expert_sets
+
+    model = build_tiny_model("mixtral", num_hidden_layers=2, seed=1)
+    original = {layer.index: layer.num_experts for layer in moe_layers(model)}
+    apply_expert_sets(model, {0: [0, 1, 2], 1: list(range(original[1] - 1))})
+    update = compute_masks(model, 0.5, "magnitude", allocation_base="layer", original_experts=original)
+    assert update.layer_targets[0] < 0.5 < update.layer_targets[1]
+    kept = {layer.index: sum(w.numel() for w in layer.expert_matrices().values()) for layer in moe_layers(model)}
+    assert sum(update.layer_targets[i] * kept[i] for i in kept) / sum(kept.values()) == pytest.approx(0.5)
+    assert 1 - update.masks.sparsity() == pytest.approx(0.5, abs=0.02)
+    with pytest.raises(ValueError, match="original_experts"):
+        compute_masks(model, 0.5, "magnitude", allocation_base="layer")
