@@ -9,16 +9,13 @@ other and with the same work done in this single process.
 from __future__ import annotations
 
 import os
-import socket
-import time
-import traceback
 from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from spawn_ranks import rank_failures_recorded, set_rank_env, spawn_ranks
 from stun_lightning import StunRecipe
 from stun_lightning.calibration import LINEAR, NORMS, ROUTING, SALIENCY, calibrate
 from stun_lightning.structured import select_experts
@@ -57,12 +54,8 @@ def stats_dict(stats):
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD), RANK=str(rank), LOCAL_RANK=str(rank), NODE_RANK="0",
-        NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1",
-    )
-    torch.set_num_threads(1)
-    try:
+    set_rank_env(rank, port, WORLD)
+    with rank_failures_recorded(out_dir, rank):
         from lightning.pytorch import Trainer
 
         from stun_lightning.callbacks import SparsitySchedule, StunCallback, StunDataModule, StunDistillModule
@@ -100,42 +93,17 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             },
             os.path.join(out_dir, f"fit{rank}.pt"),
         )
-    except BaseException:
-        (open(os.path.join(out_dir, f"error{rank}.txt"), "w")).write(traceback.format_exc())
-        raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     """What each of the 2 ranks wrote, and the spawn's wall time."""
     out = tmp_path_factory.mktemp("ranks")
-    start = time.perf_counter()
-    ctx = mp.start_processes(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=False, start_method="spawn")
-    deadline = start + TIMEOUT_S
-    try:
-        while not ctx.join(timeout=max(1.0, deadline - time.perf_counter())):
-            if time.perf_counter() > deadline:
-                raise TimeoutError(f"the {WORLD} spawned ranks did not finish within {TIMEOUT_S} s")
-    except Exception as err:
-        errors = "\n".join(p.read_text() for p in sorted(out.glob("error*.txt")))
-        pytest.fail(f"spawned ranks failed: {err}\n{errors}")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
+    seconds = spawn_ranks(_worker, out, world=WORLD, timeout_s=TIMEOUT_S)
     return {
         "calibration": [torch.load(out / f"calibration{r}.pt", weights_only=False) for r in range(WORLD)],
         "fit": [torch.load(out / f"fit{r}.pt", weights_only=False) for r in range(WORLD)],
-        "seconds": time.perf_counter() - start,
+        "seconds": seconds,
     }
 
 

@@ -12,17 +12,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
-import time
-import traceback
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from spawn_ranks import rank_failures_recorded, set_rank_env, spawn_ranks
 from stun_lightning import StunRecipe, load_pruned, moe_layers
 from stun_lightning.mask_state import ExpertMasks
 from stun_lightning.structured import select_experts
@@ -151,12 +148,8 @@ def _meta_init_fit(device):
 
 
 def _worker(rank: int, port: int, out_dir: str, device: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD), RANK=str(rank), LOCAL_RANK=str(rank), NODE_RANK="0",
-        NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1",
-    )
-    torch.set_num_threads(1)
-    try:
+    set_rank_env(rank, port, WORLD)
+    with rank_failures_recorded(out_dir, rank):
         if device == "cuda":
             torch.cuda.set_device(rank)
         # Lightning finds this process group and LOCAL_RANK / WORLD_SIZE: it launches nothing
@@ -167,40 +160,15 @@ def _worker(rank: int, port: int, out_dir: str, device: str) -> None:
         again = _fit(device, out_dir, max_steps=5, ckpt_path=str(ckpt))  # chosen again, checked before loading
         meta = _meta_init_fit(device)
         torch.save({"first": first, "resumed": resumed, "again": again, "meta": meta, "ckpt": str(ckpt)}, os.path.join(out_dir, f"rank{rank}.pt"))
-    except BaseException:
-        (open(os.path.join(out_dir, f"error{rank}.txt"), "w")).write(traceback.format_exc())
-        raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module", params=["cpu", pytest.param("cuda", marks=gpus)])
 def ranks(request, tmp_path_factory):
     """What each of the 2 ranks wrote, where, and the spawn's wall time."""
     out = tmp_path_factory.mktemp(f"fsdp_{request.param}")
-    start = time.perf_counter()
-    ctx = mp.start_processes(_worker, args=(_free_port(), str(out), request.param), nprocs=WORLD, join=False, start_method="spawn")
-    deadline = start + TIMEOUT_S
-    try:
-        while not ctx.join(timeout=max(1.0, deadline - time.perf_counter())):
-            if time.perf_counter() > deadline:
-                raise TimeoutError(f"the {WORLD} spawned ranks did not finish within {TIMEOUT_S} s")
-    except Exception as err:
-        errors = "\n".join(p.read_text() for p in sorted(out.glob("error*.txt")))
-        pytest.fail(f"spawned ranks failed: {err}\n{errors}")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
+    seconds = spawn_ranks(_worker, out, request.param, world=WORLD, timeout_s=TIMEOUT_S)
     got = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
-    return {"ranks": got, "out": out, "seconds": time.perf_counter() - start}
+    return {"ranks": got, "out": out, "seconds": seconds}
 
 
 def test_every_rank_removes_the_same_experts_before_sharding(ranks):
