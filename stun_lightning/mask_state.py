@@ -293,20 +293,19 @@ def compute_masks(
                     yield name, e, score(weights[e], metric, norms[e] if norms is not None else None)
 
     targets = {layer.index: (nm[0] / nm[1] if nm else sparsity) for layer in layers}
+    ratios = None  # outlier ratios, for OWL
     if allocation == "owl":
-        ratios, sizes = {}, {}
-        for layer in layers:
-            ratios[layer.index] = outlier_ratio([sc for _, _, sc in layer_scores(layer, _full_matrices(layer)) if sc is not None], owl_threshold)
-            sizes[layer.index] = sum(w.numel() for w in layer.expert_matrices().values())
-        if allocation_base == "kept":
-            targets = owl_allocation(ratios, sizes, nm[0] / nm[1] if nm else sparsity, owl_lambda)
+        ratios = {layer.index: outlier_ratio([sc for _, _, sc in layer_scores(layer, _full_matrices(layer)) if sc is not None], owl_threshold)
+                  for layer in layers}
         low_tokens.clear()
+    sizes = {layer.index: sum(w.numel() for w in layer.expert_matrices().values()) for layer in layers}
     if allocation_base == "layer":
         if original_experts is None:
             raise ValueError("allocation_base='layer' needs original_experts (each layer's expert count before expert removal)")
-        kept = {layer.index: sum(w.numel() for w in layer.expert_matrices().values()) for layer in layers}
         counts = {layer.index: layer.num_experts for layer in layers}
-        targets = whole_layer_allocation(kept, counts, original_experts, sparsity, ratios if allocation == "owl" else None, owl_lambda)
+        targets = whole_layer_allocation(sizes, counts, original_experts, sparsity, ratios, owl_lambda)
+    elif ratios is not None:
+        targets = owl_allocation(ratios, sizes, nm[0] / nm[1] if nm else sparsity, owl_lambda)
 
     out = ExpertMasks()
     for layer in layers:

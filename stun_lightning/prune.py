@@ -156,8 +156,9 @@ def _prune_weights(model, recipe: StunRecipe, within: float, calibration, device
         return set(low)
 
     targets = {i: (nm[0] / nm[1] if nm else within) for i in layers}
+    ratios = None  # outlier ratios, for OWL
     if recipe.allocation == "owl":
-        ratios, sizes = {}, {}
+        ratios = {}
 
         def measure(i: int, layer: MoELayer | None, stats: LayerStats | None) -> bool:
             if layer is not None:
@@ -166,7 +167,6 @@ def _prune_weights(model, recipe: StunRecipe, within: float, calibration, device
                     lambda: (sc for *_, sc in _matrix_scores(layer, stats, recipe.metric, low, recipe.low_token_rule) if sc is not None),
                     recipe.owl_threshold,
                 )
-                sizes[i] = sum(w.numel() for w in layer.expert_matrices().values())
             return False
 
         if uses_data:
@@ -175,13 +175,13 @@ def _prune_weights(model, recipe: StunRecipe, within: float, calibration, device
         else:
             for i, layer in layers.items():
                 measure(i, layer, None)
-        if recipe.allocation_base == "kept":
-            targets = owl_allocation(ratios, sizes, nm[0] / nm[1] if nm else within, recipe.owl_lambda)
         low_tokens.clear()
+    sizes = {i: sum(w.numel() for w in layer.expert_matrices().values()) for i, layer in layers.items()}
     if recipe.allocation_base == "layer":
-        kept = {i: sum(w.numel() for w in layer.expert_matrices().values()) for i, layer in layers.items()}
         counts = {i: layer.num_experts for i, layer in layers.items()}
-        targets = whole_layer_allocation(kept, counts, original_experts, within, ratios if recipe.allocation == "owl" else None, recipe.owl_lambda)
+        targets = whole_layer_allocation(sizes, counts, original_experts, within, ratios, recipe.owl_lambda)
+    elif ratios is not None:
+        targets = owl_allocation(ratios, sizes, nm[0] / nm[1] if nm else within, recipe.owl_lambda)
 
     all_layers = decoder_layers(model)
 
