@@ -32,13 +32,13 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-from lightning.pytorch import Callback
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from step_timer import StepTimer  # noqa: E402
 
 
 def qwen3_config(layers: int, tiny: bool):
@@ -62,31 +62,19 @@ def meta_model(config):
         return AutoModelForCausalLM.from_config(config)
 
 
-class StepTimer(Callback):
-    """Wall time and loss of every optimizer step, peak memory of every rank; rank 0 writes them as JSON."""
+class FitRecorder(StepTimer):
+    """Step times and losses; at the end rank 0 writes them, with every rank's peak memory, as JSON."""
 
     def __init__(self, out: str, tokens_per_step: int, update_every: int):
+        super().__init__()
         self.out, self.tokens_per_step, self.update_every = out, tokens_per_step, update_every
-        self.times, self.losses, self._t = [], [], None
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        self._t = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        self.times.append(time.perf_counter() - self._t)
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        self.losses.append(float(loss.detach().float()))
 
     def on_train_end(self, trainer, pl_module):
         peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
         peaks = trainer.strategy.all_gather(torch.tensor([peak], dtype=torch.float64, device=pl_module.device))
         if trainer.is_global_zero:
             Path(self.out).write_text(json.dumps({
-                "times": self.times, "losses": self.losses, "tokens_per_step": self.tokens_per_step,
+                "times": [t for _, t in self.times], "losses": self.losses, "tokens_per_step": self.tokens_per_step,
                 "update_every": self.update_every, "peak_bytes": [float(p) for p in peaks.flatten().cpu()],
                 "world": trainer.world_size, "global_step": trainer.global_step,
             }))
@@ -111,7 +99,7 @@ def run_fit(args, layers: int, steps: int, out_json: str, ckpt_dir: str | None =
     update_every = max(2, steps // 4)
     recipe = StunRecipe(expert_method="random", expert_sparsity=0.25, layer_budget="uniform", sparsity=0.5, metric="magnitude")
     callbacks = [StunCallback(recipe=recipe, schedule=SparsitySchedule(kind="cubic", start_step=0, end_step=steps // 2, update_every=update_every)),
-                 StepTimer(out_json, args.seq_len * args.batch_size * args.devices, update_every)]
+                 FitRecorder(out_json, args.seq_len * args.batch_size * args.devices, update_every)]
     if ckpt_dir:
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="{step}", every_n_train_steps=ckpt_every, save_top_k=-1))
     trainer = Trainer(accelerator=args.accelerator, devices=args.devices, strategy=FSDP2Strategy(), precision=args.precision,

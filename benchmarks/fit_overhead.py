@@ -28,10 +28,12 @@ import time
 from pathlib import Path
 
 import torch
-from lightning.pytorch import Callback, Trainer
+from lightning.pytorch import Trainer
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from step_timer import StepTimer  # noqa: E402
 try:
     from stun_lightning.callbacks import SparsitySchedule, StunCallback, StunDistillModule
 except ImportError:  # run from a plain checkout (PYTHONPATH=.), not an installed package
@@ -52,21 +54,6 @@ class RandomTokens(Dataset):
 
     def __getitem__(self, i):
         return {"input_ids": self.ids[i]}
-
-
-class StepTimer(Callback):
-    """Wall time of every training batch (device synchronised), keyed by the step it belongs to."""
-
-    def __init__(self, sync):
-        self.sync, self.times = sync, []
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.sync()
-        self._t, self._step = time.perf_counter(), trainer.global_step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.sync()
-        self.times.append((self._step, time.perf_counter() - self._t))
 
 
 def model_for(args):
