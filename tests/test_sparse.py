@@ -174,6 +174,21 @@ def test_kernel_matches_reference_on_gpu(shape, tokens, dtype):
 
 
 @cuda
+@pytest.mark.parametrize("num_experts,top_k", [(8, 2), (128, 8), (6, 2), (3, 1)])
+@pytest.mark.parametrize("tokens", [1, 5, 32])
+@pytest.mark.parametrize("block_m", [16, 64])
+def test_one_program_align_equals_the_torch_ops_on_gpu(num_experts, top_k, tokens, block_m):
+    from stun_lightning.sparse.experts import align
+
+    torch.manual_seed(tokens)
+    index = torch.stack([torch.randperm(num_experts, device="cuda")[:top_k] for _ in range(tokens)])
+    index[0, :] = index[-1, :]  # two tokens with the same experts: the rank within an expert must be stable
+    ids, block_expert = align(index, num_experts, block_m)
+    want_ids, want_blocks = align_pairs(index, num_experts, block_m)
+    assert torch.equal(ids, want_ids) and torch.equal(block_expert, want_blocks)
+
+
+@cuda
 @pytest.mark.parametrize("shape", [(8, 2 * 96, 512, 2), (4, 40, 76, 3), (6, 24, 40, 2)])
 def test_every_autotuner_candidate_is_correct_on_gpu(shape):
     """The autotuners may pick any candidate on some shape: each must compute the same product."""

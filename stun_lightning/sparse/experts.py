@@ -6,8 +6,8 @@ Registered in transformers' ``ExpertsInterface`` on import, so any model whose e
 
 * grouped (CUDA, and whenever torch.compile / torch.export traces): the (token, expert) pairs are
   sorted by expert and padded to blocks of ``block_m`` rows with static shapes (as vLLM's
-  ``moe_align_block_size``, but in torch ops, so CUDA graphs and compile see no data-dependent
-  shape), then ``stun::sparse24_grouped_mm`` runs gate_up and down for the routed experts only,
+  ``moe_align_block_size``, so CUDA graphs and compile see no data-dependent shape; one Triton
+  launch at decode sizes, :mod:`.triton_align`, torch ops otherwise), then ``stun::sparse24_grouped_mm`` runs gate_up and down for the routed experts only,
   reading compressed values + metadata. On CUDA its body is a Triton kernel
   (:mod:`.triton_kernel`); the op is a ``torch.library.triton_op``, so compile and AOTInductor
   trace into it with no graph break.
@@ -73,6 +73,24 @@ def align_pairs(top_k_index: torch.Tensor, num_experts: int, block_m: int) -> tu
     return sorted_ids, block_expert
 
 
+def _align_pairs_fused(top_k_index: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`align_pairs` in one Triton launch (:mod:`.triton_align`; CUDA, decode-sized calls)."""
+    from .triton_align import launch_align
+
+    return launch_align(top_k_index.reshape(-1), num_experts, block_m, wrap=True)
+
+
+def align(top_k_index: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`align_pairs`, by the one-program kernel where it applies (CUDA, at most
+    ``triton_align.MAX_PAIRS`` pairs), else by torch ops."""
+    if top_k_index.is_cuda:
+        from . import triton_align
+
+        if triton_align.fits(top_k_index.numel()):
+            return align_pairs_fused(top_k_index, num_experts, block_m)
+    return align_pairs(top_k_index, num_experts, block_m)
+
+
 def grouped_mm_reference(a, values, meta, sorted_ids, block_expert, rows_per_a: int, block_m: int) -> torch.Tensor:
     """What ``stun::sparse24_grouped_mm`` computes, in plain torch (static shapes, for CPU tracing)."""
     n_pairs = a.shape[0] * rows_per_a
@@ -110,18 +128,19 @@ def _sparse24_grouped_mm(
     return grouped_mm_reference(a, values, meta, sorted_ids, block_expert, rows_per_a, block_m)
 
 
-def _register_op():
+def _register_op(name: str, fn):
     # torch logs a warning when it cannot import triton to look for kernels (CPU-only installs)
     log = logging.getLogger("torch._library.triton")
     level = log.level
     log.setLevel(logging.ERROR)
     try:
-        return torch.library.triton_op("stun::sparse24_grouped_mm", mutates_args=())(_sparse24_grouped_mm)
+        return torch.library.triton_op(name, mutates_args=())(fn)
     finally:
         log.setLevel(level)
 
 
-sparse24_grouped_mm = _register_op()
+sparse24_grouped_mm = _register_op("stun::sparse24_grouped_mm", _sparse24_grouped_mm)
+align_pairs_fused = _register_op("stun::align_pairs", _align_pairs_fused)
 
 
 def _check(self) -> None:
@@ -144,7 +163,7 @@ def _grouped_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tenso
     top_k = top_k_index.shape[-1]
     num_experts = self.gate_up_proj_values.shape[0]
     block_m = block_m_for(num_tokens * top_k, num_experts)
-    sorted_ids, block_expert = align_pairs(top_k_index, num_experts, block_m)
+    sorted_ids, block_expert = align(top_k_index, num_experts, block_m)
     flat = top_k_index.reshape(-1)
     x = hidden_states.to(self.gate_up_proj_values.dtype)
     gate_up = sparse24_grouped_mm(x, self.gate_up_proj_values, self.gate_up_proj_meta, sorted_ids, block_expert, top_k, block_m)

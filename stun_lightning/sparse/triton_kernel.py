@@ -11,8 +11,11 @@ routing. :func:`launch_grouped_mm` picks one of two kernels:
   (bf16, inputs % 8 == 0), a CUDA-core kernel that multiplies straight from the compressed
   values, with no dense tile;
 * tensor cores (here): each step is expanded to a dense ``[BLOCK_N, BLOCK_K]`` tile in registers
-  and fed to ``tl.dot``. Prefill therefore runs dense tensor-core math (Triton exposes no sparse
-  ``mma.sp``) and cannot beat a dense kernel there.
+  and fed to ``tl.dot``. With ``SWAP`` the program computes ``W @ A.T`` (tile ``[BLOCK_N,
+  BLOCK_M]``): the expanded tile is then the left operand, which Hopper's ``wgmma`` reads from
+  registers, so it skips the shared-memory round trip, and the token block is the instruction's N
+  side (the autotuner chooses; ``benchmarks/results/sparse_kernels_h100.md`` run 3). Prefill still
+  runs dense tensor-core math (Triton exposes no sparse ``mma.sp``) and cannot beat a dense kernel.
 """
 
 from __future__ import annotations
@@ -30,22 +33,32 @@ from . import triton_decode
 DECODE_MAX_ROWS = 1
 
 
-def _config(block_n: int, block_k: int, warps: int, prefetch: bool = True, stages: int = 1) -> triton.Config:
-    return triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k, "PREFETCH": prefetch}, num_warps=warps, num_stages=stages)
+def _config(block_n: int, block_k: int, warps: int, prefetch: bool = True, stages: int = 1, swap: bool = False) -> triton.Config:
+    return triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k, "PREFETCH": prefetch, "SWAP": swap}, num_warps=warps, num_stages=stages)
 
 
-# Candidates checked with Triton 3.6 for sm_90 (no spills; BLOCK_N=128 with 4 warps crashes the
-# compiler); the autotuner picks per (N, K, BLOCK_M, pairs per expert). num_stages=3 streams the
-# weight tiles through shared memory with cp.async; PREFETCH holds the next K step in registers.
+def _swapped(block_n: int, block_k: int, warps: int, stages: int = 3) -> triton.Config:
+    return _config(block_n, block_k, warps, prefetch=False, stages=stages, swap=True)
+
+
+# Candidates checked with Triton 3.6 for sm_90 (BLOCK_N=128 with 4 warps crashes the compiler); the
+# autotuner picks per (N, K, BLOCK_M, pairs per expert). num_stages=3 streams the weight tiles
+# through shared memory with cp.async; PREFETCH holds the next K step in registers. Swapped
+# candidates need BLOCK_N >= 64 (wgmma's M). The decode winner, swapped 64 x 256 with 4 warps,
+# spills a little (ptxas: 184 bytes) and was still the fastest from 2 tokens per expert on an H100.
 DECODE_CONFIGS = [
     _config(16, 128, 4, prefetch=False, stages=3), _config(16, 256, 4, prefetch=False, stages=3),
     _config(32, 128, 8, prefetch=False, stages=3), _config(64, 64, 8, prefetch=False, stages=3),
     _config(64, 64, 8), _config(32, 128, 8), _config(16, 128, 4),
+    _swapped(64, 64, 4), _swapped(64, 128, 4), _swapped(64, 256, 4), _swapped(128, 64, 8), _swapped(128, 128, 8),
+    _swapped(64, 128, 4, stages=4), _swapped(64, 128, 8),
 ]
 PREFILL_CONFIGS = [
     _config(64, 64, 8), _config(64, 64, 8, prefetch=False, stages=3), _config(128, 32, 8, prefetch=False, stages=3),
     _config(128, 64, 8, prefetch=False, stages=3), _config(64, 64, 4, prefetch=False, stages=3),
     _config(64, 32, 4, prefetch=False, stages=3),
+    _swapped(64, 64, 4), _swapped(64, 64, 8), _swapped(128, 64, 8), _swapped(128, 32, 8), _swapped(64, 32, 4),
+    _swapped(128, 64, 8, stages=4), _swapped(64, 64, 4, stages=4),
 ]
 
 
@@ -83,16 +96,26 @@ def _load_w(v_ptrs, m_ptrs, n_ok, offs_v, offs_q, k0, half_k, meta_k, BLOCK_K: t
 
 
 @triton.jit
-def _step(acc, a_ptrs, valid, offs_k, k0, K, v, m, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr):
-    if EVEN_K:
-        a = tl.load(a_ptrs + k0, mask=valid[:, None], other=0.0)
-    else:
-        a = tl.load(a_ptrs + k0, mask=valid[:, None] & (offs_k[None, :] < K - k0), other=0.0)
+def _step(acc, a_ptrs, valid, offs_k, k0, K, v, m, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr, SWAP: tl.constexpr):
     w = _expand_24(v, m, BLOCK_N, BLOCK_K)
-    if IEEE:
-        acc = tl.dot(a, tl.trans(w), acc, input_precision="ieee")
+    if SWAP:  # acc [BLOCK_N, BLOCK_M] = W @ A.T: the expanded tile is wgmma's register operand
+        if EVEN_K:
+            a = tl.load(a_ptrs + k0, mask=valid[None, :], other=0.0)
+        else:
+            a = tl.load(a_ptrs + k0, mask=valid[None, :] & (offs_k[:, None] < K - k0), other=0.0)
+        if IEEE:
+            acc = tl.dot(w, a, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(w, a, acc)
     else:
-        acc = tl.dot(a, tl.trans(w), acc)
+        if EVEN_K:
+            a = tl.load(a_ptrs + k0, mask=valid[:, None], other=0.0)
+        else:
+            a = tl.load(a_ptrs + k0, mask=valid[:, None] & (offs_k[None, :] < K - k0), other=0.0)
+        if IEEE:
+            acc = tl.dot(a, tl.trans(w), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, tl.trans(w), acc)
     return acc
 
 
@@ -102,7 +125,7 @@ def sparse24_grouped_mm_kernel(
     N, K, n_pairs, rows_per_a, rows_bucket,
     stride_am, stride_ve, stride_vn, stride_me, stride_mn, stride_cm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
-    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PREFETCH: tl.constexpr,
+    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PREFETCH: tl.constexpr, SWAP: tl.constexpr = False,
 ):
     """``rows_bucket`` (pairs per touched expert, rounded to a power of two) only keys the autotuner."""
     pid_m = tl.program_id(0)
@@ -125,22 +148,30 @@ def sparse24_grouped_mm_kernel(
     meta_k = (K + 7) // 8
     last = (K - 1) // BLOCK_K * BLOCK_K
     row = tl.where(valid, pair // rows_per_a, 0).to(tl.int64)
-    a_ptrs = a_ptr + row[:, None] * stride_am + offs_k[None, :]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SWAP:
+        a_ptrs = a_ptr + row[None, :] * stride_am + offs_k[:, None]
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        a_ptrs = a_ptr + row[:, None] * stride_am + offs_k[None, :]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if PREFETCH:  # hold the next K step's weight tile in registers while this one is multiplied
         v, m = _load_w(v_ptrs, m_ptrs, n_ok, offs_v, offs_q, 0, half_k, meta_k, BLOCK_K, EVEN_K, EVEN_N)
         for k0 in range(BLOCK_K, K, BLOCK_K):
             v_next, m_next = _load_w(v_ptrs, m_ptrs, n_ok, offs_v, offs_q, k0, half_k, meta_k, BLOCK_K, EVEN_K, EVEN_N)
-            acc = _step(acc, a_ptrs, valid, offs_k, k0 - BLOCK_K, K, v, m, BLOCK_N, BLOCK_K, EVEN_K, IEEE)
+            acc = _step(acc, a_ptrs, valid, offs_k, k0 - BLOCK_K, K, v, m, BLOCK_N, BLOCK_K, EVEN_K, IEEE, SWAP)
             v = v_next
             m = m_next
-        acc = _step(acc, a_ptrs, valid, offs_k, last, K, v, m, BLOCK_N, BLOCK_K, EVEN_K, IEEE)
+        acc = _step(acc, a_ptrs, valid, offs_k, last, K, v, m, BLOCK_N, BLOCK_K, EVEN_K, IEEE, SWAP)
     else:
         for k0 in range(0, K, BLOCK_K):
             v, m = _load_w(v_ptrs, m_ptrs, n_ok, offs_v, offs_q, k0, half_k, meta_k, BLOCK_K, EVEN_K, EVEN_N)
-            acc = _step(acc, a_ptrs, valid, offs_k, k0, K, v, m, BLOCK_N, BLOCK_K, EVEN_K, IEEE)
-    c_ptrs = c_ptr + pair[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
+            acc = _step(acc, a_ptrs, valid, offs_k, k0, K, v, m, BLOCK_N, BLOCK_K, EVEN_K, IEEE, SWAP)
+    if SWAP:
+        c_ptrs = c_ptr + pair[None, :].to(tl.int64) * stride_cm + offs_n[:, None]
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=valid[None, :] & n_ok[:, None])
+    else:
+        c_ptrs = c_ptr + pair[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
 
 
 def _even(args) -> dict:

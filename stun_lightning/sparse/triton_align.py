@@ -1,0 +1,67 @@
+"""One Triton program that groups a decode step's (token, expert) pairs by expert.
+
+:func:`.experts.align_pairs` in torch ops is a sort, a scatter-add, a cumsum, a searchsorted and a
+few elementwise kernels: at decode, where the expert products take tens of microseconds, those
+launches are a large share of an MoE layer. For up to :data:`MAX_PAIRS` pairs this kernel computes
+the same two tensors in one launch: per-expert counts and the stable rank of each pair among its
+expert's pairs from pairwise comparisons in registers, padded offsets by a cumulative sum, then the
+sentinel fill and the scatter of pair ids (separated by a block barrier).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+#: largest number of pairs (tokens x top_k) aligned by the one-program kernel (a decode batch of 32
+#: tokens at top-8); larger calls use the torch ops
+MAX_PAIRS = 256
+
+
+@triton.jit
+def align_kernel(flat_ptr, ids_ptr, be_ptr, n_pairs, num_experts, n_blocks,
+                 BLOCK_M: tl.constexpr, P: tl.constexpr, E: tl.constexpr, B: tl.constexpr, FILL: tl.constexpr):
+    s = tl.arange(0, P)
+    ok = s < n_pairs
+    ex = tl.load(flat_ptr + s, mask=ok, other=-1).to(tl.int32)
+    experts = tl.arange(0, E)
+    onehot = (ex[:, None] == experts[None, :]).to(tl.int32)  # [P, E]
+    counts = tl.sum(onehot, axis=0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    padded_end = tl.cumsum(padded, axis=0)
+    start = padded_end - padded
+    earlier_same = (ex[:, None] == ex[None, :]) & (s[None, :] < s[:, None])  # [P, P]
+    rank = tl.sum(earlier_same.to(tl.int32), axis=1)
+    position = tl.sum(onehot * start[None, :], axis=1) + rank
+    # every slot first holds the sentinel, then the pairs overwrite theirs
+    slots = tl.arange(0, FILL)
+    for f0 in range(0, n_blocks * BLOCK_M, FILL):
+        tl.store(ids_ptr + f0 + slots, tl.full((FILL,), 0, tl.int32) + n_pairs, mask=f0 + slots < n_blocks * BLOCK_M)
+    tl.debug_barrier()
+    tl.store(ids_ptr + position, s, mask=ok)
+    # block b's expert: how many experts end at or before its first slot (searchsorted, right)
+    b = tl.arange(0, B)
+    ended = (padded_end[None, :] <= (b * BLOCK_M)[:, None]) & (experts[None, :] < num_experts)  # [B, E]
+    expert = tl.sum(ended.to(tl.int32), axis=1)
+    tl.store(be_ptr + b, tl.where(expert < num_experts, expert, -1), mask=b < n_blocks)
+
+
+def fits(n_pairs: int) -> bool:
+    return 0 < n_pairs <= MAX_PAIRS
+
+
+def launch_align(flat: torch.Tensor, num_experts: int, block_m: int, *, wrap: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sorted_ids, block_expert)`` as :func:`.experts.align_pairs` returns them, for a flat
+    ``[n_pairs]`` expert index on a CUDA device."""
+    n_pairs = flat.numel()
+    if not fits(n_pairs):
+        raise ValueError(f"the one-program align kernel takes 1..{MAX_PAIRS} pairs, got {n_pairs}")
+    n_blocks = -(-n_pairs // block_m) + min(num_experts, n_pairs)
+    sorted_ids = torch.empty(n_blocks * block_m, dtype=torch.int32, device=flat.device)
+    block_expert = torch.empty(n_blocks, dtype=torch.int32, device=flat.device)
+    kernel = torch.library.wrap_triton(align_kernel) if wrap else align_kernel
+    kernel[(1,)](flat.contiguous(), sorted_ids, block_expert, n_pairs, num_experts, n_blocks, BLOCK_M=block_m,
+                 P=triton.next_power_of_2(n_pairs), E=triton.next_power_of_2(num_experts),
+                 B=triton.next_power_of_2(n_blocks), FILL=min(1024, triton.next_power_of_2(n_blocks * block_m)), num_warps=4)
+    return sorted_ids, block_expert
