@@ -80,6 +80,10 @@ def _export_aoti(model: nn.Module, out: Path, *, tokenizer, overwrite: bool, max
     generation = model.generation_config
     previous = generation.cache_implementation
     generation.cache_implementation = "static"  # the exportable wrapper keeps a StaticCache inside
+    config = model.config
+    missing_head_dim, had_head_dim = getattr(config, "head_dim", None) is None, hasattr(config, "head_dim")
+    if missing_head_dim:  # transformers < 5.23 sizes the cache from config.head_dim without a fallback
+        config.head_dim = config.hidden_size // config.num_attention_heads
     try:
         wrapper = TorchExportableModuleForDecoderOnlyLM(model, batch_size=batch_size, max_cache_len=max_cache_len, device=device)
         example = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
@@ -87,6 +91,10 @@ def _export_aoti(model: nn.Module, out: Path, *, tokenizer, overwrite: bool, max
             program = wrapper.export(input_ids=example, cache_position=torch.zeros(1, dtype=torch.long, device=device))
     finally:
         generation.cache_implementation = previous
+        if missing_head_dim and had_head_dim:
+            config.head_dim = None
+        elif missing_head_dim:
+            del config.head_dim
     with atomic_output(out, overwrite, tokenizer) as tmp:
         torch._inductor.aoti_compile_and_package(program, package_path=str(tmp / AOTI_PACKAGE))
         model.config.save_pretrained(tmp)
