@@ -28,8 +28,9 @@ from . import triton_decode
 
 #: the CUDA-core decode kernel serves calls whose pairs per touched expert round up to at most
 #: this; from two tokens per expert the tensor-core kernel was faster on an H100
-#: (benchmarks/results/sparse_kernels_h100.md: Mixtral gate_up at 8 tokens 581 vs 753 us; at one
-#: token per expert the decode kernel wins: Mixtral 1 token 117 vs 163 us, Qwen3 8 tokens 98 vs 120 us)
+#: (benchmarks/results/sparse_kernels_h100.md run 3: Mixtral gate_up at 8 tokens 565 vs 753 us, also
+#: with 2-8 rows per decode program; at one token per expert the decode kernel wins: Mixtral 1 token
+#: 117 vs 155 us, Qwen3 8 tokens 102 vs 113 us)
 DECODE_MAX_ROWS = 1
 
 
