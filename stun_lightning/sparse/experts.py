@@ -7,8 +7,9 @@ Registered in transformers' ``ExpertsInterface`` on import, so any model whose e
 * grouped (CUDA, and whenever torch.compile / torch.export traces): the (token, expert) pairs are
   sorted by expert and padded to blocks of ``block_m`` rows with static shapes (as vLLM's
   ``moe_align_block_size``, so CUDA graphs and compile see no data-dependent shape; one Triton
-  launch at decode sizes, :mod:`.triton_align`, torch ops otherwise), then ``stun::sparse24_grouped_mm`` runs gate_up and down for the routed experts only,
-  reading compressed values + metadata. On CUDA its body is a Triton kernel
+  launch at decode sizes, :mod:`.triton_align`, torch ops otherwise), then
+  ``stun::sparse24_grouped_mm`` runs gate_up and down for the routed experts only, reading
+  compressed values + metadata. On CUDA its body is a Triton kernel
   (:mod:`.triton_kernel`); the op is a ``torch.library.triton_op``, so compile and AOTInductor
   trace into it with no graph break.
 * reference (eager CPU): decompress the weights of each expert that some token selected and run

@@ -22,6 +22,7 @@ MAX_PAIRS = 256
 @triton.jit
 def align_kernel(flat_ptr, ids_ptr, be_ptr, n_pairs, num_experts, n_blocks,
                  BLOCK_M: tl.constexpr, P: tl.constexpr, E: tl.constexpr, B: tl.constexpr, FILL: tl.constexpr):
+    """One program; ``P``, ``E``, ``B``: powers of two covering the pairs, experts and blocks."""
     s = tl.arange(0, P)
     ok = s < n_pairs
     ex = tl.load(flat_ptr + s, mask=ok, other=-1).to(tl.int32)

@@ -97,6 +97,15 @@ def _load_w(v_ptrs, m_ptrs, n_ok, offs_v, offs_q, k0, half_k, meta_k, BLOCK_K: t
 
 
 @triton.jit
+def _dot(x, y, acc, IEEE: tl.constexpr):
+    if IEEE:
+        acc = tl.dot(x, y, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(x, y, acc)
+    return acc
+
+
+@triton.jit
 def _step(acc, a_ptrs, valid, offs_k, k0, K, v, m, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr, SWAP: tl.constexpr):
     w = _expand_24(v, m, BLOCK_N, BLOCK_K)
     if SWAP:  # acc [BLOCK_N, BLOCK_M] = W @ A.T: the expanded tile is wgmma's register operand
@@ -104,19 +113,13 @@ def _step(acc, a_ptrs, valid, offs_k, k0, K, v, m, BLOCK_N: tl.constexpr, BLOCK_
             a = tl.load(a_ptrs + k0, mask=valid[None, :], other=0.0)
         else:
             a = tl.load(a_ptrs + k0, mask=valid[None, :] & (offs_k[:, None] < K - k0), other=0.0)
-        if IEEE:
-            acc = tl.dot(w, a, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(w, a, acc)
+        acc = _dot(w, a, acc, IEEE)
     else:
         if EVEN_K:
             a = tl.load(a_ptrs + k0, mask=valid[:, None], other=0.0)
         else:
             a = tl.load(a_ptrs + k0, mask=valid[:, None] & (offs_k[None, :] < K - k0), other=0.0)
-        if IEEE:
-            acc = tl.dot(a, tl.trans(w), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, tl.trans(w), acc)
+        acc = _dot(a, tl.trans(w), acc, IEEE)
     return acc
 
 
