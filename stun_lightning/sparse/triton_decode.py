@@ -78,7 +78,6 @@ def sparse24_decode_kernel(
 ):
     """``a_ptr``: activations unit-major ``[M, 8, K/8]``; ``w_ptr``: values as int64 ``[E, N, K/8]``;
     ``m_ptr``: metadata ``[E, N, K/8]`` bytes."""
-    ROWS: tl.constexpr = 1
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     e = tl.load(be_ptr + pid_m)
@@ -89,36 +88,32 @@ def sparse24_decode_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_u = tl.arange(0, UNITS)
     n_ok = offs_n < N
-    w_ptrs = w_ptr + e * stride_we + offs_n[None, :, None].to(tl.int64) * stride_wn + offs_u[None, None, :]
-    m_ptrs = m_ptr + e * stride_me + offs_n[None, :, None].to(tl.int64) * stride_mn + offs_u[None, None, :]
+    w_ptrs = w_ptr + e * stride_we + offs_n[:, None].to(tl.int64) * stride_wn + offs_u[None, :]
+    m_ptrs = m_ptr + e * stride_me + offs_n[:, None].to(tl.int64) * stride_mn + offs_u[None, :]
     n_units = K // 8
-    ids = tl.load(ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
-    n_valid = tl.sum((ids < n_pairs).to(tl.int32))
-    offs_r = tl.arange(0, ROWS)
-    for r0 in range(0, n_valid, ROWS):
-        ok_r = r0 + offs_r < n_valid
-        pair = tl.load(ids_ptr + pid_m * BLOCK_M + r0 + offs_r, mask=ok_r, other=0)
-        x_ptrs = a_ptr + (pair // rows_per_a).to(tl.int64)[:, None, None] * stride_am + offs_u[None, None, :]
-        acc = tl.zeros((ROWS, BLOCK_N, UNITS), dtype=tl.float32)
+    ids = ids_ptr + pid_m * BLOCK_M
+    n_valid = tl.sum((tl.load(ids + tl.arange(0, BLOCK_M)) < n_pairs).to(tl.int32))
+    for r in range(0, n_valid):  # the block's real rows, one at a time
+        pair = tl.load(ids + r)
+        x_ptrs = a_ptr + (pair // rows_per_a).to(tl.int64) * stride_am + offs_u[None, :]
+        acc = tl.zeros((BLOCK_N, UNITS), dtype=tl.float32)
         for u0 in range(0, n_units, UNITS):
-            u_ok = offs_u[None, None, :] < n_units - u0
-            w_ok = u_ok & n_ok[None, :, None]
+            u_ok = offs_u[None, :] < n_units - u0
             if EVEN_N:
                 w = tl.load(w_ptrs + u0, mask=u_ok, other=0)
                 m = tl.load(m_ptrs + u0, mask=u_ok, other=0).to(tl.int32)
             else:
-                w = tl.load(w_ptrs + u0, mask=w_ok, other=0)
-                m = tl.load(m_ptrs + u0, mask=w_ok, other=0).to(tl.int32)
-            x_ok = ok_r[:, None, None] & u_ok
+                w = tl.load(w_ptrs + u0, mask=u_ok & n_ok[:, None], other=0)
+                m = tl.load(m_ptrs + u0, mask=u_ok & n_ok[:, None], other=0).to(tl.int32)
             xp = x_ptrs + u0
-            x0 = tl.load(xp, mask=x_ok, other=0.0).to(tl.float32)
-            x1 = tl.load(xp + stride_aj, mask=x_ok, other=0.0).to(tl.float32)
-            x2 = tl.load(xp + 2 * stride_aj, mask=x_ok, other=0.0).to(tl.float32)
-            x3 = tl.load(xp + 3 * stride_aj, mask=x_ok, other=0.0).to(tl.float32)
-            x4 = tl.load(xp + 4 * stride_aj, mask=x_ok, other=0.0).to(tl.float32)
-            x5 = tl.load(xp + 5 * stride_aj, mask=x_ok, other=0.0).to(tl.float32)
-            x6 = tl.load(xp + 6 * stride_aj, mask=x_ok, other=0.0).to(tl.float32)
-            x7 = tl.load(xp + 7 * stride_aj, mask=x_ok, other=0.0).to(tl.float32)
+            x0 = tl.load(xp, mask=u_ok, other=0.0).to(tl.float32)
+            x1 = tl.load(xp + stride_aj, mask=u_ok, other=0.0).to(tl.float32)
+            x2 = tl.load(xp + 2 * stride_aj, mask=u_ok, other=0.0).to(tl.float32)
+            x3 = tl.load(xp + 3 * stride_aj, mask=u_ok, other=0.0).to(tl.float32)
+            x4 = tl.load(xp + 4 * stride_aj, mask=u_ok, other=0.0).to(tl.float32)
+            x5 = tl.load(xp + 5 * stride_aj, mask=u_ok, other=0.0).to(tl.float32)
+            x6 = tl.load(xp + 6 * stride_aj, mask=u_ok, other=0.0).to(tl.float32)
+            x7 = tl.load(xp + 7 * stride_aj, mask=u_ok, other=0.0).to(tl.float32)
             lo = w.to(tl.int32)  # values of group 2u (low word), then group 2u + 1
             hi = (w >> 32).to(tl.int32)
             # first group: positions i0 = m & 3 (0..2), i1 = (m >> 2) & 3 (1..3); second group: m >> 4
@@ -126,9 +121,8 @@ def sparse24_decode_kernel(
             acc += _bf16_hi(lo) * _pick(((m >> 2) & 3) - 1, x1, x2, x3)
             acc += _bf16_lo(hi) * _pick((m >> 4) & 3, x4, x5, x6)
             acc += _bf16_hi(hi) * _pick((m >> 6) - 1, x5, x6, x7)
-        out = tl.sum(acc, axis=2)
-        c_ptrs = c_ptr + pair[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
-        tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=ok_r[:, None] & n_ok[None, :])
+        out = tl.sum(acc, axis=1)
+        tl.store(c_ptr + pair.to(tl.int64) * stride_cm + offs_n, out.to(c_ptr.dtype.element_ty), mask=n_ok)
 
 
 decode_kernel = triton.autotune(configs=autotune_candidates(CONFIGS), key=["N", "K", "BLOCK_M", "rows_bucket"])(
