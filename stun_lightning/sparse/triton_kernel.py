@@ -28,9 +28,9 @@ from . import triton_decode
 
 #: the CUDA-core decode kernel serves calls whose pairs per touched expert round up to at most
 #: this; from two tokens per expert the tensor-core kernel was faster on an H100
-#: (benchmarks/results/sparse_kernels_h100.md run 3: Mixtral gate_up at 8 tokens 565 vs 753 us, also
-#: with 2-8 rows per decode program; at one token per expert the decode kernel wins: Mixtral 1 token
-#: 117 vs 155 us, Qwen3 8 tokens 102 vs 113 us)
+#: (benchmarks/results/sparse_kernels_h100.md run 3: Mixtral gate_up at 8 tokens 565 vs 753 us; at
+#: one token per expert the decode kernel wins: Mixtral 1 token 117 vs 155 us, Qwen3 8 tokens 102 vs
+#: 113 us)
 DECODE_MAX_ROWS = 1
 
 
@@ -46,7 +46,7 @@ def _swapped(block_n: int, block_k: int, warps: int, stages: int = 3) -> triton.
 # autotuner picks per (N, K, BLOCK_M, pairs per expert). num_stages=3 streams the weight tiles
 # through shared memory with cp.async; PREFETCH holds the next K step in registers. Swapped
 # candidates need BLOCK_N >= 64 (wgmma's M). The decode winner, swapped 64 x 256 with 4 warps,
-# spills a little (ptxas: 184 bytes) and was still the fastest from 2 tokens per expert on an H100.
+# spills a few registers (ptxas -v) and was still the fastest from 2 tokens per expert on an H100.
 DECODE_CONFIGS = [
     _config(16, 128, 4, prefetch=False, stages=3), _config(16, 256, 4, prefetch=False, stages=3),
     _config(32, 128, 8, prefetch=False, stages=3), _config(64, 64, 8, prefetch=False, stages=3),
@@ -196,9 +196,10 @@ def rows_bucket_for(n_pairs: int, num_experts: int) -> int:
     return min(64, triton.next_power_of_2(max(1, -(-n_pairs // max(1, min(num_experts, n_pairs))))))
 
 
-def uses_decode_kernel(values: torch.Tensor, n_pairs: int, block_m: int) -> bool:
-    """Whether :func:`launch_grouped_mm` runs :mod:`.triton_decode` for this call."""
-    return block_m <= 16 and rows_bucket_for(n_pairs, values.shape[0]) <= DECODE_MAX_ROWS and triton_decode.fits(values)
+def uses_decode_kernel(values: torch.Tensor, rows_bucket: int, block_m: int) -> bool:
+    """Whether :func:`launch_grouped_mm` runs :mod:`.triton_decode` for a call with this
+    :func:`rows_bucket_for`."""
+    return block_m <= 16 and rows_bucket <= DECODE_MAX_ROWS and triton_decode.fits(values)
 
 
 def launch_grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a: int, block_m: int, *, wrap: bool = False, config: dict | triton.Config | None = None):
@@ -211,7 +212,7 @@ def launch_grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a: int
         raise ValueError(f"activations have {a.shape[-1]} features but the compressed weight has {k} inputs")
     n_pairs = a.shape[0] * rows_per_a
     rows_bucket = rows_bucket_for(n_pairs, num_experts)
-    if config is None and uses_decode_kernel(values, n_pairs, block_m):
+    if config is None and uses_decode_kernel(values, rows_bucket, block_m):
         return triton_decode.launch_decode(a, values, meta, sorted_ids, block_expert, rows_per_a, block_m, rows_bucket, wrap=wrap)
     out = torch.empty((n_pairs, n), dtype=a.dtype, device=a.device)
     n_blocks = block_expert.numel()
