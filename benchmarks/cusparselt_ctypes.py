@@ -2,17 +2,16 @@
 
 At prefill an expert sees hundreds of tokens and the product is compute-bound, where only the
 sparse tensor cores (``mma.sp``, which Triton does not expose) do less work than dense.
-``torch._cslt_sparse_mm`` reaches them through cuSPARSELt but builds a new plan on every call:
-about 0.6-0.8 ms of CPU per product on an H100, more than the product itself (0.14 ms for a
-Mixtral gate_up at 512 tokens). This module calls the library (the copy torch's CUDA wheels
+``torch._cslt_sparse_mm`` reaches them through cuSPARSELt but builds a new plan on every call,
+which costs more CPU time than an expert's product takes on the GPU. This module calls the library (the copy torch's CUDA wheels
 install) through ``ctypes`` with one plan per (out, in, rows) shape, kept for the process, so a
 product costs one ``cusparseLtMatmul`` launch. Weights are compressed by ``torch._cslt_compress``
-(same descriptor: row-major ``[out, in]``, bf16/fp16, 2:4).
+(same descriptor: row-major ``[out, in]``, bf16/fp16, 2:4); the caller keeps them contiguous.
 
 ``out.T[N, M] = W[N, K] @ x[M, K].T`` is cuSPARSELt's ``D = A @ B`` with ``A = W`` (structured,
 row-major), ``B = x.T`` (a column-major view of ``x``) and ``D`` row-major: no operand is copied,
-and the caller reads ``out`` as the transpose. (A column-major ``D``, i.e. ``out`` itself, made the
-library pick a slower kernel on an H100: 188 vs 133 us for a Mixtral gate_up at 512 tokens.)
+and the caller reads ``out`` as the transpose (with a column-major ``D``, i.e. ``out`` itself,
+the library picked a slower kernel on an H100).
 """
 
 from __future__ import annotations
@@ -45,11 +44,6 @@ def _library():
         except OSError:
             continue
     return None
-
-
-def available() -> bool:
-    """Whether a CUDA device and the cuSPARSELt library can be used."""
-    return torch.cuda.is_available() and _library() is not None
 
 
 def _check(status: int, what: str) -> None:
@@ -95,11 +89,6 @@ class _Plan:
 @lru_cache(maxsize=512)
 def _plan(device: int, n: int, k: int, m: int, ld: int, dtype: torch.dtype) -> _Plan:
     return _Plan(device, n, k, m, ld, dtype)
-
-
-def compress(weight: torch.Tensor) -> torch.Tensor:
-    """cuSPARSELt's compressed form (1-D) of a 2:4 ``[out, in]`` CUDA weight."""
-    return torch._cslt_compress(weight.contiguous())
 
 
 def linear_t_into(out_t: torch.Tensor, x: torch.Tensor, compressed: torch.Tensor) -> torch.Tensor:

@@ -47,19 +47,14 @@ def main(argv=None) -> int:
         idx = torch.stack([torch.randperm(s["experts"], device="cuda")[: s["top_k"]] for _ in range(args.tokens)])
         ids, block_expert = align_pairs(idx, s["experts"], 128)
         n_pairs = idx.numel()
-        blocks = block_expert.tolist()
-        runs, start = [], 0  # (expert, first row, rows) of each expert's 128-row blocks
-        while start < len(blocks) and blocks[start] >= 0:
-            end = start
-            while end < len(blocks) and blocks[end] == blocks[start]:
-                end += 1
-            runs.append((blocks[start], start * 128, (end - start) * 128))
-            start = end
+        experts, n_blocks = torch.unique_consecutive(block_expert[block_expert >= 0], return_counts=True)
+        first = (n_blocks.cumsum(0) - n_blocks) * 128
+        runs = list(zip(experts.tolist(), first.tolist(), (n_blocks * 128).tolist()))  # (expert, first row, rows) of each expert's 128-row blocks
         counts = torch.bincount(idx.reshape(-1), minlength=s["experts"])
         offs = counts.cumsum(0).to(torch.int32)
         for matrix, (n, k) in {"gate_up": (2 * s["ffn"], s["hidden"]), "down": (s["hidden"], s["ffn"])}.items():
             dense = mask_24(torch.randn(s["experts"], n, k, device="cuda", dtype=torch.bfloat16) * 0.02)
-            compressed = {e: cslt.compress(dense[e]) for e, _, _ in runs}
+            compressed = {e: torch._cslt_compress(dense[e]) for e, _, _ in runs}  # cuSPARSELt's layout, the descriptor we use
             rows = torch.randn(ids.numel(), k, device="cuda", dtype=torch.bfloat16) * (ids < n_pairs)[:, None]
             packed = torch.randn(n_pairs, k, device="cuda", dtype=torch.bfloat16)
             out_t = torch.empty(n, ids.numel(), device="cuda", dtype=torch.bfloat16)
