@@ -66,3 +66,22 @@ def model_with_duplicates(family="mixtral", top_k=1, seed=0, noise=1e-7):
 
 def relative_change(a, b):
     return float((a - b).norm() / b.norm())
+
+
+def assert_refuses_tampered_checkpoint(path, weights_file: str, is_dropped, dropped_match: str, load):
+    """Drop the first tensor that ``is_dropped(key)`` picks from ``path / weights_file``, then add
+    an unused one: ``load(path)`` must raise IncompleteCheckpointError naming each."""
+    from safetensors.torch import load_file, save_file
+
+    from stun_lightning.serialization import IncompleteCheckpointError
+
+    weights = path / weights_file
+    state = load_file(weights)
+    key = next(k for k in state if is_dropped(k))
+    save_file({k: v for k, v in state.items() if k != key}, weights, metadata={"format": "pt"})
+    with pytest.raises(IncompleteCheckpointError, match=dropped_match):
+        load(path)
+    state["model.layers.0.mlp.experts.stray"] = torch.zeros(3)
+    save_file(state, weights, metadata={"format": "pt"})
+    with pytest.raises(IncompleteCheckpointError, match="stray"):
+        load(path)

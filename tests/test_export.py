@@ -3,10 +3,10 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from stun_lightning import IncompleteCheckpointError, StunRecipe, keep_experts, moe_layers, prune, save_pruned
+from stun_lightning import StunRecipe, keep_experts, moe_layers, prune, save_pruned
 from stun_lightning.cli import main
 from stun_lightning.export import AotiDecoder, export, load_exported
 from stun_lightning.sparse import Not24SparseError, is_sparsified, sparsify
@@ -14,7 +14,7 @@ from stun_lightning.sparse.checkpoint import CONFIG_FIELD, WEIGHTS_NAME
 from stun_lightning.sparse.convert import expert_modules
 from stun_lightning.tiny import build_tiny_model, load_tokenizer
 
-from conftest import logits, random_ids
+from conftest import assert_refuses_tampered_checkpoint, logits, random_ids
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 has_compiler = shutil.which("g++") or shutil.which("c++")
@@ -78,16 +78,7 @@ def test_sparse_checkpoint_refuses_missing_or_unused_tensors_and_plain_loading(t
     path = export(model, tmp_path / "sparse", "sparse")
     with pytest.raises(OSError):  # plain transformers finds no weights it knows, instead of re-initialising experts
         AutoModelForCausalLM.from_pretrained(path)
-    weights = path / WEIGHTS_NAME
-    state = load_file(weights)
-    key = next(k for k in state if k.endswith("experts.down_proj_meta"))
-    save_file({k: v for k, v in state.items() if k != key}, weights, metadata={"format": "pt"})
-    with pytest.raises(IncompleteCheckpointError, match="down_proj_meta"):
-        load_exported(path)
-    state["model.layers.0.mlp.experts.stray"] = torch.zeros(3)
-    save_file(state, weights, metadata={"format": "pt"})
-    with pytest.raises(IncompleteCheckpointError, match="stray"):
-        load_exported(path)
+    assert_refuses_tampered_checkpoint(path, WEIGHTS_NAME, lambda k: k.endswith("experts.down_proj_meta"), "down_proj_meta", load_exported)
 
 
 def test_export_refuses_non_24_and_existing_outputs(tmp_path):

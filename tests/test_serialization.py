@@ -2,14 +2,13 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from stun_lightning import IncompleteCheckpointError, StunRecipe, load_pruned, moe_layers, prune, save_pruned
+from stun_lightning import StunRecipe, load_pruned, moe_layers, prune, save_pruned
 from stun_lightning.surgery import PER_LAYER_COUNTS_FIELD
 from stun_lightning.tiny import build_tiny_model
 
-from conftest import logits, random_ids
+from conftest import assert_refuses_tampered_checkpoint, logits, random_ids
 
 
 def pruned_model(family, layer_budget, seed=0):
@@ -57,17 +56,8 @@ def test_global_stun_result_round_trips(tmp_path):
 def test_missing_or_unused_tensors_are_refused(layer_budget, tmp_path):
     model, _ = pruned_model("mixtral", layer_budget)
     path = save_pruned(model, tmp_path / "out")
-    weights = path / "model.safetensors"
-    state = load_file(weights)
-    key = next(k for k in state if ".experts." in k)  # saved in the family's checkpoint format
-    missing = {k: v for k, v in state.items() if k != key}
-    save_file(missing, weights, metadata={"format": "pt"})
-    with pytest.raises(IncompleteCheckpointError, match="experts"):
-        load_pruned(path)
-    state["model.layers.0.mlp.experts.stray"] = torch.zeros(3)
-    save_file(state, weights, metadata={"format": "pt"})
-    with pytest.raises(IncompleteCheckpointError, match="stray"):
-        load_pruned(path)
+    # an expert tensor, saved in the family's checkpoint format
+    assert_refuses_tampered_checkpoint(path, "model.safetensors", lambda k: ".experts." in k, "experts", load_pruned)
 
 
 def test_existing_output_is_not_overwritten_and_failures_leave_nothing(tmp_path):
