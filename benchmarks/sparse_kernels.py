@@ -54,6 +54,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--tokens", nargs="+", type=int, default=[1, 8, 32, 2048])
+    parser.add_argument("--kernels", nargs="+", default=["mma", "decode", "tensor"], choices=["mma", "decode", "tensor"])
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -61,6 +62,7 @@ def main(argv=None) -> int:
         return 2
     from triton.testing import do_bench
 
+    from stun_lightning.sparse import cuda_mma
     from stun_lightning.sparse.experts import align_pairs, block_m_for
     from stun_lightning.sparse.format import compress_24, compressed_nbytes
     from stun_lightning.sparse.triton_decode import CONFIGS as GEMV_CONFIGS
@@ -68,6 +70,9 @@ def main(argv=None) -> int:
     from stun_lightning.sparse.triton_kernel import DECODE_CONFIGS, PREFILL_CONFIGS, launch_grouped_mm, rows_bucket_for
 
     torch.manual_seed(0)
+    # the sparse tensor-core kernel's launch shapes (template warps x unroll, CTAs per SM before split-K)
+    MMA_LAUNCHES = [dict(warps=w, unroll=u, ctas_per_sm=c) for w, u, c in
+                    ((4, 4, 4), (4, 8, 4), (2, 4, 8), (2, 8, 8), (4, 8, 16), (8, 8, 4))]
     bw, flops = measured_rates("cuda")
     lines = [f"{torch.cuda.get_device_name()}, torch {torch.__version__}; copy {bw / 1e12:.2f} TB/s, bf16 matmul {flops / 1e12:.0f} TFLOP/s", "",
              "| shape | matrix | T | experts | kernel | config | us | 2:4 floor | of floor | dense grouped_mm | x dense | err |",
@@ -107,16 +112,22 @@ def main(argv=None) -> int:
                 ids, be = align_pairs(idx, s["experts"], 16)
                 bucket = rows_bucket_for(n_pairs, s["experts"])
                 if bm <= 16:
+                    candidates += [("mma", c, 16, ids, be) for c in MMA_LAUNCHES]
                     candidates += [("decode", c, 16, ids, be) for c in GEMV_CONFIGS]
                     candidates += [("tensor", c, 16, ids, be) for c in DECODE_CONFIGS]
                 else:
                     for block_m in (64, 128):
                         ids_m, be_m = align_pairs(idx, s["experts"], block_m)
                         candidates += [("tensor", c, block_m, ids_m, be_m) for c in PREFILL_CONFIGS]
-                for kind, config, block_m, ids_c, be_c in candidates:
-                    label = f"BM{block_m} " + " ".join(f"{key}={v}" for key, v in config.kwargs.items()) + f" w{config.num_warps} s{config.num_stages}"
+                for kind, config, block_m, ids_c, be_c in [c for c in candidates if c[0] in args.kernels]:
+                    if kind == "mma":
+                        label = f"BM{block_m} " + " ".join(f"{key}={v}" for key, v in config.items())
+                    else:
+                        label = f"BM{block_m} " + " ".join(f"{key}={v}" for key, v in config.kwargs.items()) + f" w{config.num_warps} s{config.num_stages}"
                     try:
-                        if kind == "decode":
+                        if kind == "mma":
+                            fn = lambda: cuda_mma.launch(a, values, meta, ids_c, be_c, rows_per_a, **config)  # noqa: E731
+                        elif kind == "decode":
                             fn = lambda: launch_decode(a, values, meta, ids_c, be_c, rows_per_a, block_m, bucket, config=config)  # noqa: E731
                         else:
                             fn = lambda: launch_grouped_mm(a, values, meta, ids_c, be_c, rows_per_a, block_m, config=config)  # noqa: E731

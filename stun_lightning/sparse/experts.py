@@ -144,6 +144,20 @@ sparse24_grouped_mm = _register_op("stun::sparse24_grouped_mm", _sparse24_groupe
 align_pairs_fused = _register_op("stun::align_pairs", _align_pairs_fused)
 
 
+def grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a: int, block_m: int) -> torch.Tensor:
+    """``stun::sparse24_mma`` (sparse tensor cores, :mod:`.cuda_mma`) where it fits and experts see
+    more than one token, else ``stun::sparse24_grouped_mm`` (Triton on CUDA, torch ops on the CPU)."""
+    from . import cuda_mma
+
+    if cuda_mma.fits(a, values, meta, block_m):
+        from .triton_kernel import rows_bucket_for, uses_decode_kernel
+
+        # one token per routed expert: the CUDA-core decode kernel streams the weights faster
+        if not uses_decode_kernel(values, rows_bucket_for(a.shape[0] * rows_per_a, values.shape[0]), block_m):
+            return cuda_mma.sparse24_mma(a, values, meta, sorted_ids, block_expert, rows_per_a)
+    return sparse24_grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a, block_m)
+
+
 def _check(self) -> None:
     if not is_sparse24(self):
         raise NotSparseExpertsError(
@@ -167,11 +181,11 @@ def _grouped_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tenso
     sorted_ids, block_expert = align(top_k_index, num_experts, block_m)
     flat = top_k_index.reshape(-1)
     x = hidden_states.to(self.gate_up_proj_values.dtype)
-    gate_up = sparse24_grouped_mm(x, self.gate_up_proj_values, self.gate_up_proj_meta, sorted_ids, block_expert, top_k, block_m)
+    gate_up = grouped_mm(x, self.gate_up_proj_values, self.gate_up_proj_meta, sorted_ids, block_expert, top_k, block_m)
     if getattr(self, "has_bias", False):
         gate_up = gate_up + self.gate_up_proj_bias[flat]
     h = self._apply_gate(gate_up)
-    out = sparse24_grouped_mm(h, self.down_proj_values, self.down_proj_meta, sorted_ids, block_expert, 1, block_m)
+    out = grouped_mm(h, self.down_proj_values, self.down_proj_meta, sorted_ids, block_expert, 1, block_m)
     if getattr(self, "has_bias", False):
         out = out + self.down_proj_bias[flat]
     out = _finish(self, out)

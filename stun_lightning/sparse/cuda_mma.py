@@ -1,0 +1,155 @@
+"""Decode on the sparse tensor cores: ``mma.sp`` over our 2:4 layout, compiled at run time by NVRTC.
+
+Triton exposes no sparse tensor-core instruction, so :mod:`.triton_kernel` and :mod:`.triton_decode`
+expand the weights or multiply on the CUDA cores. This kernel (source: ``cuda_mma.cu`` beside this
+file) gives the compressed values and metadata to ``mma.sp.m16n8k32`` as they are stored
+(:mod:`.format`), weight rows as the sparse operand and up to 16 routed tokens of one expert as the
+dense one, so a decode step streams 0.5625 of the dense bytes with no expansion work. It serves
+blocks of 16 pairs (:func:`..experts.block_m_for` gives 16 while experts see at most 16 tokens) on
+GPUs of compute capability 8.0 or newer, for bf16 weights whose dimensions fit (:func:`fits`).
+
+It is compiled once per device with ``torch.cuda._compile_kernel`` (NVRTC, shipped with torch's CUDA
+wheels; nothing to build at install) and launched on the current stream, so CUDA graphs capture
+it. ``stun::sparse24_mma`` is a ``torch.library.custom_op``: torch.compile keeps it as one opaque
+call (no graph break). AOTInductor packages cannot hold a Python-launched kernel, so
+:func:`disabled` turns it off while exporting and the Triton kernels serve instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+#: output rows per warp, warps per CTA, steps of 64 inputs loaded ahead per iteration
+ROWS_PER_WARP, WARPS, UNROLL = 16, 4, 4
+#: tokens per block of pairs that one CTA multiplies (two n8 tiles)
+BLOCK_M = 16
+#: CTAs wanted per multiprocessor before the input dimension is split across CTAs
+CTAS_PER_SM = 4
+
+_enabled = os.environ.get("STUN_SPARSE_MMA", "1") != "0"
+
+
+def _activation_permutation() -> torch.Tensor:
+    """Where each of a 64-input step's activations goes so that lane ``t``'s B fragment of mma ``m``
+    is the 8 values at ``[32 m + 8 t, 32 m + 8 t + 8)`` (see ``cuda_mma.cu``).
+
+    Lane ``t`` holds the fragment's inputs ``2t + {0, 1} + 8 r`` (``r`` = 0..3), i.e. group
+    ``j = (2t + 8r) // 4`` of the mma at offset ``2 (t % 2)``; group ``j < 4`` is our group
+    ``4 j + 2 m``, group ``j >= 4`` our ``4 (j - 4) + 2 m + 1`` (how lanes load the weights)."""
+    perm = []
+    for m in range(2):
+        for t in range(4):
+            for r in range(8):
+                j = (2 * t + 8 * (r // 2)) // 4
+                group = 4 * j + 2 * m if j < 4 else 4 * (j - 4) + 2 * m + 1
+                perm.append(4 * group + 2 * (t % 2) + r % 2)
+    return torch.tensor(perm)
+
+
+ACT_PERM = _activation_permutation()
+
+
+@contextlib.contextmanager
+def disabled():
+    """Run the Triton kernels instead inside this block (AOTInductor export, comparisons)."""
+    global _enabled
+    before, _enabled = _enabled, False
+    try:
+        yield
+    finally:
+        _enabled = before
+
+
+def fits(a: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, block_m: int) -> bool:
+    """Whether the call can run here: CUDA, bf16, inputs % 64 == 0, outputs % 16 == 0, blocks of 16
+    pairs, and the kernel ready on that GPU (sm_80+, NVRTC found); ``STUN_SPARSE_MMA=0`` or
+    :func:`disabled` turn it off."""
+    if not (_enabled and a.is_cuda and block_m == BLOCK_M and a.dtype == values.dtype == torch.bfloat16):
+        return False
+    num_experts, n, half_k = values.shape
+    if (2 * half_k) % 64 or n % ROWS_PER_WARP or not (values.is_contiguous() and meta.is_contiguous()):
+        return False
+    return kernel_ready(a.device.index if a.device.index is not None else torch.cuda.current_device())
+
+
+@torch._dynamo.assume_constant_result
+def kernel_ready(device_index: int) -> bool:
+    """The GPU is sm_80+ and the kernel compiled for it (a constant while torch.compile traces)."""
+    return torch.cuda.get_device_capability(device_index) >= (8, 0) and _kernel(device_index) is not None
+
+
+@functools.cache
+def _kernel(device_index: int, warps: int = WARPS, unroll: int = UNROLL):
+    """The compiled kernel for one device, or None (with a warning) where NVRTC is missing or fails."""
+    source = (Path(__file__).with_name("cuda_mma.cu")).read_text()
+    major, minor = torch.cuda.get_device_capability(device_index)
+    try:
+        with torch.cuda.device(device_index):
+            return torch.cuda._compile_kernel(source, f"sparse24_mma<{warps}, {unroll}>", compute_capability=f"{major}{minor}", nvcc_options=["--std=c++17"])
+    except (OSError, RuntimeError) as err:  # no NVRTC library, or it refused the source
+        warnings.warn(f"stun_lightning: the sparse tensor-core decode kernel did not compile ({err}); using the Triton kernels", stacklevel=2)
+        return None
+
+
+def splits_for(n: int, k: int, touched: int, device: torch.device, warps: int = WARPS, unroll: int = UNROLL, ctas_per_sm: int = CTAS_PER_SM) -> int:
+    """How many CTAs share the input dimension: enough CTAs for ``ctas_per_sm`` per multiprocessor
+    when only ``touched`` experts are routed (one token: Mixtral down_proj has 2 x 64 row tiles)."""
+    ctas = touched * (-(-n // (ROWS_PER_WARP * warps)))
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(k // 64 // unroll, -(-ctas_per_sm * sms // ctas)))
+
+
+def permute_activations(a: torch.Tensor) -> torch.Tensor:
+    """``[M + 1, K]``: ``a``'s rows with each 64-input step reordered by :data:`ACT_PERM`, and a zero row
+    that blocks' padding reads."""
+    m, k = a.shape
+    perm = _permutation_on(a.device)
+    out = a.new_zeros(m + 1, k)
+    out[:m] = a.reshape(m, k // 64, 64).index_select(2, perm).reshape(m, k)
+    return out
+
+
+@functools.cache
+def _permutation_on(device: torch.device) -> torch.Tensor:
+    return ACT_PERM.to(device)  # once per device: no host copy inside a captured CUDA graph
+
+
+@torch.library.custom_op("stun::sparse24_mma", mutates_args=(), device_types="cuda")
+def sparse24_mma(a: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, sorted_ids: torch.Tensor, block_expert: torch.Tensor, rows_per_a: int) -> torch.Tensor:
+    """``out[s] = a[s // rows_per_a] @ W[expert(s)].T`` for every pair ``s`` (blocks of 16 pairs from
+    :func:`..experts.align_pairs`), on the sparse tensor cores. ``a`` ``[M, K]`` bf16; returns
+    ``[M * rows_per_a, N]``."""
+    return launch(a, values, meta, sorted_ids, block_expert, rows_per_a)
+
+
+def launch(a, values, meta, sorted_ids, block_expert, rows_per_a: int, *, warps: int = WARPS, unroll: int = UNROLL, ctas_per_sm: int = CTAS_PER_SM) -> torch.Tensor:
+    """:func:`sparse24_mma` with the launch shape as arguments (``benchmarks/sparse_kernels.py`` times them)."""
+    num_experts, n, half_k = values.shape
+    k = 2 * half_k
+    n_pairs = a.shape[0] * rows_per_a
+    act = permute_activations(a.contiguous())
+    steps = k // 64
+    per_split = -(-steps // splits_for(n, k, min(num_experts, n_pairs), a.device, warps, unroll, ctas_per_sm))
+    splits = -(-steps // per_split)
+    if splits == 1:
+        out = torch.empty(n_pairs, n, dtype=a.dtype, device=a.device)
+    else:
+        out = torch.empty(splits, n_pairs, n, dtype=torch.float32, device=a.device)
+    grid = (block_expert.numel(), -(-n // (ROWS_PER_WARP * warps)), splits)
+    kernel = _kernel(a.device.index, warps, unroll)
+    if kernel is None:
+        raise RuntimeError("the sparse tensor-core kernel did not compile on this GPU (see the warning above); run with STUN_SPARSE_MMA=0")
+    kernel(grid=grid, block=(32 * warps, 1, 1),
+                                           args=[values, meta, act, sorted_ids, block_expert, out, n, k, n_pairs, rows_per_a, per_split, int(splits > 1)])
+    return out if splits == 1 else out.sum(0).to(a.dtype)
+
+
+@sparse24_mma.register_fake
+def _(a, values, meta, sorted_ids, block_expert, rows_per_a):
+    return a.new_empty(a.shape[0] * rows_per_a, values.shape[1])

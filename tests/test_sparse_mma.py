@@ -1,0 +1,106 @@
+"""The sparse tensor-core decode kernel (stun_lightning/sparse/cuda_mma.py): its layout on the CPU, its
+products and the models that run it on a GPU."""
+
+import copy
+
+import pytest
+import torch
+
+from stun_lightning.sparse import align_pairs, compress_24, sparsify
+from stun_lightning.sparse import cuda_mma
+from stun_lightning.sparse.experts import grouped_mm_reference
+
+from conftest import logits
+from test_sparse import cuda, mask_24, pruned_24
+
+
+def test_activation_permutation_reorders_each_step_of_64_inputs():
+    perm = cuda_mma.ACT_PERM
+    assert sorted(perm.tolist()) == list(range(64))
+    # lane 0's B fragment of mma 0 starts with inputs 0-1 (its group 0 is our group 0), of mma 1
+    # with inputs 8-9 (its group 0 is our group 2: lane 0 loads our groups 0-3 for both)
+    assert perm[:2].tolist() == [0, 1] and perm[32:34].tolist() == [8, 9]
+
+
+def test_permuted_activations_keep_rows_and_add_a_zero_row():
+    a = torch.randn(3, 128, dtype=torch.bfloat16)
+    out = cuda_mma.permute_activations(a)
+    assert out.shape == (4, 128) and torch.equal(out[3], torch.zeros(128, dtype=torch.bfloat16))
+    back = torch.empty_like(a).view(3, 2, 64)
+    back[:, :, cuda_mma.ACT_PERM] = out[:3].view(3, 2, 64)
+    assert torch.equal(back.view(3, 128), a)
+
+
+def test_the_kernel_is_never_chosen_off_the_gpu_or_for_other_dtypes():
+    values = torch.zeros(2, 64, 64, dtype=torch.bfloat16)
+    meta = torch.zeros(2, 64, 16, dtype=torch.uint8)
+    assert not cuda_mma.fits(torch.zeros(1, 128, dtype=torch.bfloat16), values, meta, 16)  # CPU
+    with cuda_mma.disabled():
+        assert not cuda_mma._enabled
+    assert cuda_mma._enabled
+
+
+# ---- GPU ------------------------------------------------------------------------------------------
+
+
+def _routed(num_experts, top_k, tokens, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return torch.stack([torch.randperm(num_experts, device="cuda", generator=g)[:top_k] for _ in range(tokens)])
+
+
+@cuda
+@pytest.mark.parametrize("shape", [(8, 256, 1024, 2), (16, 96, 192, 4), (2, 64, 128, 1)])  # E, N, K, top-k
+@pytest.mark.parametrize("tokens", [1, 5, 16, 40])
+@pytest.mark.parametrize("launch", [dict(), dict(warps=2, unroll=2, ctas_per_sm=1), dict(warps=8, unroll=4, ctas_per_sm=16), dict(warps=4, unroll=8)])
+def test_mma_kernel_matches_reference_on_gpu(shape, tokens, launch):
+    """Blocks of 16 pairs: one or two n8 tiles, several blocks per expert, padding rows, split-K or not."""
+    num_experts, n, k, top_k = shape
+    torch.manual_seed(tokens)
+    w = mask_24(torch.randn(num_experts, n, k, device="cuda")).bfloat16()
+    w.view(-1, 4)[::5] = 0  # groups with no nonzero (stored at positions 0, 1)
+    values, meta = compress_24(w)
+    index = _routed(num_experts, top_k, tokens, seed=tokens)
+    ids, block_expert = align_pairs(index, num_experts, 16)
+    for rows_per_a in (top_k, 1):  # gate_up reads a token's row per pair, down_proj a row per pair
+        x = torch.randn(tokens * top_k // rows_per_a, k, device="cuda", dtype=torch.bfloat16)
+        ref = grouped_mm_reference(x.double(), values.double(), meta, ids, block_expert, rows_per_a, 16)
+        out = cuda_mma.launch(x, values, meta, ids, block_expert, rows_per_a, **launch)
+        assert out.shape == ref.shape and out.dtype == torch.bfloat16
+        err = ((out.double() - ref).norm() / ref.norm()).item()
+        assert err < 1e-2, err
+
+
+@cuda
+def test_models_route_decode_through_the_mma_kernel_and_compile_into_a_cuda_graph():
+    """A model whose expert shapes fit: eager and compiled (CUDA graphs) logits match the Triton path,
+    and the compiled MoE block calls ``stun::sparse24_mma`` with no graph break."""
+    model, ids = pruned_24("qwen3_moe", moe_intermediate_size=128)
+    ids = ids.cuda()[:4, :4]  # 16 tokens: 4 pairs per routed expert, blocks of 16 pairs
+    reference = logits(copy.deepcopy(model).cuda(), ids)
+    model = model.to("cuda", torch.bfloat16)
+    sparsify(model)
+    experts = model.model.layers[0].mlp.experts
+    assert cuda_mma.fits(torch.zeros(2, 64, device="cuda", dtype=torch.bfloat16), experts.gate_up_proj_values, experts.gate_up_proj_meta, 16)
+    calls = []
+    original = cuda_mma.launch
+    cuda_mma.launch = lambda *a, **kw: calls.append(1) or original(*a, **kw)
+    try:
+        eager = logits(model, ids).float()
+    finally:
+        cuda_mma.launch = original
+    assert calls, "the decode step did not run the mma kernel"
+    with cuda_mma.disabled():
+        triton_path = logits(model, ids).float()
+
+    def err(x):
+        return ((x - reference).norm() / reference.norm()).item()
+
+    assert err(eager) < max(1.5 * err(triton_path), 1e-2), (err(eager), err(triton_path))
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(model)(ids)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+    with torch.no_grad():
+        for _ in range(3):  # warm-up, record, replay
+            again = compiled(ids).logits.float()
+    assert err(again) < max(1.5 * err(triton_path), 1e-2), (err(again), err(triton_path))
