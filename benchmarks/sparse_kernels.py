@@ -126,7 +126,7 @@ def main(argv=None) -> int:
                         label = f"BM{block_m} " + " ".join(f"{key}={v}" for key, v in config.kwargs.items()) + f" w{config.num_warps} s{config.num_stages}"
                     try:
                         if kind == "mma":
-                            fn = lambda: cuda_mma.launch(a, values, meta, ids_c, be_c, rows_per_a, **config)  # noqa: E731
+                            fn = lambda: cuda_mma.grouped_mm(a, values, meta, ids_c, be_c, rows_per_a, **config)  # noqa: E731
                         elif kind == "decode":
                             fn = lambda: launch_decode(a, values, meta, ids_c, be_c, rows_per_a, block_m, bucket, config=config)  # noqa: E731
                         else:

@@ -22,13 +22,10 @@ def test_activation_permutation_reorders_each_step_of_64_inputs():
     assert perm[:2].tolist() == [0, 1] and perm[32:34].tolist() == [8, 9]
 
 
-def test_permuted_activations_keep_rows_and_add_a_zero_row():
+def test_permuted_activations_are_the_listed_order_of_each_step():
     a = torch.randn(3, 128, dtype=torch.bfloat16)
     out = cuda_mma.permute_activations(a)
-    assert out.shape == (4, 128) and torch.equal(out[3], torch.zeros(128, dtype=torch.bfloat16))
-    back = torch.empty_like(a).view(3, 2, 64)
-    back[:, :, cuda_mma.ACT_PERM] = out[:3].view(3, 2, 64)
-    assert torch.equal(back.view(3, 128), a)
+    assert torch.equal(out, a.view(3, 2, 64)[:, :, cuda_mma.ACT_PERM].reshape(3, 128))
 
 
 def test_the_kernel_is_never_chosen_off_the_gpu_or_for_other_dtypes():
@@ -64,7 +61,7 @@ def test_mma_kernel_matches_reference_on_gpu(shape, tokens, launch):
     for rows_per_a in (top_k, 1):  # gate_up reads a token's row per pair, down_proj a row per pair
         x = torch.randn(tokens * top_k // rows_per_a, k, device="cuda", dtype=torch.bfloat16)
         ref = grouped_mm_reference(x.double(), values.double(), meta, ids, block_expert, rows_per_a, 16)
-        out = cuda_mma.launch(x, values, meta, ids, block_expert, rows_per_a, **launch)
+        out = cuda_mma.grouped_mm(x, values, meta, ids, block_expert, rows_per_a, **launch)
         assert out.shape == ref.shape and out.dtype == torch.bfloat16
         err = ((out.double() - ref).norm() / ref.norm()).item()
         assert err < 1e-2, err
@@ -82,12 +79,12 @@ def test_models_route_decode_through_the_mma_kernel_and_compile_into_a_cuda_grap
     experts = model.model.layers[0].mlp.experts
     assert cuda_mma.fits(torch.zeros(2, 64, device="cuda", dtype=torch.bfloat16), experts.gate_up_proj_values, experts.gate_up_proj_meta, 16)
     calls = []
-    original = cuda_mma.launch
-    cuda_mma.launch = lambda *a, **kw: calls.append(1) or original(*a, **kw)
+    original = cuda_mma._launch
+    cuda_mma._launch = lambda *a, **kw: calls.append(1) or original(*a, **kw)
     try:
         eager = logits(model, ids).float()
     finally:
-        cuda_mma.launch = original
+        cuda_mma._launch = original
     assert calls, "the decode step did not run the mma kernel"
     with cuda_mma.disabled():
         triton_path = logits(model, ids).float()

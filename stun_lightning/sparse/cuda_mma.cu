@@ -11,7 +11,7 @@
 // {t, t + 4}. The activations are permuted once per call to match (ACT_PERM in cuda_mma.py), so
 // each B fragment is one 16-byte load, and the metadata nibbles are regrouped with shifts.
 // blockIdx.z splits the input dimension (split-K) when few experts are routed; the partial sums
-// are then float32 and added by the caller.
+// are then float32 and added by the caller (inside the compiled graph, fused with what follows).
 
 typedef unsigned int u32;
 typedef unsigned long long u64;
@@ -62,7 +62,7 @@ template <int WARPS, int UNROLL>
 __global__ void __launch_bounds__(WARPS * 32) sparse24_mma(
     const U4* __restrict__ values,      // [E, N, K/2] bf16: K/16 16-byte units per row
     const u64* __restrict__ meta,       // [E, N, K/8] bytes: K/64 words per row
-    const U4* __restrict__ act,         // [M + 1, K] bf16, permuted per 64 inputs; row M is zeros
+    const U4* __restrict__ act,         // [M, K] bf16, permuted per 64 inputs (permute_activations)
     const int* __restrict__ sorted_ids, // [n_blocks * 16]
     const int* __restrict__ block_expert,
     void* __restrict__ out,             // [n_pairs, N] bf16, or [splits, n_pairs, N] float32
@@ -87,10 +87,10 @@ __global__ void __launch_bounds__(WARPS * 32) sparse24_mma(
   const u64* m_hi = m_lo + 8 * words_per_row;
 
   const int* ids = sorted_ids + blk * 16;
-  const int m_rows = n_pairs / rows_per_a;
   const int id0 = ids[g], id1 = ids[8 + g];
-  const U4* b0 = act + (long long)(id0 < n_pairs ? id0 / rows_per_a : m_rows) * act_units + t;
-  const U4* b1 = act + (long long)(id1 < n_pairs ? id1 / rows_per_a : m_rows) * act_units + t;
+  // a padding slot reads row 0: its products land in columns that are never stored
+  const U4* b0 = act + (long long)(id0 < n_pairs ? id0 / rows_per_a : 0) * act_units + t;
+  const U4* b1 = act + (long long)(id1 < n_pairs ? id1 / rows_per_a : 0) * act_units + t;
   const bool two = ids[8] < n_pairs;  // a block's real pairs come first
 
   float acc0[4] = {0.f, 0.f, 0.f, 0.f}, acc1[4] = {0.f, 0.f, 0.f, 0.f};

@@ -97,59 +97,74 @@ def _kernel(device_index: int, warps: int = WARPS, unroll: int = UNROLL):
         return None
 
 
+@torch._dynamo.assume_constant_result
+def multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def splits_for(n: int, k: int, touched: int, device: torch.device, warps: int = WARPS, unroll: int = UNROLL, ctas_per_sm: int = CTAS_PER_SM) -> int:
     """How many CTAs share the input dimension: enough CTAs for ``ctas_per_sm`` per multiprocessor
-    when only ``touched`` experts are routed (one token: Mixtral down_proj has 2 x 64 row tiles)."""
+    when only ``touched`` experts are routed (Mixtral down_proj at 8 tokens: 8 x 64 row tiles);
+    every split gets whole iterations of ``unroll`` steps of 64 inputs."""
     ctas = touched * (-(-n // (ROWS_PER_WARP * warps)))
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(k // 64 // unroll, -(-ctas_per_sm * sms // ctas)))
+    iterations = -(-(k // 64) // unroll)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    wanted = max(1, min(iterations, -(-ctas_per_sm * multiprocessors(index) // ctas)))
+    per_split = -(-iterations // wanted)
+    return -(-iterations // per_split)
 
 
 def permute_activations(a: torch.Tensor) -> torch.Tensor:
-    """``[M + 1, K]``: ``a``'s rows with each 64-input step reordered by :data:`ACT_PERM`, and a zero row
-    that blocks' padding reads."""
+    """``a`` ``[M, K]`` with each 64-input step reordered as the kernel's B fragments read it (the order
+    :data:`ACT_PERM` lists). The order is a permutation of the 6 index bits, so this is a view and a
+    transpose, which torch.compile fuses into the op that produces ``a``."""
     m, k = a.shape
-    perm = _permutation_on(a.device)
-    out = a.new_zeros(m + 1, k)
-    out[:m] = a.reshape(m, k // 64, 64).index_select(2, perm).reshape(m, k)
-    return out
-
-
-@functools.cache
-def _permutation_on(device: torch.device) -> torch.Tensor:
-    return ACT_PERM.to(device)  # once per device: no host copy inside a captured CUDA graph
+    bits = a.reshape(m, k // 64, 2, 2, 2, 2, 2, 2)  # input bits 5..0 of each step
+    return bits.permute(0, 1, 4, 3, 6, 5, 2, 7).reshape(m, k)
 
 
 @torch.library.custom_op("stun::sparse24_mma", mutates_args=(), device_types="cuda")
-def sparse24_mma(a: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, sorted_ids: torch.Tensor, block_expert: torch.Tensor, rows_per_a: int) -> torch.Tensor:
-    """``out[s] = a[s // rows_per_a] @ W[expert(s)].T`` for every pair ``s`` (blocks of 16 pairs from
-    :func:`..experts.align_pairs`), on the sparse tensor cores. ``a`` ``[M, K]`` bf16; returns
-    ``[M * rows_per_a, N]``."""
-    return launch(a, values, meta, sorted_ids, block_expert, rows_per_a)
+def sparse24_mma(act: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, sorted_ids: torch.Tensor, block_expert: torch.Tensor, rows_per_a: int, splits: int) -> torch.Tensor:
+    """Products of :func:`grouped_mm`: ``[n_pairs, N]`` bf16 for one split, else ``[splits, n_pairs,
+    N]`` float32 partial sums. ``act`` = :func:`permute_activations` of the activations."""
+    return _launch(act, values, meta, sorted_ids, block_expert, rows_per_a, splits, WARPS, UNROLL)
 
 
-def launch(a, values, meta, sorted_ids, block_expert, rows_per_a: int, *, warps: int = WARPS, unroll: int = UNROLL, ctas_per_sm: int = CTAS_PER_SM) -> torch.Tensor:
-    """:func:`sparse24_mma` with the launch shape as arguments (``benchmarks/sparse_kernels.py`` times them)."""
+def _launch(act, values, meta, sorted_ids, block_expert, rows_per_a: int, splits: int, warps: int, unroll: int) -> torch.Tensor:
     num_experts, n, half_k = values.shape
     k = 2 * half_k
-    n_pairs = a.shape[0] * rows_per_a
-    act = permute_activations(a.contiguous())
-    steps = k // 64
-    per_split = -(-steps // splits_for(n, k, min(num_experts, n_pairs), a.device, warps, unroll, ctas_per_sm))
-    splits = -(-steps // per_split)
+    n_pairs = act.shape[0] * rows_per_a
+    iterations = -(-(k // 64) // unroll)
+    per_split = -(-iterations // splits) * unroll
     if splits == 1:
-        out = torch.empty(n_pairs, n, dtype=a.dtype, device=a.device)
+        out = torch.empty(n_pairs, n, dtype=act.dtype, device=act.device)
     else:
-        out = torch.empty(splits, n_pairs, n, dtype=torch.float32, device=a.device)
-    grid = (block_expert.numel(), -(-n // (ROWS_PER_WARP * warps)), splits)
-    kernel = _kernel(a.device.index, warps, unroll)
+        out = torch.empty(splits, n_pairs, n, dtype=torch.float32, device=act.device)
+    kernel = _kernel(act.device.index, warps, unroll)
     if kernel is None:
         raise RuntimeError("the sparse tensor-core kernel did not compile on this GPU (see the warning above); run with STUN_SPARSE_MMA=0")
+    grid = (block_expert.numel(), -(-n // (ROWS_PER_WARP * warps)), splits)
     kernel(grid=grid, block=(32 * warps, 1, 1),
-                                           args=[values, meta, act, sorted_ids, block_expert, out, n, k, n_pairs, rows_per_a, per_split, int(splits > 1)])
+           args=[values, meta, act.contiguous(), sorted_ids, block_expert, out, n, k, n_pairs, rows_per_a, per_split, int(splits > 1)])
+    return out
+
+
+def grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a: int, *, warps: int = WARPS, unroll: int = UNROLL, ctas_per_sm: int = CTAS_PER_SM) -> torch.Tensor:
+    """``out[s] = a[s // rows_per_a] @ W[expert(s)].T`` for every pair ``s`` (blocks of 16 pairs from
+    :func:`..experts.align_pairs`) on the sparse tensor cores; ``a`` ``[M, K]`` bf16, returns
+    ``[M * rows_per_a, N]``. The launch shape arguments other than the defaults run outside the
+    custom op (``benchmarks/sparse_kernels.py`` times them)."""
+    num_experts, n, half_k = values.shape
+    splits = splits_for(n, 2 * half_k, min(num_experts, a.shape[0] * rows_per_a), a.device, warps, unroll, ctas_per_sm)
+    act = permute_activations(a)
+    if (warps, unroll) == (WARPS, UNROLL):
+        out = sparse24_mma(act, values, meta, sorted_ids, block_expert, rows_per_a, splits)
+    else:
+        out = _launch(act, values, meta, sorted_ids, block_expert, rows_per_a, splits, warps, unroll)
     return out if splits == 1 else out.sum(0).to(a.dtype)
 
 
 @sparse24_mma.register_fake
-def _(a, values, meta, sorted_ids, block_expert, rows_per_a):
-    return a.new_empty(a.shape[0] * rows_per_a, values.shape[1])
+def _(act, values, meta, sorted_ids, block_expert, rows_per_a, splits):
+    n_pairs, n = act.shape[0] * rows_per_a, values.shape[1]
+    return act.new_empty(n_pairs, n) if splits == 1 else act.new_empty(splits, n_pairs, n, dtype=torch.float32)

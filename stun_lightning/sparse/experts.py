@@ -154,7 +154,7 @@ def grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a: int, block
 
         # one token per routed expert: the CUDA-core decode kernel streams the weights faster
         if not uses_decode_kernel(values, rows_bucket_for(a.shape[0] * rows_per_a, values.shape[0]), block_m):
-            return cuda_mma.sparse24_mma(a, values, meta, sorted_ids, block_expert, rows_per_a)
+            return cuda_mma.grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a)
     return sparse24_grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a, block_m)
 
 
