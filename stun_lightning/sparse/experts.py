@@ -8,10 +8,11 @@ Registered in transformers' ``ExpertsInterface`` on import, so any model whose e
   sorted by expert and padded to blocks of ``block_m`` rows with static shapes (as vLLM's
   ``moe_align_block_size``, so CUDA graphs and compile see no data-dependent shape; one Triton
   launch at decode sizes, :mod:`.triton_align`, torch ops otherwise), then
-  ``stun::sparse24_grouped_mm`` runs gate_up and down for the routed experts only, reading
-  compressed values + metadata. On CUDA its body is a Triton kernel
-  (:mod:`.triton_kernel`); the op is a ``torch.library.triton_op``, so compile and AOTInductor
-  trace into it with no graph break.
+  gate_up and down run for the routed experts only, reading compressed values + metadata
+  (:func:`grouped_mm`): while experts see 2-16 tokens, ``stun::sparse24_mma`` on the sparse tensor
+  cores (:mod:`.cuda_mma`, a custom op that compile keeps whole); otherwise
+  ``stun::sparse24_grouped_mm``, whose body on CUDA is a Triton kernel (:mod:`.triton_kernel`) and
+  which, as a ``torch.library.triton_op``, compile and AOTInductor trace into with no graph break.
 * reference (eager CPU): decompress the weights of each expert that some token selected and run
   it as transformers' eager loop does; nothing dense is kept between calls.
 """
