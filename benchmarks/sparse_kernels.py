@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--tokens", nargs="+", type=int, default=[1, 8, 32, 2048])
-    parser.add_argument("--kernels", nargs="+", default=["mma", "decode", "tensor"], choices=["mma", "decode", "tensor"])
+    parser.add_argument("--kernels", nargs="+", default=["mma", "tile", "decode", "tensor"], choices=["mma", "tile", "decode", "tensor"])
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -119,14 +119,17 @@ def main(argv=None) -> int:
                     for block_m in (64, 128):
                         ids_m, be_m = align_pairs(idx, s["experts"], block_m)
                         candidates += [("tensor", c, block_m, ids_m, be_m) for c in PREFILL_CONFIGS]
+                    candidates += [("tile", dict(rows=r), 128, ids_m, be_m) for r in (128, 256) if n % r == 0]
                 for kind, config, block_m, ids_c, be_c in [c for c in candidates if c[0] in args.kernels]:
-                    if kind == "mma":
+                    if kind in ("mma", "tile"):
                         label = f"BM{block_m} " + " ".join(f"{key}={v}" for key, v in config.items())
                     else:
                         label = f"BM{block_m} " + " ".join(f"{key}={v}" for key, v in config.kwargs.items()) + f" w{config.num_warps} s{config.num_stages}"
                     try:
                         if kind == "mma":
                             fn = lambda: cuda_mma.grouped_mm(a, values, meta, ids_c, be_c, rows_per_a, **config)  # noqa: E731
+                        elif kind == "tile":
+                            fn = lambda: cuda_mma.tile_grouped_mm(a, values, meta, ids_c, be_c, rows_per_a, **config)  # noqa: E731
                         elif kind == "decode":
                             fn = lambda: launch_decode(a, values, meta, ids_c, be_c, rows_per_a, block_m, bucket, config=config)  # noqa: E731
                         else:

@@ -68,6 +68,49 @@ def test_mma_kernel_matches_reference_on_gpu(shape, tokens, launch):
 
 
 @cuda
+@pytest.mark.parametrize("shape", [(8, 256, 512, 2), (4, 128, 192, 1), (2, 384, 64, 2)])  # E, N, K, top-k
+@pytest.mark.parametrize("tokens", [70, 300])
+def test_prefill_tile_kernel_matches_reference_on_gpu(shape, tokens):
+    """Blocks of 128 pairs: partial and full blocks, several per expert, 1 to 8 steps of 64 inputs."""
+    num_experts, n, k, top_k = shape
+    torch.manual_seed(tokens)
+    values, meta = compress_24(mask_24(torch.randn(num_experts, n, k, device="cuda")).bfloat16())
+    index = _routed(num_experts, top_k, tokens, seed=tokens)
+    ids, block_expert = align_pairs(index, num_experts, 128)
+    for rows_per_a in (top_k, 1):
+        x = torch.randn(tokens * top_k // rows_per_a, k, device="cuda", dtype=torch.bfloat16)
+        ref = grouped_mm_reference(x.double(), values.double(), meta, ids, block_expert, rows_per_a, 128)
+        for rows in (128, 256) if n % 256 == 0 else (128,):
+            out = cuda_mma.tile_grouped_mm(x, values, meta, ids, block_expert, rows_per_a, rows)
+            err = ((out.double() - ref).norm() / ref.norm()).item()
+            assert err < 1e-2, (rows, err)
+
+
+@cuda
+def test_prefill_of_a_model_runs_the_tile_kernel_and_matches_the_triton_path():
+    model, _ = pruned_24("qwen3_moe", moe_intermediate_size=128)  # gate_up 256 x 64 fits the tile kernel
+    ids = torch.randint(0, model.config.vocab_size, (2, 512), device="cuda")  # 2048 pairs: 256 per expert
+    reference = logits(copy.deepcopy(model).cuda(), ids)
+    model = model.to("cuda", torch.bfloat16)
+    sparsify(model)
+    calls = []
+    original = cuda_mma.tile_grouped_mm
+    cuda_mma.tile_grouped_mm = lambda *a, **kw: calls.append(1) or original(*a, **kw)
+    try:
+        out = logits(model, ids).float()
+    finally:
+        cuda_mma.tile_grouped_mm = original
+    assert calls, "the prefill did not run the tile kernel"
+    with cuda_mma.disabled():
+        triton_path = logits(model, ids).float()
+
+    def err(x):
+        return ((x - reference).norm() / reference.norm()).item()
+
+    assert err(out) < max(1.5 * err(triton_path), 1e-2), (err(out), err(triton_path))
+
+
+@cuda
 def test_models_route_decode_through_the_mma_kernel_and_compile_into_a_cuda_graph():
     """A model whose expert shapes fit: eager and compiled (CUDA graphs) logits match the Triton path,
     and the compiled MoE block calls ``stun::sparse24_mma`` with no graph break."""

@@ -160,3 +160,144 @@ __global__ void __launch_bounds__(WARPS * 32) sparse24_mma(
     }
   }
 }
+
+// ---- prefill: a (64 * WR)-row x 128-pair tile per CTA, operands staged in shared memory ----------
+//
+// One block of 128 pairs of one expert (align_pairs, block_m = 128) by 64 * WR weight rows; WR x 2
+// warps, each 64 rows x 64 pairs (4 x 8 mma.sp per 32 inputs). Each step of 64 inputs brings the
+// compressed values (128 x 32), the metadata words (128 x 8 bytes) and the 128 gathered activation
+// rows (128 x 64, not permuted) into shared memory with cp.async, TILE_STAGES deep; ldmatrix hands
+// out the fragments, so the mma's groups are our groups in order and each lane's metadata is 16
+// contiguous bits of a row's word. 16-byte chunks are XOR-swizzled by row against bank conflicts.
+
+#define TILE_PAIRS 128
+#define TILE_STAGES 3
+#define TILE_B_BYTES (TILE_PAIRS * 128)
+
+__device__ __forceinline__ void cp_async16(u32 dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src));
+}
+
+__device__ __forceinline__ void cp_async8(u32 dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(dst), "l"(src));
+}
+
+__device__ __forceinline__ void ldmatrix4(u32 addr, u32& r0, u32& r1, u32& r2, u32& r3) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(addr));
+}
+
+// WR warps along the weight rows (tile of 64 * WR rows) by 2 along the pairs
+template <int WR>
+__global__ void __launch_bounds__(64 * WR) sparse24_mma_tile(
+    const unsigned short* __restrict__ values,  // [E, N, K/2] bf16
+    const u64* __restrict__ meta,               // [E, N, K/8] bytes: K/64 words per row
+    const unsigned short* __restrict__ act,     // [M, K] bf16, rows in input order
+    const int* __restrict__ sorted_ids,         // [n_blocks * 128]
+    const int* __restrict__ block_expert,
+    unsigned short* __restrict__ out,           // [n_pairs, N] bf16
+    int N, int K, int n_pairs, int rows_per_a) {
+  constexpr int THREADS = 64 * WR, TILE_ROWS = 64 * WR;
+  constexpr int TILE_A_BYTES = TILE_ROWS * 64, TILE_E_BYTES = TILE_ROWS * 8;
+  constexpr int TILE_STAGE_BYTES = TILE_A_BYTES + TILE_B_BYTES + TILE_E_BYTES;
+  constexpr int B_CHUNKS = TILE_PAIRS * 8 / THREADS;
+  extern __shared__ U4 smem_u4[];
+  const int blk = blockIdx.x;
+  const int e = block_expert[blk];
+  if (e < 0) return;
+  const int row_base = blockIdx.y * TILE_ROWS;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const int wr = warp >> 1, wp = warp & 1;
+  const int steps = K >> 6;
+  const int* ids = sorted_ids + blk * TILE_PAIRS;
+  const u32 smem = (u32)__cvta_generic_to_shared(smem_u4);
+
+  // what this thread copies per step: 4 value chunks, B_CHUNKS activation chunks, 1 metadata word
+  const unsigned short* a_src[4];
+  u32 a_dst[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int r = (tid >> 2) + (THREADS / 4) * i, c = tid & 3;
+    a_src[i] = values + ((long long)e * N + row_base + r) * (K >> 1) + c * 8;
+    a_dst[i] = r * 64 + ((c ^ ((r >> 1) & 3)) << 4);
+  }
+  const unsigned short* b_src[B_CHUNKS];
+  u32 b_dst[B_CHUNKS];
+#pragma unroll
+  for (int i = 0; i < B_CHUNKS; ++i) {
+    const int p = (tid >> 3) + (THREADS / 8) * i, c = tid & 7;
+    const int id = ids[p];
+    b_src[i] = act + (long long)(id < n_pairs ? id / rows_per_a : 0) * K + c * 8;
+    b_dst[i] = TILE_A_BYTES + p * 128 + ((c ^ (p & 7)) << 4);
+  }
+  const u64* e_src = meta + ((long long)e * N + row_base + tid) * (K >> 6);
+  const u32 e_dst = TILE_A_BYTES + TILE_B_BYTES + tid * 8;
+
+  auto load_step = [&](int step, int stage) {
+    const u32 base = smem + stage * TILE_STAGE_BYTES;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) cp_async16(base + a_dst[i], a_src[i] + step * 32);
+#pragma unroll
+    for (int i = 0; i < B_CHUNKS; ++i) cp_async16(base + b_dst[i], b_src[i] + step * 64);
+    cp_async8(base + e_dst, e_src + step);
+  };
+
+  float acc[4][8][4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 8; ++j) acc[i][j][0] = acc[i][j][1] = acc[i][j][2] = acc[i][j][3] = 0.f;
+
+#pragma unroll
+  for (int s = 0; s < TILE_STAGES - 1; ++s) {
+    if (s < steps) load_step(s, s);
+    asm volatile("cp.async.commit_group;");
+  }
+  const int mi = lane >> 3, rr = lane & 7;  // which 8x8 matrix this lane addresses, and its row
+  for (int step = 0; step < steps; ++step) {
+    asm volatile("cp.async.wait_group %0;" ::"n"(TILE_STAGES - 2));
+    __syncthreads();
+    const int next = step + TILE_STAGES - 1;
+    if (next < steps) load_step(next, next % TILE_STAGES);
+    asm volatile("cp.async.commit_group;");
+    const u32 base = smem + (step % TILE_STAGES) * TILE_STAGE_BYTES;
+    const u64* words = (const u64*)((const unsigned char*)smem_u4 + (step % TILE_STAGES) * TILE_STAGE_BYTES + TILE_A_BYTES + TILE_B_BYTES);
+#pragma unroll
+    for (int s = 0; s < 2; ++s) {  // 32 inputs each
+      u32 fa[4][4], fe[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int r = wr * 64 + i * 16 + (mi & 1) * 8 + rr, c = 2 * s + (mi >> 1);
+        ldmatrix4(base + r * 64 + ((c ^ ((r >> 1) & 3)) << 4), fa[i][0], fa[i][1], fa[i][2], fa[i][3]);
+        const int shift = 32 * s + 16 * (t & 1);
+        const int mrow = wr * 64 + i * 16 + g;
+        fe[i] = (u32)((words[mrow] >> shift) & 0xFFFFull) | ((u32)((words[mrow + 8] >> shift) & 0xFFFFull) << 16);
+      }
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const int p = wp * 64 + j * 8 + rr, c = 4 * s + mi;
+        U4 fb;
+        ldmatrix4(base + TILE_A_BYTES + p * 128 + ((c ^ (p & 7)) << 4), fb.x, fb.y, fb.z, fb.w);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) mma_sp(acc[i][j], fa[i][0], fa[i][1], fa[i][2], fa[i][3], fb, fe[i]);
+      }
+    }
+  }
+  asm volatile("cp.async.wait_group 0;");
+
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+#pragma unroll
+    for (int q = 0; q < 2; ++q) {
+      const int pair = ids[wp * 64 + j * 8 + 2 * t + q];
+      if (pair >= n_pairs) continue;
+      unsigned short* o = out + (long long)pair * N + row_base + wr * 64 + g;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        o[i * 16] = to_bf16(acc[i][j][q]);
+        o[i * 16 + 8] = to_bf16(acc[i][j][2 + q]);
+      }
+    }
+  }
+}

@@ -1,18 +1,28 @@
-"""Decode on the sparse tensor cores: ``mma.sp`` over our 2:4 layout, compiled at run time by NVRTC.
+"""The sparse tensor cores: ``mma.sp`` over our 2:4 layout, compiled at run time by NVRTC.
 
 Triton exposes no sparse tensor-core instruction, so :mod:`.triton_kernel` and :mod:`.triton_decode`
-expand the weights or multiply on the CUDA cores. This kernel (source: ``cuda_mma.cu`` beside this
-file) gives the compressed values and metadata to ``mma.sp.m16n8k32`` as they are stored
-(:mod:`.format`), weight rows as the sparse operand and up to 16 routed tokens of one expert as the
-dense one, so a decode step streams 0.5625 of the dense bytes with no expansion work. It serves
-blocks of 16 pairs (:func:`..experts.block_m_for` gives 16 while experts see at most 16 tokens) on
-GPUs of compute capability 8.0 or newer, for bf16 weights whose dimensions fit (:func:`fits`).
+expand the weights or multiply on the CUDA cores. The two kernels here (source: ``cuda_mma.cu``
+beside this file) give the compressed values and metadata to ``mma.sp.m16n8k32`` as they are stored
+(:mod:`.format`), weight rows as the sparse operand and routed tokens as the dense one:
 
-It is compiled once per device with ``torch.cuda._compile_kernel`` (NVRTC, shipped with torch's CUDA
-wheels; nothing to build at install) and launched on the current stream, so CUDA graphs capture
-it. ``stun::sparse24_mma`` is a ``torch.library.custom_op``: torch.compile keeps it as one opaque
-call (no graph break). AOTInductor packages cannot hold a Python-launched kernel, so
-:func:`disabled` turns it off while exporting and the Triton kernels serve instead.
+* decode (:func:`grouped_mm`, op ``stun::sparse24_mma``): blocks of 16 pairs of one expert
+  (:func:`..experts.block_m_for` gives 16 while experts see at most 16 tokens), fragments loaded
+  straight from global memory (the activations permuted to match, a view and a transpose that
+  torch.compile fuses), split-K when few experts are routed. A decode step streams 0.5625 of the
+  dense bytes with no expansion work.
+* prefill (:func:`tile_grouped_mm`, op ``stun::sparse24_mma_tile``): blocks of 128 pairs, a
+  128 or 256 x 128 tile per CTA staged through shared memory with ``cp.async`` and ``ldmatrix``.
+  The warp-level sparse instruction peaks at 917 dense-equivalent TFLOP/s on an H100 against 774
+  for cuBLAS on ``wgmma`` (``benchmarks/mma_rates.py``), so this kernel narrows the gap to a dense
+  prefill without closing it; Hopper's sparse ``wgmma`` would be the next step.
+
+Both serve bf16 weights on GPUs of compute capability 8.0 or newer whose dimensions fit
+(:func:`fits`, :func:`fits_tile`). They are compiled once per device with
+``torch.cuda._compile_kernel`` (NVRTC, shipped with torch's CUDA wheels; nothing to build at
+install) and launched on the current stream, so CUDA graphs capture them; as
+``torch.library.custom_op`` s torch.compile keeps each as one opaque call (no graph break).
+AOTInductor packages cannot hold a Python-launched kernel, so :func:`disabled` turns them off while
+exporting and the Triton kernels serve instead; ``STUN_SPARSE_MMA=0`` turns them off everywhere.
 """
 
 from __future__ import annotations
@@ -31,6 +41,13 @@ ROWS_PER_WARP, WARPS, UNROLL = 16, 4, 4
 BLOCK_M = 16
 #: CTAs wanted per multiprocessor before the input dimension is split across CTAs
 CTAS_PER_SM = 4
+#: the prefill kernel's tile: weight rows x pairs (a block of align_pairs)
+TILE_ROWS, TILE_PAIRS = 128, 128
+
+
+def tile_smem_bytes(rows: int) -> int:
+    """Shared memory of the prefill kernel: 3 stages of values, activations and metadata words."""
+    return 3 * (rows * 64 + TILE_PAIRS * 128 + rows * 8)
 
 _enabled = os.environ.get("STUN_SPARSE_MMA", "1") != "0"
 
@@ -86,14 +103,28 @@ def kernel_ready(device_index: int) -> bool:
 
 @functools.cache
 def _kernel(device_index: int, warps: int = WARPS, unroll: int = UNROLL):
-    """The compiled kernel for one device, or None (with a warning) where NVRTC is missing or fails."""
+    """The decode kernel compiled for one device, or None (with a warning) where NVRTC is missing or fails."""
+    return _compile(device_index, f"sparse24_mma<{warps}, {unroll}>")
+
+
+@functools.cache
+def _tile_kernel(device_index: int, rows: int = TILE_ROWS):
+    """The prefill kernel compiled for one device (its shared memory limit raised), or None."""
+    kernel = _compile(device_index, f"sparse24_mma_tile<{rows // 64}>")
+    if kernel is not None:
+        with torch.cuda.device(device_index):
+            kernel.set_shared_memory_config(tile_smem_bytes(rows))
+    return kernel
+
+
+def _compile(device_index: int, name: str):
     source = (Path(__file__).with_name("cuda_mma.cu")).read_text()
     major, minor = torch.cuda.get_device_capability(device_index)
     try:
         with torch.cuda.device(device_index):
-            return torch.cuda._compile_kernel(source, f"sparse24_mma<{warps}, {unroll}>", compute_capability=f"{major}{minor}", nvcc_options=["--std=c++17"])
+            return torch.cuda._compile_kernel(source, name, compute_capability=f"{major}{minor}", nvcc_options=["--std=c++17"])
     except (OSError, RuntimeError) as err:  # no NVRTC library, or it refused the source
-        warnings.warn(f"stun_lightning: the sparse tensor-core decode kernel did not compile ({err}); using the Triton kernels", stacklevel=2)
+        warnings.warn(f"stun_lightning: the sparse tensor-core kernel {name} did not compile ({err}); using the Triton kernels", stacklevel=3)
         return None
 
 
@@ -162,6 +193,62 @@ def grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a: int, *, wa
     else:
         out = _launch(act, values, meta, sorted_ids, block_expert, rows_per_a, splits, warps, unroll)
     return out if splits == 1 else out.sum(0).to(a.dtype)
+
+
+#: pairs per routed expert from which prefill runs the tile kernel: with fewer, partly filled blocks
+#: of 128 pairs cost it more than the Triton kernel (Qwen3 shapes with 25% of experts removed, 170
+#: pairs per expert: layer 1251 vs 1031 us; at 512, Mixtral: 4231 vs 6011 us)
+TILE_MIN_PAIRS_PER_EXPERT = 256
+
+
+def fits_tile(a: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, block_m: int, rows_per_a: int = 1) -> bool:
+    """Whether the prefill kernel takes the call: as :func:`fits`, with blocks of 128 pairs, outputs
+    % 128 == 0 and at least ``TILE_MIN_PAIRS_PER_EXPERT`` pairs per routed expert."""
+    if not (_enabled and a.is_cuda and block_m == TILE_PAIRS and a.dtype == values.dtype == torch.bfloat16):
+        return False
+    num_experts, n, half_k = values.shape
+    n_pairs = a.shape[0] * rows_per_a
+    if n_pairs < TILE_MIN_PAIRS_PER_EXPERT * min(num_experts, n_pairs):
+        return False
+    if (2 * half_k) % 64 or n % TILE_ROWS or not (values.is_contiguous() and meta.is_contiguous()):
+        return False
+    return tile_ready(a.device.index if a.device.index is not None else torch.cuda.current_device())
+
+
+@torch._dynamo.assume_constant_result
+def tile_ready(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) >= (8, 0) and _tile_kernel(device_index) is not None
+
+
+@torch.library.custom_op("stun::sparse24_mma_tile", mutates_args=(), device_types="cuda")
+def sparse24_mma_tile(a: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, sorted_ids: torch.Tensor, block_expert: torch.Tensor, rows_per_a: int) -> torch.Tensor:
+    """:func:`grouped_mm` for prefill: blocks of 128 pairs (``align_pairs(..., 128)``), one tile of
+    weight rows x 128 pairs per CTA, operands staged in shared memory (:func:`tile_rows_for`)."""
+    return tile_grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a, tile_rows_for(values.shape[1]))
+
+
+def tile_rows_for(n: int) -> int:
+    """256 weight rows per tile for narrow outputs (down_proj: Mixtral 1523 vs 1695 us, Qwen3 264 vs
+    344 us on an H100), else 128 (Mixtral gate_up 2528 vs 2859 us): benchmarks/results/sparse_kernels_h100.md run 5."""
+    return 256 if n <= 4096 and n % 256 == 0 else TILE_ROWS
+
+
+def tile_grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a: int, rows: int = TILE_ROWS) -> torch.Tensor:
+    """:func:`sparse24_mma_tile` with the tile height as an argument (128 or 256 weight rows)."""
+    num_experts, n, half_k = values.shape
+    n_pairs = a.shape[0] * rows_per_a
+    out = torch.empty(n_pairs, n, dtype=a.dtype, device=a.device)
+    kernel = _tile_kernel(a.device.index, rows)
+    if kernel is None:
+        raise RuntimeError("the sparse tensor-core prefill kernel did not compile on this GPU (see the warning above); run with STUN_SPARSE_MMA=0")
+    kernel(grid=(block_expert.numel(), n // rows, 1), block=(rows, 1, 1), shared_mem=tile_smem_bytes(rows),
+           args=[values, meta, a.contiguous(), sorted_ids, block_expert, out, n, 2 * half_k, n_pairs, rows_per_a])
+    return out
+
+
+@sparse24_mma_tile.register_fake
+def _(a, values, meta, sorted_ids, block_expert, rows_per_a):
+    return a.new_empty(a.shape[0] * rows_per_a, values.shape[1])
 
 
 @sparse24_mma.register_fake

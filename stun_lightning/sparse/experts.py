@@ -9,8 +9,9 @@ Registered in transformers' ``ExpertsInterface`` on import, so any model whose e
   ``moe_align_block_size``, so CUDA graphs and compile see no data-dependent shape; one Triton
   launch at decode sizes, :mod:`.triton_align`, torch ops otherwise), then
   gate_up and down run for the routed experts only, reading compressed values + metadata
-  (:func:`grouped_mm`): while experts see 2-16 tokens, ``stun::sparse24_mma`` on the sparse tensor
-  cores (:mod:`.cuda_mma`, a custom op that compile keeps whole); otherwise
+  (:func:`grouped_mm`): on the sparse tensor cores (:mod:`.cuda_mma`, custom ops that compile keeps
+  whole) ``stun::sparse24_mma`` while experts see 2-16 tokens and ``stun::sparse24_mma_tile`` from
+  256 (prefill); otherwise
   ``stun::sparse24_grouped_mm``, whose body on CUDA is a Triton kernel (:mod:`.triton_kernel`) and
   which, as a ``torch.library.triton_op``, compile and AOTInductor trace into with no graph break.
 * reference (eager CPU): decompress the weights of each expert that some token selected and run
@@ -146,10 +147,13 @@ align_pairs_fused = _register_op("stun::align_pairs", _align_pairs_fused)
 
 
 def grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a: int, block_m: int) -> torch.Tensor:
-    """``stun::sparse24_mma`` (sparse tensor cores, :mod:`.cuda_mma`) where it fits and experts see
-    more than one token, else ``stun::sparse24_grouped_mm`` (Triton on CUDA, torch ops on the CPU)."""
+    """On the sparse tensor cores (:mod:`.cuda_mma`) where a kernel fits: ``stun::sparse24_mma_tile``
+    for prefill blocks, ``stun::sparse24_mma`` while experts see 2-16 tokens; else
+    ``stun::sparse24_grouped_mm`` (Triton on CUDA, torch ops on the CPU)."""
     from . import cuda_mma
 
+    if cuda_mma.fits_tile(a, values, meta, block_m, rows_per_a):
+        return cuda_mma.sparse24_mma_tile(a, values, meta, sorted_ids, block_expert, rows_per_a)
     if cuda_mma.fits(a, values, meta, block_m):
         from .triton_kernel import rows_bucket_for, uses_decode_kernel
 

@@ -17,9 +17,9 @@ routing. :func:`launch_grouped_mm` picks one of two kernels:
   side (the autotuner chooses; ``benchmarks/results/sparse_kernels_h100.md`` run 3). Prefill still
   runs dense tensor-core math (Triton exposes no sparse ``mma.sp``) and cannot beat a dense kernel.
 
-From 2 to 16 tokens per routed expert the model runs :mod:`.cuda_mma` (``mma.sp``) instead where it
-fits (:func:`..experts.grouped_mm`); the tensor-core kernel here serves those sizes for other dtypes
-and shapes, and for AOTInductor exports.
+From 2 to 16 tokens per routed expert, and for prefill from 256, the model runs :mod:`.cuda_mma`
+(``mma.sp``) instead where it fits (:func:`..experts.grouped_mm`); the tensor-core kernel here serves
+the other sizes, dtypes and shapes, and AOTInductor exports.
 """
 
 from __future__ import annotations
