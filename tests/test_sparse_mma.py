@@ -86,27 +86,36 @@ def test_prefill_tile_kernel_matches_reference_on_gpu(shape, tokens):
             assert err < 1e-2, (rows, err)
 
 
-@cuda
-def test_prefill_of_a_model_runs_the_tile_kernel_and_matches_the_triton_path():
-    model, _ = pruned_24("qwen3_moe", moe_intermediate_size=128)  # gate_up 256 x 64 fits the tile kernel
-    ids = torch.randint(0, model.config.vocab_size, (2, 512), device="cuda")  # 2048 pairs: 256 per expert
+def _sparse_qwen3(ids_of):
+    """A pruned, sparsified bf16 tiny Qwen3 whose expert shapes fit the kernels, ``ids_of(ids)`` as
+    its input, and the float32 logits of the masked dense model."""
+    model, ids = pruned_24("qwen3_moe", moe_intermediate_size=128)  # gate_up 256 x 64, down 64 x 128
+    ids = ids_of(ids.cuda())
     reference = logits(copy.deepcopy(model).cuda(), ids)
     model = model.to("cuda", torch.bfloat16)
     sparsify(model)
+    return model, ids, lambda x: ((x - reference).norm() / reference.norm()).item()
+
+
+def _logits_counting(model, ids, launcher: str):
+    """Logits, and how many times ``cuda_mma.<launcher>`` ran for them."""
     calls = []
-    original = cuda_mma.tile_grouped_mm
-    cuda_mma.tile_grouped_mm = lambda *a, **kw: calls.append(1) or original(*a, **kw)
+    original = getattr(cuda_mma, launcher)
+    setattr(cuda_mma, launcher, lambda *a, **kw: calls.append(1) or original(*a, **kw))
     try:
-        out = logits(model, ids).float()
+        return logits(model, ids).float(), len(calls)
     finally:
-        cuda_mma.tile_grouped_mm = original
+        setattr(cuda_mma, launcher, original)
+
+
+@cuda
+def test_prefill_of_a_model_runs_the_tile_kernel_and_matches_the_triton_path():
+    # 2 x 512 tokens: 2048 pairs, 256 per expert
+    model, ids, err = _sparse_qwen3(lambda ids: torch.randint(0, ids.max().item() + 1, (2, 512), device="cuda"))
+    out, calls = _logits_counting(model, ids, "tile_grouped_mm")
     assert calls, "the prefill did not run the tile kernel"
     with cuda_mma.disabled():
         triton_path = logits(model, ids).float()
-
-    def err(x):
-        return ((x - reference).norm() / reference.norm()).item()
-
     assert err(out) < max(1.5 * err(triton_path), 1e-2), (err(out), err(triton_path))
 
 
@@ -114,27 +123,13 @@ def test_prefill_of_a_model_runs_the_tile_kernel_and_matches_the_triton_path():
 def test_models_route_decode_through_the_mma_kernel_and_compile_into_a_cuda_graph():
     """A model whose expert shapes fit: eager and compiled (CUDA graphs) logits match the Triton path,
     and the compiled MoE block calls ``stun::sparse24_mma`` with no graph break."""
-    model, ids = pruned_24("qwen3_moe", moe_intermediate_size=128)
-    ids = ids.cuda()[:4, :4]  # 16 tokens: 4 pairs per routed expert, blocks of 16 pairs
-    reference = logits(copy.deepcopy(model).cuda(), ids)
-    model = model.to("cuda", torch.bfloat16)
-    sparsify(model)
+    model, ids, err = _sparse_qwen3(lambda ids: ids[:4, :4])  # 16 tokens: 4 pairs per routed expert
     experts = model.model.layers[0].mlp.experts
     assert cuda_mma.fits(torch.zeros(2, 64, device="cuda", dtype=torch.bfloat16), experts.gate_up_proj_values, experts.gate_up_proj_meta, 16)
-    calls = []
-    original = cuda_mma._launch
-    cuda_mma._launch = lambda *a, **kw: calls.append(1) or original(*a, **kw)
-    try:
-        eager = logits(model, ids).float()
-    finally:
-        cuda_mma._launch = original
+    eager, calls = _logits_counting(model, ids, "_launch")
     assert calls, "the decode step did not run the mma kernel"
     with cuda_mma.disabled():
         triton_path = logits(model, ids).float()
-
-    def err(x):
-        return ((x - reference).norm() / reference.norm()).item()
-
     assert err(eager) < max(1.5 * err(triton_path), 1e-2), (err(eager), err(triton_path))
     torch._dynamo.reset()
     explanation = torch._dynamo.explain(model)(ids)

@@ -84,21 +84,29 @@ def disabled():
 
 
 def fits(a: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, block_m: int) -> bool:
-    """Whether the call can run here: CUDA, bf16, inputs % 64 == 0, outputs % 16 == 0, blocks of 16
-    pairs, and the kernel ready on that GPU (sm_80+, NVRTC found); ``STUN_SPARSE_MMA=0`` or
-    :func:`disabled` turn it off."""
-    if not (_enabled and a.is_cuda and block_m == BLOCK_M and a.dtype == values.dtype == torch.bfloat16):
+    """Whether the decode kernel takes the call: CUDA, bf16, inputs % 64 == 0, outputs % 16 == 0,
+    blocks of 16 pairs, and the kernel ready on that GPU (sm_80+, NVRTC found); ``STUN_SPARSE_MMA=0``
+    or :func:`disabled` turn it off."""
+    return _shapes_fit(a, values, meta, block_m, BLOCK_M, ROWS_PER_WARP) and kernel_ready(_device_index(a), "decode")
+
+
+def _shapes_fit(a, values, meta, block_m: int, want_block_m: int, row_multiple: int) -> bool:
+    if not (_enabled and a.is_cuda and block_m == want_block_m and a.dtype == values.dtype == torch.bfloat16):
         return False
-    num_experts, n, half_k = values.shape
-    if (2 * half_k) % 64 or n % ROWS_PER_WARP or not (values.is_contiguous() and meta.is_contiguous()):
-        return False
-    return kernel_ready(a.device.index if a.device.index is not None else torch.cuda.current_device())
+    n, half_k = values.shape[1:]
+    return (2 * half_k) % 64 == 0 and n % row_multiple == 0 and values.is_contiguous() and meta.is_contiguous()
+
+
+def _device_index(a: torch.Tensor) -> int:
+    return a.device.index if a.device.index is not None else torch.cuda.current_device()
 
 
 @torch._dynamo.assume_constant_result
-def kernel_ready(device_index: int) -> bool:
-    """The GPU is sm_80+ and the kernel compiled for it (a constant while torch.compile traces)."""
-    return torch.cuda.get_device_capability(device_index) >= (8, 0) and _kernel(device_index) is not None
+def kernel_ready(device_index: int, kernel: str) -> bool:
+    """The GPU is sm_80+ and the ``"decode"`` or ``"tile"`` kernel compiled for it (a constant while
+    torch.compile traces)."""
+    compiled = _kernel if kernel == "decode" else _tile_kernel
+    return torch.cuda.get_device_capability(device_index) >= (8, 0) and compiled(device_index) is not None
 
 
 @functools.cache
@@ -204,20 +212,10 @@ TILE_MIN_PAIRS_PER_EXPERT = 256
 def fits_tile(a: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, block_m: int, rows_per_a: int = 1) -> bool:
     """Whether the prefill kernel takes the call: as :func:`fits`, with blocks of 128 pairs, outputs
     % 128 == 0 and at least ``TILE_MIN_PAIRS_PER_EXPERT`` pairs per routed expert."""
-    if not (_enabled and a.is_cuda and block_m == TILE_PAIRS and a.dtype == values.dtype == torch.bfloat16):
-        return False
-    num_experts, n, half_k = values.shape
     n_pairs = a.shape[0] * rows_per_a
-    if n_pairs < TILE_MIN_PAIRS_PER_EXPERT * min(num_experts, n_pairs):
+    if n_pairs < TILE_MIN_PAIRS_PER_EXPERT * min(values.shape[0], n_pairs):
         return False
-    if (2 * half_k) % 64 or n % TILE_ROWS or not (values.is_contiguous() and meta.is_contiguous()):
-        return False
-    return tile_ready(a.device.index if a.device.index is not None else torch.cuda.current_device())
-
-
-@torch._dynamo.assume_constant_result
-def tile_ready(device_index: int) -> bool:
-    return torch.cuda.get_device_capability(device_index) >= (8, 0) and _tile_kernel(device_index) is not None
+    return _shapes_fit(a, values, meta, block_m, TILE_PAIRS, TILE_ROWS) and kernel_ready(_device_index(a), "tile")
 
 
 @torch.library.custom_op("stun::sparse24_mma_tile", mutates_args=(), device_types="cuda")
