@@ -73,6 +73,8 @@ def main(argv=None) -> int:
     # the sparse tensor-core kernel's launch shapes (template warps x unroll, CTAs per SM before split-K)
     MMA_LAUNCHES = [dict(warps=w, unroll=u, ctas_per_sm=c) for w, u, c in
                     ((4, 4, 4), (4, 8, 4), (2, 4, 8), (2, 8, 8), (4, 8, 16), (8, 8, 4))]
+    # the prefill tile kernel's tile heights and pipeline depths
+    TILE_LAUNCHES = ((128, 3), (128, 4), (128, 5), (256, 3), (256, 4))
     bw, flops = measured_rates("cuda")
     lines = [f"{torch.cuda.get_device_name()}, torch {torch.__version__}; copy {bw / 1e12:.2f} TB/s, bf16 matmul {flops / 1e12:.0f} TFLOP/s", "",
              "| shape | matrix | T | experts | kernel | config | us | 2:4 floor | of floor | dense grouped_mm | x dense | err |",
@@ -119,7 +121,7 @@ def main(argv=None) -> int:
                     for block_m in (64, 128):
                         ids_m, be_m = align_pairs(idx, s["experts"], block_m)
                         candidates += [("tensor", c, block_m, ids_m, be_m) for c in PREFILL_CONFIGS]
-                    candidates += [("tile", dict(rows=r), 128, ids_m, be_m) for r in (128, 256) if n % r == 0]
+                    candidates += [("tile", dict(rows=r, stages=st), 128, ids_m, be_m) for r, st in TILE_LAUNCHES if n % r == 0]
                 for kind, config, block_m, ids_c, be_c in [c for c in candidates if c[0] in args.kernels]:
                     if kind in ("mma", "tile"):
                         label = f"BM{block_m} " + " ".join(f"{key}={v}" for key, v in config.items())

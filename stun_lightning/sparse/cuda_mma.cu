@@ -166,12 +166,11 @@ __global__ void __launch_bounds__(WARPS * 32) sparse24_mma(
 // One block of 128 pairs of one expert (align_pairs, block_m = 128) by 64 * WR weight rows; WR x 2
 // warps, each 64 rows x 64 pairs (4 x 8 mma.sp per 32 inputs). Each step of 64 inputs brings the
 // compressed values (128 x 32), the metadata words (128 x 8 bytes) and the 128 gathered activation
-// rows (128 x 64, not permuted) into shared memory with cp.async, TILE_STAGES deep; ldmatrix hands
+// rows (128 x 64, not permuted) into shared memory with cp.async, STAGES deep; ldmatrix hands
 // out the fragments, so the mma's groups are our groups in order and each lane's metadata is 16
 // contiguous bits of a row's word. 16-byte chunks are XOR-swizzled by row against bank conflicts.
 
 #define TILE_PAIRS 128
-#define TILE_STAGES 3
 #define TILE_B_BYTES (TILE_PAIRS * 128)
 
 __device__ __forceinline__ void cp_async16(u32 dst, const void* src) {
@@ -187,8 +186,8 @@ __device__ __forceinline__ void ldmatrix4(u32 addr, u32& r0, u32& r1, u32& r2, u
                : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(addr));
 }
 
-// WR warps along the weight rows (tile of 64 * WR rows) by 2 along the pairs
-template <int WR>
+// WR warps along the weight rows (tile of 64 * WR rows) by 2 along the pairs; STAGES steps in flight
+template <int WR, int STAGES>
 __global__ void __launch_bounds__(64 * WR) sparse24_mma_tile(
     const unsigned short* __restrict__ values,  // [E, N, K/2] bf16
     const u64* __restrict__ meta,               // [E, N, K/8] bytes: K/64 words per row
@@ -250,19 +249,19 @@ __global__ void __launch_bounds__(64 * WR) sparse24_mma_tile(
     for (int j = 0; j < 8; ++j) acc[i][j][0] = acc[i][j][1] = acc[i][j][2] = acc[i][j][3] = 0.f;
 
 #pragma unroll
-  for (int s = 0; s < TILE_STAGES - 1; ++s) {
+  for (int s = 0; s < STAGES - 1; ++s) {
     if (s < steps) load_step(s, s);
     asm volatile("cp.async.commit_group;");
   }
   const int mi = lane >> 3, rr = lane & 7;  // which 8x8 matrix this lane addresses, and its row
   for (int step = 0; step < steps; ++step) {
-    asm volatile("cp.async.wait_group %0;" ::"n"(TILE_STAGES - 2));
+    asm volatile("cp.async.wait_group %0;" ::"n"(STAGES - 2));
     __syncthreads();
-    const int next = step + TILE_STAGES - 1;
-    if (next < steps) load_step(next, next % TILE_STAGES);
+    const int next = step + STAGES - 1;
+    if (next < steps) load_step(next, next % STAGES);
     asm volatile("cp.async.commit_group;");
-    const u32 base = smem + (step % TILE_STAGES) * TILE_STAGE_BYTES;
-    const u64* words = (const u64*)((const unsigned char*)smem_u4 + (step % TILE_STAGES) * TILE_STAGE_BYTES + TILE_A_BYTES + TILE_B_BYTES);
+    const u32 base = smem + (step % STAGES) * TILE_STAGE_BYTES;
+    const u64* words = (const u64*)((const unsigned char*)smem_u4 + (step % STAGES) * TILE_STAGE_BYTES + TILE_A_BYTES + TILE_B_BYTES);
 #pragma unroll
     for (int s = 0; s < 2; ++s) {  // 32 inputs each
       u32 fa[4][4], fe[4];

@@ -45,9 +45,13 @@ CTAS_PER_SM = 4
 TILE_ROWS, TILE_PAIRS = 128, 128
 
 
-def tile_smem_bytes(rows: int) -> int:
-    """Shared memory of the prefill kernel: 3 stages of values, activations and metadata words."""
-    return 3 * (rows * 64 + TILE_PAIRS * 128 + rows * 8)
+#: steps of 64 inputs the prefill kernel keeps in flight
+TILE_STAGES = 3
+
+
+def tile_smem_bytes(rows: int, stages: int = TILE_STAGES) -> int:
+    """Shared memory of the prefill kernel: ``stages`` of values, activations and metadata words."""
+    return stages * (rows * 64 + TILE_PAIRS * 128 + rows * 8)
 
 _enabled = os.environ.get("STUN_SPARSE_MMA", "1") != "0"
 
@@ -116,12 +120,12 @@ def _kernel(device_index: int, warps: int = WARPS, unroll: int = UNROLL):
 
 
 @functools.cache
-def _tile_kernel(device_index: int, rows: int = TILE_ROWS):
+def _tile_kernel(device_index: int, rows: int = TILE_ROWS, stages: int = TILE_STAGES):
     """The prefill kernel compiled for one device (its shared memory limit raised), or None."""
-    kernel = _compile(device_index, f"sparse24_mma_tile<{rows // 64}>")
+    kernel = _compile(device_index, f"sparse24_mma_tile<{rows // 64}, {stages}>")
     if kernel is not None:
         with torch.cuda.device(device_index):
-            kernel.set_shared_memory_config(tile_smem_bytes(rows))
+            kernel.set_shared_memory_config(tile_smem_bytes(rows, stages))
     return kernel
 
 
@@ -226,20 +230,22 @@ def sparse24_mma_tile(a: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
 
 
 def tile_rows_for(n: int) -> int:
-    """256 weight rows per tile for narrow outputs (down_proj: Mixtral 1523 vs 1695 us, Qwen3 264 vs
-    344 us on an H100), else 128 (Mixtral gate_up 2528 vs 2859 us): benchmarks/results/sparse_kernels_h100.md run 5."""
+    """256 weight rows per tile for narrow outputs (Qwen3 down_proj 264 vs 344 us on an H100; Mixtral
+    down_proj within noise), else 128 (Mixtral gate_up 2528 vs 2859 us):
+    benchmarks/results/sparse_kernels_h100.md runs 5 and 6."""
     return 256 if n <= 4096 and n % 256 == 0 else TILE_ROWS
 
 
-def tile_grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a: int, rows: int = TILE_ROWS) -> torch.Tensor:
-    """:func:`sparse24_mma_tile` with the tile height as an argument (128 or 256 weight rows)."""
+def tile_grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a: int, rows: int = TILE_ROWS, stages: int = TILE_STAGES) -> torch.Tensor:
+    """:func:`sparse24_mma_tile` with the tile height (128 or 256 weight rows) and the pipeline depth
+    as arguments."""
     num_experts, n, half_k = values.shape
     n_pairs = a.shape[0] * rows_per_a
     out = torch.empty(n_pairs, n, dtype=a.dtype, device=a.device)
-    kernel = _tile_kernel(a.device.index, rows)
+    kernel = _tile_kernel(a.device.index, rows, stages)
     if kernel is None:
         raise RuntimeError("the sparse tensor-core prefill kernel did not compile on this GPU (see the warning above); run with STUN_SPARSE_MMA=0")
-    kernel(grid=(block_expert.numel(), n // rows, 1), block=(rows, 1, 1), shared_mem=tile_smem_bytes(rows),
+    kernel(grid=(block_expert.numel(), n // rows, 1), block=(rows, 1, 1), shared_mem=tile_smem_bytes(rows, stages),
            args=[values, meta, a.contiguous(), sorted_ids, block_expert, out, n, 2 * half_k, n_pairs, rows_per_a])
     return out
 
