@@ -41,19 +41,16 @@ ROWS_PER_WARP, WARPS, UNROLL = 16, 4, 4
 BLOCK_M = 16
 #: CTAs wanted per multiprocessor before the input dimension is split across CTAs
 CTAS_PER_SM = 4
-#: the prefill kernel's tile: weight rows x pairs (a block of align_pairs)
-TILE_ROWS, TILE_PAIRS = 128, 128
+#: the prefill kernel's tile: weight rows x pairs (a block of align_pairs), and the steps of 64
+#: inputs it keeps in flight
+TILE_ROWS, TILE_PAIRS, TILE_STAGES = 128, 128, 3
 
-
-#: steps of 64 inputs the prefill kernel keeps in flight
-TILE_STAGES = 3
+_enabled = os.environ.get("STUN_SPARSE_MMA", "1") != "0"
 
 
 def tile_smem_bytes(rows: int, stages: int = TILE_STAGES) -> int:
     """Shared memory of the prefill kernel: ``stages`` of values, activations and metadata words."""
     return stages * (rows * 64 + TILE_PAIRS * 128 + rows * 8)
-
-_enabled = os.environ.get("STUN_SPARSE_MMA", "1") != "0"
 
 
 def _activation_permutation() -> torch.Tensor:
@@ -98,7 +95,8 @@ def _shapes_fit(a, values, meta, block_m: int, want_block_m: int, row_multiple: 
     if not (_enabled and a.is_cuda and block_m == want_block_m and a.dtype == values.dtype == torch.bfloat16):
         return False
     n, half_k = values.shape[1:]
-    return (2 * half_k) % 64 == 0 and n % row_multiple == 0 and values.is_contiguous() and meta.is_contiguous()
+    aligned = values.storage_offset() % 8 == 0 and meta.storage_offset() % 8 == 0  # 16- and 8-byte loads
+    return (2 * half_k) % 64 == 0 and n % row_multiple == 0 and values.is_contiguous() and meta.is_contiguous() and aligned
 
 
 def _device_index(a: torch.Tensor) -> int:
@@ -188,8 +186,14 @@ def _launch(act, values, meta, sorted_ids, block_expert, rows_per_a: int, splits
         raise RuntimeError("the sparse tensor-core kernel did not compile on this GPU (see the warning above); run with STUN_SPARSE_MMA=0")
     grid = (block_expert.numel(), -(-n // (ROWS_PER_WARP * warps)), splits)
     kernel(grid=grid, block=(32 * warps, 1, 1),
-           args=[values, meta, act.contiguous(), sorted_ids, block_expert, out, n, k, n_pairs, rows_per_a, per_split, int(splits > 1)])
+           args=[values, meta, _aligned(act), sorted_ids, block_expert, out, n, k, n_pairs, rows_per_a, per_split, int(splits > 1)])
     return out
+
+
+def _aligned(a: torch.Tensor) -> torch.Tensor:
+    """``a`` contiguous and starting on a 16-byte boundary (the kernels load 8 bf16 at a time)."""
+    a = a.contiguous()
+    return a if a.storage_offset() % 8 == 0 else a.clone()
 
 
 def grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a: int, *, warps: int = WARPS, unroll: int = UNROLL, ctas_per_sm: int = CTAS_PER_SM) -> torch.Tensor:
@@ -246,7 +250,7 @@ def tile_grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a: int, 
     if kernel is None:
         raise RuntimeError("the sparse tensor-core prefill kernel did not compile on this GPU (see the warning above); run with STUN_SPARSE_MMA=0")
     kernel(grid=(block_expert.numel(), n // rows, 1), block=(rows, 1, 1), shared_mem=tile_smem_bytes(rows, stages),
-           args=[values, meta, a.contiguous(), sorted_ids, block_expert, out, n, 2 * half_k, n_pairs, rows_per_a])
+           args=[values, meta, _aligned(a), sorted_ids, block_expert, out, n, 2 * half_k, n_pairs, rows_per_a])
     return out
 
 
