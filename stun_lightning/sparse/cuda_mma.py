@@ -95,8 +95,7 @@ def _shapes_fit(a, values, meta, block_m: int, want_block_m: int, row_multiple: 
     if not (_enabled and a.is_cuda and block_m == want_block_m and a.dtype == values.dtype == torch.bfloat16):
         return False
     n, half_k = values.shape[1:]
-    aligned = values.storage_offset() % 8 == 0 and meta.storage_offset() % 8 == 0  # 16- and 8-byte loads
-    return (2 * half_k) % 64 == 0 and n % row_multiple == 0 and values.is_contiguous() and meta.is_contiguous() and aligned
+    return (2 * half_k) % 64 == 0 and n % row_multiple == 0 and values.is_contiguous() and meta.is_contiguous()
 
 
 def _device_index(a: torch.Tensor) -> int:
@@ -186,12 +185,13 @@ def _launch(act, values, meta, sorted_ids, block_expert, rows_per_a: int, splits
         raise RuntimeError("the sparse tensor-core kernel did not compile on this GPU (see the warning above); run with STUN_SPARSE_MMA=0")
     grid = (block_expert.numel(), -(-n // (ROWS_PER_WARP * warps)), splits)
     kernel(grid=grid, block=(32 * warps, 1, 1),
-           args=[values, meta, _aligned(act), sorted_ids, block_expert, out, n, k, n_pairs, rows_per_a, per_split, int(splits > 1)])
+           args=[_aligned(values), _aligned(meta), _aligned(act), sorted_ids, block_expert, out, n, k, n_pairs, rows_per_a, per_split, int(splits > 1)])
     return out
 
 
 def _aligned(a: torch.Tensor) -> torch.Tensor:
-    """``a`` contiguous and starting on a 16-byte boundary (the kernels load 8 bf16 at a time)."""
+    """``a`` contiguous and starting on a boundary of 8 elements (the kernels load 8 bf16 values or
+    8 metadata bytes at a time); a copy only for a view that starts elsewhere."""
     a = a.contiguous()
     return a if a.storage_offset() % 8 == 0 else a.clone()
 
@@ -250,7 +250,7 @@ def tile_grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a: int, 
     if kernel is None:
         raise RuntimeError("the sparse tensor-core prefill kernel did not compile on this GPU (see the warning above); run with STUN_SPARSE_MMA=0")
     kernel(grid=(block_expert.numel(), n // rows, 1), block=(rows, 1, 1), shared_mem=tile_smem_bytes(rows, stages),
-           args=[values, meta, _aligned(a), sorted_ids, block_expert, out, n, 2 * half_k, n_pairs, rows_per_a])
+           args=[_aligned(values), _aligned(meta), _aligned(a), sorted_ids, block_expert, out, n, 2 * half_k, n_pairs, rows_per_a])
     return out
 
 
