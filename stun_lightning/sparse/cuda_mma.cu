@@ -1,8 +1,9 @@
 // Routed tokens times 2:4-compressed bf16 expert weights on the sparse tensor cores (mma.sp, sm_80+).
 //
-// Compiled at run time by NVRTC (stun_lightning/sparse/cuda_mma.py); no CUDA headers needed.
+// Compiled at run time by NVRTC (stun_lightning/sparse/cuda_mma.py); no CUDA headers needed. Two
+// kernels: sparse24_mma for decode (below) and sparse24_mma_tile for prefill (further down).
 //
-// One block of 16 (token, expert) pairs of one expert (align_pairs, block_m = 16) by WARPS * 16
+// Decode: one block of 16 (token, expert) pairs of one expert (align_pairs, block_m = 16) by WARPS * 16
 // output rows per CTA; each warp owns 16 weight rows and runs mma.sp.m16n8k32 with the weight as
 // the sparse A operand (rows = M) and the block's tokens as B (two n8 tiles). The kernel reads the
 // compressed values and metadata in our own layout (format.py) with no reordering of the weights:
@@ -165,7 +166,7 @@ __global__ void __launch_bounds__(WARPS * 32) sparse24_mma(
 //
 // One block of 128 pairs of one expert (align_pairs, block_m = 128) by 64 * WR weight rows; WR x 2
 // warps, each 64 rows x 64 pairs (4 x 8 mma.sp per 32 inputs). Each step of 64 inputs brings the
-// compressed values (128 x 32), the metadata words (128 x 8 bytes) and the 128 gathered activation
+// compressed values (rows x 32), the metadata words (rows x 8 bytes) and the 128 gathered activation
 // rows (128 x 64, not permuted) into shared memory with cp.async, STAGES deep; ldmatrix hands
 // out the fragments, so the mma's groups are our groups in order and each lane's metadata is 16
 // contiguous bits of a row's word. 16-byte chunks are XOR-swizzled by row against bank conflicts.
