@@ -132,7 +132,7 @@ def _compile(device_index: int, name: str):
     try:
         with torch.cuda.device(device_index):
             return torch.cuda._compile_kernel(source, name, compute_capability=f"{major}{minor}", nvcc_options=["--std=c++17"])
-    except (OSError, RuntimeError) as err:  # no NVRTC library, or it refused the source
+    except (OSError, RuntimeError, AttributeError) as err:  # no NVRTC library, it refused the source, or a torch without _compile_kernel
         warnings.warn(f"stun_lightning: the sparse tensor-core kernel {name} did not compile ({err}); using the Triton kernels", stacklevel=3)
         return None
 
