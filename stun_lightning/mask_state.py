@@ -34,7 +34,7 @@ from torch import nn
 
 from .adapters import MoELayer, moe_layers
 from .calibration import LayerStats
-from .masks import mask_from_scores, nm_sparsity_for, outlier_ratio, owl_allocation, parse_pattern, score, whole_layer_allocation
+from .masks import layer_targets, mask_from_scores, nm_sparsity_for, outlier_ratio, parse_pattern, score
 from .sharding import count_nonzero, full, is_sharded, local_mask, local_view
 
 MATRICES = ("gate_up_proj", "down_proj")
@@ -292,20 +292,12 @@ def compute_masks(
                 else:
                     yield name, e, score(weights[e], metric, norms[e] if norms is not None else None)
 
-    targets = {layer.index: (nm[0] / nm[1] if nm else sparsity) for layer in layers}
     ratios = None  # outlier ratios, for OWL
     if allocation == "owl":
         ratios = {layer.index: outlier_ratio([sc for _, _, sc in layer_scores(layer, _full_matrices(layer)) if sc is not None], owl_threshold)
                   for layer in layers}
         low_tokens.clear()
-    sizes = {layer.index: sum(w.numel() for w in layer.expert_matrices().values()) for layer in layers}
-    if allocation_base == "layer":
-        if original_experts is None:
-            raise ValueError("allocation_base='layer' needs original_experts (each layer's expert count before expert removal)")
-        counts = {layer.index: layer.num_experts for layer in layers}
-        targets = whole_layer_allocation(sizes, counts, original_experts, sparsity, ratios, owl_lambda)
-    elif ratios is not None:
-        targets = owl_allocation(ratios, sizes, nm[0] / nm[1] if nm else sparsity, owl_lambda)
+    targets = layer_targets(layers, sparsity, nm, ratios, owl_lambda, allocation_base, original_experts)
 
     out = ExpertMasks()
     for layer in layers:

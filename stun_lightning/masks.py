@@ -21,7 +21,7 @@ exactly S; the official code averages layers unweighted.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
@@ -167,3 +167,27 @@ def whole_layer_allocation(
         layer_t = torch.full((len(keys),), total, dtype=torch.float64)
     s = 1.0 - (1.0 - layer_t) * orig / kept
     return dict(zip(keys, _clip_to_mean(s, kept, within)))
+
+
+def layer_targets(
+    layers: Sequence,
+    within: float,
+    nm: tuple[int, int] | None = None,
+    ratios: Mapping[int, float] | None = None,
+    lam: float = 0.08,
+    base: str = "kept",
+    original_experts: Mapping[int, int] | None = None,
+) -> dict[int, float]:
+    """Within-expert sparsity per MoE layer (``layers``: ``MoELayer``s after expert removal): the
+    N:M pattern's or ``within`` everywhere, OWL's spread by outlier ``ratios`` when given, or with
+    ``base="layer"`` :func:`whole_layer_allocation` over each layer's ``original_experts`` count."""
+    sizes = {layer.index: sum(w.numel() for w in layer.expert_matrices().values()) for layer in layers}
+    if base == "layer":
+        if original_experts is None:
+            raise ValueError("allocation_base='layer' needs original_experts (each layer's expert count before expert removal)")
+        counts = {layer.index: layer.num_experts for layer in layers}
+        return whole_layer_allocation(sizes, counts, original_experts, within, ratios, lam)
+    target = nm[0] / nm[1] if nm else within
+    if ratios is not None:
+        return owl_allocation(ratios, sizes, target, lam)
+    return {index: target for index in sizes}

@@ -9,7 +9,7 @@ from torch import nn
 
 from .adapters import MoELayer, decoder_layers, moe_layers
 from .calibration import LINEAR, NORMS, LayerStats, calibrate
-from .masks import InvalidSparsityError, mask_from_scores, nm_sparsity_for, outlier_ratio, owl_allocation, parse_pattern, score, whole_layer_allocation
+from .masks import InvalidSparsityError, layer_targets, mask_from_scores, nm_sparsity_for, outlier_ratio, parse_pattern, score
 from .methods import get_expert_method
 from .recipe import StunRecipe
 from .report import ModelCensus, PruneReport
@@ -155,7 +155,6 @@ def _prune_weights(model, recipe: StunRecipe, within: float, calibration, device
             low_tokens[i] = low
         return set(low)
 
-    targets = {i: (nm[0] / nm[1] if nm else within) for i in layers}
     ratios = None  # outlier ratios, for OWL
     if recipe.allocation == "owl":
         ratios = {}
@@ -176,12 +175,7 @@ def _prune_weights(model, recipe: StunRecipe, within: float, calibration, device
             for i, layer in layers.items():
                 measure(i, layer, None)
         low_tokens.clear()
-    sizes = {i: sum(w.numel() for w in layer.expert_matrices().values()) for i, layer in layers.items()}
-    if recipe.allocation_base == "layer":
-        counts = {i: layer.num_experts for i, layer in layers.items()}
-        targets = whole_layer_allocation(sizes, counts, original_experts, within, ratios, recipe.owl_lambda)
-    elif ratios is not None:
-        targets = owl_allocation(ratios, sizes, nm[0] / nm[1] if nm else within, recipe.owl_lambda)
+    targets = layer_targets(list(layers.values()), within, nm, ratios, recipe.owl_lambda, recipe.allocation_base, original_experts)
 
     all_layers = decoder_layers(model)
 
