@@ -14,8 +14,21 @@ from conftest import logits
 from test_sparse import cuda, mask_24, pruned_24
 
 
+def _fragment_order() -> torch.Tensor:
+    """The activation order of one 64-input step from the mma.sp fragment rule, entry by entry (see
+    ``cuda_mma.permute_activations``)."""
+    perm = []
+    for m in range(2):
+        for t in range(4):
+            for r in range(8):
+                j = (2 * t + 8 * (r // 2)) // 4
+                group = 4 * j + 2 * m if j < 4 else 4 * (j - 4) + 2 * m + 1
+                perm.append(4 * group + 2 * (t % 2) + r % 2)
+    return torch.tensor(perm)
+
+
 def test_activation_permutation_reorders_each_step_of_64_inputs():
-    perm = cuda_mma.ACT_PERM
+    perm = _fragment_order()
     assert sorted(perm.tolist()) == list(range(64))
     # lane 0's B fragment of mma 0 starts with inputs 0-1 (its group 0 is our group 0), of mma 1
     # with inputs 8-9 (its group 0 is our group 2: lane 0 loads our groups 0-3 for both)
@@ -25,7 +38,7 @@ def test_activation_permutation_reorders_each_step_of_64_inputs():
 def test_permuted_activations_are_the_listed_order_of_each_step():
     a = torch.randn(3, 128, dtype=torch.bfloat16)
     out = cuda_mma.permute_activations(a)
-    assert torch.equal(out, a.view(3, 2, 64)[:, :, cuda_mma.ACT_PERM].reshape(3, 128))
+    assert torch.equal(out, a.view(3, 2, 64)[:, :, _fragment_order()].reshape(3, 128))
 
 
 def test_the_kernel_is_never_chosen_off_the_gpu_or_for_other_dtypes():

@@ -9,7 +9,7 @@
 // compressed values and metadata in our own layout (format.py) with no reordering of the weights:
 // per step of 64 inputs, lane (g, t) loads 16 contiguous bytes (groups 4t..4t+3) of rows g and
 // g + 8, and the step's two mma instructions take groups {4t + 2m, 4t + 2m + 1} as their groups
-// {t, t + 4}. The activations are permuted once per call to match (ACT_PERM in cuda_mma.py), so
+// {t, t + 4}. The activations are permuted once per call to match (permute_activations in cuda_mma.py), so
 // each B fragment is one 16-byte load, and the metadata nibbles are regrouped with shifts.
 // blockIdx.z splits the input dimension (split-K) when few experts are routed; the partial sums
 // are then float32 and added by the caller (inside the compiled graph, fused with what follows).

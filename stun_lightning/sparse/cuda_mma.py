@@ -53,26 +53,6 @@ def tile_smem_bytes(rows: int, stages: int = TILE_STAGES) -> int:
     return stages * (rows * 64 + TILE_PAIRS * 128 + rows * 8)
 
 
-def _activation_permutation() -> torch.Tensor:
-    """Where each of a 64-input step's activations goes so that lane ``t``'s B fragment of mma ``m``
-    is the 8 values at ``[32 m + 8 t, 32 m + 8 t + 8)`` (see ``cuda_mma.cu``).
-
-    Lane ``t`` holds the fragment's inputs ``2t + {0, 1} + 8 r`` (``r`` = 0..3), i.e. group
-    ``j = (2t + 8r) // 4`` of the mma at offset ``2 (t % 2)``; group ``j < 4`` is our group
-    ``4 j + 2 m``, group ``j >= 4`` our ``4 (j - 4) + 2 m + 1`` (how lanes load the weights)."""
-    perm = []
-    for m in range(2):
-        for t in range(4):
-            for r in range(8):
-                j = (2 * t + 8 * (r // 2)) // 4
-                group = 4 * j + 2 * m if j < 4 else 4 * (j - 4) + 2 * m + 1
-                perm.append(4 * group + 2 * (t % 2) + r % 2)
-    return torch.tensor(perm)
-
-
-ACT_PERM = _activation_permutation()
-
-
 @contextlib.contextmanager
 def disabled():
     """Run the Triton kernels instead inside this block (AOTInductor export, comparisons)."""
@@ -155,9 +135,15 @@ def splits_for(n: int, k: int, touched: int, device: torch.device, warps: int = 
 
 
 def permute_activations(a: torch.Tensor) -> torch.Tensor:
-    """``a`` ``[M, K]`` with each 64-input step reordered as the kernel's B fragments read it (the order
-    :data:`ACT_PERM` lists). The order is a permutation of the 6 index bits, so this is a view and a
-    transpose, which torch.compile fuses into the op that produces ``a``."""
+    """``a`` ``[M, K]`` with each 64-input step reordered as the decode kernel's B fragments read it:
+    lane ``t``'s fragment of mma ``m`` is then the 8 values at ``[32 m + 8 t, 32 m + 8 t + 8)``.
+
+    That lane holds the mma's inputs ``2t + {0, 1} + 8 r`` (``r`` = 0..3), i.e. group
+    ``j = (2t + 8r) // 4`` at offset ``2 (t % 2)``; the mma's group ``j < 4`` is our group
+    ``4 j + 2 m``, its group ``j >= 4`` our ``4 (j - 4) + 2 m + 1`` (how lanes load the weights). The
+    order is a permutation of the 6 index bits, so this is a view and a transpose, which
+    torch.compile fuses into the op that produces ``a`` (``tests/test_sparse_mma.py`` checks it
+    against the rule above)."""
     m, k = a.shape
     bits = a.reshape(m, k // 64, 2, 2, 2, 2, 2, 2)  # input bits 5..0 of each step
     return bits.permute(0, 1, 4, 3, 6, 5, 2, 7).reshape(m, k)
