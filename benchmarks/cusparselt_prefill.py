@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from device_rates import no_cuda  # noqa: E402
 from sparse_kernels import SHAPES, graphed_us, mask_24  # noqa: E402
 
 
@@ -31,8 +32,7 @@ def main(argv=None) -> int:
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("benchmarks/cusparselt_prefill.py needs a CUDA GPU", file=sys.stderr)
+    if no_cuda("cusparselt_prefill.py"):
         return 2
     import cusparselt_ctypes as cslt
 

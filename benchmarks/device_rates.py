@@ -1,16 +1,25 @@
 """Timing on a device, and the two rates a speed is held against: copy bandwidth and bf16 matmul rate.
 
-Shared by ``benchmarks/inference.py`` and ``benchmarks/sparse_kernels.py``; both give a time as a
-fraction of its floor, max(bytes / copy bandwidth, FLOPs / matmul rate), with the rates measured in
-the same run.
+Shared by the GPU benchmarks (``inference.py``, ``sparse_kernels.py``, ``mma_rates.py``,
+``cusparselt_prefill.py``); the first two give a time as a fraction of its floor, max(bytes / copy
+bandwidth, FLOPs / matmul rate), with the rates measured in the same run.
 """
 
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 
 import torch
+
+
+def no_cuda(script: str) -> bool:
+    """True (after saying so on stderr) when there is no CUDA GPU for ``script``."""
+    if torch.cuda.is_available():
+        return False
+    print(f"benchmarks/{script} needs a CUDA GPU", file=sys.stderr)
+    return True
 
 
 def make_timer(device: str):

@@ -15,8 +15,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # device_rates beside this script
+from device_rates import make_timer, measured_rates, no_cuda  # noqa: E402
 
 SOURCE = r"""
 typedef unsigned int u32;
@@ -56,41 +60,25 @@ __global__ void __launch_bounds__(256) mma_loop(float* out, int iterations, u32 
 """
 
 
-def time_ms(fn, reps: int = 5) -> float:
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    best = float("inf")
-    for _ in range(reps):
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        best = min(best, start.elapsed_time(end))
-    return best
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=4096)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("benchmarks/mma_rates.py needs a CUDA GPU", file=sys.stderr)
+    if no_cuda("mma_rates.py"):
         return 2
     major, minor = torch.cuda.get_device_capability()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     blocks, threads = 8 * sms, 256
     out = torch.empty(blocks * threads, device="cuda")
+    timer = make_timer("cuda")
     rows = []
     for name, sparse, flops_per_mma in (("mma.sync m16n8k16 (dense)", 0, 16 * 8 * 16 * 2), ("mma.sp m16n8k32 (2:4, dense-equivalent)", 1, 16 * 8 * 32 * 2)):
         kernel = torch.cuda._compile_kernel(SOURCE, f"mma_loop<{sparse}>", compute_capability=f"{major}{minor}")
-        ms = time_ms(lambda: kernel(grid=(blocks, 1, 1), block=(threads, 1, 1), args=[out, args.iterations, 7]))
+        us = timer(lambda: kernel(grid=(blocks, 1, 1), block=(threads, 1, 1), args=[out, args.iterations, 7]))
         mmas = blocks * (threads // 32) * args.iterations * 8
-        rows.append((name, mmas * flops_per_mma / ms / 1e9))
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    ms = time_ms(lambda: a @ a)
-    rows.append(("torch.matmul 8192^3 bf16 (cuBLAS, wgmma)", 2 * 8192**3 / ms / 1e9))
+        rows.append((name, mmas * flops_per_mma / us / 1e6))
+    rows.append(("torch.matmul 8192^3 bf16 (cuBLAS, wgmma)", measured_rates("cuda", timer)[1] / 1e12))
     lines = [f"{torch.cuda.get_device_name()}, torch {torch.__version__}", "", "| instruction | TFLOP/s |", "|---|---|"]
     lines += [f"| {name} | {tflops:.0f} |" for name, tflops in rows]
     text = "\n".join(lines)

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # device_rates beside this script, also when loaded by path
-from device_rates import measured_rates  # noqa: E402
+from device_rates import measured_rates, no_cuda  # noqa: E402
 
 SHAPES = {"mixtral": dict(hidden=4096, ffn=14336, experts=8, top_k=2), "qwen3": dict(hidden=2048, ffn=768, experts=128, top_k=8)}
 
@@ -57,8 +57,7 @@ def main(argv=None) -> int:
     parser.add_argument("--kernels", nargs="+", default=["mma", "tile", "decode", "tensor"], choices=["mma", "tile", "decode", "tensor"])
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("benchmarks/sparse_kernels.py needs a CUDA GPU", file=sys.stderr)
+    if no_cuda("sparse_kernels.py"):
         return 2
     from triton.testing import do_bench
 
