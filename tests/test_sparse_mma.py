@@ -41,10 +41,11 @@ def test_permuted_activations_are_the_listed_order_of_each_step():
     assert torch.equal(out, a.view(3, 2, 64)[:, :, _fragment_order()].reshape(3, 128))
 
 
-def test_the_kernel_is_never_chosen_off_the_gpu_or_for_other_dtypes():
-    values = torch.zeros(2, 64, 64, dtype=torch.bfloat16)
-    meta = torch.zeros(2, 64, 16, dtype=torch.uint8)
+def test_the_kernels_are_never_chosen_off_the_gpu_and_can_be_disabled():
+    values = torch.zeros(2, 128, 64, dtype=torch.bfloat16)
+    meta = torch.zeros(2, 128, 16, dtype=torch.uint8)
     assert not cuda_mma.fits(torch.zeros(1, 128, dtype=torch.bfloat16), values, meta, 16)  # CPU
+    assert not cuda_mma.fits_tile(torch.zeros(512, 128, dtype=torch.bfloat16), values, meta, 128)
     with cuda_mma.disabled():
         assert not cuda_mma._enabled
     assert cuda_mma._enabled

@@ -68,7 +68,7 @@ def fits(a: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, block_m: int
     """Whether the decode kernel takes the call: CUDA, bf16, inputs % 64 == 0, outputs % 16 == 0,
     blocks of 16 pairs, and the kernel ready on that GPU (sm_80+, NVRTC found); ``STUN_SPARSE_MMA=0``
     or :func:`disabled` turn it off."""
-    return _shapes_fit(a, values, meta, block_m, BLOCK_M, ROWS_PER_WARP) and kernel_ready(_device_index(a), "decode")
+    return _shapes_fit(a, values, meta, block_m, BLOCK_M, ROWS_PER_WARP) and kernel_ready(_device_index(a.device), "decode")
 
 
 def _shapes_fit(a, values, meta, block_m: int, want_block_m: int, row_multiple: int) -> bool:
@@ -78,8 +78,8 @@ def _shapes_fit(a, values, meta, block_m: int, want_block_m: int, row_multiple: 
     return (2 * half_k) % 64 == 0 and n % row_multiple == 0 and values.is_contiguous() and meta.is_contiguous()
 
 
-def _device_index(a: torch.Tensor) -> int:
-    return a.device.index if a.device.index is not None else torch.cuda.current_device()
+def _device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 @torch._dynamo.assume_constant_result
@@ -128,8 +128,7 @@ def splits_for(n: int, k: int, touched: int, device: torch.device, warps: int = 
     every split gets whole iterations of ``unroll`` steps of 64 inputs."""
     ctas = touched * (-(-n // (ROWS_PER_WARP * warps)))
     iterations = -(-(k // 64) // unroll)
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    wanted = max(1, min(iterations, -(-ctas_per_sm * multiprocessors(index) // ctas)))
+    wanted = max(1, min(iterations, -(-ctas_per_sm * multiprocessors(_device_index(device)) // ctas)))
     per_split = -(-iterations // wanted)
     return -(-iterations // per_split)
 
@@ -209,7 +208,7 @@ def fits_tile(a: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, block_m
     n_pairs = a.shape[0] * rows_per_a
     if n_pairs < TILE_MIN_PAIRS_PER_EXPERT * min(values.shape[0], n_pairs):
         return False
-    return _shapes_fit(a, values, meta, block_m, TILE_PAIRS, TILE_ROWS) and kernel_ready(_device_index(a), "tile")
+    return _shapes_fit(a, values, meta, block_m, TILE_PAIRS, TILE_ROWS) and kernel_ready(_device_index(a.device), "tile")
 
 
 @torch.library.custom_op("stun::sparse24_mma_tile", mutates_args=(), device_types="cuda")
