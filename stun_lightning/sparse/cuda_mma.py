@@ -198,7 +198,7 @@ def grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a: int, *, wa
 
 #: pairs per routed expert from which prefill runs the tile kernel: with fewer, partly filled blocks
 #: of 128 pairs cost it more than the Triton kernel (Qwen3 shapes with 25% of experts removed, 170
-#: pairs per expert: layer 1251 vs 1031 us; at 512, Mixtral: 4231 vs 6011 us)
+#: pairs per expert: layer 0.76x dense against 0.91x; benchmarks/results/inference_h100.md, last section)
 TILE_MIN_PAIRS_PER_EXPERT = 256
 
 
