@@ -54,7 +54,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--tokens", nargs="+", type=int, default=[1, 8, 32, 2048])
-    parser.add_argument("--kernels", nargs="+", default=["mma", "tile", "decode", "tensor"], choices=["mma", "tile", "decode", "tensor"])
+    parser.add_argument("--kernels", nargs="+", default=["mma", "tile", "wgmma", "decode", "tensor"],
+                        choices=["mma", "tile", "wgmma", "decode", "tensor"])
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     if no_cuda("sparse_kernels.py"):
@@ -74,6 +75,8 @@ def main(argv=None) -> int:
                     ((4, 4, 4), (4, 8, 4), (2, 4, 8), (2, 8, 8), (4, 8, 16), (8, 8, 4))]
     # the prefill tile kernel's tile heights and pipeline depths
     TILE_LAUNCHES = ((128, 3), (128, 4), (128, 5), (256, 3), (256, 4))
+    # the Hopper prefill kernel's tile heights, pipeline depths and CTAs per multiprocessor
+    WGMMA_LAUNCHES = ((128, 4, 2), (128, 3, 2), (64, 3, 3), (64, 6, 2), (256, 3, 1), (256, 5, 1))
     bw, flops = measured_rates("cuda")
     lines = [f"{torch.cuda.get_device_name()}, torch {torch.__version__}; copy {bw / 1e12:.2f} TB/s, bf16 matmul {flops / 1e12:.0f} TFLOP/s", "",
              "| shape | matrix | T | experts | kernel | config | us | 2:4 floor | of floor | dense grouped_mm | x dense | err |",
@@ -121,8 +124,10 @@ def main(argv=None) -> int:
                         ids_m, be_m = align_pairs(idx, s["experts"], block_m)
                         candidates += [("tensor", c, block_m, ids_m, be_m) for c in PREFILL_CONFIGS]
                     candidates += [("tile", dict(rows=r, stages=st), 128, ids_m, be_m) for r, st in TILE_LAUNCHES if n % r == 0]
+                    if torch.cuda.get_device_capability() == (9, 0):
+                        candidates += [("wgmma", dict(rows=r, stages=st, ctas=c), 128, ids_m, be_m) for r, st, c in WGMMA_LAUNCHES if n % r == 0]
                 for kind, config, block_m, ids_c, be_c in [c for c in candidates if c[0] in args.kernels]:
-                    if kind in ("mma", "tile"):
+                    if kind in ("mma", "tile", "wgmma"):
                         label = f"BM{block_m} " + " ".join(f"{key}={v}" for key, v in config.items())
                     else:
                         label = f"BM{block_m} " + " ".join(f"{key}={v}" for key, v in config.kwargs.items()) + f" w{config.num_warps} s{config.num_stages}"
@@ -131,6 +136,8 @@ def main(argv=None) -> int:
                             fn = lambda: cuda_mma.grouped_mm(a, values, meta, ids_c, be_c, rows_per_a, **config)  # noqa: E731
                         elif kind == "tile":
                             fn = lambda: cuda_mma.tile_grouped_mm(a, values, meta, ids_c, be_c, rows_per_a, **config)  # noqa: E731
+                        elif kind == "wgmma":
+                            fn = lambda: cuda_mma.wgmma_grouped_mm(a, values, meta, ids_c, be_c, rows_per_a, **config)  # noqa: E731
                         elif kind == "decode":
                             fn = lambda: launch_decode(a, values, meta, ids_c, be_c, rows_per_a, block_m, bucket, config=config)  # noqa: E731
                         else:

@@ -102,6 +102,30 @@ def test_prefill_tile_kernel_matches_reference_on_gpu(shape, tokens):
             assert err < 1e-2, (rows, stages, err)
 
 
+hopper = pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)), reason="needs a Hopper GPU (sm_90)")
+
+
+@hopper
+@pytest.mark.parametrize("shape", [(8, 256, 512, 2), (4, 128, 192, 1), (2, 384, 64, 2), (3, 256, 1024, 3)])  # E, N, K, top-k
+@pytest.mark.parametrize("tokens", [70, 300])
+def test_hopper_prefill_kernel_matches_reference(shape, tokens):
+    """The sparse ``wgmma`` kernel on the same blocks: tiles of 64 / 128 / 256 rows, 1 to 16 steps."""
+    num_experts, n, k, top_k = shape
+    torch.manual_seed(tokens)
+    values, meta = compress_24(mask_24(torch.randn(num_experts, n, k, device="cuda")).bfloat16())
+    index = _routed(num_experts, top_k, tokens, seed=tokens)
+    ids, block_expert = align_pairs(index, num_experts, 128)
+    for rows_per_a in (top_k, 1):
+        x = torch.randn(tokens * top_k // rows_per_a, k, device="cuda", dtype=torch.bfloat16)
+        ref = grouped_mm_reference(x.double(), values.double(), meta, ids, block_expert, rows_per_a, 128)
+        for rows, stages, ctas in ((128, 4, 2), (64, 3, 3), (128, 2, 2), (256, 3, 1)):
+            if n % rows:
+                continue
+            out = cuda_mma.wgmma_grouped_mm(x, values, meta, ids, block_expert, rows_per_a, rows, stages, ctas)
+            err = ((out.double() - ref).norm() / ref.norm()).item()
+            assert err < 1e-2, (rows, stages, err)
+
+
 def _sparse_qwen3(ids_of):
     """A pruned, sparsified bf16 tiny Qwen3 whose expert shapes fit the kernels, ``ids_of(ids)`` as
     its input, and the float32 logits of the masked dense model."""
@@ -128,8 +152,9 @@ def _logits_counting(model, ids, launcher: str):
 def test_prefill_of_a_model_runs_the_tile_kernel_and_matches_the_triton_path():
     # 2 x 512 tokens: 2048 pairs, 256 per expert
     model, ids, err = _sparse_qwen3(lambda ids: torch.randint(0, ids.max().item() + 1, (2, 512), device="cuda"))
-    out, calls = _logits_counting(model, ids, "tile_grouped_mm")
-    assert calls, "the prefill did not run the tile kernel"
+    launcher = "wgmma_grouped_mm" if cuda_mma.hopper_ready(torch.cuda.current_device()) else "tile_grouped_mm"
+    out, calls = _logits_counting(model, ids, launcher)
+    assert calls, f"the prefill did not run {launcher}"
     with cuda_mma.disabled():
         triton_path = logits(model, ids).float()
     assert err(out) < max(1.5 * err(triton_path), 1e-2), (err(out), err(triton_path))

@@ -46,11 +46,20 @@ CTAS_PER_SM = 4
 TILE_ROWS, TILE_PAIRS, TILE_STAGES = 128, 128, 3
 
 _enabled = os.environ.get("STUN_SPARSE_MMA", "1") != "0"
+#: the Hopper prefill kernel (sparse ``wgmma``); ``STUN_SPARSE_WGMMA=0`` keeps ``mma.sp`` there
+_enabled_wgmma = os.environ.get("STUN_SPARSE_WGMMA", "1") != "0"
+#: its tile (weight rows), pipeline depth and CTAs per multiprocessor
+WGMMA_ROWS, WGMMA_STAGES, WGMMA_CTAS = 128, 4, 2
 
 
 def tile_smem_bytes(rows: int, stages: int = TILE_STAGES) -> int:
     """Shared memory of the prefill kernel: ``stages`` of values, activations and metadata words."""
     return stages * (rows * 64 + TILE_PAIRS * 128 + rows * 8)
+
+
+def wgmma_smem_bytes(rows: int, stages: int) -> int:
+    """Shared memory of the ``wgmma`` prefill kernel: stages padded to 1 KiB, and 1 KiB to align them."""
+    return stages * (-(-(rows * 64 + TILE_PAIRS * 128 + rows * 8) // 1024) * 1024) + 1024
 
 
 @contextlib.contextmanager
@@ -86,8 +95,15 @@ def _device_index(device: torch.device) -> int:
 def kernel_ready(device_index: int, kernel: str) -> bool:
     """The GPU is sm_80+ and the ``"decode"`` or ``"tile"`` kernel compiled for it (a constant while
     torch.compile traces)."""
+    if kernel == "tile" and hopper_ready(device_index):
+        return True
     compiled = _kernel if kernel == "decode" else _tile_kernel
     return torch.cuda.get_device_capability(device_index) >= (8, 0) and compiled(device_index) is not None
+
+
+def hopper_ready(device_index: int) -> bool:
+    """The GPU is a Hopper (compute capability 9.0) and the ``wgmma`` prefill kernel compiled for it."""
+    return _enabled_wgmma and torch.cuda.get_device_capability(device_index) == (9, 0) and _wgmma_kernel(device_index) is not None
 
 
 @functools.cache
@@ -106,12 +122,25 @@ def _tile_kernel(device_index: int, rows: int = TILE_ROWS, stages: int = TILE_ST
     return kernel
 
 
-def _compile(device_index: int, name: str):
-    source = (Path(__file__).with_name("cuda_mma.cu")).read_text()
+@functools.cache
+def _wgmma_kernel(device_index: int, rows: int = WGMMA_ROWS, stages: int = WGMMA_STAGES, ctas: int = WGMMA_CTAS):
+    """The Hopper prefill kernel (``cuda_wgmma.cu``) compiled for one device, or None."""
+    kernel = _compile(device_index, f"sparse24_wgmma_tile<{rows // 64}, {stages}, {ctas}>", hopper=True)
+    if kernel is not None:
+        with torch.cuda.device(device_index):
+            kernel.set_shared_memory_config(wgmma_smem_bytes(rows, stages))
+    return kernel
+
+
+def _compile(device_index: int, name: str, hopper: bool = False):
+    """``name`` from ``cuda_mma.cu`` (with ``cuda_wgmma.cu`` appended and for sm_90a when ``hopper``)."""
+    files = ("cuda_mma.cu", "cuda_wgmma.cu") if hopper else ("cuda_mma.cu",)
+    source = "\n".join(Path(__file__).with_name(f).read_text() for f in files)
     major, minor = torch.cuda.get_device_capability(device_index)
+    arch = "90a" if hopper else f"{major}{minor}"
     try:
         with torch.cuda.device(device_index):
-            return torch.cuda._compile_kernel(source, name, compute_capability=f"{major}{minor}", nvcc_options=["--std=c++17"])
+            return torch.cuda._compile_kernel(source, name, compute_capability=arch, nvcc_options=["--std=c++17"])
     except (OSError, RuntimeError, AttributeError) as err:  # no NVRTC library, it refused the source, or a torch without _compile_kernel
         warnings.warn(f"stun_lightning: the sparse tensor-core kernel {name} did not compile ({err}); using the Triton kernels", stacklevel=3)
         return None
@@ -215,6 +244,8 @@ def fits_tile(a: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, block_m
 def sparse24_mma_tile(a: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, sorted_ids: torch.Tensor, block_expert: torch.Tensor, rows_per_a: int) -> torch.Tensor:
     """:func:`grouped_mm` for prefill: blocks of 128 pairs (``align_pairs(..., 128)``), one tile of
     weight rows x 128 pairs per CTA, operands staged in shared memory (:func:`tile_rows_for`)."""
+    if hopper_ready(_device_index(a.device)):
+        return wgmma_grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a)
     return tile_grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a, tile_rows_for(values.shape[1]))
 
 
@@ -235,6 +266,22 @@ def tile_grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a: int, 
     if kernel is None:
         raise RuntimeError("the sparse tensor-core prefill kernel did not compile on this GPU (see the warning above); run with STUN_SPARSE_MMA=0")
     kernel(grid=(block_expert.numel(), n // rows, 1), block=(rows, 1, 1), shared_mem=tile_smem_bytes(rows, stages),
+           args=[_aligned(values), _aligned(meta), _aligned(a), sorted_ids, block_expert, out, n, 2 * half_k, n_pairs, rows_per_a])
+    return out
+
+
+def wgmma_grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a: int, rows: int = WGMMA_ROWS, stages: int = WGMMA_STAGES,
+                     ctas: int = WGMMA_CTAS) -> torch.Tensor:
+    """:func:`sparse24_mma_tile` on a Hopper GPU: the same blocks of 128 pairs through the sparse
+    ``wgmma`` (``cuda_wgmma.cu``), ``rows`` (64, 128 or 256) weight rows per CTA."""
+    num_experts, n, half_k = values.shape
+    n_pairs = a.shape[0] * rows_per_a
+    out = torch.empty(n_pairs, n, dtype=a.dtype, device=a.device)
+    kernel = _wgmma_kernel(a.device.index, rows, stages, ctas)
+    if kernel is None or n % rows:
+        raise RuntimeError(f"the Hopper sparse prefill kernel cannot run here ({n} output rows, tiles of {rows}; or it did not compile: "
+                           "see the warning above); run with STUN_SPARSE_WGMMA=0")
+    kernel(grid=(block_expert.numel(), n // rows, 1), block=(2 * rows, 1, 1), shared_mem=wgmma_smem_bytes(rows, stages),
            args=[_aligned(values), _aligned(meta), _aligned(a), sorted_ids, block_expert, out, n, 2 * half_k, n_pairs, rows_per_a])
     return out
 

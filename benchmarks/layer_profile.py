@@ -1,0 +1,93 @@
+"""Where one MoE layer's time goes: the GPU kernels of a compiled layer call, per variant, in a table.
+
+    python benchmarks/layer_profile.py [--shapes qwen3] [--tokens 8 32] [--variants dense 2:4]
+
+Needs a CUDA GPU. Builds the layer shapes of ``inference.py`` (one decoder layer), compiles each
+variant's MoE block as ``inference.py`` does, and records ``--steps`` calls with ``torch.profiler``:
+each kernel's device time per call and their sum; the time of the same compiled call replayed in
+a CUDA graph (decode sizes) or called directly (prefill), with the L2 cache flushed before each call
+as ``inference.py`` times it; and the device span per call of back-to-back graph replays. The span
+minus the kernels' sum is the time the GPU sat between kernels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from device_rates import make_timer, no_cuda  # noqa: E402
+from inference import SHAPES, VARIANTS, captured  # noqa: E402
+from inference_models import build_model, build_variants, moe_blocks  # noqa: E402
+
+
+def kernel_times(fn, x, steps: int) -> tuple[dict[str, list[float]], float]:
+    """Per kernel ``fn(x)`` launches: [device microseconds per call, launches per call]; and the
+    device span per call (first kernel start to last kernel end over ``steps`` back-to-back calls)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad():
+        fn(x)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                fn(x)
+            torch.cuda.synchronize()
+    times, starts, ends = defaultdict(lambda: [0.0, 0.0]), [], []
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            times[event.name][0] += event.device_time / steps
+            times[event.name][1] += 1 / steps
+            starts.append(event.time_range.start)
+            ends.append(event.time_range.end)
+    return dict(times), (max(ends) - min(starts)) / steps if starts else float("nan")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--variants", nargs="+", default=["dense", "2:4"], choices=VARIANTS)
+    p.add_argument("--tokens", nargs="+", type=int, default=[1, 8, 32, 2048], help="tokens per call; above 64 counts as prefill")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--top", type=int, default=12, help="kernels listed per row")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if no_cuda("layer_profile.py"):
+        return 2
+    timer = make_timer("cuda")
+    for name in args.shapes:
+        dense = build_model(SHAPES[name], 1, 1024, "cuda", args.seed)
+        models = build_variants(dense, args.variants, args.seed)
+        hidden = dense.config.hidden_size
+        for t in args.tokens:
+            x = torch.randn(1, t, hidden, device="cuda", dtype=torch.bfloat16)
+            for variant in args.variants:
+                block = moe_blocks(models[variant])[0][0]
+                decode = t <= 64
+                torch._dynamo.reset()
+                raw = torch.compile(block, dynamic=False)
+                fn = captured(raw) if decode else raw  # the graph replays the kernels raw launches one by one
+                with torch.no_grad():
+                    fn(x)
+                    wall = timer(lambda: fn(x))
+                times, span = kernel_times(raw, x, args.steps)
+                _, graph_span = kernel_times(fn, x, args.steps) if decode else (None, span)
+                total = sum(us for us, _ in times.values())
+                launches = sum(n for _, n in times.values())
+                print(f"\n## {name} {variant} T={t}: {wall:.1f} us per call ({'CUDA graph' if decode else 'compiled'}, L2 flushed); "
+                      f"device span {graph_span:.1f} us per call (back to back); kernels {total:.1f} us in {launches:.0f} launches")
+                print("| us | launches | kernel |\n|---:|---:|---|")
+                for kname, (us, n) in sorted(times.items(), key=lambda kv: -kv[1][0])[: args.top]:
+                    print(f"| {us:.1f} | {n:.0f} | {kname[:110]} |")
+        del dense, models
+        torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

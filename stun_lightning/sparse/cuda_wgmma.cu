@@ -1,0 +1,158 @@
+// Prefill on Hopper's sparse warpgroup instruction (wgmma.mma_async.sp, sm_90a), appended to cuda_mma.cu
+// (whose helpers it uses) when compiled for compute capability 9.0 (stun_lightning/sparse/cuda_mma.py).
+//
+// As sparse24_mma_tile: one block of 128 (token, expert) pairs of one expert (align_pairs, block_m =
+// 128) by 64 * WG weight rows per CTA, and each step of 64 inputs brings the compressed values, the
+// metadata words and the 128 gathered activation rows into shared memory with cp.async, STAGES deep.
+// Here WG warpgroups each own 64 weight rows x all 128 pairs: per 32 inputs one
+// wgmma.mma_async.sp.m64n128k32 with the weight fragment in registers (ldmatrix, the same fragment
+// as mma.sp's per warp of 16 rows) and the activations read by the tensor cores from shared memory
+// through a matrix descriptor. The activation tile is K-major with the 128-byte swizzle (16-byte
+// chunk c of row p at p * 128 + ((c ^ (p % 8)) * 16), 1024-byte aligned), the layout the descriptor
+// names; the second 32 inputs of a step start 64 bytes into it.
+
+#define WG_PAIRS 128
+
+__device__ __forceinline__ u64 sw128_desc(u32 addr) {
+  // start address / 16 (bits 0-13), leading offset 1 (unused: K-major, the 32 inputs of one
+  // instruction lie inside a swizzle row), stride offset 1024 / 16 between groups of 8 rows
+  // (bits 32-45), swizzle mode 1 = 128 bytes (bits 62-63)
+  return (u64)((addr & 0x3FFFFu) >> 4) | ((u64)1 << 16) | ((u64)(1024 >> 4) << 32) | ((u64)1 << 62);
+}
+
+__device__ __forceinline__ void keep_in_registers(float* d) {
+#pragma unroll
+  for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+// d (64 rows x 128 pairs, f32) += A (64 x 32 inputs, 2:4: a0..a3 and metadata e) * B (smem, desc)
+__device__ __forceinline__ void wgmma_sp_n128(float* d, const u32* a, u64 desc, u32 e) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %71, 0;\n"
+      "wgmma.mma_async.sp.sync.aligned.m64n128k32.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63},"
+      " {%64, %65, %66, %67}, %68, %69, %70, p, %72, %73, %74;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(e), "n"(0), "r"(1), "n"(1), "n"(1), "n"(0));
+}
+
+template <int WG, int STAGES, int CTAS>
+__global__ void __launch_bounds__(128 * WG, CTAS) sparse24_wgmma_tile(
+    const unsigned short* __restrict__ values,  // [E, N, K/2] bf16
+    const u64* __restrict__ meta,               // [E, N, K/8] bytes: K/64 words per row
+    const unsigned short* __restrict__ act,     // [M, K] bf16, rows in input order
+    const int* __restrict__ sorted_ids,         // [n_blocks * 128]
+    const int* __restrict__ block_expert,
+    unsigned short* __restrict__ out,           // [n_pairs, N] bf16
+    int N, int K, int n_pairs, int rows_per_a) {
+  constexpr int THREADS = 128 * WG, TILE_ROWS = 64 * WG;
+  constexpr int B_BYTES = WG_PAIRS * 128, A_BYTES = TILE_ROWS * 64, E_BYTES = TILE_ROWS * 8;
+  constexpr int STAGE_BYTES = (B_BYTES + A_BYTES + E_BYTES + 1023) / 1024 * 1024;  // activation tiles 1024-aligned
+  constexpr int A_CHUNKS = TILE_ROWS * 4 / THREADS, B_CHUNKS = WG_PAIRS * 8 / THREADS;
+  extern __shared__ U4 smem_u4[];
+  const int blk = blockIdx.x;
+  const int e = block_expert[blk];
+  if (e < 0) return;
+  const int row_base = blockIdx.y * TILE_ROWS;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const int steps = K >> 6;
+  const int* ids = sorted_ids + blk * WG_PAIRS;
+  const u32 raw = (u32)__cvta_generic_to_shared(smem_u4);
+  const u32 smem = (raw + 1023u) & ~1023u;  // the launch asks for 1 KiB more than the stages
+  const unsigned char* smem_bytes = (const unsigned char*)smem_u4 + (smem - raw);
+
+  const unsigned short* a_src[A_CHUNKS];
+  u32 a_dst[A_CHUNKS];
+#pragma unroll
+  for (int i = 0; i < A_CHUNKS; ++i) {
+    const int r = (tid >> 2) + (THREADS / 4) * i, c = tid & 3;
+    a_src[i] = values + ((long long)e * N + row_base + r) * (K >> 1) + c * 8;
+    a_dst[i] = B_BYTES + r * 64 + ((c ^ ((r >> 1) & 3)) << 4);
+  }
+  const unsigned short* b_src[B_CHUNKS];
+  u32 b_dst[B_CHUNKS];
+#pragma unroll
+  for (int i = 0; i < B_CHUNKS; ++i) {
+    const int p = (tid >> 3) + (THREADS / 8) * i, c = tid & 7;
+    const int id = ids[p];
+    b_src[i] = act + (long long)(id < n_pairs ? id / rows_per_a : 0) * K + c * 8;
+    b_dst[i] = p * 128 + ((c ^ (p & 7)) << 4);
+  }
+  const bool copies_meta = tid < TILE_ROWS;
+  const u64* e_src = meta + ((long long)e * N + row_base + (copies_meta ? tid : 0)) * (K >> 6);
+  const u32 e_dst = B_BYTES + A_BYTES + tid * 8;
+
+  auto load_step = [&](int step, int stage) {
+    const u32 base = smem + stage * STAGE_BYTES;
+#pragma unroll
+    for (int i = 0; i < A_CHUNKS; ++i) cp_async16(base + a_dst[i], a_src[i] + step * 32);
+#pragma unroll
+    for (int i = 0; i < B_CHUNKS; ++i) cp_async16(base + b_dst[i], b_src[i] + step * 64);
+    if (copies_meta) cp_async8(base + e_dst, e_src + step);
+  };
+
+  float d[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) d[i] = 0.f;
+
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < steps) load_step(s, s);
+    asm volatile("cp.async.commit_group;");
+  }
+  const int rows = (warp >> 2) * 64 + (warp & 3) * 16;  // this warp's 16 rows of the tile
+  const int mi = lane >> 3, rr = lane & 7;
+  for (int step = 0; step < steps; ++step) {
+    asm volatile("cp.async.wait_group %0;" ::"n"(STAGES - 2));
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // cp.async wrote it; wgmma reads it
+    asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");  // the stage refilled below is free
+    keep_in_registers(d);
+    __syncthreads();
+    const int next = step + STAGES - 1;
+    if (next < steps) load_step(next, next % STAGES);
+    asm volatile("cp.async.commit_group;");
+    const int stage = step % STAGES;
+    const u32 base = smem + stage * STAGE_BYTES;
+    const u64* words = (const u64*)(smem_bytes + stage * STAGE_BYTES + B_BYTES + A_BYTES);
+    u32 fa[2][4], fe[2];
+#pragma unroll
+    for (int s = 0; s < 2; ++s) {
+      const int r = rows + (mi & 1) * 8 + rr, c = 2 * s + (mi >> 1);
+      ldmatrix4(base + B_BYTES + r * 64 + ((c ^ ((r >> 1) & 3)) << 4), fa[s][0], fa[s][1], fa[s][2], fa[s][3]);
+      const int shift = 32 * s + 16 * (t & 1);
+      fe[s] = (u32)((words[rows + g] >> shift) & 0xFFFFull) | ((u32)((words[rows + g + 8] >> shift) & 0xFFFFull) << 16);
+    }
+    asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+#pragma unroll
+    for (int s = 0; s < 2; ++s) wgmma_sp_n128(d, fa[s], sw128_desc(base + s * 64), fe[s]);
+    asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+    keep_in_registers(d);
+  }
+  asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+  keep_in_registers(d);
+  asm volatile("cp.async.wait_group 0;");
+
+  // d[4j + 2h + q]: row g + 8h of this warp's 16, pair 8j + 2t + q of the block
+#pragma unroll
+  for (int j = 0; j < WG_PAIRS / 8; ++j) {
+#pragma unroll
+    for (int q = 0; q < 2; ++q) {
+      const int pair = ids[8 * j + 2 * t + q];
+      if (pair >= n_pairs) continue;
+      unsigned short* o = out + (long long)pair * N + row_base + rows + g;
+      o[0] = to_bf16(d[4 * j + q]);
+      o[8] = to_bf16(d[4 * j + 2 + q]);
+    }
+  }
+}
