@@ -48,8 +48,9 @@ TILE_ROWS, TILE_PAIRS, TILE_STAGES = 128, 128, 3
 _enabled = os.environ.get("STUN_SPARSE_MMA", "1") != "0"
 #: the Hopper prefill kernel (sparse ``wgmma``); ``STUN_SPARSE_WGMMA=0`` keeps ``mma.sp`` there
 _enabled_wgmma = os.environ.get("STUN_SPARSE_WGMMA", "1") != "0"
-#: its tile (weight rows), pipeline depth and CTAs per multiprocessor
-WGMMA_ROWS, WGMMA_STAGES, WGMMA_CTAS = 128, 4, 2
+#: its tile (weight rows), pipeline depth and CTAs per multiprocessor: 256 rows where the outputs
+#: divide, else 128 (the fastest of each on an H100: benchmarks/results/sparse_kernels_h100.md)
+WGMMA_LAUNCHES = {256: (5, 1), 128: (3, 2)}
 
 
 def tile_smem_bytes(rows: int, stages: int = TILE_STAGES) -> int:
@@ -123,7 +124,7 @@ def _tile_kernel(device_index: int, rows: int = TILE_ROWS, stages: int = TILE_ST
 
 
 @functools.cache
-def _wgmma_kernel(device_index: int, rows: int = WGMMA_ROWS, stages: int = WGMMA_STAGES, ctas: int = WGMMA_CTAS):
+def _wgmma_kernel(device_index: int, rows: int = 256, stages: int = 5, ctas: int = 1):
     """The Hopper prefill kernel (``cuda_wgmma.cu``) compiled for one device, or None."""
     kernel = _compile(device_index, f"sparse24_wgmma_tile<{rows // 64}, {stages}, {ctas}>", hopper=True)
     if kernel is not None:
@@ -245,7 +246,8 @@ def sparse24_mma_tile(a: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
     """:func:`grouped_mm` for prefill: blocks of 128 pairs (``align_pairs(..., 128)``), one tile of
     weight rows x 128 pairs per CTA, operands staged in shared memory (:func:`tile_rows_for`)."""
     if hopper_ready(_device_index(a.device)):
-        return wgmma_grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a)
+        rows = 256 if values.shape[1] % 256 == 0 else 128
+        return wgmma_grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a, rows, *WGMMA_LAUNCHES[rows])
     return tile_grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a, tile_rows_for(values.shape[1]))
 
 
@@ -270,8 +272,7 @@ def tile_grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a: int, 
     return out
 
 
-def wgmma_grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a: int, rows: int = WGMMA_ROWS, stages: int = WGMMA_STAGES,
-                     ctas: int = WGMMA_CTAS) -> torch.Tensor:
+def wgmma_grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a: int, rows: int = 256, stages: int = 5, ctas: int = 1) -> torch.Tensor:
     """:func:`sparse24_mma_tile` on a Hopper GPU: the same blocks of 128 pairs through the sparse
     ``wgmma`` (``cuda_wgmma.cu``), ``rows`` (64, 128 or 256) weight rows per CTA."""
     num_experts, n, half_k = values.shape

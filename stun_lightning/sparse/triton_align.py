@@ -21,8 +21,11 @@ MAX_PAIRS = 256
 
 @triton.jit
 def align_kernel(flat_ptr, ids_ptr, be_ptr, n_pairs, num_experts, n_blocks,
-                 BLOCK_M: tl.constexpr, P: tl.constexpr, E: tl.constexpr, B: tl.constexpr, FILL: tl.constexpr):
-    """One program; ``P``, ``E``, ``B``: powers of two covering the pairs, experts and blocks."""
+                 BLOCK_M: tl.constexpr, P: tl.constexpr, E: tl.constexpr, B: tl.constexpr, FILL: tl.constexpr, CHUNK: tl.constexpr):
+    """One program; ``P``, ``E``, ``B``: powers of two covering the pairs, experts and blocks. The
+    pairwise comparisons run ``CHUNK`` columns (earlier pairs) or rows (blocks) at a time, so that no
+    [P, P] or [B, E] tile has to sit in registers at once (at 256 pairs and 128 experts those
+    spilled and the launch took 34 us on an H100; benchmarks/layer_profile.py)."""
     s = tl.arange(0, P)
     ok = s < n_pairs
     ex = tl.load(flat_ptr + s, mask=ok, other=-1).to(tl.int32)
@@ -32,8 +35,12 @@ def align_kernel(flat_ptr, ids_ptr, be_ptr, n_pairs, num_experts, n_blocks,
     padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     padded_end = tl.cumsum(padded, axis=0)
     start = padded_end - padded
-    earlier_same = (ex[:, None] == ex[None, :]) & (s[None, :] < s[:, None])  # [P, P]
-    rank = tl.sum(earlier_same.to(tl.int32), axis=1)
+    rank = tl.zeros((P,), tl.int32)
+    for j0 in tl.static_range(0, P, CHUNK):  # how many earlier pairs chose the same expert
+        sj = j0 + tl.arange(0, CHUNK)
+        exj = tl.load(flat_ptr + sj, mask=sj < n_pairs, other=-2).to(tl.int32)
+        earlier_same = (ex[:, None] == exj[None, :]) & (sj[None, :] < s[:, None])  # [P, CHUNK]
+        rank += tl.sum(earlier_same.to(tl.int32), axis=1)
     position = tl.sum(onehot * start[None, :], axis=1) + rank
     # every slot first holds the sentinel, then the pairs overwrite theirs
     slots = tl.arange(0, FILL)
@@ -42,10 +49,11 @@ def align_kernel(flat_ptr, ids_ptr, be_ptr, n_pairs, num_experts, n_blocks,
     tl.debug_barrier()
     tl.store(ids_ptr + position, s, mask=ok)
     # block b's expert: how many experts end at or before its first slot (searchsorted, right)
-    b = tl.arange(0, B)
-    ended = (padded_end[None, :] <= (b * BLOCK_M)[:, None]) & (experts[None, :] < num_experts)  # [B, E]
-    expert = tl.sum(ended.to(tl.int32), axis=1)
-    tl.store(be_ptr + b, tl.where(expert < num_experts, expert, -1), mask=b < n_blocks)
+    for b0 in tl.static_range(0, B, CHUNK):
+        b = b0 + tl.arange(0, CHUNK)
+        ended = (padded_end[None, :] <= (b * BLOCK_M)[:, None]) & (experts[None, :] < num_experts)  # [CHUNK, E]
+        expert = tl.sum(ended.to(tl.int32), axis=1)
+        tl.store(be_ptr + b, tl.where(expert < num_experts, expert, -1), mask=b < n_blocks)
 
 
 def fits(n_pairs: int) -> bool:
@@ -62,7 +70,9 @@ def launch_align(flat: torch.Tensor, num_experts: int, block_m: int, *, wrap: bo
     sorted_ids = torch.empty(n_blocks * block_m, dtype=torch.int32, device=flat.device)
     block_expert = torch.empty(n_blocks, dtype=torch.int32, device=flat.device)
     kernel = torch.library.wrap_triton(align_kernel) if wrap else align_kernel
+    chunk = min(32, triton.next_power_of_2(n_pairs))
     kernel[(1,)](flat.contiguous(), sorted_ids, block_expert, n_pairs, num_experts, n_blocks, BLOCK_M=block_m,
                  P=triton.next_power_of_2(n_pairs), E=triton.next_power_of_2(num_experts),
-                 B=triton.next_power_of_2(n_blocks), FILL=min(1024, triton.next_power_of_2(n_blocks * block_m)), num_warps=4)
+                 B=max(chunk, triton.next_power_of_2(n_blocks)), FILL=min(1024, triton.next_power_of_2(n_blocks * block_m)),
+                 CHUNK=chunk, num_warps=8 if n_pairs * num_experts > 4096 else 4)
     return sorted_ids, block_expert
