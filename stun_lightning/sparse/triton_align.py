@@ -3,9 +3,9 @@
 :func:`.experts.align_pairs` in torch ops is a sort, a scatter-add, a cumsum, a searchsorted and a
 few elementwise kernels: at decode, where the expert products take tens of microseconds, those
 launches are a large share of an MoE layer. For up to :data:`MAX_PAIRS` pairs this kernel computes
-the same two tensors in one launch: per-expert counts and the stable rank of each pair among its
-expert's pairs from pairwise comparisons in registers, padded offsets by a cumulative sum, then the
-sentinel fill and the scatter of pair ids (separated by a block barrier).
+the same two tensors in one launch: per-expert counts by a histogram and the stable rank of each
+pair among its expert's pairs from pairwise comparisons in registers, padded offsets by a
+cumulative sum, then the sentinel fill and the scatter of pair ids (separated by a block barrier).
 """
 
 from __future__ import annotations
@@ -22,26 +22,26 @@ MAX_PAIRS = 256
 @triton.jit
 def align_kernel(flat_ptr, ids_ptr, be_ptr, n_pairs, num_experts, n_blocks,
                  BLOCK_M: tl.constexpr, P: tl.constexpr, E: tl.constexpr, B: tl.constexpr, FILL: tl.constexpr, CHUNK: tl.constexpr):
-    """One program; ``P``, ``E``, ``B``: powers of two covering the pairs, experts and blocks. The
-    pairwise comparisons run ``CHUNK`` columns (earlier pairs) or rows (blocks) at a time, so that no
-    [P, P] or [B, E] tile has to sit in registers at once (at 256 pairs and 128 experts those
-    spilled and the launch took 34 us on an H100; benchmarks/layer_profile.py)."""
+    """One program; ``P``, ``E``, ``B``: powers of two covering the pairs, experts and blocks. Counts
+    by a histogram, each pair's expert start by a gather, and the pairwise comparisons ``CHUNK``
+    columns (earlier pairs) or rows (blocks) at a time, so that no [P, P], [P, E] or [B, E] tile
+    sits in registers at once (at 256 pairs and 128 experts those spilled: 34 us on an H100;
+    benchmarks/layer_profile.py)."""
     s = tl.arange(0, P)
     ok = s < n_pairs
-    ex = tl.load(flat_ptr + s, mask=ok, other=-1).to(tl.int32)
-    experts = tl.arange(0, E)
-    onehot = (ex[:, None] == experts[None, :]).to(tl.int32)  # [P, E]
-    counts = tl.sum(onehot, axis=0)
+    ex = tl.load(flat_ptr + s, mask=ok, other=0).to(tl.int32)
+    counts = tl.histogram(ex, E, mask=ok)
     padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     padded_end = tl.cumsum(padded, axis=0)
     start = padded_end - padded
+    experts = tl.arange(0, E)
     rank = tl.zeros((P,), tl.int32)
     for j0 in tl.static_range(0, P, CHUNK):  # how many earlier pairs chose the same expert
         sj = j0 + tl.arange(0, CHUNK)
         exj = tl.load(flat_ptr + sj, mask=sj < n_pairs, other=-2).to(tl.int32)
         earlier_same = (ex[:, None] == exj[None, :]) & (sj[None, :] < s[:, None])  # [P, CHUNK]
         rank += tl.sum(earlier_same.to(tl.int32), axis=1)
-    position = tl.sum(onehot * start[None, :], axis=1) + rank
+    position = tl.gather(start, ex, 0) + rank
     # every slot first holds the sentinel, then the pairs overwrite theirs
     slots = tl.arange(0, FILL)
     for f0 in range(0, n_blocks * BLOCK_M, FILL):
