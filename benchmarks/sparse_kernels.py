@@ -76,7 +76,9 @@ def main(argv=None) -> int:
     # the prefill tile kernel's tile heights and pipeline depths
     TILE_LAUNCHES = ((128, 3), (128, 4), (128, 5), (256, 3), (256, 4))
     # the Hopper prefill kernel's tile heights, pipeline depths and CTAs per multiprocessor
-    WGMMA_LAUNCHES = ((128, 4, 2), (128, 3, 2), (64, 3, 3), (64, 6, 2), (256, 3, 1), (256, 5, 1))
+    WGMMA_LAUNCHES = [dict(rows=r, stages=st, ctas=c) for r, st, c in ((128, 3, 2), (256, 5, 1))]
+    # ... and its warp-specialized form: consumer warpgroups, tile rows, pipeline depth
+    WGMMA_LAUNCHES += [dict(rows=r, stages=st, consumers=c) for c, r, st in ((2, 256, 4), (2, 256, 6), (4, 256, 4), (4, 256, 6), (2, 128, 6), (2, 128, 8))]
     bw, flops = measured_rates("cuda")
     lines = [f"{torch.cuda.get_device_name()}, torch {torch.__version__}; copy {bw / 1e12:.2f} TB/s, bf16 matmul {flops / 1e12:.0f} TFLOP/s", "",
              "| shape | matrix | T | experts | kernel | config | us | 2:4 floor | of floor | dense grouped_mm | x dense | err |",
@@ -125,7 +127,7 @@ def main(argv=None) -> int:
                         candidates += [("tensor", c, block_m, ids_m, be_m) for c in PREFILL_CONFIGS]
                     candidates += [("tile", dict(rows=r, stages=st), 128, ids_m, be_m) for r, st in TILE_LAUNCHES if n % r == 0]
                     if torch.cuda.get_device_capability() == (9, 0):
-                        candidates += [("wgmma", dict(rows=r, stages=st, ctas=c), 128, ids_m, be_m) for r, st, c in WGMMA_LAUNCHES if n % r == 0]
+                        candidates += [("wgmma", c, 128, ids_m, be_m) for c in WGMMA_LAUNCHES if n % c["rows"] == 0]
                 for kind, config, block_m, ids_c, be_c in [c for c in candidates if c[0] in args.kernels]:
                     if kind in ("mma", "tile", "wgmma"):
                         label = f"BM{block_m} " + " ".join(f"{key}={v}" for key, v in config.items())

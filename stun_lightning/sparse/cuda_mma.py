@@ -58,9 +58,11 @@ def tile_smem_bytes(rows: int, stages: int = TILE_STAGES) -> int:
     return stages * (rows * 64 + TILE_PAIRS * 128 + rows * 8)
 
 
-def wgmma_smem_bytes(rows: int, stages: int) -> int:
-    """Shared memory of the ``wgmma`` prefill kernel: stages padded to 1 KiB, and 1 KiB to align them."""
-    return stages * (-(-(rows * 64 + TILE_PAIRS * 128 + rows * 8) // 1024) * 1024) + 1024
+def wgmma_smem_bytes(rows: int, stages: int, consumers: int = 0) -> int:
+    """Shared memory of the ``wgmma`` prefill kernels: stages padded to 1 KiB, 1 KiB to align them,
+    and for the warp-specialized one (``consumers`` > 0) two mbarriers per stage and the pairs' rows."""
+    extra = 16 * stages + 4 * TILE_PAIRS if consumers else 0
+    return stages * (-(-(rows * 64 + TILE_PAIRS * 128 + rows * 8) // 1024) * 1024) + 1024 + extra
 
 
 @contextlib.contextmanager
@@ -124,12 +126,18 @@ def _tile_kernel(device_index: int, rows: int = TILE_ROWS, stages: int = TILE_ST
 
 
 @functools.cache
-def _wgmma_kernel(device_index: int, rows: int = 256, stages: int = 5, ctas: int = 1):
-    """The Hopper prefill kernel (``cuda_wgmma.cu``) compiled for one device, or None."""
-    kernel = _compile(device_index, f"sparse24_wgmma_tile<{rows // 64}, {stages}, {ctas}>", hopper=True)
+def _wgmma_kernel(device_index: int, rows: int = 256, stages: int = 5, ctas: int = 1, consumers: int = 0):
+    """A Hopper prefill kernel (``cuda_wgmma.cu``) compiled for one device, or None: the
+    warp-specialized one with ``consumers`` warpgroups (and one producer warpgroup), else the
+    single-role one with ``ctas`` CTAs per multiprocessor."""
+    if consumers:
+        name = f"sparse24_wgmma_ws<{consumers}, {rows // (64 * consumers)}, {stages}, 4>"
+    else:
+        name = f"sparse24_wgmma_tile<{rows // 64}, {stages}, {ctas}>"
+    kernel = _compile(device_index, name, hopper=True)
     if kernel is not None:
         with torch.cuda.device(device_index):
-            kernel.set_shared_memory_config(wgmma_smem_bytes(rows, stages))
+            kernel.set_shared_memory_config(wgmma_smem_bytes(rows, stages, consumers))
     return kernel
 
 
@@ -272,17 +280,20 @@ def tile_grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a: int, 
     return out
 
 
-def wgmma_grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a: int, rows: int = 256, stages: int = 5, ctas: int = 1) -> torch.Tensor:
+def wgmma_grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a: int, rows: int = 256, stages: int = 5, ctas: int = 1,
+                     consumers: int = 0) -> torch.Tensor:
     """:func:`sparse24_mma_tile` on a Hopper GPU: the same blocks of 128 pairs through the sparse
-    ``wgmma`` (``cuda_wgmma.cu``), ``rows`` (64, 128 or 256) weight rows per CTA."""
+    ``wgmma`` (``cuda_wgmma.cu``), ``rows`` (64, 128 or 256) weight rows per CTA; warp-specialized
+    with ``consumers`` (2 or 4) multiplying warpgroups, else every warp copies and multiplies."""
     num_experts, n, half_k = values.shape
     n_pairs = a.shape[0] * rows_per_a
     out = torch.empty(n_pairs, n, dtype=a.dtype, device=a.device)
-    kernel = _wgmma_kernel(a.device.index, rows, stages, ctas)
+    kernel = _wgmma_kernel(a.device.index, rows, stages, ctas, consumers)
     if kernel is None or n % rows:
         raise RuntimeError(f"the Hopper sparse prefill kernel cannot run here ({n} output rows, tiles of {rows}; or it did not compile: "
                            "see the warning above); run with STUN_SPARSE_WGMMA=0")
-    kernel(grid=(block_expert.numel(), n // rows, 1), block=(2 * rows, 1, 1), shared_mem=wgmma_smem_bytes(rows, stages),
+    threads = 128 * consumers + 128 if consumers else 2 * rows
+    kernel(grid=(block_expert.numel(), n // rows, 1), block=(threads, 1, 1), shared_mem=wgmma_smem_bytes(rows, stages, consumers),
            args=[_aligned(values), _aligned(meta), _aligned(a), sorted_ids, block_expert, out, n, 2 * half_k, n_pairs, rows_per_a])
     return out
 

@@ -156,3 +156,164 @@ __global__ void __launch_bounds__(128 * WG, CTAS) sparse24_wgmma_tile(
     }
   }
 }
+
+// ---- the same product, warp-specialized: producer warps fill the stages, warpgroups only multiply --
+//
+// sparse24_wgmma_tile waits for every warpgroup's wgmma and a CTA barrier at each step, so the
+// tensor cores idle while all warps refill and reload together. Here PW producer warps copy each
+// step's operands with cp.async and signal a "full" mbarrier per stage (cp.async.mbarrier.arrive:
+// it fires when the thread's copies land); each of the CW consumer warpgroups waits for its stage,
+// multiplies, and its warps arrive on the stage's "empty" mbarrier once their wgmma completed. No
+// CTA-wide barrier after the start: the warpgroups drift apart, and one's fragment loads overlap
+// another's wgmma. The shared-memory layout of a stage is sparse24_wgmma_tile's.
+
+__device__ __forceinline__ void mbar_init(u32 bar, u32 count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
+}
+
+__device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
+  asm volatile(
+      "{\n.reg .pred done;\nWAIT_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra WAIT_%=;\n}\n" ::"r"(bar), "r"(parity) : "memory");
+}
+
+__device__ __forceinline__ void mbar_arrive(u32 bar) {
+  asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.shared::cta.b64 state, [%0];\n}\n" ::"r"(bar) : "memory");
+}
+
+__device__ __forceinline__ void mbar_arrive_on_copies(u32 bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(bar) : "memory");
+}
+
+template <int CW, int MW, int STAGES, int PW>
+__global__ void __launch_bounds__(128 * CW + 32 * PW, 1) sparse24_wgmma_ws(
+    const unsigned short* __restrict__ values,  // [E, N, K/2] bf16
+    const u64* __restrict__ meta,               // [E, N, K/8] bytes: K/64 words per row
+    const unsigned short* __restrict__ act,     // [M, K] bf16, rows in input order
+    const int* __restrict__ sorted_ids,         // [n_blocks * 128]
+    const int* __restrict__ block_expert,
+    unsigned short* __restrict__ out,           // [n_pairs, N] bf16
+    int N, int K, int n_pairs, int rows_per_a) {
+  // CW consumer warpgroups of MW x 64 rows each, PW producer warps
+  constexpr int TILE_ROWS = 64 * CW * MW, PT = 32 * PW;
+  constexpr int B_BYTES = WG_PAIRS * 128, A_BYTES = TILE_ROWS * 64, E_BYTES = TILE_ROWS * 8;
+  constexpr int STAGE_BYTES = (B_BYTES + A_BYTES + E_BYTES + 1023) / 1024 * 1024;
+  static_assert((TILE_ROWS * 4) % PT == 0 && (WG_PAIRS * 8) % PT == 0, "producer threads must divide the copies");
+  extern __shared__ U4 smem_u4[];
+  const int blk = blockIdx.x;
+  const int e = block_expert[blk];
+  if (e < 0) return;
+  const int row_base = blockIdx.y * TILE_ROWS;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int steps = K >> 6;
+  const int* ids = sorted_ids + blk * WG_PAIRS;
+  const u32 raw = (u32)__cvta_generic_to_shared(smem_u4);
+  const u32 smem = (raw + 1023u) & ~1023u;  // the launch asks for 1 KiB more than stages + barriers + rows
+  const unsigned char* smem_bytes = (const unsigned char*)smem_u4 + (smem - raw);
+  const u32 full = smem + STAGES * STAGE_BYTES, empty = full + 8 * STAGES;
+  int* act_row = (int*)(smem_bytes + STAGES * STAGE_BYTES + 16 * STAGES);  // activation row of each pair
+  if (tid == 0) {
+    for (int s = 0; s < STAGES; ++s) {
+      mbar_init(full + 8 * s, PT);
+      mbar_init(empty + 8 * s, 4 * CW);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  if (tid < WG_PAIRS) {
+    const int id = ids[tid];
+    act_row[tid] = id < n_pairs ? id / rows_per_a : 0;  // a padding slot reads row 0, never stored
+  }
+  __syncthreads();
+
+  if (warp >= 4 * CW) {  // producer
+    if (PW == 4) asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");  // a whole warpgroup: hand registers to the consumers
+    const int p_tid = tid - 128 * CW;
+    constexpr int A_PER = TILE_ROWS * 4 / PT, B_PER = WG_PAIRS * 8 / PT, E_PER = (TILE_ROWS + PT - 1) / PT;
+    const int ac = p_tid & 3, bc = p_tid & 7;
+    const unsigned short* a_src = values + ((long long)e * N + row_base + (p_tid >> 2)) * (K >> 1) + ac * 8;
+    const long long a_stride = (long long)(PT / 4) * (K >> 1);
+    const u64* e_src = meta + ((long long)e * N + row_base) * (K >> 6);
+    for (int step = 0; step < steps; ++step) {
+      const int stage = step % STAGES;
+      if (step >= STAGES) mbar_wait(empty + 8 * stage, ((step / STAGES) - 1) & 1);
+      const u32 base = smem + stage * STAGE_BYTES;
+#pragma unroll
+      for (int j = 0; j < A_PER; ++j) {
+        const int r = (p_tid >> 2) + (PT / 4) * j;
+        cp_async16(base + B_BYTES + r * 64 + ((ac ^ ((r >> 1) & 3)) << 4), a_src + j * a_stride + step * 32);
+      }
+#pragma unroll
+      for (int j = 0; j < B_PER; ++j) {
+        const int p = (p_tid >> 3) + (PT / 8) * j;
+        cp_async16(base + p * 128 + ((bc ^ (p & 7)) << 4), act + (long long)act_row[p] * K + bc * 8 + step * 64);
+      }
+#pragma unroll
+      for (int j = 0; j < E_PER; ++j) {
+        const int r = p_tid + PT * j;
+        if (r < TILE_ROWS) cp_async8(base + B_BYTES + A_BYTES + r * 8, e_src + (long long)r * (K >> 6) + step);
+      }
+      mbar_arrive_on_copies(full + 8 * stage);
+    }
+    asm volatile("cp.async.wait_all;" ::: "memory");
+    return;
+  }
+
+  // consumer warpgroups
+  if (PW == 4) asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(CW == 2 ? 232 : 112));
+  const int g = lane >> 2, t = lane & 3;
+  const int rows = (warp >> 2) * 64 * MW + (warp & 3) * 16;  // this warp's first 16 rows of the tile
+  const int mi = lane >> 3, rr = lane & 7;
+  float d[MW][64];
+#pragma unroll
+  for (int m = 0; m < MW; ++m)
+#pragma unroll
+    for (int i = 0; i < 64; ++i) d[m][i] = 0.f;
+  for (int step = 0; step < steps; ++step) {
+    const int stage = step % STAGES;
+    mbar_wait(full + 8 * stage, (step / STAGES) & 1);
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // cp.async wrote it; wgmma reads it
+    const u32 base = smem + stage * STAGE_BYTES;
+    const u64* words = (const u64*)(smem_bytes + stage * STAGE_BYTES + B_BYTES + A_BYTES);
+    u32 fa[MW][2][4], fe[MW][2];
+#pragma unroll
+    for (int m = 0; m < MW; ++m) {
+      const int rm = rows + 64 * m;
+#pragma unroll
+      for (int s = 0; s < 2; ++s) {
+        const int r = rm + (mi & 1) * 8 + rr, c = 2 * s + (mi >> 1);
+        ldmatrix4(base + B_BYTES + r * 64 + ((c ^ ((r >> 1) & 3)) << 4), fa[m][s][0], fa[m][s][1], fa[m][s][2], fa[m][s][3]);
+        const int shift = 32 * s + 16 * (t & 1);
+        fe[m][s] = (u32)((words[rm + g] >> shift) & 0xFFFFull) | ((u32)((words[rm + g + 8] >> shift) & 0xFFFFull) << 16);
+      }
+    }
+#pragma unroll
+    for (int m = 0; m < MW; ++m) keep_in_registers(d[m]);
+    asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+#pragma unroll
+    for (int s = 0; s < 2; ++s)
+#pragma unroll
+      for (int m = 0; m < MW; ++m) wgmma_sp_n128(d[m], fa[m][s], sw128_desc(base + s * 64), fe[m][s]);
+    asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+    asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+#pragma unroll
+    for (int m = 0; m < MW; ++m) keep_in_registers(d[m]);
+    __syncwarp();
+    if (lane == 0) mbar_arrive(empty + 8 * stage);
+  }
+
+#pragma unroll
+  for (int j = 0; j < WG_PAIRS / 8; ++j) {
+#pragma unroll
+    for (int q = 0; q < 2; ++q) {
+      const int pair = ids[8 * j + 2 * t + q];
+      if (pair >= n_pairs) continue;
+#pragma unroll
+      for (int m = 0; m < MW; ++m) {
+        unsigned short* o = out + (long long)pair * N + row_base + rows + 64 * m + g;
+        o[0] = to_bf16(d[m][4 * j + q]);
+        o[8] = to_bf16(d[m][4 * j + 2 + q]);
+      }
+    }
+  }
+}
