@@ -281,10 +281,13 @@ def tile_grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a: int, 
 
 
 def wgmma_grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a: int, rows: int = 256, stages: int = 5, ctas: int = 1,
-                     consumers: int = 0) -> torch.Tensor:
+                     consumers: int = 0, group: int = 0) -> torch.Tensor:
     """:func:`sparse24_mma_tile` on a Hopper GPU: the same blocks of 128 pairs through the sparse
     ``wgmma`` (``cuda_wgmma.cu``), ``rows`` (64, 128 or 256) weight rows per CTA; warp-specialized
-    with ``consumers`` (2 or 4) multiplying warpgroups, else every warp copies and multiplies."""
+    with ``consumers`` = 2 multiplying warpgroups, else every warp copies and multiplies. The CTAs
+    run ``group`` blocks of pairs at a time over every row tile (0: all blocks, grid order)."""
+    if consumers not in (0, 2):
+        raise ValueError(f"the warp-specialized kernel runs 2 consumer warpgroups, got {consumers}")
     num_experts, n, half_k = values.shape
     n_pairs = a.shape[0] * rows_per_a
     out = torch.empty(n_pairs, n, dtype=a.dtype, device=a.device)
@@ -294,7 +297,8 @@ def wgmma_grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a: int,
                            "see the warning above); run with STUN_SPARSE_WGMMA=0")
     threads = 128 * consumers + 128 if consumers else 2 * rows
     kernel(grid=(block_expert.numel(), n // rows, 1), block=(threads, 1, 1), shared_mem=wgmma_smem_bytes(rows, stages, consumers),
-           args=[_aligned(values), _aligned(meta), _aligned(a), sorted_ids, block_expert, out, n, 2 * half_k, n_pairs, rows_per_a])
+           args=[_aligned(values), _aligned(meta), _aligned(a), sorted_ids, block_expert, out, n, 2 * half_k, n_pairs, rows_per_a,
+                 group or block_expert.numel()])
     return out
 
 

@@ -13,6 +13,19 @@
 
 #define WG_PAIRS 128
 
+// The CTA's (block of pairs, tile of weight rows). Launched as a grid of n_blocks x row tiles, the
+// CTAs are ordered so that GROUP consecutive blocks (one expert's, or a few experts') run every row
+// tile before the next group starts: their activation rows stay in L2 while the weights stream
+// past once (in grid order every expert's activations would be live at once).
+__device__ __forceinline__ void tile_of_cta(int group, int& blk, int& tile) {
+  const int nb = gridDim.x, linear = blockIdx.y * nb + blockIdx.x;
+  const int per_group = group * gridDim.y;
+  const int first = (linear / per_group) * group, size = nb - first < group ? nb - first : group;
+  const int r = linear % per_group;
+  blk = first + r % size;
+  tile = r / size;
+}
+
 __device__ __forceinline__ u64 sw128_desc(u32 addr) {
   // start address / 16 (bits 0-13), leading offset 1 (unused: K-major, the 32 inputs of one
   // instruction lie inside a swizzle row), stride offset 1024 / 16 between groups of 8 rows
@@ -54,16 +67,17 @@ __global__ void __launch_bounds__(128 * WG, CTAS) sparse24_wgmma_tile(
     const int* __restrict__ sorted_ids,         // [n_blocks * 128]
     const int* __restrict__ block_expert,
     unsigned short* __restrict__ out,           // [n_pairs, N] bf16
-    int N, int K, int n_pairs, int rows_per_a) {
+    int N, int K, int n_pairs, int rows_per_a, int group) {
   constexpr int THREADS = 128 * WG, TILE_ROWS = 64 * WG;
   constexpr int B_BYTES = WG_PAIRS * 128, A_BYTES = TILE_ROWS * 64, E_BYTES = TILE_ROWS * 8;
   constexpr int STAGE_BYTES = (B_BYTES + A_BYTES + E_BYTES + 1023) / 1024 * 1024;  // activation tiles 1024-aligned
   constexpr int A_CHUNKS = TILE_ROWS * 4 / THREADS, B_CHUNKS = WG_PAIRS * 8 / THREADS;
   extern __shared__ U4 smem_u4[];
-  const int blk = blockIdx.x;
+  int blk, tile;
+  tile_of_cta(group, blk, tile);
   const int e = block_expert[blk];
   if (e < 0) return;
-  const int row_base = blockIdx.y * TILE_ROWS;
+  const int row_base = tile * TILE_ROWS;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int g = lane >> 2, t = lane & 3;
   const int steps = K >> 6;
@@ -105,6 +119,7 @@ __global__ void __launch_bounds__(128 * WG, CTAS) sparse24_wgmma_tile(
   float d[64];
 #pragma unroll
   for (int i = 0; i < 64; ++i) d[i] = 0.f;
+  keep_in_registers(d);
 
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
@@ -194,17 +209,18 @@ __global__ void __launch_bounds__(128 * CW + 32 * PW, 1) sparse24_wgmma_ws(
     const int* __restrict__ sorted_ids,         // [n_blocks * 128]
     const int* __restrict__ block_expert,
     unsigned short* __restrict__ out,           // [n_pairs, N] bf16
-    int N, int K, int n_pairs, int rows_per_a) {
+    int N, int K, int n_pairs, int rows_per_a, int group) {
   // CW consumer warpgroups of MW x 64 rows each, PW producer warps
   constexpr int TILE_ROWS = 64 * CW * MW, PT = 32 * PW;
   constexpr int B_BYTES = WG_PAIRS * 128, A_BYTES = TILE_ROWS * 64, E_BYTES = TILE_ROWS * 8;
   constexpr int STAGE_BYTES = (B_BYTES + A_BYTES + E_BYTES + 1023) / 1024 * 1024;
   static_assert((TILE_ROWS * 4) % PT == 0 && (WG_PAIRS * 8) % PT == 0, "producer threads must divide the copies");
   extern __shared__ U4 smem_u4[];
-  const int blk = blockIdx.x;
+  int blk, tile;
+  tile_of_cta(group, blk, tile);
   const int e = block_expert[blk];
   if (e < 0) return;
-  const int row_base = blockIdx.y * TILE_ROWS;
+  const int row_base = tile * TILE_ROWS;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int steps = K >> 6;
   const int* ids = sorted_ids + blk * WG_PAIRS;

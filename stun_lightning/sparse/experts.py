@@ -31,6 +31,9 @@ from .format import decompress_24
 IMPLEMENTATION = "stun_sparse24"
 #: fused expert matrices that are stored compressed (biases stay dense)
 MATRICES = ("gate_up_proj", "down_proj")
+#: pairs per call from which decode runs the sparse tensor-core kernel even at one token per
+#: routed expert (see :func:`grouped_mm`)
+MMA_MIN_PAIRS = 32
 
 
 class NotSparseExpertsError(RuntimeError):
@@ -157,8 +160,12 @@ def grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a: int, block
     if cuda_mma.fits(a, values, meta, block_m):
         from .triton_kernel import rows_bucket_for, uses_decode_kernel
 
-        # one token per routed expert: the CUDA-core decode kernel streams the weights faster
-        if not uses_decode_kernel(values, rows_bucket_for(a.shape[0] * rows_per_a, values.shape[0]), block_m):
+        # one token per routed expert on a few experts: the CUDA-core decode kernel streams the
+        # weights faster (Mixtral gate_up at 1 token, 117.5 vs 127.8 us); with many routed experts
+        # (Qwen3 at 8 tokens: 64 pairs) the mma kernel is as fast or faster (gate_up 96.4 vs 97.9 us,
+        # down 49.5 vs 53.8 us): benchmarks/results/sparse_kernels_h100.md
+        n_pairs = a.shape[0] * rows_per_a
+        if n_pairs >= MMA_MIN_PAIRS or not uses_decode_kernel(values, rows_bucket_for(n_pairs, values.shape[0]), block_m):
             return cuda_mma.grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a)
     return sparse24_grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a, block_m)
 
