@@ -48,9 +48,11 @@ TILE_ROWS, TILE_PAIRS, TILE_STAGES = 128, 128, 3
 _enabled = os.environ.get("STUN_SPARSE_MMA", "1") != "0"
 #: the Hopper prefill kernel (sparse ``wgmma``); ``STUN_SPARSE_WGMMA=0`` keeps ``mma.sp`` there
 _enabled_wgmma = os.environ.get("STUN_SPARSE_WGMMA", "1") != "0"
-#: its tile (weight rows), pipeline depth and CTAs per multiprocessor: 256 rows where the outputs
-#: divide, else 128 (the fastest of each on an H100: benchmarks/results/sparse_kernels_h100.md)
-WGMMA_LAUNCHES = {256: (5, 1), 128: (3, 2)}
+#: its launch by tile height (weight rows): 256 rows where the outputs divide, warp-specialized,
+#: else 128 (the fastest of each on an H100: benchmarks/results/sparse_kernels_h100.md)
+WGMMA_LAUNCHES = {256: dict(rows=256, stages=4, consumers=2, group=-1), 128: dict(rows=128, stages=3, ctas=2, group=-1)}
+#: pairs per routed expert from which prefill runs it (Qwen3-30B shapes at 2048 tokens: 128)
+WGMMA_MIN_PAIRS_PER_EXPERT = 128
 
 
 def tile_smem_bytes(rows: int, stages: int = TILE_STAGES) -> int:
@@ -96,10 +98,10 @@ def _device_index(device: torch.device) -> int:
 
 @torch._dynamo.assume_constant_result
 def kernel_ready(device_index: int, kernel: str) -> bool:
-    """The GPU is sm_80+ and the ``"decode"`` or ``"tile"`` kernel compiled for it (a constant while
-    torch.compile traces)."""
-    if kernel == "tile" and hopper_ready(device_index):
-        return True
+    """The GPU is sm_80+ and the ``"decode"`` or ``"tile"`` kernel compiled for it, or (``"wgmma"``)
+    a Hopper with its prefill kernel (a constant while torch.compile traces)."""
+    if kernel == "wgmma":
+        return hopper_ready(device_index)
     compiled = _kernel if kernel == "decode" else _tile_kernel
     return torch.cuda.get_device_capability(device_index) >= (8, 0) and compiled(device_index) is not None
 
@@ -241,12 +243,17 @@ TILE_MIN_PAIRS_PER_EXPERT = 256
 
 
 def fits_tile(a: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, block_m: int, rows_per_a: int = 1) -> bool:
-    """Whether the prefill kernel takes the call: as :func:`fits`, with blocks of 128 pairs, outputs
-    % 128 == 0 and at least ``TILE_MIN_PAIRS_PER_EXPERT`` pairs per routed expert."""
-    n_pairs = a.shape[0] * rows_per_a
-    if n_pairs < TILE_MIN_PAIRS_PER_EXPERT * min(values.shape[0], n_pairs):
+    """Whether a prefill kernel takes the call: as :func:`fits`, with blocks of 128 pairs, outputs
+    % 128 == 0 and at least ``WGMMA_MIN_PAIRS_PER_EXPERT`` (Hopper) or ``TILE_MIN_PAIRS_PER_EXPERT``
+    pairs per routed expert."""
+    if not _shapes_fit(a, values, meta, block_m, TILE_PAIRS, TILE_ROWS):
         return False
-    return _shapes_fit(a, values, meta, block_m, TILE_PAIRS, TILE_ROWS) and kernel_ready(_device_index(a.device), "tile")
+    device_index = _device_index(a.device)
+    hopper = kernel_ready(device_index, "wgmma")
+    n_pairs = a.shape[0] * rows_per_a
+    if n_pairs < (WGMMA_MIN_PAIRS_PER_EXPERT if hopper else TILE_MIN_PAIRS_PER_EXPERT) * min(values.shape[0], n_pairs):
+        return False
+    return hopper or kernel_ready(device_index, "tile")
 
 
 @torch.library.custom_op("stun::sparse24_mma_tile", mutates_args=(), device_types="cuda")
@@ -255,7 +262,7 @@ def sparse24_mma_tile(a: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
     weight rows x 128 pairs per CTA, operands staged in shared memory (:func:`tile_rows_for`)."""
     if hopper_ready(_device_index(a.device)):
         rows = 256 if values.shape[1] % 256 == 0 else 128
-        return wgmma_grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a, rows, *WGMMA_LAUNCHES[rows])
+        return wgmma_grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a, **WGMMA_LAUNCHES[rows])
     return tile_grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a, tile_rows_for(values.shape[1]))
 
 
@@ -285,7 +292,8 @@ def wgmma_grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a: int,
     """:func:`sparse24_mma_tile` on a Hopper GPU: the same blocks of 128 pairs through the sparse
     ``wgmma`` (``cuda_wgmma.cu``), ``rows`` (64, 128 or 256) weight rows per CTA; warp-specialized
     with ``consumers`` = 2 multiplying warpgroups, else every warp copies and multiplies. The CTAs
-    run ``group`` blocks of pairs at a time over every row tile (0: all blocks, grid order)."""
+    run ``group`` blocks of pairs at a time over every row tile (0: all blocks, grid order; -1: each
+    expert's blocks, :func:`expert_order`)."""
     if consumers not in (0, 2):
         raise ValueError(f"the warp-specialized kernel runs 2 consumer warpgroups, got {consumers}")
     num_experts, n, half_k = values.shape
@@ -296,10 +304,27 @@ def wgmma_grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a: int,
         raise RuntimeError(f"the Hopper sparse prefill kernel cannot run here ({n} output rows, tiles of {rows}; or it did not compile: "
                            "see the warning above); run with STUN_SPARSE_WGMMA=0")
     threads = 128 * consumers + 128 if consumers else 2 * rows
+    order = expert_order(block_expert, n // rows) if group < 0 else None
     kernel(grid=(block_expert.numel(), n // rows, 1), block=(threads, 1, 1), shared_mem=wgmma_smem_bytes(rows, stages, consumers),
            args=[_aligned(values), _aligned(meta), _aligned(a), sorted_ids, block_expert, out, n, 2 * half_k, n_pairs, rows_per_a,
-                 group or block_expert.numel()])
+                 block_expert if order is None else order, 0 if order is not None else group if group > 0 else block_expert.numel()])
     return out
+
+
+def expert_order(block_expert: torch.Tensor, tiles: int) -> torch.Tensor:
+    """The CTA order that runs each expert's blocks over every row tile before the next expert:
+    ``[n_blocks * tiles]`` int32, entry ``i`` = block + n_blocks * tile for the ``i``-th CTA. The
+    blocks of an expert are consecutive (:func:`..experts.align_pairs`); the unused tail (-1) is one
+    more group."""
+    nb = block_expert.numel()
+    key = torch.where(block_expert < 0, torch.iinfo(torch.int32).max, block_expert).contiguous()
+    first = torch.searchsorted(key, key)
+    count = torch.searchsorted(key, key, right=True) - first
+    b = torch.arange(nb, device=key.device)
+    t = torch.arange(tiles, device=key.device)
+    position = first[:, None] * tiles + t[None, :] * count[:, None] + (b - first)[:, None]
+    value = (b[:, None] + nb * t[None, :]).to(torch.int32)
+    return torch.empty(nb * tiles, dtype=torch.int32, device=key.device).scatter_(0, position.reshape(-1), value.reshape(-1))
 
 
 @sparse24_mma_tile.register_fake

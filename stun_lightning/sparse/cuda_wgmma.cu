@@ -13,12 +13,19 @@
 
 #define WG_PAIRS 128
 
-// The CTA's (block of pairs, tile of weight rows). Launched as a grid of n_blocks x row tiles, the
-// CTAs are ordered so that GROUP consecutive blocks (one expert's, or a few experts') run every row
-// tile before the next group starts: their activation rows stay in L2 while the weights stream
-// past once (in grid order every expert's activations would be live at once).
-__device__ __forceinline__ void tile_of_cta(int group, int& blk, int& tile) {
+// The CTA's (block of pairs, tile of weight rows). Launched as a grid of n_blocks x row tiles; with
+// group 0 from a table (cta_tiles[linear id] = block + n_blocks * tile, cuda_mma.expert_order: each expert's
+// blocks run every row tile before the next expert starts), else GROUP consecutive blocks at a time
+// over every row tile (GROUP = n_blocks: grid order). Either keeps a few blocks' activation rows
+// in L2 while the weights stream past (in grid order every expert's activations are live at once).
+__device__ __forceinline__ void tile_of_cta(const int* cta_tiles, int group, int& blk, int& tile) {
   const int nb = gridDim.x, linear = blockIdx.y * nb + blockIdx.x;
+  if (group == 0) {
+    const int v = cta_tiles[linear];
+    blk = v % nb;
+    tile = v / nb;
+    return;
+  }
   const int per_group = group * gridDim.y;
   const int first = (linear / per_group) * group, size = nb - first < group ? nb - first : group;
   const int r = linear % per_group;
@@ -67,14 +74,14 @@ __global__ void __launch_bounds__(128 * WG, CTAS) sparse24_wgmma_tile(
     const int* __restrict__ sorted_ids,         // [n_blocks * 128]
     const int* __restrict__ block_expert,
     unsigned short* __restrict__ out,           // [n_pairs, N] bf16
-    int N, int K, int n_pairs, int rows_per_a, int group) {
+    int N, int K, int n_pairs, int rows_per_a, const int* __restrict__ cta_tiles, int group) {
   constexpr int THREADS = 128 * WG, TILE_ROWS = 64 * WG;
   constexpr int B_BYTES = WG_PAIRS * 128, A_BYTES = TILE_ROWS * 64, E_BYTES = TILE_ROWS * 8;
   constexpr int STAGE_BYTES = (B_BYTES + A_BYTES + E_BYTES + 1023) / 1024 * 1024;  // activation tiles 1024-aligned
   constexpr int A_CHUNKS = TILE_ROWS * 4 / THREADS, B_CHUNKS = WG_PAIRS * 8 / THREADS;
   extern __shared__ U4 smem_u4[];
   int blk, tile;
-  tile_of_cta(group, blk, tile);
+  tile_of_cta(cta_tiles, group, blk, tile);
   const int e = block_expert[blk];
   if (e < 0) return;
   const int row_base = tile * TILE_ROWS;
@@ -209,7 +216,7 @@ __global__ void __launch_bounds__(128 * CW + 32 * PW, 1) sparse24_wgmma_ws(
     const int* __restrict__ sorted_ids,         // [n_blocks * 128]
     const int* __restrict__ block_expert,
     unsigned short* __restrict__ out,           // [n_pairs, N] bf16
-    int N, int K, int n_pairs, int rows_per_a, int group) {
+    int N, int K, int n_pairs, int rows_per_a, const int* __restrict__ cta_tiles, int group) {
   // CW consumer warpgroups of MW x 64 rows each, PW producer warps
   constexpr int TILE_ROWS = 64 * CW * MW, PT = 32 * PW;
   constexpr int B_BYTES = WG_PAIRS * 128, A_BYTES = TILE_ROWS * 64, E_BYTES = TILE_ROWS * 8;
@@ -217,7 +224,7 @@ __global__ void __launch_bounds__(128 * CW + 32 * PW, 1) sparse24_wgmma_ws(
   static_assert((TILE_ROWS * 4) % PT == 0 && (WG_PAIRS * 8) % PT == 0, "producer threads must divide the copies");
   extern __shared__ U4 smem_u4[];
   int blk, tile;
-  tile_of_cta(group, blk, tile);
+  tile_of_cta(cta_tiles, group, blk, tile);
   const int e = block_expert[blk];
   if (e < 0) return;
   const int row_base = tile * TILE_ROWS;
