@@ -51,11 +51,12 @@ _enabled_wgmma = os.environ.get("STUN_SPARSE_WGMMA", "1") != "0"
 #: its launch by tile height (weight rows): 256 rows where the outputs divide, warp-specialized,
 #: else 128 (the fastest of each on an H100: benchmarks/results/sparse_kernels_h100.md)
 WGMMA_LAUNCHES = {256: dict(rows=256, stages=4, consumers=2), 128: dict(rows=128, stages=3, ctas=2)}
-#: the CTA order by pairs per routed expert: 4 blocks at a time over every row tile below 256 (Qwen3
-#: at 2048 tokens, 128 per expert: gate_up 320 vs 336 us, down 208 vs 230 us), grid order above
-#: (Mixtral, 512 per expert: gate_up 1886 vs 1988 us with groups of 4; expert by expert was slower
-#: on both: 1943 and 374 us)
-WGMMA_GROUP_BELOW, WGMMA_GROUP = 256, 4
+#: the CTA order: grid order (0). Groups of 4 blocks were faster on uniformly routed Qwen3 shapes
+#: (gate_up 320 vs 336 us, down 208 vs 230 us) but slower on Mixtral (1988 vs 1886 us) and on a
+#: whole model whose second layer routes unevenly (an expert's weights are then read once per group
+#: of its blocks: Qwen3 model prefill 0.80x dense against 0.92x for the Triton kernel); expert by
+#: expert (-1) was slower on both layer shapes (1943, 374 us, table built at each call)
+WGMMA_GROUP = 0
 #: pairs per routed expert from which prefill runs it (Qwen3-30B shapes at 2048 tokens: 128)
 WGMMA_MIN_PAIRS_PER_EXPERT = 128
 
@@ -267,9 +268,7 @@ def sparse24_mma_tile(a: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
     weight rows x 128 pairs per CTA, operands staged in shared memory (:func:`tile_rows_for`)."""
     if hopper_ready(_device_index(a.device)):
         rows = 256 if values.shape[1] % 256 == 0 else 128
-        n_pairs = a.shape[0] * rows_per_a
-        group = WGMMA_GROUP if n_pairs < WGMMA_GROUP_BELOW * min(values.shape[0], n_pairs) else 0
-        return wgmma_grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a, **WGMMA_LAUNCHES[rows], group=group)
+        return wgmma_grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a, **WGMMA_LAUNCHES[rows], group=WGMMA_GROUP)
     return tile_grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a, tile_rows_for(values.shape[1]))
 
 
