@@ -80,10 +80,15 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--top", type=int, default=12, help="kernels listed per row")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--wgmma-group", type=int, default=None, help="CTA order of the Hopper prefill kernel (cuda_mma.WGMMA_GROUP)")
     args = p.parse_args(argv)
     if no_cuda("layer_profile.py"):
         return 2
     timer = make_timer("cuda")
+    if args.wgmma_group is not None:
+        from stun_lightning.sparse import cuda_mma
+
+        cuda_mma.WGMMA_GROUP = args.wgmma_group
     for name in args.shapes:
         dense = build_model(SHAPES[name], 1, 1024, "cuda", args.seed)
         models = build_variants(dense, args.variants, args.seed)
