@@ -28,6 +28,7 @@ exporting and the Triton kernels serve instead; ``STUN_SPARSE_MMA=0`` turns them
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import os
 import warnings
@@ -163,6 +164,27 @@ def _compile(device_index: int, name: str, hopper: bool = False):
         return None
 
 
+@functools.cache
+def _cu_launch_kernel():
+    """``cuLaunchKernel`` from the driver library, looked up once (``torch.cuda._compile_kernel``'s
+    own launcher opens the library on every call: 0.5 ms of CPU per launch on an H100 host, more than
+    a Qwen3-sized prefill product takes on the GPU; benchmarks/launch_overhead.py)."""
+    fn = torch.cuda._utils._get_gpu_runtime_library().cuLaunchKernel
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [ctypes.c_void_p] * 3
+    return fn
+
+
+def _launch_kernel(kernel, grid, block, shared_mem: int, args) -> None:
+    """Launch a compiled kernel on the current stream; ``args``: tensors (their data pointers) and ints."""
+    held = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else ctypes.c_int(a) for a in args]
+    params = (ctypes.c_void_p * len(held))(*[ctypes.addressof(h) for h in held])
+    stream = torch.cuda.current_stream().cuda_stream
+    err = _cu_launch_kernel()(kernel.func, *grid, *block, shared_mem, stream, params, None)
+    if err:
+        raise RuntimeError(f"cuLaunchKernel failed with CUDA error {err}")
+
+
 @torch._dynamo.assume_constant_result
 def multiprocessors(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -215,8 +237,8 @@ def _launch(act, values, meta, sorted_ids, block_expert, rows_per_a: int, splits
     if kernel is None:
         raise RuntimeError("the sparse tensor-core kernel did not compile on this GPU (see the warning above); run with STUN_SPARSE_MMA=0")
     grid = (block_expert.numel(), -(-n // (ROWS_PER_WARP * warps)), splits)
-    kernel(grid=grid, block=(32 * warps, 1, 1),
-           args=[_aligned(values), _aligned(meta), _aligned(act), sorted_ids, block_expert, out, n, k, n_pairs, rows_per_a, per_split, int(splits > 1)])
+    _launch_kernel(kernel, grid, (32 * warps, 1, 1), 0,
+                   [_aligned(values), _aligned(meta), _aligned(act), sorted_ids, block_expert, out, n, k, n_pairs, rows_per_a, per_split, int(splits > 1)])
     return out
 
 
@@ -288,8 +310,8 @@ def tile_grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a: int, 
     kernel = _tile_kernel(a.device.index, rows, stages)
     if kernel is None:
         raise RuntimeError("the sparse tensor-core prefill kernel did not compile on this GPU (see the warning above); run with STUN_SPARSE_MMA=0")
-    kernel(grid=(block_expert.numel(), n // rows, 1), block=(rows, 1, 1), shared_mem=tile_smem_bytes(rows, stages),
-           args=[_aligned(values), _aligned(meta), _aligned(a), sorted_ids, block_expert, out, n, 2 * half_k, n_pairs, rows_per_a])
+    _launch_kernel(kernel, (block_expert.numel(), n // rows, 1), (rows, 1, 1), tile_smem_bytes(rows, stages),
+                   [_aligned(values), _aligned(meta), _aligned(a), sorted_ids, block_expert, out, n, 2 * half_k, n_pairs, rows_per_a])
     return out
 
 
@@ -311,9 +333,9 @@ def wgmma_grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a: int,
                            "see the warning above); run with STUN_SPARSE_WGMMA=0")
     threads = 128 * consumers + 128 if consumers else 2 * rows
     order = expert_order(block_expert, n // rows) if group < 0 else None
-    kernel(grid=(block_expert.numel(), n // rows, 1), block=(threads, 1, 1), shared_mem=wgmma_smem_bytes(rows, stages, consumers),
-           args=[_aligned(values), _aligned(meta), _aligned(a), sorted_ids, block_expert, out, n, 2 * half_k, n_pairs, rows_per_a,
-                 block_expert if order is None else order, 0 if order is not None else group if group > 0 else block_expert.numel()])
+    _launch_kernel(kernel, (block_expert.numel(), n // rows, 1), (threads, 1, 1), wgmma_smem_bytes(rows, stages, consumers),
+                   [_aligned(values), _aligned(meta), _aligned(a), sorted_ids, block_expert, out, n, 2 * half_k, n_pairs, rows_per_a,
+                    block_expert if order is None else order, 0 if order is not None else group if group > 0 else block_expert.numel()])
     return out
 
 
