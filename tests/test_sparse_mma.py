@@ -51,6 +51,13 @@ def test_the_kernels_are_never_chosen_off_the_gpu_and_can_be_disabled():
     assert cuda_mma._enabled
 
 
+def test_the_hopper_kernel_refuses_a_launch_it_has_no_form_for():
+    values = torch.zeros(2, 256, 64, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="2 consumer warpgroups"):
+        cuda_mma.wgmma_grouped_mm(torch.zeros(4, 128, dtype=torch.bfloat16), values, torch.zeros(2, 256, 16, dtype=torch.uint8),
+                                  torch.zeros(128, dtype=torch.int32), torch.zeros(1, dtype=torch.int32), 1, consumers=4)
+
+
 # ---- GPU ------------------------------------------------------------------------------------------
 
 
@@ -111,7 +118,7 @@ hopper = pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_de
 def test_hopper_prefill_kernel_matches_reference(shape, tokens):
     """The sparse ``wgmma`` kernels on the same blocks: tiles of 64 / 128 / 256 rows, 1 to 16 steps,
     every warp copying and multiplying or warp-specialized (K shorter or longer than the
-    pipeline), CTAs in grid order, in groups of blocks (a group size that leaves a remainder) or expert by expert."""
+    pipeline), CTAs in grid order or in groups of blocks (one, or a size that leaves a remainder)."""
     num_experts, n, k, top_k = shape
     torch.manual_seed(tokens)
     values, meta = compress_24(mask_24(torch.randn(num_experts, n, k, device="cuda")).bfloat16())
@@ -120,8 +127,8 @@ def test_hopper_prefill_kernel_matches_reference(shape, tokens):
     for rows_per_a in (top_k, 1):
         x = torch.randn(tokens * top_k // rows_per_a, k, device="cuda", dtype=torch.bfloat16)
         ref = grouped_mm_reference(x.double(), values.double(), meta, ids, block_expert, rows_per_a, 128)
-        for rows, stages, ctas, consumers, group in ((128, 4, 2, 0, 0), (64, 3, 3, 0, 3), (128, 2, 2, 0, 1), (256, 3, 1, 0, -1),
-                                                     (256, 4, 1, 2, 4), (256, 3, 1, 2, -1), (128, 5, 1, 2, 3), (256, 4, 1, 2, 0)):
+        for rows, stages, ctas, consumers, group in ((128, 4, 2, 0, 0), (64, 3, 3, 0, 3), (128, 2, 2, 0, 1), (256, 3, 1, 0, 2),
+                                                     (256, 4, 1, 2, 4), (256, 3, 1, 2, 1), (128, 5, 1, 2, 3), (256, 4, 1, 2, 0)):
             if n % rows:
                 continue
             out = cuda_mma.wgmma_grouped_mm(x, values, meta, ids, block_expert, rows_per_a, rows, stages, ctas, consumers, group)

@@ -1,28 +1,32 @@
-"""The sparse tensor cores: ``mma.sp`` over our 2:4 layout, compiled at run time by NVRTC.
+"""The sparse tensor cores: ``mma.sp`` and Hopper's sparse ``wgmma`` over our 2:4 layout, compiled at
+run time by NVRTC.
 
 Triton exposes no sparse tensor-core instruction, so :mod:`.triton_kernel` and :mod:`.triton_decode`
-expand the weights or multiply on the CUDA cores. The two kernels here (source: ``cuda_mma.cu``
-beside this file) give the compressed values and metadata to ``mma.sp.m16n8k32`` as they are stored
-(:mod:`.format`), weight rows as the sparse operand and routed tokens as the dense one:
+expand the weights or multiply on the CUDA cores. The kernels here (sources: ``cuda_mma.cu`` and
+``cuda_wgmma.cu`` beside this file) give the compressed values and metadata to the sparse
+instructions as they are stored (:mod:`.format`), weight rows as the sparse operand and routed
+tokens as the dense one:
 
-* decode (:func:`grouped_mm`, op ``stun::sparse24_mma``): blocks of 16 pairs of one expert
-  (:func:`..experts.block_m_for` gives 16 while experts see at most 16 tokens), fragments loaded
-  straight from global memory (the activations permuted to match, a view and a transpose that
-  torch.compile fuses), split-K when few experts are routed. A decode step streams 0.5625 of the
-  dense bytes with no expansion work.
-* prefill (:func:`tile_grouped_mm`, op ``stun::sparse24_mma_tile``): blocks of 128 pairs, a
-  128 or 256 x 128 tile per CTA staged through shared memory with ``cp.async`` and ``ldmatrix``.
-  The warp-level sparse instruction peaks at 917 dense-equivalent TFLOP/s on an H100 against 774
-  for cuBLAS on ``wgmma`` (``benchmarks/mma_rates.py``), so this kernel narrows the gap to a dense
-  prefill without closing it; Hopper's sparse ``wgmma`` would be the next step.
+* decode (:func:`grouped_mm`, op ``stun::sparse24_mma``): ``mma.sp.m16n8k32`` on blocks of 16
+  pairs of one expert (:func:`..experts.block_m_for` gives 16 while experts see at most 16 tokens),
+  fragments loaded straight from global memory (the activations permuted to match, a view and a
+  transpose that torch.compile fuses), split-K when few experts are routed. A decode step streams
+  0.5625 of the dense bytes with no expansion work.
+* prefill (op ``stun::sparse24_mma_tile``), blocks of 128 pairs: on a Hopper GPU
+  (:func:`wgmma_grouped_mm`, sm_90a) ``wgmma.mma_async.sp.m64n128k32`` with the activations read by
+  the tensor cores from a swizzled shared-memory tile, warp-specialized (one producer warpgroup
+  copying with ``cp.async`` into an mbarrier pipeline, two warpgroups multiplying 128 weight rows
+  each); elsewhere (:func:`tile_grouped_mm`, sm_80+) a 128 or 256 x 128 tile on ``mma.sp``, whose
+  peak (917 dense-equivalent TFLOP/s on an H100 against 774 for cuBLAS, ``benchmarks/mma_rates.py``)
+  leaves it slower than a dense prefill.
 
-Both serve bf16 weights on GPUs of compute capability 8.0 or newer whose dimensions fit
-(:func:`fits`, :func:`fits_tile`). They are compiled once per device with
-``torch.cuda._compile_kernel`` (NVRTC, shipped with torch's CUDA wheels; nothing to build at
-install) and launched on the current stream, so CUDA graphs capture them; as
-``torch.library.custom_op`` s torch.compile keeps each as one opaque call (no graph break).
-AOTInductor packages cannot hold a Python-launched kernel, so :func:`disabled` turns them off while
-exporting and the Triton kernels serve instead; ``STUN_SPARSE_MMA=0`` turns them off everywhere.
+They serve bf16 weights whose dimensions fit (:func:`fits`, :func:`fits_tile`). Each is compiled
+once per device with ``torch.cuda._compile_kernel`` (NVRTC, shipped with torch's CUDA wheels;
+nothing to build at install) and launched on the current stream through ``cuLaunchKernel``
+(:func:`_launch_kernel`), so CUDA graphs capture them; as ``torch.library.custom_op`` s
+torch.compile keeps each as one opaque call (no graph break). AOTInductor packages cannot hold a
+Python-launched kernel, so :func:`disabled` turns them off while exporting and the Triton kernels
+serve instead; ``STUN_SPARSE_MMA=0`` turns them all off, ``STUN_SPARSE_WGMMA=0`` only the Hopper one.
 """
 
 from __future__ import annotations
@@ -55,8 +59,9 @@ WGMMA_LAUNCHES = {256: dict(rows=256, stages=4, consumers=2), 128: dict(rows=128
 #: the CTA order: grid order (0). Groups of 4 blocks were faster on uniformly routed Qwen3 shapes
 #: (gate_up 320 vs 336 us, down 208 vs 230 us) but slower on Mixtral (1988 vs 1886 us) and on a
 #: whole model whose second layer routes unevenly (an expert's weights are then read once per group
-#: of its blocks: Qwen3 model prefill 0.80x dense against 0.92x for the Triton kernel); expert by
-#: expert (-1) was slower on both layer shapes (1943, 374 us, table built at each call)
+#: of its blocks: Qwen3 model prefill 0.80x dense, 1.10x in grid order); expert by expert (a CTA
+#: table built per call) was slower on both layer shapes (1943, 374 us):
+#: benchmarks/results/sparse_kernels_h100.md, inference_h100.md
 WGMMA_GROUP = 0
 #: pairs per routed expert from which prefill runs it (Qwen3-30B shapes at 2048 tokens: 128)
 WGMMA_MIN_PAIRS_PER_EXPERT = 128
@@ -287,7 +292,8 @@ def fits_tile(a: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, block_m
 @torch.library.custom_op("stun::sparse24_mma_tile", mutates_args=(), device_types="cuda")
 def sparse24_mma_tile(a: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, sorted_ids: torch.Tensor, block_expert: torch.Tensor, rows_per_a: int) -> torch.Tensor:
     """:func:`grouped_mm` for prefill: blocks of 128 pairs (``align_pairs(..., 128)``), one tile of
-    weight rows x 128 pairs per CTA, operands staged in shared memory (:func:`tile_rows_for`)."""
+    weight rows x 128 pairs per CTA, operands staged in shared memory: :func:`wgmma_grouped_mm` on
+    a Hopper GPU, else :func:`tile_grouped_mm` (:func:`tile_rows_for`)."""
     if hopper_ready(_device_index(a.device)):
         rows = 256 if values.shape[1] % 256 == 0 else 128
         return wgmma_grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a, **WGMMA_LAUNCHES[rows], group=WGMMA_GROUP)
@@ -320,8 +326,7 @@ def wgmma_grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a: int,
     """:func:`sparse24_mma_tile` on a Hopper GPU: the same blocks of 128 pairs through the sparse
     ``wgmma`` (``cuda_wgmma.cu``), ``rows`` (64, 128 or 256) weight rows per CTA; warp-specialized
     with ``consumers`` = 2 multiplying warpgroups, else every warp copies and multiplies. The CTAs
-    run ``group`` blocks of pairs at a time over every row tile (0: all blocks, grid order; -1: each
-    expert's blocks, :func:`expert_order`)."""
+    run ``group`` blocks of pairs at a time over every row tile (0: all blocks, grid order)."""
     if consumers not in (0, 2):
         raise ValueError(f"the warp-specialized kernel runs 2 consumer warpgroups, got {consumers}")
     num_experts, n, half_k = values.shape
@@ -332,27 +337,11 @@ def wgmma_grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a: int,
         raise RuntimeError(f"the Hopper sparse prefill kernel cannot run here ({n} output rows, tiles of {rows}; or it did not compile: "
                            "see the warning above); run with STUN_SPARSE_WGMMA=0")
     threads = 128 * consumers + 128 if consumers else 2 * rows
-    order = expert_order(block_expert, n // rows) if group < 0 else None
     _launch_kernel(kernel, (block_expert.numel(), n // rows, 1), (threads, 1, 1), wgmma_smem_bytes(rows, stages, consumers),
                    [_aligned(values), _aligned(meta), _aligned(a), sorted_ids, block_expert, out, n, 2 * half_k, n_pairs, rows_per_a,
-                    block_expert if order is None else order, 0 if order is not None else group if group > 0 else block_expert.numel()])
+                    group if group > 0 else block_expert.numel()])
     return out
 
-
-def expert_order(block_expert: torch.Tensor, tiles: int) -> torch.Tensor:
-    """The CTA order that runs each expert's blocks over every row tile before the next expert:
-    ``[n_blocks * tiles]`` int32, entry ``i`` = block + n_blocks * tile for the ``i``-th CTA. The
-    blocks of an expert are consecutive (:func:`..experts.align_pairs`); the unused tail (-1) is one
-    more group."""
-    nb = block_expert.numel()
-    key = torch.where(block_expert < 0, torch.iinfo(torch.int32).max, block_expert).contiguous()
-    first = torch.searchsorted(key, key)
-    count = torch.searchsorted(key, key, right=True) - first
-    b = torch.arange(nb, device=key.device)
-    t = torch.arange(tiles, device=key.device)
-    position = first[:, None] * tiles + t[None, :] * count[:, None] + (b - first)[:, None]
-    value = (b[:, None] + nb * t[None, :]).to(torch.int32)
-    return torch.empty(nb * tiles, dtype=torch.int32, device=key.device).scatter_(0, position.reshape(-1), value.reshape(-1))
 
 
 @sparse24_mma_tile.register_fake

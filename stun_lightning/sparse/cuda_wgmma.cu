@@ -1,5 +1,7 @@
 // Prefill on Hopper's sparse warpgroup instruction (wgmma.mma_async.sp, sm_90a), appended to cuda_mma.cu
 // (whose helpers it uses) when compiled for compute capability 9.0 (stun_lightning/sparse/cuda_mma.py).
+// Two kernels: sparse24_wgmma_tile (every warp copies and multiplies; serves 128-row tiles) and
+// sparse24_wgmma_ws (warp-specialized, further down; the default where the outputs divide by 256).
 //
 // As sparse24_mma_tile: one block of 128 (token, expert) pairs of one expert (align_pairs, block_m =
 // 128) by 64 * WG weight rows per CTA, and each step of 64 inputs brings the compressed values, the
@@ -9,23 +11,17 @@
 // as mma.sp's per warp of 16 rows) and the activations read by the tensor cores from shared memory
 // through a matrix descriptor. The activation tile is K-major with the 128-byte swizzle (16-byte
 // chunk c of row p at p * 128 + ((c ^ (p % 8)) * 16), 1024-byte aligned), the layout the descriptor
-// names; the second 32 inputs of a step start 64 bytes into it.
+// names; the second 32 inputs of a step start 64 bytes into it. Each warpgroup waits for its wgmma
+// before the next step (ptxas serializes a sparse wgmma whose metadata or fragment registers are
+// written while an earlier one is in flight), so the overlap comes from other warpgroups and CTAs.
 
 #define WG_PAIRS 128
 
-// The CTA's (block of pairs, tile of weight rows). Launched as a grid of n_blocks x row tiles; with
-// group 0 from a table (cta_tiles[linear id] = block + n_blocks * tile, cuda_mma.expert_order: each expert's
-// blocks run every row tile before the next expert starts), else GROUP consecutive blocks at a time
-// over every row tile (GROUP = n_blocks: grid order). Either keeps a few blocks' activation rows
-// in L2 while the weights stream past (in grid order every expert's activations are live at once).
-__device__ __forceinline__ void tile_of_cta(const int* cta_tiles, int group, int& blk, int& tile) {
+// The CTA's (block of pairs, tile of weight rows). Launched as a grid of n_blocks x row tiles, run
+// GROUP consecutive blocks at a time over every row tile (GROUP = n_blocks: grid order), so that
+// their activation rows can stay in L2 while the weights stream past.
+__device__ __forceinline__ void tile_of_cta(int group, int& blk, int& tile) {
   const int nb = gridDim.x, linear = blockIdx.y * nb + blockIdx.x;
-  if (group == 0) {
-    const int v = cta_tiles[linear];
-    blk = v % nb;
-    tile = v / nb;
-    return;
-  }
   const int per_group = group * gridDim.y;
   const int first = (linear / per_group) * group, size = nb - first < group ? nb - first : group;
   const int r = linear % per_group;
@@ -74,14 +70,14 @@ __global__ void __launch_bounds__(128 * WG, CTAS) sparse24_wgmma_tile(
     const int* __restrict__ sorted_ids,         // [n_blocks * 128]
     const int* __restrict__ block_expert,
     unsigned short* __restrict__ out,           // [n_pairs, N] bf16
-    int N, int K, int n_pairs, int rows_per_a, const int* __restrict__ cta_tiles, int group) {
+    int N, int K, int n_pairs, int rows_per_a, int group) {
   constexpr int THREADS = 128 * WG, TILE_ROWS = 64 * WG;
   constexpr int B_BYTES = WG_PAIRS * 128, A_BYTES = TILE_ROWS * 64, E_BYTES = TILE_ROWS * 8;
   constexpr int STAGE_BYTES = (B_BYTES + A_BYTES + E_BYTES + 1023) / 1024 * 1024;  // activation tiles 1024-aligned
   constexpr int A_CHUNKS = TILE_ROWS * 4 / THREADS, B_CHUNKS = WG_PAIRS * 8 / THREADS;
   extern __shared__ U4 smem_u4[];
   int blk, tile;
-  tile_of_cta(cta_tiles, group, blk, tile);
+  tile_of_cta(group, blk, tile);
   const int e = block_expert[blk];
   if (e < 0) return;
   const int row_base = tile * TILE_ROWS;
@@ -216,7 +212,7 @@ __global__ void __launch_bounds__(128 * CW + 32 * PW, 1) sparse24_wgmma_ws(
     const int* __restrict__ sorted_ids,         // [n_blocks * 128]
     const int* __restrict__ block_expert,
     unsigned short* __restrict__ out,           // [n_pairs, N] bf16
-    int N, int K, int n_pairs, int rows_per_a, const int* __restrict__ cta_tiles, int group) {
+    int N, int K, int n_pairs, int rows_per_a, int group) {
   // CW consumer warpgroups of MW x 64 rows each, PW producer warps
   constexpr int TILE_ROWS = 64 * CW * MW, PT = 32 * PW;
   constexpr int B_BYTES = WG_PAIRS * 128, A_BYTES = TILE_ROWS * 64, E_BYTES = TILE_ROWS * 8;
@@ -224,7 +220,7 @@ __global__ void __launch_bounds__(128 * CW + 32 * PW, 1) sparse24_wgmma_ws(
   static_assert((TILE_ROWS * 4) % PT == 0 && (WG_PAIRS * 8) % PT == 0, "producer threads must divide the copies");
   extern __shared__ U4 smem_u4[];
   int blk, tile;
-  tile_of_cta(cta_tiles, group, blk, tile);
+  tile_of_cta(group, blk, tile);
   const int e = block_expert[blk];
   if (e < 0) return;
   const int row_base = tile * TILE_ROWS;

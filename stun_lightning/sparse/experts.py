@@ -10,8 +10,9 @@ Registered in transformers' ``ExpertsInterface`` on import, so any model whose e
   launch at decode sizes, :mod:`.triton_align`, torch ops otherwise), then
   gate_up and down run for the routed experts only, reading compressed values + metadata
   (:func:`grouped_mm`): on the sparse tensor cores (:mod:`.cuda_mma`, custom ops that compile keeps
-  whole) ``stun::sparse24_mma`` while experts see 2-16 tokens and ``stun::sparse24_mma_tile`` from
-  256 (prefill); otherwise
+  whole) ``stun::sparse24_mma`` while experts see 2-16 tokens (or from 32 pairs per call) and
+  ``stun::sparse24_mma_tile`` for prefill (sparse ``wgmma`` from 128 pairs per routed expert on a
+  Hopper GPU, ``mma.sp`` from 256 elsewhere); otherwise
   ``stun::sparse24_grouped_mm``, whose body on CUDA is a Triton kernel (:mod:`.triton_kernel`) and
   which, as a ``torch.library.triton_op``, compile and AOTInductor trace into with no graph break.
 * reference (eager CPU): decompress the weights of each expert that some token selected and run
