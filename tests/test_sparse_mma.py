@@ -2,6 +2,7 @@
 products and the models that run it on a GPU."""
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -88,11 +89,10 @@ def test_mma_kernel_matches_reference_on_gpu(shape, tokens, launch):
         assert err < 1e-2, err
 
 
-@cuda
-@pytest.mark.parametrize("shape", [(8, 256, 512, 2), (4, 128, 192, 1), (2, 384, 64, 2)])  # E, N, K, top-k
-@pytest.mark.parametrize("tokens", [70, 300])
-def test_prefill_tile_kernel_matches_reference_on_gpu(shape, tokens):
-    """Blocks of 128 pairs: partial and full blocks, several per expert, 1 to 8 steps of 64 inputs."""
+def _assert_prefill_launches_match(shape, tokens, launches):
+    """Each ``(rows, launch)`` of a prefill kernel on blocks of 128 pairs (partial and full, several
+    per expert) against the float64 reference, for gate_up-like (rows_per_a = top-k) and down-like
+    calls; launches whose tile height does not divide the outputs are skipped."""
     num_experts, n, k, top_k = shape
     torch.manual_seed(tokens)
     values, meta = compress_24(mask_24(torch.randn(num_experts, n, k, device="cuda")).bfloat16())
@@ -101,12 +101,21 @@ def test_prefill_tile_kernel_matches_reference_on_gpu(shape, tokens):
     for rows_per_a in (top_k, 1):
         x = torch.randn(tokens * top_k // rows_per_a, k, device="cuda", dtype=torch.bfloat16)
         ref = grouped_mm_reference(x.double(), values.double(), meta, ids, block_expert, rows_per_a, 128)
-        for rows, stages in ((128, 3), (128, 5), (256, 3)):
+        for rows, launch in launches:
             if n % rows:
                 continue
-            out = cuda_mma.tile_grouped_mm(x, values, meta, ids, block_expert, rows_per_a, rows, stages)
+            out = launch(x, values, meta, ids, block_expert, rows_per_a)
             err = ((out.double() - ref).norm() / ref.norm()).item()
-            assert err < 1e-2, (rows, stages, err)
+            assert err < 1e-2, (launch, err)
+
+
+@cuda
+@pytest.mark.parametrize("shape", [(8, 256, 512, 2), (4, 128, 192, 1), (2, 384, 64, 2)])  # E, N, K, top-k
+@pytest.mark.parametrize("tokens", [70, 300])
+def test_prefill_tile_kernel_matches_reference_on_gpu(shape, tokens):
+    """The mma.sp tile kernel: 128 / 256-row tiles, 1 to 8 steps of 64 inputs, 3 or 5 stages."""
+    launches = [(rows, functools.partial(cuda_mma.tile_grouped_mm, rows=rows, stages=stages)) for rows, stages in ((128, 3), (128, 5), (256, 3))]
+    _assert_prefill_launches_match(shape, tokens, launches)
 
 
 hopper = pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)), reason="needs a Hopper GPU (sm_90)")
@@ -116,24 +125,13 @@ hopper = pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_de
 @pytest.mark.parametrize("shape", [(8, 256, 512, 2), (4, 128, 192, 1), (2, 384, 64, 2), (3, 256, 1024, 3)])  # E, N, K, top-k
 @pytest.mark.parametrize("tokens", [70, 300])
 def test_hopper_prefill_kernel_matches_reference(shape, tokens):
-    """The sparse ``wgmma`` kernels on the same blocks: tiles of 64 / 128 / 256 rows, 1 to 16 steps,
-    every warp copying and multiplying or warp-specialized (K shorter or longer than the
-    pipeline), CTAs in grid order or in groups of blocks (one, or a size that leaves a remainder)."""
-    num_experts, n, k, top_k = shape
-    torch.manual_seed(tokens)
-    values, meta = compress_24(mask_24(torch.randn(num_experts, n, k, device="cuda")).bfloat16())
-    index = _routed(num_experts, top_k, tokens, seed=tokens)
-    ids, block_expert = align_pairs(index, num_experts, 128)
-    for rows_per_a in (top_k, 1):
-        x = torch.randn(tokens * top_k // rows_per_a, k, device="cuda", dtype=torch.bfloat16)
-        ref = grouped_mm_reference(x.double(), values.double(), meta, ids, block_expert, rows_per_a, 128)
-        for rows, stages, ctas, consumers, group in ((128, 4, 2, 0, 0), (64, 3, 3, 0, 3), (128, 2, 2, 0, 1), (256, 3, 1, 0, 2),
-                                                     (256, 4, 1, 2, 4), (256, 3, 1, 2, 1), (128, 5, 1, 2, 3), (256, 4, 1, 2, 0)):
-            if n % rows:
-                continue
-            out = cuda_mma.wgmma_grouped_mm(x, values, meta, ids, block_expert, rows_per_a, rows, stages, ctas, consumers, group)
-            err = ((out.double() - ref).norm() / ref.norm()).item()
-            assert err < 1e-2, (rows, stages, err)
+    """The sparse ``wgmma`` kernels: tiles of 64 / 128 / 256 rows, 1 to 16 steps, every warp copying
+    and multiplying or warp-specialized (K shorter or longer than the pipeline), CTAs in grid order
+    or in groups of blocks (one, or a size that leaves a remainder)."""
+    launches = [(rows, functools.partial(cuda_mma.wgmma_grouped_mm, rows=rows, stages=stages, ctas=ctas, consumers=consumers, group=group))
+                for rows, stages, ctas, consumers, group in ((128, 4, 2, 0, 0), (64, 3, 3, 0, 3), (128, 2, 2, 0, 1), (256, 3, 1, 0, 2),
+                                                             (256, 4, 1, 2, 4), (256, 3, 1, 2, 1), (128, 5, 1, 2, 3), (256, 4, 1, 2, 0))]
+    _assert_prefill_launches_match(shape, tokens, launches)
 
 
 def _sparse_qwen3(ids_of):
