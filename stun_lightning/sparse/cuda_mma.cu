@@ -187,6 +187,18 @@ __device__ __forceinline__ void ldmatrix4(u32 addr, u32& r0, u32& r1, u32& r2, u
                : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(addr));
 }
 
+// The sparse operand of one 16-row x 32-input mma from a staged step: ldmatrix fragment (rows of 64
+// bytes, chunk c of row r at r * 64 + ((c ^ ((r / 2) % 4)) * 16) from `tile`) into fa, and the
+// lane's 32 metadata bits (16 of rows g and g + 8 each, from the rows' 8-byte words) returned.
+// `s`: which 32 inputs of the step; also the wgmma kernels' fragment (cuda_wgmma.cu), per warp.
+__device__ __forceinline__ u32 sparse_fragment(u32 tile, const u64* words, int row16, int lane, int s, u32 (&fa)[4]) {
+  const int mi = lane >> 3, rr = lane & 7, g = lane >> 2, t = lane & 3;
+  const int r = row16 + (mi & 1) * 8 + rr, c = 2 * s + (mi >> 1);
+  ldmatrix4(tile + r * 64 + ((c ^ ((r >> 1) & 3)) << 4), fa[0], fa[1], fa[2], fa[3]);
+  const int shift = 32 * s + 16 * (t & 1);
+  return (u32)((words[row16 + g] >> shift) & 0xFFFFull) | ((u32)((words[row16 + g + 8] >> shift) & 0xFFFFull) << 16);
+}
+
 // WR warps along the weight rows (tile of 64 * WR rows) by 2 along the pairs; STAGES steps in flight
 template <int WR, int STAGES>
 __global__ void __launch_bounds__(64 * WR) sparse24_mma_tile(
@@ -267,13 +279,7 @@ __global__ void __launch_bounds__(64 * WR) sparse24_mma_tile(
     for (int s = 0; s < 2; ++s) {  // 32 inputs each
       u32 fa[4][4], fe[4];
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int r = wr * 64 + i * 16 + (mi & 1) * 8 + rr, c = 2 * s + (mi >> 1);
-        ldmatrix4(base + r * 64 + ((c ^ ((r >> 1) & 3)) << 4), fa[i][0], fa[i][1], fa[i][2], fa[i][3]);
-        const int shift = 32 * s + 16 * (t & 1);
-        const int mrow = wr * 64 + i * 16 + g;
-        fe[i] = (u32)((words[mrow] >> shift) & 0xFFFFull) | ((u32)((words[mrow + 8] >> shift) & 0xFFFFull) << 16);
-      }
+      for (int i = 0; i < 4; ++i) fe[i] = sparse_fragment(base, words, wr * 64 + i * 16, lane, s, fa[i]);
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
         const int p = wp * 64 + j * 8 + rr, c = 4 * s + mi;

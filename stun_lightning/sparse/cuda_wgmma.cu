@@ -62,6 +62,23 @@ __device__ __forceinline__ void wgmma_sp_n128(float* d, const u32* a, u64 desc, 
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(e), "n"(0), "r"(1), "n"(1), "n"(1), "n"(0));
 }
 
+// A warp's 16 output rows (from `row`) x the block's 128 pairs: d[4j + 2h + q] is row g + 8h, pair
+// 8j + 2t + q of the block (the wgmma accumulator layout); padding pairs are not stored.
+__device__ __forceinline__ void store_rows(unsigned short* out, const int* ids, int n_pairs, int N, int row, const float* d, int lane) {
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int j = 0; j < WG_PAIRS / 8; ++j) {
+#pragma unroll
+    for (int q = 0; q < 2; ++q) {
+      const int pair = ids[8 * j + 2 * t + q];
+      if (pair >= n_pairs) continue;
+      unsigned short* o = out + (long long)pair * N + row + g;
+      o[0] = to_bf16(d[4 * j + q]);
+      o[8] = to_bf16(d[4 * j + 2 + q]);
+    }
+  }
+}
+
 template <int WG, int STAGES, int CTAS>
 __global__ void __launch_bounds__(128 * WG, CTAS) sparse24_wgmma_tile(
     const unsigned short* __restrict__ values,  // [E, N, K/2] bf16
@@ -82,7 +99,6 @@ __global__ void __launch_bounds__(128 * WG, CTAS) sparse24_wgmma_tile(
   if (e < 0) return;
   const int row_base = tile * TILE_ROWS;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int g = lane >> 2, t = lane & 3;
   const int steps = K >> 6;
   const int* ids = sorted_ids + blk * WG_PAIRS;
   const u32 raw = (u32)__cvta_generic_to_shared(smem_u4);
@@ -130,7 +146,6 @@ __global__ void __launch_bounds__(128 * WG, CTAS) sparse24_wgmma_tile(
     asm volatile("cp.async.commit_group;");
   }
   const int rows = (warp >> 2) * 64 + (warp & 3) * 16;  // this warp's 16 rows of the tile
-  const int mi = lane >> 3, rr = lane & 7;
   for (int step = 0; step < steps; ++step) {
     asm volatile("cp.async.wait_group %0;" ::"n"(STAGES - 2));
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // cp.async wrote it; wgmma reads it
@@ -145,12 +160,7 @@ __global__ void __launch_bounds__(128 * WG, CTAS) sparse24_wgmma_tile(
     const u64* words = (const u64*)(smem_bytes + stage * STAGE_BYTES + B_BYTES + A_BYTES);
     u32 fa[2][4], fe[2];
 #pragma unroll
-    for (int s = 0; s < 2; ++s) {
-      const int r = rows + (mi & 1) * 8 + rr, c = 2 * s + (mi >> 1);
-      ldmatrix4(base + B_BYTES + r * 64 + ((c ^ ((r >> 1) & 3)) << 4), fa[s][0], fa[s][1], fa[s][2], fa[s][3]);
-      const int shift = 32 * s + 16 * (t & 1);
-      fe[s] = (u32)((words[rows + g] >> shift) & 0xFFFFull) | ((u32)((words[rows + g + 8] >> shift) & 0xFFFFull) << 16);
-    }
+    for (int s = 0; s < 2; ++s) fe[s] = sparse_fragment(base + B_BYTES, words, rows, lane, s, fa[s]);
     asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
 #pragma unroll
     for (int s = 0; s < 2; ++s) wgmma_sp_n128(d, fa[s], sw128_desc(base + s * 64), fe[s]);
@@ -161,18 +171,7 @@ __global__ void __launch_bounds__(128 * WG, CTAS) sparse24_wgmma_tile(
   keep_in_registers(d);
   asm volatile("cp.async.wait_group 0;");
 
-  // d[4j + 2h + q]: row g + 8h of this warp's 16, pair 8j + 2t + q of the block
-#pragma unroll
-  for (int j = 0; j < WG_PAIRS / 8; ++j) {
-#pragma unroll
-    for (int q = 0; q < 2; ++q) {
-      const int pair = ids[8 * j + 2 * t + q];
-      if (pair >= n_pairs) continue;
-      unsigned short* o = out + (long long)pair * N + row_base + rows + g;
-      o[0] = to_bf16(d[4 * j + q]);
-      o[8] = to_bf16(d[4 * j + 2 + q]);
-    }
-  }
+  store_rows(out, ids, n_pairs, N, row_base + rows, d, lane);
 }
 
 // ---- the same product, warp-specialized: producer warps fill the stages, warpgroups only multiply --
@@ -280,9 +279,7 @@ __global__ void __launch_bounds__(128 * CW + 32 * PW, 1) sparse24_wgmma_ws(
 
   // consumer warpgroups
   if (PW == 4) asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(CW == 2 ? 232 : 112));
-  const int g = lane >> 2, t = lane & 3;
   const int rows = (warp >> 2) * 64 * MW + (warp & 3) * 16;  // this warp's first 16 rows of the tile
-  const int mi = lane >> 3, rr = lane & 7;
   float d[MW][64];
 #pragma unroll
   for (int m = 0; m < MW; ++m)
@@ -296,16 +293,9 @@ __global__ void __launch_bounds__(128 * CW + 32 * PW, 1) sparse24_wgmma_ws(
     const u64* words = (const u64*)(smem_bytes + stage * STAGE_BYTES + B_BYTES + A_BYTES);
     u32 fa[MW][2][4], fe[MW][2];
 #pragma unroll
-    for (int m = 0; m < MW; ++m) {
-      const int rm = rows + 64 * m;
+    for (int m = 0; m < MW; ++m)
 #pragma unroll
-      for (int s = 0; s < 2; ++s) {
-        const int r = rm + (mi & 1) * 8 + rr, c = 2 * s + (mi >> 1);
-        ldmatrix4(base + B_BYTES + r * 64 + ((c ^ ((r >> 1) & 3)) << 4), fa[m][s][0], fa[m][s][1], fa[m][s][2], fa[m][s][3]);
-        const int shift = 32 * s + 16 * (t & 1);
-        fe[m][s] = (u32)((words[rm + g] >> shift) & 0xFFFFull) | ((u32)((words[rm + g + 8] >> shift) & 0xFFFFull) << 16);
-      }
-    }
+      for (int s = 0; s < 2; ++s) fe[m][s] = sparse_fragment(base + B_BYTES, words, rows + 64 * m, lane, s, fa[m][s]);
 #pragma unroll
     for (int m = 0; m < MW; ++m) keep_in_registers(d[m]);
     asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
@@ -322,17 +312,5 @@ __global__ void __launch_bounds__(128 * CW + 32 * PW, 1) sparse24_wgmma_ws(
   }
 
 #pragma unroll
-  for (int j = 0; j < WG_PAIRS / 8; ++j) {
-#pragma unroll
-    for (int q = 0; q < 2; ++q) {
-      const int pair = ids[8 * j + 2 * t + q];
-      if (pair >= n_pairs) continue;
-#pragma unroll
-      for (int m = 0; m < MW; ++m) {
-        unsigned short* o = out + (long long)pair * N + row_base + rows + 64 * m + g;
-        o[0] = to_bf16(d[m][4 * j + q]);
-        o[8] = to_bf16(d[m][4 * j + 2 + q]);
-      }
-    }
-  }
+  for (int m = 0; m < MW; ++m) store_rows(out, ids, n_pairs, N, row_base + rows + 64 * m, d[m], lane);
 }
