@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     TILE_LAUNCHES = ((128, 3), (128, 4), (128, 5), (256, 3), (256, 4))
     # the Hopper prefill kernel's tile heights, pipeline depths and CTAs per multiprocessor
     # (and blocks of pairs per group of CTAs: 0 = grid order)
-    WGMMA_LAUNCHES = [dict(rows=r, stages=st, ctas=c, group=gr) for r, st, c, gr in ((128, 3, 2, 0), (256, 5, 1, 0))]
+    WGMMA_LAUNCHES = [dict(rows=r, stages=st, ctas=c, consumers=0, group=gr) for r, st, c, gr in ((128, 3, 2, 0), (256, 5, 1, 0))]
     # ... and its warp-specialized form (2 consumer warpgroups)
     WGMMA_LAUNCHES += [dict(rows=r, stages=st, consumers=2, group=gr) for r, st, gr in ((256, 4, 0), (256, 4, 4), (256, 3, 0), (256, 5, 0))]
     bw, flops = measured_rates("cuda")

@@ -55,7 +55,7 @@ _enabled = os.environ.get("STUN_SPARSE_MMA", "1") != "0"
 _enabled_wgmma = os.environ.get("STUN_SPARSE_WGMMA", "1") != "0"
 #: its launch by tile height (weight rows): 256 rows where the outputs divide, warp-specialized,
 #: else 128 (the fastest of each on an H100: benchmarks/results/sparse_kernels_h100.md)
-WGMMA_LAUNCHES = {256: dict(rows=256, stages=4, consumers=2), 128: dict(rows=128, stages=3, ctas=2)}
+WGMMA_LAUNCHES = {256: dict(rows=256, stages=4, consumers=2), 128: dict(rows=128, stages=3, ctas=2, consumers=0)}
 #: the CTA order: grid order (0). Groups of 4 blocks were faster on uniformly routed Qwen3 shapes
 #: (gate_up 320 vs 336 us, down 208 vs 230 us) but slower on Mixtral (1988 vs 1886 us) and on a
 #: whole model whose second layer routes unevenly (an expert's weights are then read once per group
@@ -120,7 +120,10 @@ def kernel_ready(device_index: int, kernel: str) -> bool:
 
 def hopper_ready(device_index: int) -> bool:
     """The GPU is a Hopper (compute capability 9.0) and the ``wgmma`` prefill kernel compiled for it."""
-    return _enabled_wgmma and torch.cuda.get_device_capability(device_index) == (9, 0) and _wgmma_kernel(device_index) is not None
+    if not (_enabled_wgmma and torch.cuda.get_device_capability(device_index) == (9, 0)):
+        return False
+    launch = WGMMA_LAUNCHES[256]  # the default launch, the one prefill compiles first
+    return _wgmma_kernel(device_index, launch["rows"], launch["stages"], 1, launch["consumers"]) is not None
 
 
 @functools.cache
@@ -140,7 +143,7 @@ def _tile_kernel(device_index: int, rows: int = TILE_ROWS, stages: int = TILE_ST
 
 
 @functools.cache
-def _wgmma_kernel(device_index: int, rows: int = 256, stages: int = 5, ctas: int = 1, consumers: int = 0):
+def _wgmma_kernel(device_index: int, rows: int, stages: int, ctas: int, consumers: int):
     """A Hopper prefill kernel (``cuda_wgmma.cu``) compiled for one device, or None: the
     warp-specialized one with ``consumers`` warpgroups (and one producer warpgroup), else the
     single-role one with ``ctas`` CTAs per multiprocessor."""
@@ -321,8 +324,8 @@ def tile_grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a: int, 
     return out
 
 
-def wgmma_grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a: int, rows: int = 256, stages: int = 5, ctas: int = 1,
-                     consumers: int = 0, group: int = 0) -> torch.Tensor:
+def wgmma_grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a: int, rows: int = 256, stages: int = 4, ctas: int = 1,
+                     consumers: int = 2, group: int = 0) -> torch.Tensor:
     """:func:`sparse24_mma_tile` on a Hopper GPU: the same blocks of 128 pairs through the sparse
     ``wgmma`` (``cuda_wgmma.cu``), ``rows`` (64, 128 or 256) weight rows per CTA; warp-specialized
     with ``consumers`` = 2 multiplying warpgroups, else every warp copies and multiplies. The CTAs
