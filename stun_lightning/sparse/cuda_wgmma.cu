@@ -182,7 +182,11 @@ __global__ void __launch_bounds__(128 * WG, CTAS) sparse24_wgmma_tile(
 // it fires when the thread's copies land); each of the CW consumer warpgroups waits for its stage,
 // multiplies, and its warps arrive on the stage's "empty" mbarrier once their wgmma completed. No
 // CTA-wide barrier after the start: the warpgroups drift apart, and one's fragment loads overlap
-// another's wgmma. The shared-memory layout of a stage is sparse24_wgmma_tile's.
+// another's wgmma. The shared-memory layout of a stage is sparse24_wgmma_tile's. With PW = 4 (a whole
+// producer warpgroup) the producers hand registers to the consumers (setmaxnreg), so that each of
+// CW = 2 consumer warpgroups holds MW = 2 x 64 rows of accumulators. A launch with 4 consumer
+// warpgroups (112 registers each) did not finish on an H100 (not investigated): cuda_mma.py only
+// launches CW = 2.
 
 __device__ __forceinline__ void mbar_init(u32 bar, u32 count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
