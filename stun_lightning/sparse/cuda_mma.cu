@@ -199,6 +199,52 @@ __device__ __forceinline__ u32 sparse_fragment(u32 tile, const u64* words, int r
   return (u32)((words[row16 + g] >> shift) & 0xFFFFull) | ((u32)((words[row16 + g + 8] >> shift) & 0xFFFFull) << 16);
 }
 
+// What thread `tid` of THREADS copies into a stage per step of 64 inputs, for a tile of ROWS weight
+// rows x TILE_PAIRS pairs: 16-byte chunks of the rows' compressed values (chunk c of row r at
+// a_off + r * 64 + ((c ^ ((r / 2) % 4)) * 16), as sparse_fragment reads them), of the pairs'
+// gathered activation rows (chunk c of pair p at b_off + p * 128 + ((c ^ (p % 8)) * 16)) and, for
+// tid < ROWS, row tid's 8-byte metadata word (at e_off + tid * 8).
+template <int THREADS, int ROWS>
+struct StepCopies {
+  static constexpr int A_CHUNKS = ROWS * 4 / THREADS, B_CHUNKS = TILE_PAIRS * 8 / THREADS;
+  const unsigned short* a_src[A_CHUNKS];
+  u32 a_dst[A_CHUNKS];
+  const unsigned short* b_src[B_CHUNKS];
+  u32 b_dst[B_CHUNKS];
+  const u64* e_src;
+  u32 e_dst;
+  bool copies_meta;
+
+  __device__ __forceinline__ StepCopies(const unsigned short* values, const u64* meta, const unsigned short* act, const int* ids, int e,
+                                        int N, int K, int row_base, int n_pairs, int rows_per_a, int tid, u32 a_off, u32 b_off, u32 e_off) {
+#pragma unroll
+    for (int i = 0; i < A_CHUNKS; ++i) {
+      const int r = (tid >> 2) + (THREADS / 4) * i, c = tid & 3;
+      a_src[i] = values + ((long long)e * N + row_base + r) * (K >> 1) + c * 8;
+      a_dst[i] = a_off + r * 64 + ((c ^ ((r >> 1) & 3)) << 4);
+    }
+#pragma unroll
+    for (int i = 0; i < B_CHUNKS; ++i) {
+      const int p = (tid >> 3) + (THREADS / 8) * i, c = tid & 7;
+      const int id = ids[p];
+      // a padding slot reads row 0: its products land in columns that are never stored
+      b_src[i] = act + (long long)(id < n_pairs ? id / rows_per_a : 0) * K + c * 8;
+      b_dst[i] = b_off + p * 128 + ((c ^ (p & 7)) << 4);
+    }
+    copies_meta = THREADS <= ROWS || tid < ROWS;
+    e_src = meta + ((long long)e * N + row_base + (copies_meta ? tid : 0)) * (K >> 6);
+    e_dst = e_off + tid * 8;
+  }
+
+  __device__ __forceinline__ void issue(u32 base, int step) const {
+#pragma unroll
+    for (int i = 0; i < A_CHUNKS; ++i) cp_async16(base + a_dst[i], a_src[i] + step * 32);
+#pragma unroll
+    for (int i = 0; i < B_CHUNKS; ++i) cp_async16(base + b_dst[i], b_src[i] + step * 64);
+    if (copies_meta) cp_async8(base + e_dst, e_src + step);
+  }
+};
+
 // WR warps along the weight rows (tile of 64 * WR rows) by 2 along the pairs; STAGES steps in flight
 template <int WR, int STAGES>
 __global__ void __launch_bounds__(64 * WR) sparse24_mma_tile(
@@ -212,7 +258,6 @@ __global__ void __launch_bounds__(64 * WR) sparse24_mma_tile(
   constexpr int THREADS = 64 * WR, TILE_ROWS = 64 * WR;
   constexpr int TILE_A_BYTES = TILE_ROWS * 64, TILE_E_BYTES = TILE_ROWS * 8;
   constexpr int TILE_STAGE_BYTES = TILE_A_BYTES + TILE_B_BYTES + TILE_E_BYTES;
-  constexpr int B_CHUNKS = TILE_PAIRS * 8 / THREADS;
   extern __shared__ U4 smem_u4[];
   const int blk = blockIdx.x;
   const int e = block_expert[blk];
@@ -225,35 +270,9 @@ __global__ void __launch_bounds__(64 * WR) sparse24_mma_tile(
   const int* ids = sorted_ids + blk * TILE_PAIRS;
   const u32 smem = (u32)__cvta_generic_to_shared(smem_u4);
 
-  // what this thread copies per step: 4 value chunks, B_CHUNKS activation chunks, 1 metadata word
-  const unsigned short* a_src[4];
-  u32 a_dst[4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const int r = (tid >> 2) + (THREADS / 4) * i, c = tid & 3;
-    a_src[i] = values + ((long long)e * N + row_base + r) * (K >> 1) + c * 8;
-    a_dst[i] = r * 64 + ((c ^ ((r >> 1) & 3)) << 4);
-  }
-  const unsigned short* b_src[B_CHUNKS];
-  u32 b_dst[B_CHUNKS];
-#pragma unroll
-  for (int i = 0; i < B_CHUNKS; ++i) {
-    const int p = (tid >> 3) + (THREADS / 8) * i, c = tid & 7;
-    const int id = ids[p];
-    b_src[i] = act + (long long)(id < n_pairs ? id / rows_per_a : 0) * K + c * 8;
-    b_dst[i] = TILE_A_BYTES + p * 128 + ((c ^ (p & 7)) << 4);
-  }
-  const u64* e_src = meta + ((long long)e * N + row_base + tid) * (K >> 6);
-  const u32 e_dst = TILE_A_BYTES + TILE_B_BYTES + tid * 8;
-
-  auto load_step = [&](int step, int stage) {
-    const u32 base = smem + stage * TILE_STAGE_BYTES;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) cp_async16(base + a_dst[i], a_src[i] + step * 32);
-#pragma unroll
-    for (int i = 0; i < B_CHUNKS; ++i) cp_async16(base + b_dst[i], b_src[i] + step * 64);
-    cp_async8(base + e_dst, e_src + step);
-  };
+  StepCopies<THREADS, TILE_ROWS> copies(values, meta, act, ids, e, N, K, row_base, n_pairs, rows_per_a, tid, 0, TILE_A_BYTES,
+                                         TILE_A_BYTES + TILE_B_BYTES);
+  auto load_step = [&](int step, int stage) { copies.issue(smem + stage * TILE_STAGE_BYTES, step); };
 
   float acc[4][8][4];
 #pragma unroll

@@ -17,6 +17,16 @@
 
 #define WG_PAIRS 128
 
+// The dynamic shared memory from its first 1 KiB boundary (the launches ask for 1 KiB more, so that
+// the swizzled activation tiles are 1024-byte aligned): its shared-space address, and in `bytes` the
+// same place as a pointer.
+__device__ __forceinline__ u32 smem_1k_aligned(U4* smem_u4, const unsigned char*& bytes) {
+  const u32 raw = (u32)__cvta_generic_to_shared(smem_u4);
+  const u32 smem = (raw + 1023u) & ~1023u;
+  bytes = (const unsigned char*)smem_u4 + (smem - raw);
+  return smem;
+}
+
 // The CTA's (block of pairs, tile of weight rows). Launched as a grid of n_blocks x row tiles, run
 // GROUP consecutive blocks at a time over every row tile (GROUP = n_blocks: grid order), so that
 // their activation rows can stay in L2 while the weights stream past.
@@ -91,7 +101,6 @@ __global__ void __launch_bounds__(128 * WG, CTAS) sparse24_wgmma_tile(
   constexpr int THREADS = 128 * WG, TILE_ROWS = 64 * WG;
   constexpr int B_BYTES = WG_PAIRS * 128, A_BYTES = TILE_ROWS * 64, E_BYTES = TILE_ROWS * 8;
   constexpr int STAGE_BYTES = (B_BYTES + A_BYTES + E_BYTES + 1023) / 1024 * 1024;  // activation tiles 1024-aligned
-  constexpr int A_CHUNKS = TILE_ROWS * 4 / THREADS, B_CHUNKS = WG_PAIRS * 8 / THREADS;
   extern __shared__ U4 smem_u4[];
   int blk, tile;
   tile_of_cta(group, blk, tile);
@@ -101,39 +110,11 @@ __global__ void __launch_bounds__(128 * WG, CTAS) sparse24_wgmma_tile(
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int steps = K >> 6;
   const int* ids = sorted_ids + blk * WG_PAIRS;
-  const u32 raw = (u32)__cvta_generic_to_shared(smem_u4);
-  const u32 smem = (raw + 1023u) & ~1023u;  // the launch asks for 1 KiB more than the stages
-  const unsigned char* smem_bytes = (const unsigned char*)smem_u4 + (smem - raw);
+  const unsigned char* smem_bytes;
+  const u32 smem = smem_1k_aligned(smem_u4, smem_bytes);
 
-  const unsigned short* a_src[A_CHUNKS];
-  u32 a_dst[A_CHUNKS];
-#pragma unroll
-  for (int i = 0; i < A_CHUNKS; ++i) {
-    const int r = (tid >> 2) + (THREADS / 4) * i, c = tid & 3;
-    a_src[i] = values + ((long long)e * N + row_base + r) * (K >> 1) + c * 8;
-    a_dst[i] = B_BYTES + r * 64 + ((c ^ ((r >> 1) & 3)) << 4);
-  }
-  const unsigned short* b_src[B_CHUNKS];
-  u32 b_dst[B_CHUNKS];
-#pragma unroll
-  for (int i = 0; i < B_CHUNKS; ++i) {
-    const int p = (tid >> 3) + (THREADS / 8) * i, c = tid & 7;
-    const int id = ids[p];
-    b_src[i] = act + (long long)(id < n_pairs ? id / rows_per_a : 0) * K + c * 8;
-    b_dst[i] = p * 128 + ((c ^ (p & 7)) << 4);
-  }
-  const bool copies_meta = tid < TILE_ROWS;
-  const u64* e_src = meta + ((long long)e * N + row_base + (copies_meta ? tid : 0)) * (K >> 6);
-  const u32 e_dst = B_BYTES + A_BYTES + tid * 8;
-
-  auto load_step = [&](int step, int stage) {
-    const u32 base = smem + stage * STAGE_BYTES;
-#pragma unroll
-    for (int i = 0; i < A_CHUNKS; ++i) cp_async16(base + a_dst[i], a_src[i] + step * 32);
-#pragma unroll
-    for (int i = 0; i < B_CHUNKS; ++i) cp_async16(base + b_dst[i], b_src[i] + step * 64);
-    if (copies_meta) cp_async8(base + e_dst, e_src + step);
-  };
+  StepCopies<THREADS, TILE_ROWS> copies(values, meta, act, ids, e, N, K, row_base, n_pairs, rows_per_a, tid, B_BYTES, 0, B_BYTES + A_BYTES);
+  auto load_step = [&](int step, int stage) { copies.issue(smem + stage * STAGE_BYTES, step); };
 
   float d[64];
 #pragma unroll
@@ -230,9 +211,8 @@ __global__ void __launch_bounds__(128 * CW + 32 * PW, 1) sparse24_wgmma_ws(
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int steps = K >> 6;
   const int* ids = sorted_ids + blk * WG_PAIRS;
-  const u32 raw = (u32)__cvta_generic_to_shared(smem_u4);
-  const u32 smem = (raw + 1023u) & ~1023u;  // the launch asks for 1 KiB more than stages + barriers + rows
-  const unsigned char* smem_bytes = (const unsigned char*)smem_u4 + (smem - raw);
+  const unsigned char* smem_bytes;
+  const u32 smem = smem_1k_aligned(smem_u4, smem_bytes);
   const u32 full = smem + STAGES * STAGE_BYTES, empty = full + 8 * STAGES;
   int* act_row = (int*)(smem_bytes + STAGES * STAGE_BYTES + 16 * STAGES);  // activation row of each pair
   if (tid == 0) {
