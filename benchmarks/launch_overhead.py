@@ -1,12 +1,13 @@
 """CPU time per call of the 2:4 expert ops, and of a compiled MoE layer, against the dense ones.
 
-    python benchmarks/launch_overhead.py [--calls 200]
+    python benchmarks/launch_overhead.py [--calls 200] [--profile]
 
 Needs a CUDA GPU. Prefill runs compiled without CUDA graphs, so every call pays its launch cost on
 the CPU; where that exceeds the GPU time the GPU waits. Each row is the CPU microseconds per call
 (``time.perf_counter`` over ``--calls`` calls, no synchronisation inside), on products small enough
 that the GPU never holds the CPU back (first part), and for one compiled Qwen3-30B-shaped MoE block
-at 2048 tokens (second part), next to the GPU time of the same call.
+at 2048 tokens (second part), next to the GPU time of the same call. ``--profile`` adds the CPU
+profile (``torch.profiler``, 10 calls) of the compiled 2:4 block: which ops hold the CPU.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def cpu_us(fn, calls: int) -> float:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--calls", type=int, default=200)
+    p.add_argument("--profile", action="store_true", help="also print the CPU profile of the compiled 2:4 block")
     args = p.parse_args(argv)
     if no_cuda("launch_overhead.py"):
         return 2
@@ -79,6 +81,14 @@ def main(argv=None) -> int:
             cpu = cpu_us(lambda: block(x), min(args.calls, 20))  # 20 calls stay within the launch queue
             gpu = timer(lambda: block(x))
         print(f"| {variant} | {cpu:.1f} | {gpu:.1f} |", flush=True)
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:  # block: the 2:4 one, compiled last
+            for _ in range(10):
+                block(x)
+            torch.cuda.synchronize()
+        print("\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=70))
     return 0
 
 

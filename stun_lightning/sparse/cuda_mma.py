@@ -67,16 +67,21 @@ WGMMA_GROUP = 0
 WGMMA_MIN_PAIRS_PER_EXPERT = 128
 
 
+def _stage_bytes(rows: int) -> int:
+    """One pipeline stage of the prefill kernels: a step's values, activations and metadata words."""
+    return rows * 64 + TILE_PAIRS * 128 + rows * 8
+
+
 def tile_smem_bytes(rows: int, stages: int = TILE_STAGES) -> int:
-    """Shared memory of the prefill kernel: ``stages`` of values, activations and metadata words."""
-    return stages * (rows * 64 + TILE_PAIRS * 128 + rows * 8)
+    """Shared memory of the ``mma.sp`` prefill kernel: ``stages`` stages."""
+    return stages * _stage_bytes(rows)
 
 
 def wgmma_smem_bytes(rows: int, stages: int, consumers: int = 0) -> int:
     """Shared memory of the ``wgmma`` prefill kernels: stages padded to 1 KiB, 1 KiB to align them,
     and for the warp-specialized one (``consumers`` > 0) two mbarriers per stage and the pairs' rows."""
     extra = 16 * stages + 4 * TILE_PAIRS if consumers else 0
-    return stages * (-(-(rows * 64 + TILE_PAIRS * 128 + rows * 8) // 1024) * 1024) + 1024 + extra
+    return stages * (-(-_stage_bytes(rows) // 1024) * 1024) + 1024 + extra
 
 
 @contextlib.contextmanager
@@ -174,9 +179,10 @@ def _compile(device_index: int, name: str, hopper: bool = False):
 
 @functools.cache
 def _cu_launch_kernel():
-    """``cuLaunchKernel`` from the driver library, looked up once (``torch.cuda._compile_kernel``'s
-    own launcher opens the library on every call: 0.5 ms of CPU per launch on an H100 host, more than
-    a Qwen3-sized prefill product takes on the GPU; benchmarks/launch_overhead.py)."""
+    """``cuLaunchKernel`` from the driver library, looked up once. ``torch.cuda._compile_kernel``'s
+    own launcher opens the library (``ctypes.CDLL``) on every call: 48 against 29 us of CPU per call
+    alone, and a compiled Qwen3-sized MoE block at 2048 tokens (two calls) spent 1420 against 1004
+    us of CPU per call, more than its 0.9 ms on the GPU (``benchmarks/launch_overhead.py``)."""
     fn = torch.cuda._utils._get_gpu_runtime_library().cuLaunchKernel
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [ctypes.c_void_p] * 3
