@@ -27,16 +27,30 @@ __device__ __forceinline__ u32 smem_1k_aligned(U4* smem_u4, const unsigned char*
   return smem;
 }
 
-// The CTA's (block of pairs, tile of weight rows). Launched as a grid of n_blocks x row tiles, run
-// GROUP consecutive blocks at a time over every row tile (GROUP = n_blocks: grid order), so that
-// their activation rows can stay in L2 while the weights stream past.
-__device__ __forceinline__ void tile_of_cta(int group, int& blk, int& tile) {
+// A stage of the wgmma kernels: the activation tile first (1024-byte aligned: stages are padded to
+// 1 KiB), then the values, then the metadata words of TILE_ROWS weight rows.
+template <int TILE_ROWS>
+struct WgmmaStage {
+  static constexpr int B_BYTES = WG_PAIRS * 128, A_BYTES = TILE_ROWS * 64, E_BYTES = TILE_ROWS * 8;
+  static constexpr int BYTES = (B_BYTES + A_BYTES + E_BYTES + 1023) / 1024 * 1024;
+};
+
+// The CTA's block of pairs (its pair ids), expert (-1: an unused block) and first weight row.
+// Launched as a grid of n_blocks x row tiles, the CTAs run GROUP consecutive blocks at a time over
+// every row tile (GROUP = n_blocks: grid order), so that their activation rows can stay in L2
+// while the weights stream past.
+struct CtaTile {
+  int expert, row_base;
+  const int* ids;
+};
+
+__device__ __forceinline__ CtaTile cta_tile(int group, const int* block_expert, const int* sorted_ids, int tile_rows) {
   const int nb = gridDim.x, linear = blockIdx.y * nb + blockIdx.x;
   const int per_group = group * gridDim.y;
   const int first = (linear / per_group) * group, size = nb - first < group ? nb - first : group;
   const int r = linear % per_group;
-  blk = first + r % size;
-  tile = r / size;
+  const int blk = first + r % size, tile = r / size;
+  return CtaTile{block_expert[blk], tile * tile_rows, sorted_ids + blk * WG_PAIRS};
 }
 
 __device__ __forceinline__ u64 sw128_desc(u32 addr) {
@@ -99,17 +113,15 @@ __global__ void __launch_bounds__(128 * WG, CTAS) sparse24_wgmma_tile(
     unsigned short* __restrict__ out,           // [n_pairs, N] bf16
     int N, int K, int n_pairs, int rows_per_a, int group) {
   constexpr int THREADS = 128 * WG, TILE_ROWS = 64 * WG;
-  constexpr int B_BYTES = WG_PAIRS * 128, A_BYTES = TILE_ROWS * 64, E_BYTES = TILE_ROWS * 8;
-  constexpr int STAGE_BYTES = (B_BYTES + A_BYTES + E_BYTES + 1023) / 1024 * 1024;  // activation tiles 1024-aligned
+  using Stage = WgmmaStage<TILE_ROWS>;
+  constexpr int B_BYTES = Stage::B_BYTES, A_BYTES = Stage::A_BYTES, STAGE_BYTES = Stage::BYTES;
   extern __shared__ U4 smem_u4[];
-  int blk, tile;
-  tile_of_cta(group, blk, tile);
-  const int e = block_expert[blk];
-  if (e < 0) return;
-  const int row_base = tile * TILE_ROWS;
+  const CtaTile cta = cta_tile(group, block_expert, sorted_ids, TILE_ROWS);
+  if (cta.expert < 0) return;
+  const int e = cta.expert, row_base = cta.row_base;
+  const int* ids = cta.ids;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int steps = K >> 6;
-  const int* ids = sorted_ids + blk * WG_PAIRS;
   const unsigned char* smem_bytes;
   const u32 smem = smem_1k_aligned(smem_u4, smem_bytes);
 
@@ -199,18 +211,16 @@ __global__ void __launch_bounds__(128 * CW + 32 * PW, 1) sparse24_wgmma_ws(
     int N, int K, int n_pairs, int rows_per_a, int group) {
   // CW consumer warpgroups of MW x 64 rows each, PW producer warps
   constexpr int TILE_ROWS = 64 * CW * MW, PT = 32 * PW;
-  constexpr int B_BYTES = WG_PAIRS * 128, A_BYTES = TILE_ROWS * 64, E_BYTES = TILE_ROWS * 8;
-  constexpr int STAGE_BYTES = (B_BYTES + A_BYTES + E_BYTES + 1023) / 1024 * 1024;
+  using Stage = WgmmaStage<TILE_ROWS>;
+  constexpr int B_BYTES = Stage::B_BYTES, A_BYTES = Stage::A_BYTES, STAGE_BYTES = Stage::BYTES;
   static_assert((TILE_ROWS * 4) % PT == 0 && (WG_PAIRS * 8) % PT == 0, "producer threads must divide the copies");
   extern __shared__ U4 smem_u4[];
-  int blk, tile;
-  tile_of_cta(group, blk, tile);
-  const int e = block_expert[blk];
-  if (e < 0) return;
-  const int row_base = tile * TILE_ROWS;
+  const CtaTile cta = cta_tile(group, block_expert, sorted_ids, TILE_ROWS);
+  if (cta.expert < 0) return;
+  const int e = cta.expert, row_base = cta.row_base;
+  const int* ids = cta.ids;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int steps = K >> 6;
-  const int* ids = sorted_ids + blk * WG_PAIRS;
   const unsigned char* smem_bytes;
   const u32 smem = smem_1k_aligned(smem_u4, smem_bytes);
   const u32 full = smem + STAGES * STAGE_BYTES, empty = full + 8 * STAGES;
