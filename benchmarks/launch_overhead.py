@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     print("| call | CPU us per call |\n|---|---:|")
     ops = {
         "torch._grouped_mm (dense)": lambda: torch._grouped_mm(rows, dense.transpose(1, 2), offs=offs),
-        "stun::sparse24_mma_tile (custom op)": lambda: cuda_mma.sparse24_mma_tile(x, values, meta, ids, blocks, top_k),
+        "stun::sparse24_mma_tile (torch op)": lambda: cuda_mma.sparse24_mma_tile(x, values, meta, ids, blocks, top_k),
         "cuda_mma.wgmma_grouped_mm (no op wrapper)": lambda: cuda_mma.wgmma_grouped_mm(x, values, meta, ids, blocks, top_k, 256, 4, 1, 2),
         "cuda_mma.tile_grouped_mm (no op wrapper)": lambda: cuda_mma.tile_grouped_mm(x, values, meta, ids, blocks, top_k),
     }

@@ -175,13 +175,16 @@ def test_kernel_matches_reference_on_gpu(shape, tokens, dtype):
 
 @cuda
 @pytest.mark.parametrize("num_experts,top_k", [(8, 2), (128, 8), (6, 2), (3, 1)])
-@pytest.mark.parametrize("tokens", [1, 5, 32])
-@pytest.mark.parametrize("block_m", [16, 64])
-def test_one_program_align_equals_the_torch_ops_on_gpu(num_experts, top_k, tokens, block_m):
+@pytest.mark.parametrize("tokens", [1, 5, 32, 300, 2048])
+@pytest.mark.parametrize("block_m", [16, 64, 128])
+@pytest.mark.parametrize("routed", ["all", "some"])
+def test_align_kernels_equal_the_torch_ops_on_gpu(num_experts, top_k, tokens, block_m, routed):
+    """The one-program kernel (up to 256 pairs) and the one-program-per-expert kernel (prefill)."""
     from stun_lightning.sparse.experts import align
 
     torch.manual_seed(tokens)
-    index = torch.stack([torch.randperm(num_experts, device="cuda")[:top_k] for _ in range(tokens)])
+    pool = num_experts if routed == "all" else max(top_k, num_experts // 2)  # "some": the last experts see no token
+    index = torch.stack([torch.randperm(pool, device="cuda")[:top_k] for _ in range(tokens)])
     index[0, :] = index[-1, :]  # two tokens with the same experts: the rank within an expert must be stable
     ids, block_expert = align(index, num_experts, block_m)
     want_ids, want_blocks = align_pairs(index, num_experts, block_m)

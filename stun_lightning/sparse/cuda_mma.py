@@ -23,8 +23,8 @@ tokens as the dense one:
 They serve bf16 weights whose dimensions fit (:func:`fits`, :func:`fits_tile`). Each is compiled
 once per device with ``torch.cuda._compile_kernel`` (NVRTC, shipped with torch's CUDA wheels;
 nothing to build at install) and launched on the current stream through ``cuLaunchKernel``
-(:func:`_launch_kernel`), so CUDA graphs capture them; as ``torch.library.custom_op`` s
-torch.compile keeps each as one opaque call (no graph break). AOTInductor packages cannot hold a
+(:func:`_launch_kernel`), so CUDA graphs capture them; as torch ops (:func:`_cuda_op`) with fake
+kernels torch.compile keeps each as one opaque call (no graph break). AOTInductor packages cannot hold a
 Python-launched kernel, so :func:`disabled` turns them off while exporting and the Triton kernels
 serve instead; ``STUN_SPARSE_MMA=0`` turns them all off, ``STUN_SPARSE_WGMMA=0`` only the Hopper one.
 """
@@ -120,15 +120,20 @@ def kernel_ready(device_index: int, kernel: str) -> bool:
     if kernel == "wgmma":
         return hopper_ready(device_index)
     compiled = _kernel if kernel == "decode" else _tile_kernel
-    return torch.cuda.get_device_capability(device_index) >= (8, 0) and compiled(device_index) is not None
+    return _capability(device_index) >= (8, 0) and compiled(device_index) is not None
 
 
 def hopper_ready(device_index: int) -> bool:
     """The GPU is a Hopper (compute capability 9.0) and the ``wgmma`` prefill kernel compiled for it."""
-    if not (_enabled_wgmma and torch.cuda.get_device_capability(device_index) == (9, 0)):
+    if not (_enabled_wgmma and _capability(device_index) == (9, 0)):
         return False
     launch = WGMMA_LAUNCHES[256]  # the default launch, the one prefill compiles first
     return _wgmma_kernel(device_index, launch["rows"], launch["stages"], 1, launch["consumers"]) is not None
+
+
+@functools.cache
+def _capability(device_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
 
 
 @functools.cache
@@ -167,7 +172,7 @@ def _compile(device_index: int, name: str, hopper: bool = False):
     """``name`` from ``cuda_mma.cu`` (with ``cuda_wgmma.cu`` appended and for sm_90a when ``hopper``)."""
     files = ("cuda_mma.cu", "cuda_wgmma.cu") if hopper else ("cuda_mma.cu",)
     source = "\n".join(Path(__file__).with_name(f).read_text() for f in files)
-    major, minor = torch.cuda.get_device_capability(device_index)
+    major, minor = _capability(device_index)
     arch = "90a" if hopper else f"{major}{minor}"
     try:
         with torch.cuda.device(device_index):
@@ -193,7 +198,7 @@ def _launch_kernel(kernel, grid, block, shared_mem: int, args) -> None:
     """Launch a compiled kernel on the current stream; ``args``: tensors (their data pointers) and ints."""
     held = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else ctypes.c_int(a) for a in args]
     params = (ctypes.c_void_p * len(held))(*[ctypes.addressof(h) for h in held])
-    stream = torch.cuda.current_stream().cuda_stream
+    stream = torch._C._cuda_getCurrentRawStream(torch.cuda.current_device())  # as inductor's launchers get it
     err = _cu_launch_kernel()(kernel.func, *grid, *block, shared_mem, stream, params, None)
     if err:
         raise RuntimeError(f"cuLaunchKernel failed with CUDA error {err}")
@@ -230,7 +235,22 @@ def permute_activations(a: torch.Tensor) -> torch.Tensor:
     return bits.permute(0, 1, 4, 3, 6, 5, 2, 7).reshape(m, k)
 
 
-@torch.library.custom_op("stun::sparse24_mma", mutates_args=(), device_types="cuda")
+_LIBRARY = torch.library.Library("stun", "FRAGMENT")
+
+
+def _cuda_op(fn):
+    """``fn`` as the CUDA kernel of a new op ``torch.ops.stun.<name>`` (schema from its annotations),
+    returned as that op. The dispatcher calls it straight: ``torch.library.custom_op``'s autograd
+    and aliasing wrappers cost 53 against 32 us of CPU per call on the H100 host
+    (``benchmarks/launch_overhead.py``), paid twice per MoE layer where prefill waits on the CPU. No
+    autograd formula: these ops serve inference."""
+    name = fn.__name__
+    _LIBRARY.define(name + torch.library.infer_schema(fn, mutates_args=()))
+    _LIBRARY.impl(name, fn, "CUDA")
+    return getattr(torch.ops.stun, name).default
+
+
+@_cuda_op
 def sparse24_mma(act: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, sorted_ids: torch.Tensor, block_expert: torch.Tensor, rows_per_a: int, splits: int) -> torch.Tensor:
     """Products of :func:`grouped_mm`: ``[n_pairs, N]`` bf16 for one split, else ``[splits, n_pairs,
     N]`` float32 partial sums. ``act`` = :func:`permute_activations` of the activations."""
@@ -298,7 +318,7 @@ def fits_tile(a: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, block_m
     return hopper or kernel_ready(device_index, "tile")
 
 
-@torch.library.custom_op("stun::sparse24_mma_tile", mutates_args=(), device_types="cuda")
+@_cuda_op
 def sparse24_mma_tile(a: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, sorted_ids: torch.Tensor, block_expert: torch.Tensor, rows_per_a: int) -> torch.Tensor:
     """:func:`grouped_mm` for prefill: blocks of 128 pairs (``align_pairs(..., 128)``), one tile of
     weight rows x 128 pairs per CTA, operands staged in shared memory: :func:`wgmma_grouped_mm` on
@@ -353,12 +373,12 @@ def wgmma_grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a: int,
 
 
 
-@sparse24_mma_tile.register_fake
+@torch.library.register_fake("stun::sparse24_mma_tile")
 def _(a, values, meta, sorted_ids, block_expert, rows_per_a):
     return a.new_empty(a.shape[0] * rows_per_a, values.shape[1])
 
 
-@sparse24_mma.register_fake
+@torch.library.register_fake("stun::sparse24_mma")
 def _(act, values, meta, sorted_ids, block_expert, rows_per_a, splits):
     n_pairs, n = act.shape[0] * rows_per_a, values.shape[1]
     return act.new_empty(n_pairs, n) if splits == 1 else act.new_empty(splits, n_pairs, n, dtype=torch.float32)

@@ -7,7 +7,7 @@ Registered in transformers' ``ExpertsInterface`` on import, so any model whose e
 * grouped (CUDA, and whenever torch.compile / torch.export traces): the (token, expert) pairs are
   sorted by expert and padded to blocks of ``block_m`` rows with static shapes (as vLLM's
   ``moe_align_block_size``, so CUDA graphs and compile see no data-dependent shape; one Triton
-  launch at decode sizes, :mod:`.triton_align`, torch ops otherwise), then
+  launch on CUDA, :mod:`.triton_align`, torch ops otherwise), then
   gate_up and down run for the routed experts only, reading compressed values + metadata
   (:func:`grouped_mm`): on the sparse tensor cores (:mod:`.cuda_mma`, custom ops that compile keeps
   whole) ``stun::sparse24_mma`` while experts see 2-16 tokens (or from 32 pairs per call) and
@@ -81,20 +81,16 @@ def align_pairs(top_k_index: torch.Tensor, num_experts: int, block_m: int) -> tu
 
 
 def _align_pairs_fused(top_k_index: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`align_pairs` in one Triton launch (:mod:`.triton_align`; CUDA, decode-sized calls)."""
+    """:func:`align_pairs` in one Triton launch (:mod:`.triton_align`; CUDA)."""
     from .triton_align import launch_align
 
     return launch_align(top_k_index.reshape(-1), num_experts, block_m, wrap=True)
 
 
 def align(top_k_index: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`align_pairs`, by the one-program kernel where it applies (CUDA, at most
-    ``triton_align.MAX_PAIRS`` pairs), else by torch ops."""
-    if top_k_index.is_cuda:
-        from . import triton_align
-
-        if triton_align.fits(top_k_index.numel()):
-            return align_pairs_fused(top_k_index, num_experts, block_m)
+    """:func:`align_pairs`: in one Triton launch on CUDA (:mod:`.triton_align`), else by torch ops."""
+    if top_k_index.is_cuda and top_k_index.numel() > 0:
+        return align_pairs_fused(top_k_index, num_experts, block_m)
     return align_pairs(top_k_index, num_experts, block_m)
 
 

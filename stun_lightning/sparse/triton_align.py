@@ -1,11 +1,19 @@
-"""One Triton program that groups a decode step's (token, expert) pairs by expert.
+"""Triton kernels that group (token, expert) pairs by expert: :func:`.experts.align_pairs` in one launch.
 
-:func:`.experts.align_pairs` in torch ops is a sort, a scatter-add, a cumsum, a searchsorted and a
-few elementwise kernels: at decode, where the expert products take tens of microseconds, those
-launches are a large share of an MoE layer. For up to :data:`MAX_PAIRS` pairs this kernel computes
-the same two tensors in one launch: per-expert counts by a histogram and the stable rank of each
-pair among its expert's pairs from pairwise comparisons in registers, padded offsets by a
-cumulative sum, then the sentinel fill and the scatter of pair ids (separated by a block barrier).
+In torch ops that is a sort, a scatter-add, cumsums, a searchsorted and a few elementwise kernels:
+at decode, where the expert products take tens of microseconds, those launches are a large share of
+an MoE layer, and at prefill the sort alone is about 13 launches (cub's radix sort and its memsets)
+whose CPU cost left a compiled Qwen3-shaped layer waiting on the CPU
+(``benchmarks/launch_overhead.py``). Both kernels return the same two tensors as the torch ops,
+bit for bit:
+
+* :func:`align_kernel`, one program, up to :data:`MAX_PAIRS` pairs (decode): per-expert counts by a
+  histogram and the stable rank of each pair among its expert's pairs from pairwise comparisons in
+  registers, padded offsets by a cumulative sum, then the sentinel fill and the scatter of pair ids
+  (separated by a block barrier).
+* :func:`align_by_expert_kernel`, one program per expert (prefill): each counts every expert's pairs
+  (for its start), then writes its own pairs in order by a running cumulative sum, its padding
+  slots and its blocks' expert; no atomics, no barrier.
 """
 
 from __future__ import annotations
@@ -17,6 +25,8 @@ import triton.language as tl
 #: largest number of pairs (tokens x top_k) aligned by the one-program kernel (a decode batch of 32
 #: tokens at top-8); larger calls use the torch ops
 MAX_PAIRS = 256
+#: pairs per pass of the one-program-per-expert kernel
+PREFILL_CHUNK = 2048
 
 
 @triton.jit
@@ -56,19 +66,68 @@ def align_kernel(flat_ptr, ids_ptr, be_ptr, n_pairs, num_experts, n_blocks,
         tl.store(be_ptr + b, tl.where(expert < num_experts, expert, -1), mask=b < n_blocks)
 
 
+@triton.jit
+def align_by_expert_kernel(flat_ptr, ids_ptr, be_ptr, n_pairs, num_experts, n_blocks,
+                           BLOCK_M: tl.constexpr, E: tl.constexpr, CHUNK: tl.constexpr):
+    """Program ``e`` (one per expert): two passes over the pairs, ``CHUNK`` at a time: the counts of
+    every expert (a histogram; ``E`` a power of two covering the experts) give its first slot,
+    then its pairs go there in pair order (rank = running cumulative sum of the matches). It also
+    fills its padding slots with the sentinel and gives its blocks their expert; the slots and
+    blocks past the last expert's (the static tail) are shared out over the programs."""
+    e = tl.program_id(0)
+    offs = tl.arange(0, CHUNK)
+    counts = tl.zeros((E,), tl.int32)
+    for c0 in range(0, n_pairs, CHUNK):
+        s = c0 + offs
+        counts += tl.histogram(tl.load(flat_ptr + s, mask=s < n_pairs, other=0).to(tl.int32), E, mask=s < n_pairs)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    experts = tl.arange(0, E)
+    start = tl.sum(tl.where(experts < e, padded, 0), axis=0)
+    count = tl.sum(tl.where(experts == e, counts, 0), axis=0)
+    end = start + tl.sum(tl.where(experts == e, padded, 0), axis=0)
+    if count > 0:
+        seen = start
+        for c0 in range(0, n_pairs, CHUNK):
+            s = c0 + offs
+            mine = tl.load(flat_ptr + s, mask=s < n_pairs, other=-1).to(tl.int32) == e
+            rank = tl.cumsum(mine.to(tl.int32), axis=0)
+            tl.store(ids_ptr + seen + rank - 1, s, mask=mine)
+            seen += tl.sum(mine.to(tl.int32), axis=0)
+        pad = start + count + tl.arange(0, BLOCK_M)
+        tl.store(ids_ptr + pad, tl.full((BLOCK_M,), 0, tl.int32) + n_pairs, mask=pad < end)
+        for b0 in range(start // BLOCK_M, end // BLOCK_M, CHUNK):
+            b = b0 + offs
+            tl.store(be_ptr + b, tl.full((CHUNK,), 0, tl.int32) + e, mask=b < end // BLOCK_M)
+    total = tl.sum(padded, axis=0)
+    stride = num_experts * CHUNK
+    for f0 in range(total + e * CHUNK, n_blocks * BLOCK_M, stride):
+        f = f0 + offs
+        tl.store(ids_ptr + f, tl.full((CHUNK,), 0, tl.int32) + n_pairs, mask=f < n_blocks * BLOCK_M)
+    for b0 in range(total // BLOCK_M + e * CHUNK, n_blocks, stride):
+        b = b0 + offs
+        tl.store(be_ptr + b, tl.full((CHUNK,), -1, tl.int32), mask=b < n_blocks)
+
+
 def fits(n_pairs: int) -> bool:
+    """Whether the one-program (decode) kernel takes ``n_pairs`` pairs."""
     return 0 < n_pairs <= MAX_PAIRS
 
 
 def launch_align(flat: torch.Tensor, num_experts: int, block_m: int, *, wrap: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``(sorted_ids, block_expert)`` as :func:`.experts.align_pairs` returns them, for a flat
-    ``[n_pairs]`` expert index on a CUDA device."""
+    ``[n_pairs]`` expert index on a CUDA device: the one-program kernel up to :data:`MAX_PAIRS`
+    pairs, else one program per expert."""
     n_pairs = flat.numel()
-    if not fits(n_pairs):
-        raise ValueError(f"the one-program align kernel takes 1..{MAX_PAIRS} pairs, got {n_pairs}")
+    if n_pairs == 0:
+        raise ValueError("no (token, expert) pairs to align")
     n_blocks = -(-n_pairs // block_m) + min(num_experts, n_pairs)
     sorted_ids = torch.empty(n_blocks * block_m, dtype=torch.int32, device=flat.device)
     block_expert = torch.empty(n_blocks, dtype=torch.int32, device=flat.device)
+    if not fits(n_pairs):
+        kernel = torch.library.wrap_triton(align_by_expert_kernel) if wrap else align_by_expert_kernel
+        kernel[(num_experts,)](flat.contiguous(), sorted_ids, block_expert, n_pairs, num_experts, n_blocks, BLOCK_M=block_m,
+                               E=triton.next_power_of_2(num_experts), CHUNK=PREFILL_CHUNK, num_warps=8)
+        return sorted_ids, block_expert
     kernel = torch.library.wrap_triton(align_kernel) if wrap else align_kernel
     chunk = min(32, triton.next_power_of_2(n_pairs))
     kernel[(1,)](flat.contiguous(), sorted_ids, block_expert, n_pairs, num_experts, n_blocks, BLOCK_M=block_m,
