@@ -80,8 +80,6 @@ def main(argv=None) -> int:
     WGMMA_LAUNCHES = [dict(rows=r, stages=st, ctas=c, consumers=0, group=gr) for r, st, c, gr in ((128, 3, 2, 0), (256, 5, 1, 0))]
     # ... and its warp-specialized form (2 consumer warpgroups)
     WGMMA_LAUNCHES += [dict(rows=r, stages=st, consumers=2, group=gr) for r, st, gr in ((256, 4, 0), (256, 4, 4), (256, 3, 0), (256, 5, 0))]
-    # ... and that in clusters of two blocks of pairs sharing the weight tiles
-    WGMMA_LAUNCHES += [dict(rows=256, stages=st, consumers=2, multicast=True) for st in (4, 5, 6)]
     bw, flops = measured_rates("cuda")
     lines = [f"{torch.cuda.get_device_name()}, torch {torch.__version__}; copy {bw / 1e12:.2f} TB/s, bf16 matmul {flops / 1e12:.0f} TFLOP/s", "",
              "| shape | matrix | T | experts | kernel | config | us | 2:4 floor | of floor | dense grouped_mm | x dense | err |",

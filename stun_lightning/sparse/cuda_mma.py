@@ -23,7 +23,7 @@ tokens as the dense one:
 They serve bf16 weights whose dimensions fit (:func:`fits`, :func:`fits_tile`). Each is compiled
 once per device with ``torch.cuda._compile_kernel`` (NVRTC, shipped with torch's CUDA wheels;
 nothing to build at install) and launched on the current stream through ``cuLaunchKernel``
-(:mod:`.cuda_driver`), so CUDA graphs capture them; as torch ops (:func:`_cuda_op`) with fake
+(:func:`.cuda_driver.launch_kernel`), so CUDA graphs capture them; as torch ops (:func:`_cuda_op`) with fake
 kernels torch.compile keeps each as one opaque call (no graph break). AOTInductor packages cannot hold a
 Python-launched kernel, so :func:`disabled` turns them off while exporting and the Triton kernels
 serve instead; ``STUN_SPARSE_MMA=0`` turns them all off, ``STUN_SPARSE_WGMMA=0`` only the Hopper one.
@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from .cuda_driver import launch_kernel, tensor_map_2d
+from .cuda_driver import launch_kernel
 
 #: output rows per warp, warps per CTA, steps of 64 inputs loaded ahead per iteration
 ROWS_PER_WARP, WARPS, UNROLL = 16, 4, 4
@@ -129,7 +129,7 @@ def hopper_ready(device_index: int) -> bool:
     if not (_enabled_wgmma and _capability(device_index) == (9, 0)):
         return False
     launch = WGMMA_LAUNCHES[256]  # the default launch, the one prefill compiles first
-    return _wgmma_kernel(device_index, launch["rows"], launch["stages"], 1, launch["consumers"], launch.get("multicast", False)) is not None
+    return _wgmma_kernel(device_index, launch["rows"], launch["stages"], 1, launch["consumers"]) is not None
 
 
 @functools.cache
@@ -154,14 +154,11 @@ def _tile_kernel(device_index: int, rows: int = TILE_ROWS, stages: int = TILE_ST
 
 
 @functools.cache
-def _wgmma_kernel(device_index: int, rows: int, stages: int, ctas: int, consumers: int, multicast: bool = False):
+def _wgmma_kernel(device_index: int, rows: int, stages: int, ctas: int, consumers: int):
     """A Hopper prefill kernel (``cuda_wgmma.cu``) compiled for one device, or None: the
-    warp-specialized one with ``consumers`` warpgroups (and one producer warpgroup; with
-    ``multicast`` its two-CTA cluster form, ``cuda_wgmma_mc.cu``), else the single-role one with
-    ``ctas`` CTAs per multiprocessor."""
-    if multicast:
-        name = f"sparse24_wgmma_mc<{stages}>"
-    elif consumers:
+    warp-specialized one with ``consumers`` warpgroups (and one producer warpgroup), else the
+    single-role one with ``ctas`` CTAs per multiprocessor."""
+    if consumers:
         name = f"sparse24_wgmma_ws<{consumers}, {rows // (64 * consumers)}, {stages}, 4>"
     else:
         name = f"sparse24_wgmma_tile<{rows // 64}, {stages}, {ctas}>"
@@ -174,7 +171,7 @@ def _wgmma_kernel(device_index: int, rows: int, stages: int, ctas: int, consumer
 
 def _compile(device_index: int, name: str, hopper: bool = False):
     """``name`` from ``cuda_mma.cu`` (with ``cuda_wgmma.cu`` appended and for sm_90a when ``hopper``)."""
-    files = ("cuda_mma.cu", "cuda_wgmma.cu", "cuda_wgmma_mc.cu") if hopper else ("cuda_mma.cu",)
+    files = ("cuda_mma.cu", "cuda_wgmma.cu") if hopper else ("cuda_mma.cu",)
     source = "\n".join(Path(__file__).with_name(f).read_text() for f in files)
     major, minor = _capability(device_index)
     arch = "90a" if hopper else f"{major}{minor}"
@@ -306,8 +303,8 @@ def sparse24_mma_tile(a: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
     weight rows x 128 pairs per CTA, operands staged in shared memory: :func:`wgmma_grouped_mm` on
     a Hopper GPU, else :func:`tile_grouped_mm` (:func:`tile_rows_for`)."""
     if hopper_ready(_device_index(a.device)):
-        launch = WGMMA_LAUNCHES[256] if values.shape[1] % 256 == 0 else WGMMA_LAUNCHES[128]
-        return wgmma_grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a, **launch, group=WGMMA_GROUP)
+        rows = 256 if values.shape[1] % 256 == 0 else 128
+        return wgmma_grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a, **WGMMA_LAUNCHES[rows], group=WGMMA_GROUP)
     return tile_grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a, tile_rows_for(values.shape[1]))
 
 
@@ -333,35 +330,26 @@ def tile_grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a: int, 
 
 
 def wgmma_grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a: int, rows: int = 256, stages: int = 4, ctas: int = 1,
-                     consumers: int = 2, group: int = 0, multicast: bool = False) -> torch.Tensor:
+                     consumers: int = 2, group: int = 0) -> torch.Tensor:
     """:func:`sparse24_mma_tile` on a Hopper GPU: the same blocks of 128 pairs through the sparse
     ``wgmma`` (``cuda_wgmma.cu``), ``rows`` (64, 128 or 256) weight rows per CTA; warp-specialized
     with ``consumers`` = 2 multiplying warpgroups, else every warp copies and multiplies. The CTAs
-    run ``group`` blocks of pairs at a time over every row tile (0: all blocks, grid order). With
-    ``multicast`` (warp-specialized, 256 rows, grid order) CTAs run in clusters of two blocks of
-    pairs that load the weight tile once for both where the blocks share an expert
-    (``cuda_wgmma_mc.cu``)."""
+    run ``group`` blocks of pairs at a time over every row tile (0: all blocks, grid order)."""
     if consumers not in (0, 2):
         raise ValueError(f"the warp-specialized kernel runs 2 consumer warpgroups, got {consumers}")
-    if multicast and (consumers, rows, group) != (2, 256, 0):
-        raise ValueError(f"the multicast kernel takes 2 consumers, 256-row tiles and grid order; got consumers={consumers}, rows={rows}, group={group}")
     num_experts, n, half_k = values.shape
-    n_pairs, n_blocks = a.shape[0] * rows_per_a, block_expert.numel()
+    n_pairs = a.shape[0] * rows_per_a
     out = torch.empty(n_pairs, n, dtype=a.dtype, device=a.device)
-    kernel = _wgmma_kernel(a.device.index, rows, stages, ctas, consumers, multicast)
+    kernel = _wgmma_kernel(a.device.index, rows, stages, ctas, consumers)
     if kernel is None or n % rows:
         raise RuntimeError(f"the Hopper sparse prefill kernel cannot run here ({n} output rows, tiles of {rows}; or it did not compile: "
                            "see the warning above); run with STUN_SPARSE_WGMMA=0")
     threads = 128 * consumers + 128 if consumers else 2 * rows
-    values, meta, a = _aligned(values), _aligned(meta), _aligned(a)
-    if multicast:  # the grid's x rounded up to even: whole clusters
-        grid = (n_blocks + n_blocks % 2, n // rows, 1)
-        operands = [tensor_map_2d(values.view(-1, half_k), 32, 128, 64), meta, a, sorted_ids, block_expert, out, n, 2 * half_k, n_pairs, rows_per_a, n_blocks]
-    else:
-        grid = (n_blocks, n // rows, 1)
-        operands = [values, meta, a, sorted_ids, block_expert, out, n, 2 * half_k, n_pairs, rows_per_a, group if group > 0 else n_blocks]
-    launch_kernel(kernel, grid, (threads, 1, 1), wgmma_smem_bytes(rows, stages, consumers), operands)
+    launch_kernel(kernel, (block_expert.numel(), n // rows, 1), (threads, 1, 1), wgmma_smem_bytes(rows, stages, consumers),
+                   [_aligned(values), _aligned(meta), _aligned(a), sorted_ids, block_expert, out, n, 2 * half_k, n_pairs, rows_per_a,
+                    group if group > 0 else block_expert.numel()])
     return out
+
 
 
 @torch.library.register_fake("stun::sparse24_mma_tile")
