@@ -91,11 +91,6 @@ def test_sparsified_model_matches_the_dense_pruned_model(family):
     torch.testing.assert_close(logits(sparse, ids), dense)
     sizes = sparse_nbytes(sparse)
     assert sizes["expert_bytes"] < 0.57 * sizes["expert_bytes_dense"]
-    # the fused SwiGLU epilogue (Hopper prefill) serves the experts that gate as transformers' default:
-    # silu(gate) * up, no biases; GPT-OSS clamps, interleaves and biases its gate
-    from stun_lightning.sparse.experts import default_swiglu
-
-    assert all(default_swiglu(experts) == (family != "gpt_oss") for _, experts, _ in expert_modules(sparse))
 
 
 @pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])

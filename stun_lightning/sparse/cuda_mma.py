@@ -154,12 +154,12 @@ def _tile_kernel(device_index: int, rows: int = TILE_ROWS, stages: int = TILE_ST
 
 
 @functools.cache
-def _wgmma_kernel(device_index: int, rows: int, stages: int, ctas: int, consumers: int, gated: bool = False):
+def _wgmma_kernel(device_index: int, rows: int, stages: int, ctas: int, consumers: int):
     """A Hopper prefill kernel (``cuda_wgmma.cu``) compiled for one device, or None: the
-    warp-specialized one with ``consumers`` warpgroups (and one producer warpgroup; ``gated``: with
-    SwiGLU in its epilogue), else the single-role one with ``ctas`` CTAs per multiprocessor."""
+    warp-specialized one with ``consumers`` warpgroups (and one producer warpgroup), else the
+    single-role one with ``ctas`` CTAs per multiprocessor."""
     if consumers:
-        name = f"sparse24_wgmma_ws<{consumers}, {rows // (64 * consumers)}, {stages}, 4, {str(gated).lower()}>"
+        name = f"sparse24_wgmma_ws<{consumers}, {rows // (64 * consumers)}, {stages}, 4>"
     else:
         name = f"sparse24_wgmma_tile<{rows // 64}, {stages}, {ctas}>"
     kernel = _compile(device_index, name, hopper=True)
@@ -330,46 +330,26 @@ def tile_grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a: int, 
 
 
 def wgmma_grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a: int, rows: int = 256, stages: int = 4, ctas: int = 1,
-                     consumers: int = 2, group: int = 0, gated: bool = False) -> torch.Tensor:
+                     consumers: int = 2, group: int = 0) -> torch.Tensor:
     """:func:`sparse24_mma_tile` on a Hopper GPU: the same blocks of 128 pairs through the sparse
     ``wgmma`` (``cuda_wgmma.cu``), ``rows`` (64, 128 or 256) weight rows per CTA; warp-specialized
     with ``consumers`` = 2 multiplying warpgroups, else every warp copies and multiplies. The CTAs
-    run ``group`` blocks of pairs at a time over every row tile (0: all blocks, grid order).
-    ``gated`` (warp-specialized, 256 rows): ``values`` are a fused gate_up matrix (gate rows, then
-    up rows) and the result is ``silu(gate) * up``, ``[pairs, N / 2]``, N / 2 divisible by 128."""
+    run ``group`` blocks of pairs at a time over every row tile (0: all blocks, grid order)."""
     if consumers not in (0, 2):
         raise ValueError(f"the warp-specialized kernel runs 2 consumer warpgroups, got {consumers}")
     num_experts, n, half_k = values.shape
-    if gated and (consumers != 2 or rows != 256 or n % 256):
-        raise ValueError(f"the gated kernel takes 2 consumers, 256 rows and gate_up rows divisible by 256; got {consumers}, {rows}, {n}")
-    n_pairs, n_out = a.shape[0] * rows_per_a, n // 2 if gated else n
-    out = torch.empty(n_pairs, n_out, dtype=a.dtype, device=a.device)
-    kernel = _wgmma_kernel(a.device.index, rows, stages, ctas, consumers, gated)
+    n_pairs = a.shape[0] * rows_per_a
+    out = torch.empty(n_pairs, n, dtype=a.dtype, device=a.device)
+    kernel = _wgmma_kernel(a.device.index, rows, stages, ctas, consumers)
     if kernel is None or n % rows:
         raise RuntimeError(f"the Hopper sparse prefill kernel cannot run here ({n} output rows, tiles of {rows}; or it did not compile: "
                            "see the warning above); run with STUN_SPARSE_WGMMA=0")
     threads = 128 * consumers + 128 if consumers else 2 * rows
     launch_kernel(kernel, (block_expert.numel(), n // rows, 1), (threads, 1, 1), wgmma_smem_bytes(rows, stages, consumers),
-                  [_aligned(values), _aligned(meta), _aligned(a), sorted_ids, block_expert, out, n, 2 * half_k, n_pairs, rows_per_a,
-                   group if group > 0 else block_expert.numel()])
+                   [_aligned(values), _aligned(meta), _aligned(a), sorted_ids, block_expert, out, n, 2 * half_k, n_pairs, rows_per_a,
+                    group if group > 0 else block_expert.numel()])
     return out
 
-
-def fits_swiglu(a: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, block_m: int, rows_per_a: int) -> bool:
-    """Whether :func:`sparse24_mma_swiglu` takes a gate_up call: :func:`fits_tile` on a Hopper GPU,
-    gate_up rows divisible by 256."""
-    return values.shape[1] % 256 == 0 and fits_tile(a, values, meta, block_m, rows_per_a) and kernel_ready(_device_index(a.device), "wgmma")
-
-
-@_cuda_op
-def sparse24_mma_swiglu(a: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, sorted_ids: torch.Tensor, block_expert: torch.Tensor, rows_per_a: int) -> torch.Tensor:
-    """``silu(gate) * up`` of :func:`sparse24_mma_tile`'s gate_up product, in its epilogue (Hopper)."""
-    return wgmma_grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a, **WGMMA_LAUNCHES[256], group=WGMMA_GROUP, gated=True)
-
-
-@torch.library.register_fake("stun::sparse24_mma_swiglu")
-def _(a, values, meta, sorted_ids, block_expert, rows_per_a):
-    return a.new_empty(a.shape[0] * rows_per_a, values.shape[1] // 2)
 
 
 @torch.library.register_fake("stun::sparse24_mma_tile")

@@ -200,13 +200,7 @@ __device__ __forceinline__ void mbar_arrive_on_copies(u32 bar) {
   asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(bar) : "memory");
 }
 
-// GATED (CW = MW = 2): the gate_up product with SwiGLU in the epilogue, out = silu(gate) * up, N / 2
-// outputs. A CTA takes 128 outputs: consumer warpgroup 0 multiplies their 128 gate rows, warpgroup 1
-// the matching up rows (N / 2 further down), each row of one at the same place in its registers as
-// the row of the other; warpgroup 1 hands its products over through shared memory (the stages,
-// free once both have finished), warpgroup 0 combines and stores them. The separate activation
-// kernel (reading and writing the [pairs, N] product) and half of the product's stores disappear.
-template <int CW, int MW, int STAGES, int PW, bool GATED>
+template <int CW, int MW, int STAGES, int PW>
 __global__ void __launch_bounds__(128 * CW + 32 * PW, 1) sparse24_wgmma_ws(
     const unsigned short* __restrict__ values,  // [E, N, K/2] bf16
     const u64* __restrict__ meta,               // [E, N, K/8] bytes: K/64 words per row
@@ -220,11 +214,8 @@ __global__ void __launch_bounds__(128 * CW + 32 * PW, 1) sparse24_wgmma_ws(
   using Stage = WgmmaStage<TILE_ROWS>;
   constexpr int B_BYTES = Stage::B_BYTES, A_BYTES = Stage::A_BYTES, STAGE_BYTES = Stage::BYTES;
   static_assert((TILE_ROWS * 4) % PT == 0 && (WG_PAIRS * 8) % PT == 0, "producer threads must divide the copies");
-  static_assert(!GATED || (CW == 2 && MW == 2 && STAGES * STAGE_BYTES >= 2 * 64 * 128 * 4), "gated: two warpgroups of 128 rows");
   extern __shared__ U4 smem_u4[];
-  // gated: row_base is the first of the CTA's 128 outputs, i.e. of its gate rows; its up rows start N / 2 further
-  const CtaTile cta = cta_tile(group, block_expert, sorted_ids, GATED ? TILE_ROWS / 2 : TILE_ROWS);
-  const int up_skip = GATED ? N / 2 - TILE_ROWS / 2 : 0;  // weight rows skipped before tile row 128
+  const CtaTile cta = cta_tile(group, block_expert, sorted_ids, TILE_ROWS);
   if (cta.expert < 0) return;
   const int e = cta.expert, row_base = cta.row_base;
   const int* ids = cta.ids;
@@ -252,11 +243,8 @@ __global__ void __launch_bounds__(128 * CW + 32 * PW, 1) sparse24_wgmma_ws(
     const int p_tid = tid - 128 * CW;
     constexpr int A_PER = TILE_ROWS * 4 / PT, B_PER = WG_PAIRS * 8 / PT, E_PER = (TILE_ROWS + PT - 1) / PT;
     const int ac = p_tid & 3, bc = p_tid & 7;
-    // gated: threads 0-63 copy the gate rows (tile rows 0-127), threads 64-127 the up rows, 16 rows apart
-    static_assert(!GATED || PT == 128, "gated: one producer warpgroup");
-    const int a_row0 = GATED ? (p_tid >> 6) * (TILE_ROWS / 2) + ((p_tid & 63) >> 2) : p_tid >> 2, a_rows = GATED ? 16 : PT / 4;
-    const unsigned short* a_src = values + ((long long)e * N + row_base + a_row0 + (GATED ? (p_tid >> 6) * up_skip : 0)) * (K >> 1) + ac * 8;
-    const long long a_stride = (long long)a_rows * (K >> 1);
+    const unsigned short* a_src = values + ((long long)e * N + row_base + (p_tid >> 2)) * (K >> 1) + ac * 8;
+    const long long a_stride = (long long)(PT / 4) * (K >> 1);
     const u64* e_src = meta + ((long long)e * N + row_base) * (K >> 6);
     for (int step = 0; step < steps; ++step) {
       const int stage = step % STAGES;
@@ -264,7 +252,7 @@ __global__ void __launch_bounds__(128 * CW + 32 * PW, 1) sparse24_wgmma_ws(
       const u32 base = smem + stage * STAGE_BYTES;
 #pragma unroll
       for (int j = 0; j < A_PER; ++j) {
-        const int r = a_row0 + a_rows * j;
+        const int r = (p_tid >> 2) + (PT / 4) * j;
         cp_async16(base + B_BYTES + r * 64 + ((ac ^ ((r >> 1) & 3)) << 4), a_src + j * a_stride + step * 32);
       }
 #pragma unroll
@@ -275,8 +263,7 @@ __global__ void __launch_bounds__(128 * CW + 32 * PW, 1) sparse24_wgmma_ws(
 #pragma unroll
       for (int j = 0; j < E_PER; ++j) {
         const int r = p_tid + PT * j;
-        const int w = r + ((GATED && PT * j >= TILE_ROWS / 2) ? up_skip : 0);  // j = 1: the up rows
-        if (r < TILE_ROWS) cp_async8(base + B_BYTES + A_BYTES + r * 8, e_src + (long long)w * (K >> 6) + step);
+        if (r < TILE_ROWS) cp_async8(base + B_BYTES + A_BYTES + r * 8, e_src + (long long)r * (K >> 6) + step);
       }
       mbar_arrive_on_copies(full + 8 * stage);
     }
@@ -318,27 +305,6 @@ __global__ void __launch_bounds__(128 * CW + 32 * PW, 1) sparse24_wgmma_ws(
     if (lane == 0) mbar_arrive(empty + 8 * stage);
   }
 
-  if constexpr (GATED) {
-    float* up = (float*)smem_bytes;  // [2 x 64 values][128 threads]
-    const int t = tid & 127;
-    asm volatile("bar.sync 1, 256;" ::: "memory");  // both consumer warpgroups are past their last stage
-    if (warp >= 4) {
 #pragma unroll
-      for (int m = 0; m < MW; ++m)
-#pragma unroll
-        for (int i = 0; i < 64; ++i) up[(m * 64 + i) * 128 + t] = d[m][i];
-    }
-    asm volatile("bar.sync 1, 256;" ::: "memory");
-    if (warp < 4) {
-#pragma unroll
-      for (int m = 0; m < MW; ++m) {
-#pragma unroll
-        for (int i = 0; i < 64; ++i) d[m][i] = d[m][i] / (1.f + __expf(-d[m][i])) * up[(m * 64 + i) * 128 + t];
-        store_rows(out, ids, n_pairs, N / 2, row_base + rows + 64 * m, d[m], lane);
-      }
-    }
-  } else {
-#pragma unroll
-    for (int m = 0; m < MW; ++m) store_rows(out, ids, n_pairs, N, row_base + rows + 64 * m, d[m], lane);
-  }
+  for (int m = 0; m < MW; ++m) store_rows(out, ids, n_pairs, N, row_base + rows + 64 * m, d[m], lane);
 }

@@ -12,8 +12,7 @@ Registered in transformers' ``ExpertsInterface`` on import, so any model whose e
   (:func:`grouped_mm`): on the sparse tensor cores (:mod:`.cuda_mma`, custom ops that compile keeps
   whole) ``stun::sparse24_mma`` while experts see 2-16 tokens (or from 32 pairs per call) and
   ``stun::sparse24_mma_tile`` for prefill (sparse ``wgmma`` from 128 pairs per routed expert on a
-  Hopper GPU, ``mma.sp`` from 256 elsewhere; on Hopper the gate_up product applies SwiGLU in its
-  epilogue, ``stun::sparse24_mma_swiglu``, where the experts gate as transformers' default); otherwise
+  Hopper GPU, ``mma.sp`` from 256 elsewhere); otherwise
   ``stun::sparse24_grouped_mm``, whose body on CUDA is a Triton kernel (:mod:`.triton_kernel`) and
   which, as a ``torch.library.triton_op``, compile and AOTInductor trace into with no graph break.
 * reference (eager CPU): decompress the weights of each expert that some token selected and run
@@ -25,8 +24,6 @@ from __future__ import annotations
 import logging
 
 import torch
-from transformers import activations as _activations
-from transformers.integrations import moe as _hf_moe
 from transformers.integrations.moe import ExpertsInterface
 
 from .format import decompress_24
@@ -38,9 +35,6 @@ MATRICES = ("gate_up_proj", "down_proj")
 #: pairs per call from which decode runs the sparse tensor-core kernel even at one token per
 #: routed expert (see :func:`grouped_mm`)
 MMA_MIN_PAIRS = 32
-#: transformers' default gate (``act(gate) * up``) and its SiLU modules, for :func:`default_swiglu`
-_DEFAULT_APPLY_GATE = getattr(_hf_moe, "_default_apply_gate", None)
-_SILU = tuple(t for t in (torch.nn.SiLU, getattr(_activations, "SiLUActivation", None)) if t is not None)
 
 
 class NotSparseExpertsError(RuntimeError):
@@ -173,28 +167,6 @@ def grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a: int, block
     return sparse24_grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a, block_m)
 
 
-def default_swiglu(experts: torch.nn.Module) -> bool:
-    """The experts gate as transformers' default does (``act(gate) * up`` over the two halves of
-    gate_up) with SiLU and no biases, so the product kernel can apply it (``stun::sparse24_mma_swiglu``)."""
-    return (_DEFAULT_APPLY_GATE is not None and getattr(type(experts), "_apply_gate", None) is _DEFAULT_APPLY_GATE
-            and not getattr(experts, "has_bias", False) and isinstance(getattr(experts, "act_fn", None), _SILU))
-
-
-def _gated_gate_up(self, x: torch.Tensor, flat: torch.Tensor, sorted_ids, block_expert, top_k: int, block_m: int) -> torch.Tensor:
-    """``act(gate) * up`` of the routed pairs (``flat``: their experts): in the Hopper prefill
-    kernel's epilogue where it applies (:func:`default_swiglu`), else the gate_up product, its bias,
-    then the experts' ``_apply_gate``."""
-    from . import cuda_mma
-
-    values, meta = self.gate_up_proj_values, self.gate_up_proj_meta
-    if default_swiglu(self) and cuda_mma.fits_swiglu(x, values, meta, block_m, top_k):
-        return cuda_mma.sparse24_mma_swiglu(x, values, meta, sorted_ids, block_expert, top_k)
-    gate_up = grouped_mm(x, values, meta, sorted_ids, block_expert, top_k, block_m)
-    if getattr(self, "has_bias", False):
-        gate_up = gate_up + self.gate_up_proj_bias[flat]
-    return self._apply_gate(gate_up)
-
-
 def _check(self) -> None:
     if not is_sparse24(self):
         raise NotSparseExpertsError(
@@ -218,7 +190,10 @@ def _grouped_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tenso
     sorted_ids, block_expert = align(top_k_index, num_experts, block_m)
     flat = top_k_index.reshape(-1)
     x = hidden_states.to(self.gate_up_proj_values.dtype)
-    h = _gated_gate_up(self, x, flat, sorted_ids, block_expert, top_k, block_m)
+    gate_up = grouped_mm(x, self.gate_up_proj_values, self.gate_up_proj_meta, sorted_ids, block_expert, top_k, block_m)
+    if getattr(self, "has_bias", False):
+        gate_up = gate_up + self.gate_up_proj_bias[flat]
+    h = self._apply_gate(gate_up)
     out = grouped_mm(h, self.down_proj_values, self.down_proj_meta, sorted_ids, block_expert, 1, block_m)
     if getattr(self, "has_bias", False):
         out = out + self.down_proj_bias[flat]
