@@ -80,9 +80,6 @@ def main(argv=None) -> int:
     WGMMA_LAUNCHES = [dict(rows=r, stages=st, ctas=c, consumers=0, group=gr) for r, st, c, gr in ((128, 3, 2, 0), (256, 5, 1, 0))]
     # ... and its warp-specialized form (2 consumer warpgroups)
     WGMMA_LAUNCHES += [dict(rows=r, stages=st, consumers=2, group=gr) for r, st, gr in ((256, 4, 0), (256, 4, 4), (256, 3, 0), (256, 5, 0))]
-    # ... and its form with the weights loaded into registers (activations permuted ahead, not timed)
-    WGMMA_LAUNCHES += [dict(rows=r, stages=st, consumers=2, group=gr, register_fed=True, permuted=True)
-                       for r, st, gr in ((256, 4, 0), (256, 6, 0), (256, 8, 0), (256, 6, 4), (128, 6, 0))]
     bw, flops = measured_rates("cuda")
     lines = [f"{torch.cuda.get_device_name()}, torch {torch.__version__}; copy {bw / 1e12:.2f} TB/s, bf16 matmul {flops / 1e12:.0f} TFLOP/s", "",
              "| shape | matrix | T | experts | kernel | config | us | 2:4 floor | of floor | dense grouped_mm | x dense | err |",
@@ -143,8 +140,7 @@ def main(argv=None) -> int:
                         elif kind == "tile":
                             fn = lambda: cuda_mma.tile_grouped_mm(a, values, meta, ids_c, be_c, rows_per_a, **config)  # noqa: E731
                         elif kind == "wgmma":
-                            a_w = cuda_mma.permute_activations_wgmma(a) if config.get("permuted") else a
-                            fn = lambda: cuda_mma.wgmma_grouped_mm(a_w, values, meta, ids_c, be_c, rows_per_a, **config)  # noqa: E731
+                            fn = lambda: cuda_mma.wgmma_grouped_mm(a, values, meta, ids_c, be_c, rows_per_a, **config)  # noqa: E731
                         elif kind == "decode":
                             fn = lambda: launch_decode(a, values, meta, ids_c, be_c, rows_per_a, block_m, bucket, config=config)  # noqa: E731
                         else:

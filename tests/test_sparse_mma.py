@@ -42,16 +42,6 @@ def test_permuted_activations_are_the_listed_order_of_each_step():
     assert torch.equal(out, a.view(3, 2, 64)[:, :, _fragment_order()].reshape(3, 128))
 
 
-def test_register_fed_wgmma_order_follows_the_fragment_rule():
-    """``permute_activations_wgmma``: the tensor cores read position 32 s + k of a step (k < 32) as
-    the fragment's group j = k // 4 of half s, which lanes load from our group 4 (j % 4) + 2 s + j // 4
-    (``_fragment_order``'s rule; for wgmma the activations sit in shared memory in the tensor cores' order)."""
-    order = [4 * (4 * ((k // 4) % 4) + 2 * s + (k // 4) // 4) + k % 4 for s in range(2) for k in range(32)]
-    assert sorted(order) == list(range(64))
-    a = torch.randn(3, 128, dtype=torch.bfloat16)
-    assert torch.equal(cuda_mma.permute_activations_wgmma(a), a.view(3, 2, 64)[:, :, order].reshape(3, 128))
-
-
 def test_the_kernels_are_never_chosen_off_the_gpu_and_can_be_disabled():
     values = torch.zeros(2, 128, 64, dtype=torch.bfloat16)
     meta = torch.zeros(2, 128, 16, dtype=torch.uint8)
@@ -137,13 +127,10 @@ hopper = pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_de
 def test_hopper_prefill_kernel_matches_reference(shape, tokens):
     """The sparse ``wgmma`` kernels: tiles of 64 / 128 / 256 rows, 1 to 16 steps, every warp copying
     and multiplying or warp-specialized (K shorter or longer than the pipeline), CTAs in grid order
-    or in groups of blocks (one, or a size that leaves a remainder); the warp-specialized kernel also
-    with the weights loaded into registers (``register_fed``)."""
+    or in groups of blocks (one, or a size that leaves a remainder)."""
     launches = [(rows, functools.partial(cuda_mma.wgmma_grouped_mm, rows=rows, stages=stages, ctas=ctas, consumers=consumers, group=group))
                 for rows, stages, ctas, consumers, group in ((128, 4, 2, 0, 0), (64, 3, 3, 0, 3), (128, 2, 2, 0, 1), (256, 3, 1, 0, 2),
                                                              (256, 4, 1, 2, 4), (256, 3, 1, 2, 1), (128, 5, 1, 2, 3), (256, 4, 1, 2, 0))]
-    launches += [(rows, functools.partial(cuda_mma.wgmma_grouped_mm, rows=rows, stages=stages, consumers=2, group=group, register_fed=True))
-                 for rows, stages, group in ((256, 2, 0), (256, 6, 0), (128, 8, 3), (256, 4, 1))]
     _assert_prefill_launches_match(shape, tokens, launches)
 
 

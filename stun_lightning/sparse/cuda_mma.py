@@ -78,13 +78,11 @@ def tile_smem_bytes(rows: int, stages: int = TILE_STAGES) -> int:
     return stages * _stage_bytes(rows)
 
 
-def wgmma_smem_bytes(rows: int, stages: int, consumers: int = 0, register_fed: bool = False) -> int:
-    """Shared memory of the ``wgmma`` prefill kernels: stages padded to 1 KiB (``register_fed``: the
-    activation tile alone), 1 KiB to align them, and for the warp-specialized ones (``consumers`` >
-    0) two mbarriers per stage and the pairs' rows."""
+def wgmma_smem_bytes(rows: int, stages: int, consumers: int = 0) -> int:
+    """Shared memory of the ``wgmma`` prefill kernels: stages padded to 1 KiB, 1 KiB to align them,
+    and for the warp-specialized one (``consumers`` > 0) two mbarriers per stage and the pairs' rows."""
     extra = 16 * stages + 4 * TILE_PAIRS if consumers else 0
-    stage = TILE_PAIRS * 128 if register_fed else -(-_stage_bytes(rows) // 1024) * 1024
-    return stages * stage + 1024 + extra
+    return stages * (-(-_stage_bytes(rows) // 1024) * 1024) + 1024 + extra
 
 
 @contextlib.contextmanager
@@ -156,27 +154,24 @@ def _tile_kernel(device_index: int, rows: int = TILE_ROWS, stages: int = TILE_ST
 
 
 @functools.cache
-def _wgmma_kernel(device_index: int, rows: int, stages: int, ctas: int, consumers: int, register_fed: bool = False):
+def _wgmma_kernel(device_index: int, rows: int, stages: int, ctas: int, consumers: int):
     """A Hopper prefill kernel (``cuda_wgmma.cu``) compiled for one device, or None: the
-    warp-specialized one with ``consumers`` warpgroups (and one producer warpgroup; with
-    ``register_fed`` its form that loads the weights into registers, ``cuda_wgmma_rf.cu``), else the
+    warp-specialized one with ``consumers`` warpgroups (and one producer warpgroup), else the
     single-role one with ``ctas`` CTAs per multiprocessor."""
-    if register_fed:
-        name = f"sparse24_wgmma_rf<{rows // 128}, {stages}>"
-    elif consumers:
+    if consumers:
         name = f"sparse24_wgmma_ws<{consumers}, {rows // (64 * consumers)}, {stages}, 4>"
     else:
         name = f"sparse24_wgmma_tile<{rows // 64}, {stages}, {ctas}>"
     kernel = _compile(device_index, name, hopper=True)
     if kernel is not None:
         with torch.cuda.device(device_index):
-            kernel.set_shared_memory_config(wgmma_smem_bytes(rows, stages, consumers, register_fed))
+            kernel.set_shared_memory_config(wgmma_smem_bytes(rows, stages, consumers))
     return kernel
 
 
 def _compile(device_index: int, name: str, hopper: bool = False):
     """``name`` from ``cuda_mma.cu`` (with ``cuda_wgmma.cu`` appended and for sm_90a when ``hopper``)."""
-    files = ("cuda_mma.cu", "cuda_wgmma.cu", "cuda_wgmma_rf.cu") if hopper else ("cuda_mma.cu",)
+    files = ("cuda_mma.cu", "cuda_wgmma.cu") if hopper else ("cuda_mma.cu",)
     source = "\n".join(Path(__file__).with_name(f).read_text() for f in files)
     major, minor = _capability(device_index)
     arch = "90a" if hopper else f"{major}{minor}"
@@ -232,16 +227,6 @@ def _cuda_op(fn):
     _LIBRARY.define(name + torch.library.infer_schema(fn, mutates_args=()))
     _LIBRARY.impl(name, fn, "CUDA")
     return getattr(torch.ops.stun, name).default
-
-
-def permute_activations_wgmma(a: torch.Tensor) -> torch.Tensor:
-    """``a`` ``[M, K]`` with each 64-input step reordered for ``sparse24_wgmma_rf``, whose lanes hold
-    the weight fragments :func:`permute_activations` describes: the tensor cores read input
-    ``32 s + k`` of a step (half ``s``, ``k`` < 32, group ``j = k // 4``) as our group
-    ``4 (j % 4) + 2 s + j // 4``, so position ``p`` (bits p5..p0) holds input (p3 p2 p5 p4 p1 p0)."""
-    m, k = a.shape
-    bits = a.reshape(m, k // 64, 2, 2, 2, 2, 2, 2)  # input bits 5..0 of each step
-    return bits.permute(0, 1, 4, 5, 2, 3, 6, 7).reshape(m, k)
 
 
 @_cuda_op
@@ -345,31 +330,26 @@ def tile_grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a: int, 
 
 
 def wgmma_grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a: int, rows: int = 256, stages: int = 4, ctas: int = 1,
-                     consumers: int = 2, group: int = 0, register_fed: bool = False, permuted: bool = False) -> torch.Tensor:
+                     consumers: int = 2, group: int = 0) -> torch.Tensor:
     """:func:`sparse24_mma_tile` on a Hopper GPU: the same blocks of 128 pairs through the sparse
     ``wgmma`` (``cuda_wgmma.cu``), ``rows`` (64, 128 or 256) weight rows per CTA; warp-specialized
     with ``consumers`` = 2 multiplying warpgroups, else every warp copies and multiplies. The CTAs
-    run ``group`` blocks of pairs at a time over every row tile (0: all blocks, grid order).
-    ``register_fed`` (warp-specialized, 128 or 256 rows): the weights go to registers straight from
-    global memory and ``a`` through :func:`permute_activations_wgmma` (already, if ``permuted``)."""
+    run ``group`` blocks of pairs at a time over every row tile (0: all blocks, grid order)."""
     if consumers not in (0, 2):
         raise ValueError(f"the warp-specialized kernel runs 2 consumer warpgroups, got {consumers}")
-    if register_fed and (consumers != 2 or rows not in (128, 256)):
-        raise ValueError(f"the register-fed kernel takes 2 consumers and 128 or 256 rows; got {consumers}, {rows}")
     num_experts, n, half_k = values.shape
     n_pairs = a.shape[0] * rows_per_a
     out = torch.empty(n_pairs, n, dtype=a.dtype, device=a.device)
-    kernel = _wgmma_kernel(a.device.index, rows, stages, ctas, consumers, register_fed)
+    kernel = _wgmma_kernel(a.device.index, rows, stages, ctas, consumers)
     if kernel is None or n % rows:
         raise RuntimeError(f"the Hopper sparse prefill kernel cannot run here ({n} output rows, tiles of {rows}; or it did not compile: "
                            "see the warning above); run with STUN_SPARSE_WGMMA=0")
-    if register_fed and not permuted:
-        a = permute_activations_wgmma(a)
     threads = 128 * consumers + 128 if consumers else 2 * rows
-    launch_kernel(kernel, (block_expert.numel(), n // rows, 1), (threads, 1, 1), wgmma_smem_bytes(rows, stages, consumers, register_fed),
-                  [_aligned(values), _aligned(meta), _aligned(a), sorted_ids, block_expert, out, n, 2 * half_k, n_pairs, rows_per_a,
-                   group if group > 0 else block_expert.numel()])
+    launch_kernel(kernel, (block_expert.numel(), n // rows, 1), (threads, 1, 1), wgmma_smem_bytes(rows, stages, consumers),
+                   [_aligned(values), _aligned(meta), _aligned(a), sorted_ids, block_expert, out, n, 2 * half_k, n_pairs, rows_per_a,
+                    group if group > 0 else block_expert.numel()])
     return out
+
 
 
 @torch.library.register_fake("stun::sparse24_mma_tile")
