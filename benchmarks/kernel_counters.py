@@ -8,7 +8,8 @@ itself under ``ncu`` (``--child``): one expert product of ``sparse_kernels.py``'
 ``cuda_mma.wgmma_grouped_mm`` (the shipped launch) and through ``torch._grouped_mm`` on the masked
 dense weights, each launched three times, the third profiled with the speed-of-light, memory,
 compute and warp-state sections. Prints the counters that say what bounds each kernel: duration,
-tensor-pipe and SM throughput, L2 and DRAM throughput and bytes, and the top stall reasons.
+tensor-pipe and SM throughput, L2 and DRAM throughput and bytes, and the top stall reasons;
+``--sass`` adds the stall samples of every SASS instruction (a CSV beside the report).
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ def main(argv=None) -> int:
     p.add_argument("--matrix", default="gate_up", choices=["gate_up", "down"])
     p.add_argument("--tokens", type=int, default=2048)
     p.add_argument("--out", type=Path, default=Path("."), help="where the .ncu-rep report goes")
+    p.add_argument("--sass", action="store_true", help="also sample stalls per instruction (SourceCounters) and write them as CSV")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if no_cuda("kernel_counters.py"):
@@ -72,7 +74,8 @@ def main(argv=None) -> int:
         return 2
     report = args.out / f"counters_{args.shape}_{args.matrix}"
     command = [ncu, "--force-overwrite", "--export", str(report), "--kernel-name", "regex:sparse24_wgmma|device_kernel",
-               "--launch-skip", "4", "--launch-count", "2", *[x for section in SECTIONS for x in ("--section", section)],
+               "--launch-skip", "4", "--launch-count", "2",
+               *[x for section in SECTIONS + (("SourceCounters",) if args.sass else ()) for x in ("--section", section)],
                sys.executable, __file__, "--child", "--shape", args.shape, "--matrix", args.matrix, "--tokens", str(args.tokens)]
     run = subprocess.run(command, capture_output=True, text=True)
     if run.returncode:
@@ -80,6 +83,10 @@ def main(argv=None) -> int:
         return run.returncode
     details = subprocess.run([ncu, "--import", f"{report}.ncu-rep", "--page", "details", "--print-units", "base"], capture_output=True, text=True).stdout
     (args.out / f"{report.name}.txt").write_text(details)
+    if args.sass:  # per SASS instruction: stall samples by reason, one CSV per kernel
+        sass = subprocess.run([ncu, "--import", f"{report}.ncu-rep", "--page", "source", "--csv", "--print-source", "sass"],
+                              capture_output=True, text=True).stdout
+        (args.out / f"{report.name}_sass.csv").write_text(sass)
     print(f"{torch.cuda.get_device_name()}; {args.shape} {args.matrix}, {args.tokens} tokens; report {report}.ncu-rep, "
           f"all counters in {report}.txt\n")
     for line in details.splitlines():

@@ -238,11 +238,20 @@ __global__ void __launch_bounds__(128 * CW + 32 * PW, 1) sparse24_wgmma_ws(
   }
   __syncthreads();
 
+  // registers per thread after setmaxnreg (a whole producer warpgroup hands registers to the consumers);
+  // the producer keeps enough to hold its copies' source offsets for the whole K loop
+  constexpr int PRODUCER_REGS = 40, CONSUMER_REGS = CW == 2 ? 232 : 112;
   if (warp >= 4 * CW) {  // producer
-    if (PW == 4) asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");  // a whole warpgroup: hand registers to the consumers
+    if (PW == 4) asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(PRODUCER_REGS));
     const int p_tid = tid - 128 * CW;
     constexpr int A_PER = TILE_ROWS * 4 / PT, B_PER = WG_PAIRS * 8 / PT, E_PER = (TILE_ROWS + PT - 1) / PT;
     const int ac = p_tid & 3, bc = p_tid & 7;
+    // the gathered activation rows do not change along K: their offsets once, not an act_row load and
+    // a 64-bit multiply per copy per step (Nsight Compute: the consumers waited on the producer for a
+    // third of their time, and its address arithmetic stalled on those loads)
+    int b_off[B_PER];
+#pragma unroll
+    for (int j = 0; j < B_PER; ++j) b_off[j] = act_row[(p_tid >> 3) + (PT / 8) * j] * K + bc * 8;
     const unsigned short* a_src = values + ((long long)e * N + row_base + (p_tid >> 2)) * (K >> 1) + ac * 8;
     const long long a_stride = (long long)(PT / 4) * (K >> 1);
     const u64* e_src = meta + ((long long)e * N + row_base) * (K >> 6);
@@ -258,7 +267,7 @@ __global__ void __launch_bounds__(128 * CW + 32 * PW, 1) sparse24_wgmma_ws(
 #pragma unroll
       for (int j = 0; j < B_PER; ++j) {
         const int p = (p_tid >> 3) + (PT / 8) * j;
-        cp_async16(base + p * 128 + ((bc ^ (p & 7)) << 4), act + (long long)act_row[p] * K + bc * 8 + step * 64);
+        cp_async16(base + p * 128 + ((bc ^ (p & 7)) << 4), act + step * 64 + b_off[j]);
       }
 #pragma unroll
       for (int j = 0; j < E_PER; ++j) {
@@ -272,7 +281,7 @@ __global__ void __launch_bounds__(128 * CW + 32 * PW, 1) sparse24_wgmma_ws(
   }
 
   // consumer warpgroups
-  if (PW == 4) asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(CW == 2 ? 232 : 112));
+  if (PW == 4) asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(CONSUMER_REGS));
   const int rows = (warp >> 2) * 64 * MW + (warp & 3) * 16;  // this warp's first 16 rows of the tile
   float d[MW][64];
 #pragma unroll
