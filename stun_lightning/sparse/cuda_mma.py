@@ -66,6 +66,9 @@ WGMMA_LAUNCHES = {256: dict(rows=256, stages=4, consumers=2), 128: dict(rows=128
 WGMMA_GROUP = 0
 #: pairs per routed expert from which prefill runs it (Qwen3-30B shapes at 2048 tokens: 128)
 WGMMA_MIN_PAIRS_PER_EXPERT = 128
+#: largest activation matrix (elements) of the warp-specialized kernel, whose producer keeps 32-bit
+#: offsets into it; larger prefills (about 150k tokens at hidden 14336) take the Triton kernel
+MAX_ACT_ELEMENTS = 2**31 - 1
 
 
 def _stage_bytes(rows: int) -> int:
@@ -287,7 +290,7 @@ def fits_tile(a: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, block_m
     """Whether a prefill kernel takes the call: as :func:`fits`, with blocks of 128 pairs, outputs
     % 128 == 0 and at least ``WGMMA_MIN_PAIRS_PER_EXPERT`` (Hopper) or ``TILE_MIN_PAIRS_PER_EXPERT``
     pairs per routed expert."""
-    if not _shapes_fit(a, values, meta, block_m, TILE_PAIRS, TILE_ROWS):
+    if not _shapes_fit(a, values, meta, block_m, TILE_PAIRS, TILE_ROWS) or a.numel() > MAX_ACT_ELEMENTS:
         return False
     device_index = _device_index(a.device)
     hopper = kernel_ready(device_index, "wgmma")
@@ -337,6 +340,8 @@ def wgmma_grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a: int,
     run ``group`` blocks of pairs at a time over every row tile (0: all blocks, grid order)."""
     if consumers not in (0, 2):
         raise ValueError(f"the warp-specialized kernel runs 2 consumer warpgroups, got {consumers}")
+    if consumers and a.numel() > MAX_ACT_ELEMENTS:
+        raise ValueError(f"the warp-specialized kernel takes activations of at most {MAX_ACT_ELEMENTS} elements, got {a.numel()}")
     num_experts, n, half_k = values.shape
     n_pairs = a.shape[0] * rows_per_a
     out = torch.empty(n_pairs, n, dtype=a.dtype, device=a.device)

@@ -238,8 +238,7 @@ __global__ void __launch_bounds__(128 * CW + 32 * PW, 1) sparse24_wgmma_ws(
   }
   __syncthreads();
 
-  // registers per thread after setmaxnreg (a whole producer warpgroup hands registers to the consumers);
-  // the producer keeps enough to hold its copies' source offsets for the whole K loop
+  // registers per thread after setmaxnreg: a whole producer warpgroup hands registers to the consumers
   constexpr int PRODUCER_REGS = 40, CONSUMER_REGS = CW == 2 ? 232 : 112;
   if (warp >= 4 * CW) {  // producer
     if (PW == 4) asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(PRODUCER_REGS));
@@ -248,7 +247,8 @@ __global__ void __launch_bounds__(128 * CW + 32 * PW, 1) sparse24_wgmma_ws(
     const int ac = p_tid & 3, bc = p_tid & 7;
     // the gathered activation rows do not change along K: their offsets once, not an act_row load and
     // a 64-bit multiply per copy per step (Nsight Compute: the consumers waited on the producer for a
-    // third of their time, and its address arithmetic stalled on those loads)
+    // third of their time, and its address arithmetic stalled on those loads). 32-bit: the launch
+    // takes activations of fewer than 2^31 elements (cuda_mma.MAX_ACT_ELEMENTS)
     int b_off[B_PER];
 #pragma unroll
     for (int j = 0; j < B_PER; ++j) b_off[j] = act_row[(p_tid >> 3) + (PT / 8) * j] * K + bc * 8;

@@ -9,7 +9,7 @@ Registered in transformers' ``ExpertsInterface`` on import, so any model whose e
   ``moe_align_block_size``, so CUDA graphs and compile see no data-dependent shape; one Triton
   launch on CUDA, :mod:`.triton_align`, torch ops otherwise), then
   gate_up and down run for the routed experts only, reading compressed values + metadata
-  (:func:`grouped_mm`): on the sparse tensor cores (:mod:`.cuda_mma`, custom ops that compile keeps
+  (:func:`grouped_mm`): on the sparse tensor cores (:mod:`.cuda_mma`, torch ops that compile keeps
   whole) ``stun::sparse24_mma`` while experts see 2-16 tokens (or from 32 pairs per call) and
   ``stun::sparse24_mma_tile`` for prefill (sparse ``wgmma`` from 128 pairs per routed expert on a
   Hopper GPU, ``mma.sp`` from 256 elsewhere); otherwise
