@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 #: largest number of pairs (tokens x top_k) aligned by the one-program kernel (a decode batch of 32
-#: tokens at top-8); larger calls use the torch ops
+#: tokens at top-8); larger calls run one program per expert
 MAX_PAIRS = 256
 #: pairs per pass of the one-program-per-expert kernel
 PREFILL_CHUNK = 2048
