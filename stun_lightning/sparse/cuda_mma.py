@@ -67,7 +67,7 @@ WGMMA_GROUP = 0
 #: pairs per routed expert from which prefill runs it (Qwen3-30B shapes at 2048 tokens: 128)
 WGMMA_MIN_PAIRS_PER_EXPERT = 128
 #: largest activation matrix (elements) of the warp-specialized kernel, whose producer keeps 32-bit
-#: offsets into it; larger prefills (about 150k tokens at hidden 14336) take the Triton kernel
+#: offsets into it; larger ones (from about 150k rows of 14336 inputs) take the Triton kernel
 MAX_ACT_ELEMENTS = 2**31 - 1
 
 
@@ -149,11 +149,7 @@ def _kernel(device_index: int, warps: int = WARPS, unroll: int = UNROLL):
 @functools.cache
 def _tile_kernel(device_index: int, rows: int = TILE_ROWS, stages: int = TILE_STAGES):
     """The prefill kernel compiled for one device (its shared memory limit raised), or None."""
-    kernel = _compile(device_index, f"sparse24_mma_tile<{rows // 64}, {stages}>")
-    if kernel is not None:
-        with torch.cuda.device(device_index):
-            kernel.set_shared_memory_config(tile_smem_bytes(rows, stages))
-    return kernel
+    return _compile(device_index, f"sparse24_mma_tile<{rows // 64}, {stages}>", shared_mem=tile_smem_bytes(rows, stages))
 
 
 @functools.cache
@@ -165,22 +161,22 @@ def _wgmma_kernel(device_index: int, rows: int, stages: int, ctas: int, consumer
         name = f"sparse24_wgmma_ws<{consumers}, {rows // (64 * consumers)}, {stages}, 4>"
     else:
         name = f"sparse24_wgmma_tile<{rows // 64}, {stages}, {ctas}>"
-    kernel = _compile(device_index, name, hopper=True)
-    if kernel is not None:
-        with torch.cuda.device(device_index):
-            kernel.set_shared_memory_config(wgmma_smem_bytes(rows, stages, consumers))
-    return kernel
+    return _compile(device_index, name, hopper=True, shared_mem=wgmma_smem_bytes(rows, stages, consumers))
 
 
-def _compile(device_index: int, name: str, hopper: bool = False):
-    """``name`` from ``cuda_mma.cu`` (with ``cuda_wgmma.cu`` appended and for sm_90a when ``hopper``)."""
+def _compile(device_index: int, name: str, hopper: bool = False, shared_mem: int = 0):
+    """``name`` from ``cuda_mma.cu`` (with ``cuda_wgmma.cu`` appended and for sm_90a when ``hopper``),
+    its dynamic shared memory limit raised to ``shared_mem`` bytes where given."""
     files = ("cuda_mma.cu", "cuda_wgmma.cu") if hopper else ("cuda_mma.cu",)
     source = "\n".join(Path(__file__).with_name(f).read_text() for f in files)
     major, minor = _capability(device_index)
     arch = "90a" if hopper else f"{major}{minor}"
     try:
         with torch.cuda.device(device_index):
-            return torch.cuda._compile_kernel(source, name, compute_capability=arch, nvcc_options=["--std=c++17"])
+            kernel = torch.cuda._compile_kernel(source, name, compute_capability=arch, nvcc_options=["--std=c++17"])
+            if shared_mem:
+                kernel.set_shared_memory_config(shared_mem)
+            return kernel
     except (OSError, RuntimeError, AttributeError) as err:  # no NVRTC library, it refused the source, or a torch without _compile_kernel
         warnings.warn(f"stun_lightning: the sparse tensor-core kernel {name} did not compile ({err}); using the Triton kernels", stacklevel=3)
         return None
@@ -222,10 +218,11 @@ _LIBRARY = torch.library.Library("stun", "FRAGMENT")
 
 def _cuda_op(fn):
     """``fn`` as the CUDA kernel of a new op ``torch.ops.stun.<name>`` (schema from its annotations),
-    returned as that op. The dispatcher calls it straight: ``torch.library.custom_op``'s autograd
-    and aliasing wrappers cost 53 against 32 us of CPU per call on the H100 host
-    (``benchmarks/launch_overhead.py``), paid twice per MoE layer where prefill waits on the CPU. No
-    autograd formula: these ops serve inference."""
+    returned as that op, without ``torch.library.custom_op``'s autograd and aliasing wrappers: the op
+    over the direct call cost 53.2 against 32.5 us of CPU as a ``custom_op`` and 49.5 against 31.3
+    us this way on the H100 host (``benchmarks/launch_overhead.py``, one run each;
+    ``benchmarks/results/launch_overhead_h100.md``); most of it is the dispatcher calling into
+    Python. No autograd formula: these ops serve inference."""
     name = fn.__name__
     _LIBRARY.define(name + torch.library.infer_schema(fn, mutates_args=()))
     _LIBRARY.impl(name, fn, "CUDA")
@@ -269,7 +266,7 @@ def grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a: int, *, wa
     """``out[s] = a[s // rows_per_a] @ W[expert(s)].T`` for every pair ``s`` (blocks of 16 pairs from
     :func:`..experts.align_pairs`) on the sparse tensor cores; ``a`` ``[M, K]`` bf16, returns
     ``[M * rows_per_a, N]``. The launch shape arguments other than the defaults run outside the
-    custom op (``benchmarks/sparse_kernels.py`` times them)."""
+    op (``benchmarks/sparse_kernels.py`` times them)."""
     num_experts, n, half_k = values.shape
     splits = splits_for(n, 2 * half_k, min(num_experts, a.shape[0] * rows_per_a), a.device, warps, unroll, ctas_per_sm)
     act = permute_activations(a)
@@ -321,14 +318,20 @@ def tile_rows_for(n: int) -> int:
 def tile_grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a: int, rows: int = TILE_ROWS, stages: int = TILE_STAGES) -> torch.Tensor:
     """:func:`sparse24_mma_tile` with the tile height (128 or 256 weight rows) and the pipeline depth
     as arguments."""
-    num_experts, n, half_k = values.shape
-    n_pairs = a.shape[0] * rows_per_a
-    out = torch.empty(n_pairs, n, dtype=a.dtype, device=a.device)
     kernel = _tile_kernel(a.device.index, rows, stages)
     if kernel is None:
         raise RuntimeError("the sparse tensor-core prefill kernel did not compile on this GPU (see the warning above); run with STUN_SPARSE_MMA=0")
-    launch_kernel(kernel, (block_expert.numel(), n // rows, 1), (rows, 1, 1), tile_smem_bytes(rows, stages),
-                   [_aligned(values), _aligned(meta), _aligned(a), sorted_ids, block_expert, out, n, 2 * half_k, n_pairs, rows_per_a])
+    return _launch_prefill(kernel, rows, rows, tile_smem_bytes(rows, stages), a, values, meta, sorted_ids, block_expert, rows_per_a)
+
+
+def _launch_prefill(kernel, rows: int, threads: int, shared_mem: int, a, values, meta, sorted_ids, block_expert, rows_per_a: int, *extra) -> torch.Tensor:
+    """Launch a prefill kernel on a grid of blocks of pairs x tiles of ``rows`` weight rows, with the
+    arguments both prefill kernels take (then ``extra``); returns ``[pairs, N]``."""
+    num_experts, n, half_k = values.shape
+    n_pairs = a.shape[0] * rows_per_a
+    out = torch.empty(n_pairs, n, dtype=a.dtype, device=a.device)
+    launch_kernel(kernel, (block_expert.numel(), n // rows, 1), (threads, 1, 1), shared_mem,
+                  [_aligned(values), _aligned(meta), _aligned(a), sorted_ids, block_expert, out, n, 2 * half_k, n_pairs, rows_per_a, *extra])
     return out
 
 
@@ -342,19 +345,14 @@ def wgmma_grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a: int,
         raise ValueError(f"the warp-specialized kernel runs 2 consumer warpgroups, got {consumers}")
     if consumers and a.numel() > MAX_ACT_ELEMENTS:
         raise ValueError(f"the warp-specialized kernel takes activations of at most {MAX_ACT_ELEMENTS} elements, got {a.numel()}")
-    num_experts, n, half_k = values.shape
-    n_pairs = a.shape[0] * rows_per_a
-    out = torch.empty(n_pairs, n, dtype=a.dtype, device=a.device)
+    n = values.shape[1]
     kernel = _wgmma_kernel(a.device.index, rows, stages, ctas, consumers)
     if kernel is None or n % rows:
         raise RuntimeError(f"the Hopper sparse prefill kernel cannot run here ({n} output rows, tiles of {rows}; or it did not compile: "
                            "see the warning above); run with STUN_SPARSE_WGMMA=0")
     threads = 128 * consumers + 128 if consumers else 2 * rows
-    launch_kernel(kernel, (block_expert.numel(), n // rows, 1), (threads, 1, 1), wgmma_smem_bytes(rows, stages, consumers),
-                   [_aligned(values), _aligned(meta), _aligned(a), sorted_ids, block_expert, out, n, 2 * half_k, n_pairs, rows_per_a,
-                    group if group > 0 else block_expert.numel()])
-    return out
-
+    return _launch_prefill(kernel, rows, threads, wgmma_smem_bytes(rows, stages, consumers), a, values, meta, sorted_ids, block_expert,
+                           rows_per_a, group if group > 0 else block_expert.numel())
 
 
 @torch.library.register_fake("stun::sparse24_mma_tile")
