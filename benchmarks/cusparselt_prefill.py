@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from device_rates import no_cuda  # noqa: E402
-from sparse_kernels import SHAPES, graphed_us, mask_24  # noqa: E402
+from sparse_kernels import SHAPES, graphed_us, mask_24, random_routing  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -44,7 +44,7 @@ def main(argv=None) -> int:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for name in args.shapes:
         s = SHAPES[name]
-        idx = torch.stack([torch.randperm(s["experts"], device="cuda")[: s["top_k"]] for _ in range(args.tokens)])
+        idx = random_routing(s["experts"], s["top_k"], args.tokens)
         ids, block_expert = align_pairs(idx, s["experts"], 128)
         n_pairs = idx.numel()
         experts, n_blocks = torch.unique_consecutive(block_expert[block_expert >= 0], return_counts=True)

@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from device_rates import no_cuda  # noqa: E402
-from sparse_kernels import SHAPES, mask_24  # noqa: E402
+from sparse_kernels import SHAPES, dense_grouped_inputs, mask_24, random_routing  # noqa: E402
 
 SECTIONS = ("SpeedOfLight", "MemoryWorkloadAnalysis", "ComputeWorkloadAnalysis", "WarpStateStats", "Occupancy", "LaunchStats")
 #: the counters printed per kernel (as ncu's details page names them), with the lines that mention stalls or tensor pipes
@@ -41,13 +41,11 @@ def child(shape: str, matrix: str, tokens: int) -> None:
     torch.manual_seed(0)
     dense = mask_24(torch.randn(s["experts"], n, k, device="cuda", dtype=torch.bfloat16) * 0.02)
     values, meta = compress_24(dense)
-    index = torch.stack([torch.randperm(s["experts"], device="cuda")[: s["top_k"]] for _ in range(tokens)])
+    index = random_routing(s["experts"], s["top_k"], tokens)
     rows_per_a = s["top_k"] if matrix == "gate_up" else 1
     a = torch.randn(tokens * s["top_k"] // rows_per_a, k, device="cuda", dtype=torch.bfloat16)
     ids, blocks = align_pairs(index, s["experts"], 128)
-    flat = index.reshape(-1)
-    rows = a[flat.argsort(stable=True) // rows_per_a]
-    offs = torch.bincount(flat, minlength=s["experts"]).cumsum(0).to(torch.int32)
+    rows, offs = dense_grouped_inputs(a, index, s["experts"], rows_per_a)
     for _ in range(3):
         cuda_mma.wgmma_grouped_mm(a, values, meta, ids, blocks, rows_per_a, **cuda_mma.WGMMA_LAUNCHES[256])
         torch._grouped_mm(rows, dense.transpose(1, 2), offs=offs)

@@ -44,7 +44,7 @@ def main(argv=None) -> int:
         return 2
     from inference import SHAPES
     from inference_models import build_model, build_variants, moe_blocks
-    from sparse_kernels import mask_24
+    from sparse_kernels import dense_grouped_inputs, mask_24, random_routing
 
     from stun_lightning.sparse import align_pairs, compress_24, cuda_mma
 
@@ -52,12 +52,10 @@ def main(argv=None) -> int:
     experts, n, k, tokens, top_k = 8, 256, 256, 256, 2
     dense = mask_24(torch.randn(experts, n, k, device="cuda", dtype=torch.bfloat16))
     values, meta = compress_24(dense)
-    index = torch.stack([torch.randperm(experts, device="cuda")[:top_k] for _ in range(tokens)])
+    index = random_routing(experts, top_k, tokens)
     ids, blocks = align_pairs(index, experts, 128)
     x = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16)
-    flat = index.reshape(-1)
-    rows = x[flat.argsort(stable=True) // top_k]
-    offs = torch.bincount(flat, minlength=experts).cumsum(0).to(torch.int32)
+    rows, offs = dense_grouped_inputs(x, index, experts, top_k)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}\n")
     print("| call | CPU us per call |\n|---|---:|")
     ops = {

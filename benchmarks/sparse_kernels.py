@@ -44,6 +44,19 @@ def graphed_us(fn) -> float:
     return do_bench(g.replay, warmup=10, rep=50, return_mode="median") * 1e3
 
 
+def random_routing(experts: int, top_k: int, tokens: int) -> torch.Tensor:
+    """``[tokens, top_k]`` distinct experts per token, uniformly at random (CUDA)."""
+    return torch.stack([torch.randperm(experts, device="cuda")[:top_k] for _ in range(tokens)])
+
+
+def dense_grouped_inputs(a: torch.Tensor, index: torch.Tensor, experts: int, rows_per_a: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """What ``torch._grouped_mm`` (the dense kernel of transformers' grouped_mm experts) takes for
+    the pairs of ``index``: the rows of ``a`` sorted by expert and each expert's end offset."""
+    flat = index.reshape(-1)
+    rows = a[flat.argsort(stable=True) // rows_per_a]
+    return rows, torch.bincount(flat, minlength=experts).cumsum(0).to(torch.int32)
+
+
 def mask_24(w: torch.Tensor) -> torch.Tensor:
     groups = w.view(*w.shape[:-1], -1, 4)
     keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, groups.abs().topk(2, -1).indices, True)
@@ -93,7 +106,7 @@ def main(argv=None) -> int:
             dense = mask_24(torch.randn(s["experts"], n, k, device="cuda", dtype=torch.bfloat16) * 0.02)
             values, meta = compress_24(dense)
             for tokens in args.tokens:
-                idx = torch.stack([torch.randperm(s["experts"], device="cuda")[: s["top_k"]] for _ in range(tokens)])
+                idx = random_routing(s["experts"], s["top_k"], tokens)
                 rows_per_a = s["top_k"] if matrix == "gate_up" else 1
                 a = torch.randn(tokens * (1 if matrix == "gate_up" else s["top_k"]), k, device="cuda", dtype=torch.bfloat16)
                 n_pairs = tokens * s["top_k"]
@@ -102,9 +115,7 @@ def main(argv=None) -> int:
                 # the same pairs through torch._grouped_mm on the masked dense weights (the dense kernel
                 # transformers' grouped_mm experts run), and a float32 reference expert by expert
                 flat = idx.reshape(-1)
-                order = flat.argsort(stable=True)
-                rows = a[order // rows_per_a]
-                offs = torch.bincount(flat, minlength=s["experts"]).cumsum(0).to(torch.int32)
+                rows, offs = dense_grouped_inputs(a, idx, s["experts"], rows_per_a)
                 ref = torch.empty(n_pairs, n, device="cuda", dtype=torch.float32)
                 for e in flat.unique().tolist():
                     sel = (flat == e).nonzero().flatten()
