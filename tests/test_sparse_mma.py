@@ -53,15 +53,13 @@ def test_the_kernels_are_never_chosen_off_the_gpu_and_can_be_disabled():
 
 
 def test_the_hopper_kernel_refuses_a_launch_it_has_no_form_for(monkeypatch):
-    values = torch.zeros(2, 256, 64, dtype=torch.bfloat16)
+    launch = functools.partial(cuda_mma.wgmma_grouped_mm, torch.zeros(4, 128, dtype=torch.bfloat16), torch.zeros(2, 256, 64, dtype=torch.bfloat16),
+                               torch.zeros(2, 256, 16, dtype=torch.uint8), torch.zeros(128, dtype=torch.int32), torch.zeros(1, dtype=torch.int32), 1)
+    with pytest.raises(ValueError, match="2 consumer warpgroups"):
+        launch(consumers=4)
     monkeypatch.setattr(cuda_mma, "MAX_ACT_ELEMENTS", 100)  # its producer's 32-bit offsets into the activations
     with pytest.raises(ValueError, match="at most 100 elements"):
-        cuda_mma.wgmma_grouped_mm(torch.zeros(4, 128, dtype=torch.bfloat16), values, torch.zeros(2, 256, 16, dtype=torch.uint8),
-                                  torch.zeros(128, dtype=torch.int32), torch.zeros(1, dtype=torch.int32), 1)
-    monkeypatch.undo()
-    with pytest.raises(ValueError, match="2 consumer warpgroups"):
-        cuda_mma.wgmma_grouped_mm(torch.zeros(4, 128, dtype=torch.bfloat16), values, torch.zeros(2, 256, 16, dtype=torch.uint8),
-                                  torch.zeros(128, dtype=torch.int32), torch.zeros(1, dtype=torch.int32), 1, consumers=4)
+        launch()
 
 
 # ---- GPU ------------------------------------------------------------------------------------------
