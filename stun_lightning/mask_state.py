@@ -294,7 +294,7 @@ def compute_masks(
 
     ratios = None  # outlier ratios, for OWL
     if allocation == "owl":
-        ratios = {layer.index: outlier_ratio([sc for _, _, sc in layer_scores(layer, _full_matrices(layer)) if sc is not None], owl_threshold)
+        ratios = {layer.index: outlier_ratio(lambda scores=[sc for _, _, sc in layer_scores(layer, _full_matrices(layer)) if sc is not None]: scores, owl_threshold)
                   for layer in layers}
         low_tokens.clear()
     targets = layer_targets(layers, sparsity, nm, ratios, owl_lambda, allocation_base, original_experts)
