@@ -294,8 +294,10 @@ def compute_masks(
 
     ratios = None  # outlier ratios, for OWL
     if allocation == "owl":
-        ratios = {layer.index: outlier_ratio(lambda scores=[sc for _, _, sc in layer_scores(layer, _full_matrices(layer)) if sc is not None]: scores, owl_threshold)
-                  for layer in layers}
+        ratios = {}
+        for layer in layers:
+            mats = _full_matrices(layer)  # gathered once (a collective when sharded); scores streamed twice
+            ratios[layer.index] = outlier_ratio(lambda: (sc for _, _, sc in layer_scores(layer, mats) if sc is not None), owl_threshold)
         low_tokens.clear()
     targets = layer_targets(layers, sparsity, nm, ratios, owl_lambda, allocation_base, original_experts)
 

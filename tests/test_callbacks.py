@@ -383,3 +383,19 @@ def test_cli_fit_on_the_tiny_recipe(tmp_path):
     assert [l.num_experts for l in moe_layers(saved)] == [6, 6]
     report = json.loads((tmp_path / "model" / "stun_report.json").read_text())
     assert report["within_expert_sparsity"] == 0.5  # the shortened schedule ran to its end
+
+
+def test_owl_allocation_under_the_callback_spreads_the_target_over_layers(data):
+    # the callback's OWL path once crashed at the first mask update ('list' object is not callable)
+    mod = module()
+    stun = StunCallback(StunRecipe(expert_sparsity=0.0, sparsity=0.5, metric="wanda", allocation="owl", owl_lambda=0.2,
+                                   low_token_rule="magnitude"), SparsitySchedule("one_shot", start_step=2))
+    make_trainer(max_steps=3, callbacks=[stun]).fit(mod, data)
+    targets = stun.layer_targets
+    assert len(targets) == len(moe_layers(mod.student)) and len(set(targets.values())) > 1
+    sizes = {l.index: sum(w.numel() for w in l.expert_matrices().values()) for l in moe_layers(mod.student)}
+    assert sum(targets[i] * n for i, n in sizes.items()) / sum(sizes.values()) == pytest.approx(0.5, abs=1e-9)
+    for layer in moe_layers(mod.student):  # each layer holds its own target, up to one weight per row
+        w = torch.cat([m.reshape(-1) for m in layer.expert_matrices().values()])
+        in_dim = min(m.shape[2] for m in layer.expert_matrices().values())
+        assert float((w == 0).double().mean()) == pytest.approx(targets[layer.index], abs=0.5 / in_dim + 1e-9)
