@@ -40,7 +40,9 @@ except ImportError:  # run from a plain checkout (PYTHONPATH=.), not an installe
     from callbacks import SparsitySchedule, StunCallback, StunDistillModule
 
 from stun_lightning import StunRecipe
-from stun_lightning.mask_state import apply_masks, compute_masks
+from stun_lightning.mask_state import apply_masks
+from stun_lightning.recipe import StunRecipe
+from stun_lightning.unstructured import compute_masks
 from stun_lightning.structured import apply_expert_sets, select_experts
 from stun_lightning.tiny import build_tiny_model
 
@@ -128,7 +130,7 @@ def main(argv=None):
     # baseline: same pruned shapes and final masks, no callback
     module = StunDistillModule(model_for(args), teacher=None, lr=1e-5)
     apply_expert_sets(module.student, select_experts(module.student, recipe))
-    apply_masks(module.student, compute_masks(module.student, 0.5, "magnitude").masks)
+    apply_masks(module.student, compute_masks(module.student, 0.5, StunRecipe(metric="magnitude")).masks)
     times, wall, peak = fit(args, module, [], sync)
     base = statistics.median(t for _, t in times)
     rows.append(("baseline (pruned up front, no callback)", base, "", tokens_per_step / base, peak))

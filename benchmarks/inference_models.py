@@ -11,7 +11,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from stun_lightning import keep_experts, moe_layers
 from stun_lightning.adapters import decoder_layers
-from stun_lightning.masks import mask_from_scores, score
+from stun_lightning.masks import mask_from_scores
+from stun_lightning.metrics import weighted_magnitude
 from stun_lightning.sparse import sparsify
 from stun_lightning.sparse.convert import expert_modules
 
@@ -28,7 +29,7 @@ def build_model(shape: dict, layers: int, vocab: int, device: str, seed: int) ->
         for layer in moe_layers(model):
             for w in layer.expert_matrices().values():
                 for e in range(w.shape[0]):  # one expert at a time: scores are float32
-                    w[e].mul_(mask_from_scores(score(w[e], "magnitude"), 0.5, "2:4"))
+                    w[e].mul_(mask_from_scores(weighted_magnitude(w[e]), 0.5, "2:4"))
     return model.eval()
 
 

@@ -13,12 +13,12 @@ import torch
 from torch import nn
 
 from stun_lightning.activation_stats import ActivationStats, reduce_stats
-from stun_lightning.mask_state import ExpertMasks, MaskUpdate, compute_masks
+from stun_lightning.mask_state import ExpertMasks
 from stun_lightning.masks import parse_pattern
-from stun_lightning.prune import within_sparsity
 from stun_lightning.recipe import StunRecipe
 from stun_lightning.report import ModelCensus
 from stun_lightning.schedule import SparsitySchedule
+from stun_lightning.unstructured import MaskUpdate, compute_masks, within_sparsity
 
 
 def final_sparsity(recipe: StunRecipe, schedule: SparsitySchedule, dense: ModelCensus, model: nn.Module) -> float:
@@ -63,18 +63,4 @@ def masks_at(model: nn.Module, target: float, recipe: StunRecipe, stats: dict | 
              original_experts: dict[int, int] | None = None) -> MaskUpdate:
     """Keep-masks of the surviving experts at ``target`` with the recipe's metric, pattern and
     allocation (``original_experts``: expert counts before the structured phase)."""
-    return compute_masks(
-        model,
-        target,
-        recipe.metric,
-        stats,
-        pattern=recipe.pattern,
-        allocation=recipe.allocation,
-        owl_threshold=recipe.owl_threshold,
-        owl_lambda=recipe.owl_lambda,
-        low_token_rule=recipe.low_token_rule,
-        min_tokens=recipe.min_tokens,
-        previous=previous,
-        allocation_base=recipe.allocation_base,
-        original_experts=original_experts,
-    )
+    return compute_masks(model, target, recipe, stats, previous=previous, original_experts=original_experts)

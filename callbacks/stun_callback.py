@@ -45,6 +45,7 @@ from torch import nn
 from stun_lightning.activation_stats import ActivationStats
 from stun_lightning.mask_state import ExpertMasks, apply_masks, mask_gradients, mask_optimizer_state, measured_sparsity
 from stun_lightning.masks import InvalidSparsityError
+from stun_lightning.metrics import get_metric
 from stun_lightning.recipe import StunRecipe
 from stun_lightning.report import ModelCensus, PruneReport
 from stun_lightning.schedule import InvalidScheduleError, SparsitySchedule, check_training_schedule
@@ -100,6 +101,11 @@ class StunCallback(Callback):
         overwrite: bool = False,
     ) -> None:
         self.recipe = (recipe or StunRecipe()).validate()
+        if self.recipe.prune_dense:
+            raise ValueError(
+                "recipe prune_dense=True is supported by one-shot prune() only (the training-time statistics cover "
+                "expert inputs, not dense linears); set prune_dense: false for StunCallback"
+            )
         schedule = schedule or SparsitySchedule()
         if update_every is not None:
             schedule = SparsitySchedule(**{**schedule.to_dict(), "update_every": update_every})
@@ -162,7 +168,7 @@ class StunCallback(Callback):
 
     @property
     def _uses_stats(self) -> bool:
-        return self.recipe.prunes_weights and self.recipe.metric != "magnitude"
+        return self.recipe.prunes_weights and get_metric(self.recipe.metric).needs_data
 
     # ------------------------------------------------------------------ checks
 

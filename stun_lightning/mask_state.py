@@ -11,31 +11,28 @@ function here so it is tested without a training framework:
   (Adam's ``exp_avg`` / ``exp_avg_sq``, SGD's ``momentum_buffer``...) zeroed at masked entries, so
   momentum cannot revive a pruned weight (sparsegpt #17, filter-pruning-geometric-median #47).
 
-Masks are recomputed by :func:`compute_masks` from the recipe's metric (``stun_lightning.masks``);
-already-masked weights score zero, so masks only grow as the target sparsity rises. Masks are held
+Masks are computed by ``stun_lightning.unstructured.compute_masks`` (already-masked weights rank
+below every live one, so masks only grow as the target sparsity rises). Masks are held
 packed, one bit per expert weight on the CPU, plus one byte per weight of each parameter's own view
 (its shard under FSDP2) on the parameter's device while it is enforced.
 
 Sharded models (FSDP2, ``stun_lightning.sharding``): masks are always the full ``[E, out, in]``
 tensors, kept on the CPU, identical on every rank; each rank enforces the rows of its own shard
 (:meth:`ExpertMasks.local`, cached on the shard's device) on the local parameter, gradient and
-optimizer state. :func:`compute_masks` gathers one layer's full weights at a time (a collective:
+optimizer state. ``compute_masks`` gathers one layer's full weights at a time (a collective:
 every rank computes the same masks from the same statistics).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 from torch import nn
 
 from .adapters import MoELayer, moe_layers
-from .calibration import LayerStats
-from .masks import layer_targets, mask_from_scores, nm_sparsity_for, outlier_ratio, parse_pattern, score
-from .sharding import count_nonzero, full, is_sharded, local_mask, local_view
+from .sharding import count_nonzero, is_sharded, local_mask, local_view
 
 MATRICES = ("gate_up_proj", "down_proj")
 
@@ -230,103 +227,9 @@ def measured_sparsity(model: nn.Module) -> float:
     return zeros / total if total else 0.0
 
 
-def _full_matrices(layer: MoELayer) -> dict[str, torch.Tensor]:
-    # one layer's whole expert weights (gathered when sharded: every rank, same order)
-    return {name: full(w) for name, w in layer.expert_matrices().items()}
-
-
-@dataclass
-class MaskUpdate:
-    masks: ExpertMasks
-    layer_targets: dict[int, float]
-    low_token_experts: dict[int, list[int]]
-
-
-@torch.no_grad()
-def compute_masks(
-    model: nn.Module,
-    sparsity: float,
-    metric: str = "magnitude",
-    stats: dict[int, LayerStats] | None = None,
-    *,
-    pattern: str = "unstructured",
-    allocation: str = "uniform",
-    owl_threshold: float = 5.0,
-    owl_lambda: float = 0.08,
-    low_token_rule: str = "dense",
-    min_tokens: int = 1,
-    previous: ExpertMasks | None = None,
-    allocation_base: str = "kept",
-    original_experts: dict[int, int] | None = None,
-) -> MaskUpdate:
-    """Keep-masks for every surviving expert matrix at ``sparsity`` (per output row, as Wanda).
-
-    Scores are ``stun_lightning.masks.score`` of the current weights; ``wanda`` / ``moe_pruner``
-    read the input norms of ``stats`` (from :class:`stun_lightning.activation_stats.ActivationStats`).
-    Experts routed fewer than ``min_tokens`` tokens in ``stats``: with ``low_token_rule="dense"`` they
-    keep their ``previous`` mask (or stay dense), as the one-shot pipeline leaves them dense; with
-    ``"magnitude"`` they are masked by magnitude. ``allocation="owl"`` spreads ``sparsity`` over
-    layers by outlier ratio (parameter-weighted, see ``stun_lightning.masks``).
-    ``allocation_base="layer"`` sets each layer's target over its original expert parameters
-    (``original_experts``: expert counts before removal; see ``masks.whole_layer_allocation``).
-    """
-    nm = parse_pattern(pattern)
-    layers = moe_layers(model)
-    uses_data = metric != "magnitude"
-    if uses_data and stats is None:
-        raise ValueError(f"metric {metric!r} needs activation statistics (stats=...) or use metric='magnitude'")
-    low_tokens: dict[int, list[int]] = {}
-
-    def layer_scores(layer: MoELayer, mats: dict[str, torch.Tensor]) -> Iterator[tuple[str, int, torch.Tensor | None]]:
-        s = stats.get(layer.index) if uses_data else None
-        if uses_data and s is None:
-            raise ValueError(f"no activation statistics for MoE layer {layer.index}")
-        low = set(s.low_token_experts(min_tokens)) if s is not None else set()
-        if low:
-            low_tokens[layer.index] = sorted(low)
-        for name, weights in mats.items():
-            norms = s.input_norms(name, gated=metric == "moe_pruner") if s is not None else None
-            for e in range(layer.num_experts):
-                if e in low:
-                    yield name, e, None if low_token_rule == "dense" else score(weights[e], "magnitude")
-                else:
-                    yield name, e, score(weights[e], metric, norms[e] if norms is not None else None)
-
-    ratios = None  # outlier ratios, for OWL
-    if allocation == "owl":
-        ratios = {}
-        for layer in layers:
-            mats = _full_matrices(layer)  # gathered once (a collective when sharded); scores streamed twice
-            ratios[layer.index] = outlier_ratio(lambda: (sc for _, _, sc in layer_scores(layer, mats) if sc is not None), owl_threshold)
-        low_tokens.clear()
-    targets = layer_targets(layers, sparsity, nm, ratios, owl_lambda, allocation_base, original_experts)
-
-    out = ExpertMasks()
-    for layer in layers:
-        layer_pattern = f"{nm_sparsity_for(targets[layer.index], nm[1])}:{nm[1]}" if nm and allocation == "owl" else pattern
-        mats = _full_matrices(layer)
-        new = {name: torch.ones(w.shape, dtype=torch.bool, device=w.device) for name, w in mats.items()}
-        for name, e, sc in layer_scores(layer, mats):
-            old = previous.get(layer.index, name) if previous is not None else None
-            old = old[e].to(new[name].device) if old is not None else None
-            if sc is None:
-                if old is not None:
-                    new[name][e] = old
-                continue
-            if old is not None:  # pruned weights rank below every live one: masks only grow
-                sc = sc.masked_fill(~old.to(sc.device), -1.0)
-            new[name][e] = mask_from_scores(sc, targets[layer.index], layer_pattern)
-        sharded = is_sharded(layer.experts.gate_up_proj)
-        for name, m in new.items():
-            out.set(layer.index, name, m.cpu() if sharded else m)
-    return MaskUpdate(out, targets, low_tokens)
-
-
 __all__ = [
     "ExpertMasks",
-    "MaskUpdate",
     "apply_masks",
-    "compute_masks",
     "iter_masked",
     "mask_gradients",
     "mask_optimizer_state",

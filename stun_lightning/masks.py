@@ -1,12 +1,6 @@
-"""Unstructured phase: weight-importance metrics, sparsity patterns and layer-wise allocation.
+"""Sparsity patterns and layer-wise allocation of the unstructured phase (pure tensor math).
 
-Metrics (scores compared within each output row of an ``[out, in]`` matrix, as Wanda does):
-
-* ``magnitude``: ``|W_ij|``;
-* ``wanda`` (Sun et al. 2023): ``|W_ij| * ||X_j||_2`` over the tokens routed to the expert;
-* ``moe_pruner`` (Xie et al. 2024): ``|W_ij| * ||X_j * g||_2``, each token's input scaled by its
-  gate value for the expert. The paper does not say whether ``down_proj``'s input is gated too;
-  we gate all expert matrices (as the third-party reimplementation does).
+Scores come from ``stun_lightning.metrics``; the phase itself is ``stun_lightning.unstructured``.
 
 Patterns: ``unstructured`` (lowest ``round(in * s)`` of each row; Wanda floors, which undershoots
 non-round targets such as OWL's per-layer values by up to one weight per row) or ``N:M`` (the N lowest of every
@@ -24,9 +18,6 @@ from __future__ import annotations
 from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
-
-METRICS = ("magnitude", "wanda", "moe_pruner")
-
 
 class InvalidSparsityError(ValueError):
     pass
@@ -49,18 +40,6 @@ def check_sparsity(value: float, name: str = "sparsity") -> float:
     if not 0.0 <= value < 1.0:
         raise InvalidSparsityError(f"{name} must be in [0, 1), got {value}; 1.0 would remove every weight")
     return float(value)
-
-
-def score(weight: torch.Tensor, metric: str, input_norms: torch.Tensor | None = None) -> torch.Tensor:
-    """Importance of each entry of ``weight`` ``[out, in]`` (fp32)."""
-    w = weight.detach().float().abs()
-    if metric == "magnitude":
-        return w
-    if metric in ("wanda", "moe_pruner"):
-        if input_norms is None:
-            raise ValueError(f"metric {metric!r} needs calibration input norms")
-        return w * input_norms.float().to(w.device)[None, :]
-    raise ValueError(f"unknown metric {metric!r}; choose one of {METRICS}")
 
 
 def mask_from_scores(scores: torch.Tensor, sparsity: float, pattern: str = "unstructured") -> torch.Tensor:

@@ -9,8 +9,9 @@ from typing import Any
 
 import yaml
 
-from .masks import METRICS, check_sparsity, parse_pattern
+from .masks import check_sparsity, parse_pattern
 from .methods import expert_methods, get_expert_method
+from .metrics import METRICS
 from .methods.stun import DISTANCES
 
 

@@ -19,7 +19,8 @@ from stun_lightning import StunRecipe, load_pruned, moe_layers
 from stun_lightning.callbacks import SparsitySchedule, StunCallback, StunDataModule, StunDistillModule
 from stun_lightning.data import read_texts, token_stream
 from stun_lightning.evaluate import perplexity
-from stun_lightning.mask_state import ExpertMasks, apply_masks, compute_masks, mask_gradients, mask_optimizer_state, measured_sparsity
+from stun_lightning.mask_state import ExpertMasks, apply_masks, mask_gradients, mask_optimizer_state, measured_sparsity
+from stun_lightning.unstructured import compute_masks
 from stun_lightning.schedule import InvalidScheduleError
 from stun_lightning.tiny import build_tiny_model, load_tokenizer
 
@@ -112,7 +113,7 @@ def test_momentum_revives_pruned_weights_unless_the_optimizer_state_is_masked():
     torch.manual_seed(0)
     model = build_tiny_model("qwen3_moe")
     ids = torch.randint(0, model.config.vocab_size, (2, 16))
-    masks = compute_masks(model, 0.5, "magnitude").masks
+    masks = compute_masks(model, 0.5, StunRecipe(metric="magnitude")).masks
     results = {}
     for mask_state in (False, True):
         m = copy.deepcopy(model).train()
@@ -133,7 +134,7 @@ def test_momentum_revives_pruned_weights_unless_the_optimizer_state_is_masked():
 
 def test_masks_survive_a_checkpoint_bit_for_bit():
     model = build_tiny_model("gpt_oss")  # transposed expert storage
-    masks = compute_masks(model, 0.375, "magnitude").masks
+    masks = compute_masks(model, 0.375, StunRecipe(metric="magnitude")).masks
     again = ExpertMasks.from_state_dict(masks.state_dict())
     assert again.equal(masks)
     packed = sum(v["bits"].numel() for v in masks.state_dict().values())

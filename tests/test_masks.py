@@ -220,16 +220,16 @@ def test_prune_with_a_global_expert_budget_allocates_over_whole_layers_when_aske
 
 
 def test_masks_during_training_follow_the_whole_layer_allocation():
-    from stun_lightning.mask_state import compute_masks
+    from stun_lightning.unstructured import compute_masks
     from stun_lightning.structured import apply_expert_sets
 
     model = build_tiny_model("mixtral", num_hidden_layers=2, seed=1)
     original = {layer.index: layer.num_experts for layer in moe_layers(model)}
     apply_expert_sets(model, {0: [0, 1, 2], 1: list(range(original[1] - 1))})
-    update = compute_masks(model, 0.5, "magnitude", allocation_base="layer", original_experts=original)
+    update = compute_masks(model, 0.5, StunRecipe(metric="magnitude", allocation_base="layer"), original_experts=original)
     assert update.layer_targets[0] < 0.5 < update.layer_targets[1]
     kept = {layer.index: sum(w.numel() for w in layer.expert_matrices().values()) for layer in moe_layers(model)}
     assert sum(update.layer_targets[i] * kept[i] for i in kept) / sum(kept.values()) == pytest.approx(0.5)
     assert 1 - update.masks.sparsity() == pytest.approx(0.5, abs=0.02)
     with pytest.raises(ValueError, match="original_experts"):
-        compute_masks(model, 0.5, "magnitude", allocation_base="layer")
+        compute_masks(model, 0.5, StunRecipe(metric="magnitude", allocation_base="layer"))
