@@ -63,7 +63,7 @@ class ActivationStats:
         for c in self._collectors:
             saved = self._pending.pop(c.layer.index, None)
             if saved is not None:
-                _add_into(c.stats, saved)
+                c.stats.add_state(saved)
         self._pending = {}
 
     def close(self) -> dict[int, LayerStats]:
@@ -76,32 +76,11 @@ class ActivationStats:
 
     def state_dict(self) -> dict[int, dict]:
         """The statistics gathered so far in the open window (CPU copies), for checkpoints."""
-        return {c.layer.index: _to_dict(c.stats) for c in self._collectors}
+        return {c.layer.index: c.stats.summed_state() for c in self._collectors}
 
     def load_state_dict(self, state: dict[int, dict]) -> None:
         """Statistics of a window interrupted by a checkpoint: added to the next :meth:`open`."""
         self._pending = {int(k): v for k, v in state.items()}
-
-
-_TENSORS = ("expert_tokens", "gate_sum", "coactivation", "router_logit_sum")
-
-
-def _to_dict(s: LayerStats) -> dict:
-    out = {"tokens": s.tokens}
-    out.update({name: getattr(s, name).detach().cpu().clone() for name in _TENSORS})
-    out["input_sq"] = {k: v.detach().cpu().clone() for k, v in s.input_sq.items()}
-    out["input_sq_gated"] = {k: v.detach().cpu().clone() for k, v in s.input_sq_gated.items()}
-    return out
-
-
-def _add_into(s: LayerStats, saved: dict) -> None:
-    s.tokens += int(saved["tokens"])
-    for name in _TENSORS:
-        t = getattr(s, name)
-        t += saved[name].to(t.device, t.dtype)
-    for field in ("input_sq", "input_sq_gated"):
-        for k, v in saved[field].items():
-            getattr(s, field)[k] += v.to(getattr(s, field)[k].device)
 
 
 def reduce_stats(stats: dict[int, LayerStats], reduce_sum) -> dict[int, LayerStats]:
@@ -109,11 +88,7 @@ def reduce_stats(stats: dict[int, LayerStats], reduce_sum) -> dict[int, LayerSta
     all-reduce across data-parallel ranks), so every rank computes the same masks."""
     for s in stats.values():
         s.tokens = int(reduce_sum(torch.tensor(float(s.tokens), dtype=torch.float64)).item())
-        for name in _TENSORS:
-            t = getattr(s, name)
-            setattr(s, name, reduce_sum(t.double()).to(t.dtype))
-        s.input_sq = {k: reduce_sum(v) for k, v in s.input_sq.items()}
-        s.input_sq_gated = {k: reduce_sum(v) for k, v in s.input_sq_gated.items()}
+        s.map_summed(lambda t: reduce_sum(t.double()).to(t.dtype))
     return stats
 
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import time
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Callable, Iterable, Protocol
 
 import torch
@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from .adapters import MoELayer, decoder_layers, moe_layers
 
 ROUTING, NORMS, LINEAR, SALIENCY = "routing", "norms", "linear", "saliency"
+_SUMMED = {"summed": True}
 
 
 @dataclass
@@ -48,16 +49,62 @@ class LayerStats:
     num_experts: int
     top_k: int
     tokens: int = 0
-    expert_tokens: torch.Tensor | None = None  # [E] routed tokens
-    gate_sum: torch.Tensor | None = None  # [E] sum of gate values (router-weighted frequency)
-    coactivation: torch.Tensor | None = None  # [E, E] tokens routed to both i and j (diag = counts)
-    router_logit_sum: torch.Tensor | None = None  # [E]
-    saliency_sum: torch.Tensor | None = None  # [E] sum over routed tokens of gate * ||expert output||_2 ("saliency")
-    input_sq: dict[str, torch.Tensor] = field(default_factory=dict)  # "gate_up_proj" / "down_proj" -> [E, in]
-    input_sq_gated: dict[str, torch.Tensor] = field(default_factory=dict)
+    expert_tokens: torch.Tensor | None = field(default=None, metadata=_SUMMED)  # [E] routed tokens
+    gate_sum: torch.Tensor | None = field(default=None, metadata=_SUMMED)  # [E] sum of gate values (router-weighted frequency)
+    coactivation: torch.Tensor | None = field(default=None, metadata=_SUMMED)  # [E, E] tokens routed to both i and j (diag = counts)
+    router_logit_sum: torch.Tensor | None = field(default=None, metadata=_SUMMED)  # [E]
+    saliency_sum: torch.Tensor | None = field(default=None, metadata=_SUMMED)  # [E] sum over routed tokens of gate * ||expert output||_2
+    input_sq: dict[str, torch.Tensor] = field(default_factory=dict, metadata=_SUMMED)  # "gate_up_proj" / "down_proj" -> [E, in]
+    input_sq_gated: dict[str, torch.Tensor] = field(default_factory=dict, metadata=_SUMMED)
     block_inputs: list[torch.Tensor] = field(default_factory=list)
     block_outputs: list[torch.Tensor] = field(default_factory=list)
-    linear_sq: dict[str, torch.Tensor] = field(default_factory=dict)  # dense nn.Linear name -> [in]
+    linear_sq: dict[str, torch.Tensor] = field(default_factory=dict, metadata=_SUMMED)  # dense nn.Linear name -> [in]
+
+    # Fields marked ``_SUMMED`` are sums over tokens: statistics of several batches, windows or ranks
+    # add up. These methods are the one place that lists them (the collector, the training-time
+    # statistics, their checkpoints and the cross-rank reductions all go through them).
+
+    def summed(self) -> list[tuple[str, str | None, torch.Tensor]]:
+        """``(field, dict key or None, tensor)`` of every collected sum over tokens, in a fixed order."""
+        out = []
+        for f in fields(self):
+            if not f.metadata.get("summed"):
+                continue
+            value = getattr(self, f.name)
+            if isinstance(value, dict):
+                out.extend((f.name, k, value[k]) for k in sorted(value))
+            elif value is not None:
+                out.append((f.name, None, value))
+        return out
+
+    def map_summed(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "LayerStats":
+        """Replace every summed tensor ``t`` by ``fn(t)`` (e.g. move it, or all-reduce it); returns self."""
+        for name, key, t in self.summed():
+            if key is None:
+                setattr(self, name, fn(t))
+            else:
+                getattr(self, name)[key] = fn(t)
+        return self
+
+    def summed_state(self) -> dict:
+        """The token count and CPU copies of every summed tensor (a checkpointable dict)."""
+        state: dict = {"tokens": self.tokens}
+        for name, key, t in self.summed():
+            copy = t.detach().cpu().clone()
+            if key is None:
+                state[name] = copy
+            else:
+                state.setdefault(name, {})[key] = copy
+        return state
+
+    def add_state(self, state: dict) -> None:
+        """Add a :meth:`summed_state` of the same layer into these statistics."""
+        self.tokens += int(state["tokens"])
+        for name, key, t in self.summed():
+            saved = state.get(name)
+            saved = saved.get(key) if key is not None and saved is not None else saved
+            if saved is not None:
+                t += saved.to(t.device, t.dtype)
 
     def frequency(self) -> torch.Tensor:
         """Fraction of routed slots per expert."""
@@ -172,13 +219,7 @@ class _MoECollector:
     def close(self) -> LayerStats:
         for h in self.handles:
             h.remove()
-        s = self.stats
-        for name in ("expert_tokens", "gate_sum", "coactivation", "router_logit_sum", "saliency_sum"):
-            if getattr(s, name) is not None:
-                setattr(s, name, getattr(s, name).cpu())
-        s.input_sq = {k: v.cpu() for k, v in s.input_sq.items()}
-        s.input_sq_gated = {k: v.cpu() for k, v in s.input_sq_gated.items()}
-        return s
+        return self.stats.map_summed(lambda t: t.cpu())
 
     def _on_router(self, module, args, output):
         logits = output[0] if isinstance(output, tuple) else output

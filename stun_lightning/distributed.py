@@ -30,10 +30,6 @@ import torch.distributed as dist
 
 from .calibration import _PARTITION, CalibrationStats, LayerStats, calibrate
 
-_SUMMED = ("expert_tokens", "gate_sum", "coactivation", "router_logit_sum", "saliency_sum")
-_SUMMED_DICTS = ("input_sq", "input_sq_gated", "linear_sq")
-
-
 def is_distributed(group=None) -> bool:
     """Whether a process group of more than one rank is initialised."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
@@ -46,19 +42,6 @@ def _comm_device(group=None) -> torch.device:
     return torch.device("cpu")
 
 
-def _summed_tensors(s: LayerStats) -> list[tuple[str, str | None, torch.Tensor]]:
-    """(field, dict key or None, tensor) of every statistic that is a sum over tokens, in a fixed order."""
-    out = []
-    for name in _SUMMED:
-        t = getattr(s, name)
-        if t is not None:
-            out.append((name, None, t))
-    for name in _SUMMED_DICTS:
-        d = getattr(s, name)
-        out.extend((name, k, d[k]) for k in sorted(d))
-    return out
-
-
 def all_reduce_layer_stats(stats: LayerStats, group=None, keep_block_io: int = 0) -> LayerStats:
     """Sum ``stats`` over the ranks of ``group`` in place (one all-reduce per dtype); returns it.
 
@@ -66,7 +49,7 @@ def all_reduce_layer_stats(stats: LayerStats, group=None, keep_block_io: int = 0
     ``keep_block_io`` rows. Every rank must call this for the same layer with the same fields.
     """
     device = _comm_device(group)
-    entries = _summed_tensors(stats)
+    entries = stats.summed()
     tokens = torch.tensor([stats.tokens], dtype=torch.long)
     by_dtype: dict[torch.dtype, list[tuple[int, torch.Tensor]]] = {}
     for i, (_, _, t) in enumerate(entries):

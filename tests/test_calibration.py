@@ -87,3 +87,39 @@ def test_block_io_is_kept_on_request():
     assert x.shape == y.shape == (40, model.config.hidden_size)
     with torch.no_grad():
         torch.testing.assert_close(moe_layers(model)[0].block(x[None])[0], y, rtol=1e-4, atol=1e-5)
+
+
+# Every statistic that is a sum over tokens, written out here independently of LayerStats' own list.
+SUMS = ("expert_tokens", "gate_sum", "coactivation", "router_logit_sum", "saliency_sum", "input_sq", "input_sq_gated", "linear_sq")
+
+
+def _flat_sums(s):
+    out = {}
+    for name in SUMS:
+        value = getattr(s, name)
+        for key, t in (value.items() if isinstance(value, dict) else [(None, value)]):
+            out[(name, key)] = t
+    return out
+
+
+def test_statistics_of_two_halves_add_up_to_the_whole_in_every_summed_field():
+    from stun_lightning.activation_stats import reduce_stats
+    from stun_lightning.calibration import LINEAR, NORMS, SALIENCY
+
+    model = build_tiny_model("qwen2_moe", num_hidden_layers=2)
+    ids = random_ids(model, 4, 16)
+    collect = (NORMS, SALIENCY, LINEAR)
+    whole, first, second = (calibrate(model, x, collect=collect, batch_size=2, progress=False).layers for x in (ids, ids[:2], ids[2:]))
+    for i, s in first.items():
+        s.add_state(second[i].summed_state())  # a checkpointed window added to the next
+        want, got = _flat_sums(whole[i]), _flat_sums(s)
+        assert want.keys() == got.keys() and all(t is not None for t in want.values())
+        assert {name for name, _ in want} == set(SUMS)  # every kind collected, dense linears included
+        assert s.tokens == whole[i].tokens
+        for key in want:
+            torch.testing.assert_close(got[key].double(), want[key].double(), rtol=1e-5, atol=1e-6, msg=str(key))
+    doubled = reduce_stats({i: calibrate(model, ids, collect=collect, batch_size=2, progress=False).layers[i] for i in whole}, lambda t: 2 * t)
+    for i, s in doubled.items():  # "two ranks" with the same data: every sum doubles
+        assert s.tokens == 2 * whole[i].tokens
+        for key, t in _flat_sums(s).items():
+            torch.testing.assert_close(t.double(), 2 * _flat_sums(whole[i])[key].double(), msg=str(key))
