@@ -145,10 +145,14 @@ def run_prune(args) -> int:
         if file is not None and not Path(file).exists():
             raise FileNotFoundError(f"{label} {file} does not exist")
     device = default_device(args.device)
+    progress = not args.quiet
+    if not progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # transformers' "Loading weights" bar
     start = time.perf_counter()
     model, tokenizer, name = load_model_and_tokenizer(args.model, args.tokenizer, args.dtype)
     check_recipe(model, recipe)
-    progress = not args.quiet
     calibration = calibration_blocks(tokenizer, args.calib, recipe.calibration_samples, recipe.calibration_seq_len, recipe.seed)
 
     def ppl():
