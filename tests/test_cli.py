@@ -95,3 +95,19 @@ def test_default_prune_writes_no_warnings_to_stderr():
     warnings = [line for line in result.stderr.splitlines() if "warn" in line.lower()]
     assert not warnings, result.stderr
     assert result.stderr == "", result.stderr  # --quiet: no progress bars either
+
+
+def test_prune_help_lists_every_registered_choice(monkeypatch, capsys):
+    from stun_lightning.methods import base
+    from stun_lightning.recipe import field_choices
+
+    monkeypatch.setitem(base._METHODS, "brand_new_method", base._METHODS["random"])  # a method registered later
+    with pytest.raises(SystemExit) as exit:
+        main(["prune", "--help"])
+    assert exit.value.code == 0
+    usage = " ".join(capsys.readouterr().out.split())
+    for name, allowed in field_choices().items():
+        if name in ("allocation_base", "low_token_rule"):  # recipe-file fields, no flag
+            continue
+        assert f"--{name.replace('_', '-')} {{{','.join(allowed)}}}" in usage
+    assert "brand_new_method" in usage and "--pattern {unstructured,N:M}" in usage
