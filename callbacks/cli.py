@@ -9,12 +9,18 @@ Several GPUs with FSDP2: ``--config configs/fit_tiny_fsdp.yaml --trainer.devices
 ``--trainer.strategy='{"class_path": "stun_lightning.callbacks.FSDP2Strategy"}'`` on any config). There ``--ckpt_path``
 is handed to the trainer before ``fit`` (``trainer.ckpt_path``), so the StunCallback rebuilds the
 checkpoint's expert sets at ``setup``, before the model is sharded.
+
+A refusal of the library's own (a bad recipe or schedule, a callback argument that cannot work)
+is reported in one line on stderr with exit status 2, as ``stun-lightning prune`` does; any other
+exception keeps its traceback.
 """
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
+
+import stun_lightning
 
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.strategies import ModelParallelStrategy
@@ -25,7 +31,42 @@ from .datamodule import StunDataModule
 from .distill_module import StunDistillModule, tokenizer_for
 
 
+#: what the library raises for input it refuses (as ``stun-lightning prune`` reports them)
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
+_LIBRARY_DIRS = (Path(stun_lightning.__file__).resolve().parent, Path(__file__).resolve().parent)
+
+
+def library_error(err: BaseException) -> BaseException | None:
+    """The library's own refusal behind ``err`` or None (a bug, or another package's error).
+
+    jsonargparse wraps what a class raises while it instantiates the config (``raise ... from``), so
+    the chain of causes is followed; a refusal is a :data:`USER_ERRORS` raised from a frame of
+    ``stun_lightning`` (core or callbacks)."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, USER_ERRORS) and _raised_in_library(err):
+            return err
+        err = err.__cause__
+    return None
+
+
+def _raised_in_library(err: BaseException) -> bool:
+    tb = err.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    where = Path(tb.tb_frame.f_code.co_filename).resolve()
+    return any(where.is_relative_to(root) for root in _LIBRARY_DIRS)
+
+
 class StunLightningCLI(LightningCLI):
+    def parse_arguments(self, parser, args) -> None:
+        # main() always passes argv on (with ``fit`` filled in), so Lightning's warning about
+        # ``args`` given beside sys.argv would fire on every command-line run
+        self.config = parser.parse_args(args)
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.student", "data.tokenizer", compute_fn=tokenizer_for)
 
@@ -46,15 +87,23 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in SUBCOMMANDS:
         argv = ["fit", *argv]
-    StunLightningCLI(
-        StunDistillModule,
-        StunDataModule,
-        args=argv,
-        save_config_kwargs={"overwrite": True},
-        seed_everything_default=0,
-    )
+    try:
+        StunLightningCLI(
+            StunDistillModule,
+            StunDataModule,
+            args=argv,
+            save_config_kwargs={"overwrite": True},
+            seed_everything_default=0,
+        )
+    except USER_ERRORS as err:
+        refusal = library_error(err)
+        if refusal is None:
+            raise
+        message = " ".join(str(refusal).split())
+        print(f"stun-lightning {argv[0]}: error: {message}", file=sys.stderr)
+        return 2
     return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

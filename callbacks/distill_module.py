@@ -55,6 +55,7 @@ from stun_lightning.distill import (
 from stun_lightning.sharding import is_sharded, materialize, reshard, shard_decoder_layers
 
 from .strategy_checks import data_parallel_mesh
+from .stun_callback import StunCallback
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, None: None}
 
@@ -115,7 +116,8 @@ class StunDistillModule(LightningModule):
             or path, or None for no distillation. A model passed in is used as is, not copied (a
             teacher can be tens of GB): it is frozen and, with ``teacher_dtype``, cast in place.
         expert_map: per MoE layer, the teacher index of every student expert; default the
-            StunCallback's kept experts, or the identity when nothing was removed.
+            kept experts of the trainer's StunCallback (:meth:`StunCallback.of`), or the identity when
+            nothing was removed.
         ce_weight / expert_weight / logit_kl_weight / block_weight / temperature: loss weights
             (``expert_weight=None``: lambda = L_CE / L_expert at the first step, MoE-Pruner).
         lambda_init_step: with ``expert_weight=None``, lambda is set at the first step at or after
@@ -236,17 +238,15 @@ class StunDistillModule(LightningModule):
         if self.expert_map is not None:
             return {int(k): list(v) for k, v in self.expert_map.items()}
         teacher_counts = {layer.index: layer.num_experts for layer in moe_layers(self.teacher)}
-        trainer = self._trainer
-        for cb in trainer.callbacks if trainer is not None else []:
-            kept = getattr(cb, "kept_experts", None)
-            if kept is not None:
-                if getattr(cb, "dense_expert_counts", None) != teacher_counts:
-                    raise ValueError(
-                        f"{type(cb).__name__} found a student with {cb.dense_expert_counts} experts per layer, but the "
-                        f"teacher has {teacher_counts}: experts were removed before it ran, so its expert sets do not "
-                        "index the teacher; pass expert_map= (kept_from_removed(teacher, report.removed_experts))"
-                    )
-                return kept
+        stun = StunCallback.of(self._trainer)
+        if stun is not None:
+            if stun.dense_expert_counts != teacher_counts:
+                raise ValueError(
+                    f"{type(stun).__name__} found a student with {stun.dense_expert_counts} experts per layer, but the "
+                    f"teacher has {teacher_counts}: experts were removed before it ran, so its expert sets do not "
+                    "index the teacher; pass expert_map= (kept_from_removed(teacher, report.removed_experts))"
+                )
+            return stun.kept_experts
         student_counts = {layer.index: layer.num_experts for layer in moe_layers(self._student_model())}
         if student_counts != teacher_counts:
             raise ValueError(

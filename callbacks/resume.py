@@ -1,6 +1,7 @@
 """Resuming a fit whose model changed shape: read a callback's state before Lightning loads weights.
 
-Also the StunCallback's checkpoint state itself (:func:`dump_state`, :func:`restore_state`).
+Also the StunCallback's checkpoint state itself (:func:`dump_state`, :func:`restore_state`, called by
+its ``state_dict`` / ``load_state_dict``, Lightning's checkpoint hooks).
 
 Lightning restores a checkpoint in this order: the LightningModule's ``on_load_checkpoint``, the
 module's weights, then callbacks' state. A model the user re-creates dense cannot take a pruned
@@ -30,6 +31,7 @@ from lightning.pytorch import LightningModule
 from torch import nn
 
 from stun_lightning.mask_state import ExpertMasks
+from stun_lightning.schedule import SparsitySchedule
 from stun_lightning.structured import apply_expert_sets, resize_experts
 from stun_lightning.surgery import apply_top_k, sync_config
 
@@ -117,8 +119,13 @@ def check_expert_sets_before_load(path, state: dict | None, kept: dict[int, list
 STATE_VERSION = 1
 
 
-def dump_state(cb) -> dict[str, Any]:
-    """A StunCallback's checkpoint state: expert sets, masks (one bit per weight), schedule position."""
+def dump_state(cb, schedule: SparsitySchedule | None, open_stats: dict | None) -> dict[str, Any]:
+    """A StunCallback's checkpoint state: expert sets, masks (one bit per weight), schedule position.
+
+    Reads only the callback's public checkpoint attributes; what it keeps private, the callback
+    passes in: the ``schedule`` resolved at fit start and the statistics of an ``open_stats``
+    window the checkpoint interrupts (``ActivationStats.state_dict()``), so the resumed update sees
+    all of them."""
     return {
         "version": STATE_VERSION,
         "recipe": cb.recipe.to_dict(),
@@ -130,14 +137,15 @@ def dump_state(cb) -> dict[str, Any]:
         "current_sparsity": cb.current_sparsity,
         "layer_targets": cb.layer_targets,
         "low_token_experts": cb.low_token_experts,
-        "schedule": cb._resolved.to_dict() if cb._resolved else None,
-        # statistics of a window the checkpoint interrupts, so the resumed update sees all of them
-        "open_stats": cb._stats.state_dict() if cb._stats is not None and cb._stats.is_open else None,
+        "schedule": schedule.to_dict() if schedule else None,
+        "open_stats": open_stats,
     }
 
 
-def restore_state(cb, state: dict[str, Any]) -> None:
-    """Load :func:`dump_state`'s output into a StunCallback whose model already has those expert sets."""
+def restore_state(cb, state: dict[str, Any]) -> dict | None:
+    """Load :func:`dump_state`'s output into the public checkpoint attributes of a StunCallback whose
+    model already has those expert sets; returns the interrupted window's statistics (or None) for
+    the callback to resume its window with."""
     saved = {int(k): list(v) for k, v in state["kept_experts"].items()}
     if cb.kept_experts is not None and cb.kept_experts != saved:
         raise RuntimeError(
@@ -152,4 +160,4 @@ def restore_state(cb, state: dict[str, Any]) -> None:
     cb.current_sparsity = float(state["current_sparsity"])
     cb.layer_targets = {int(k): float(v) for k, v in state["layer_targets"].items()}
     cb.low_token_experts = {int(k): list(v) for k, v in state["low_token_experts"].items()}
-    cb._pending_stats = state.get("open_stats")
+    return state.get("open_stats")

@@ -379,10 +379,20 @@ class StunCallback(Callback):
         return self._generate_state_key(model_attr=self.model_attr)
 
     def state_dict(self) -> dict[str, Any]:
-        return dump_state(self)
+        open_stats = self._stats.state_dict() if self._stats is not None and self._stats.is_open else None
+        return dump_state(self, self._resolved, open_stats)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        restore_state(self, state_dict)
+        self._pending_stats = restore_state(self, state_dict)
+
+    @classmethod
+    def of(cls, trainer: Trainer | None) -> StunCallback | None:
+        """The trainer's StunCallback that has chosen expert sets (the first, if several), or None:
+        how a LightningModule reads them (``kept_experts``, ``dense_expert_counts``)."""
+        for cb in trainer.callbacks if trainer is not None else []:
+            if isinstance(cb, cls) and cb.kept_experts is not None:
+                return cb
+        return None
 
     def measured_sparsity(self, pl_module: LightningModule) -> float:
         """Zeros inside the surviving experts, counted from the weights."""

@@ -241,8 +241,3 @@ def moe_layers(model: nn.Module) -> list[MoELayer]:
             "expert weights); nothing for expert pruning to act on."
         )
     return found
-
-
-def experts_per_layer(model: nn.Module) -> dict[int, int]:
-    """Current number of routed experts in every MoE layer, keyed by decoder-layer index."""
-    return {layer.index: layer.num_experts for layer in moe_layers(model)}

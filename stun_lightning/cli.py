@@ -19,13 +19,19 @@ from pathlib import Path
 
 import torch
 
-from .recipe import StunRecipe
+from .recipe import StunRecipe, field_choices
 
 #: the recipe of ``stun-lightning prune`` without --recipe: STUN removes a quarter of the experts of
 #: every layer, then OWL-Wanda masks 40% inside the survivors (55% of expert parameters in total).
 #: Uniform per layer: on the small reference model STUN's single global threshold piles removals into
 #: one layer (6 of its 8 experts), and the output loads in plain transformers.
 DEFAULT_RECIPE = dict(expert_sparsity=0.25, layer_budget="uniform", sparsity=0.4, allocation="owl", metric="wanda", calibration_samples=64, calibration_seq_len=256)
+
+#: recipe fields settable by a ``prune`` flag (``--expert-sparsity`` ...), overriding --recipe
+RECIPE_FLAGS = {
+    "expert_sparsity": float, "sparsity": float, "total_sparsity": float, "expert_method": str, "layer_budget": str, "distance": str,
+    "metric": str, "allocation": str, "pattern": str, "calibration_samples": int, "calibration_seq_len": int, "seed": int,
+}
 
 
 class UsageError(Exception):
@@ -47,8 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     p.add_argument("--device", help="where calibration runs, one layer at a time (default: cuda if available)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="load the model in this dtype")
-    for name, kind in (("expert-sparsity", float), ("sparsity", float), ("total-sparsity", float), ("expert-method", str), ("layer-budget", str), ("distance", str), ("metric", str), ("allocation", str), ("pattern", str), ("calibration-samples", int), ("calibration-seq-len", int), ("seed", int)):
-        p.add_argument(f"--{name}", type=kind, help=f"recipe field {name.replace('-', '_')}")
+    choices = field_choices()
+    for name, kind in RECIPE_FLAGS.items():
+        flag, default = name.replace("_", "-"), DEFAULT_RECIPE.get(name, getattr(StunRecipe, name))
+        allowed = choices.get(name) or (["unstructured", "N:M"] if name == "pattern" else None)
+        text = f"recipe field {name}" + (", 0 < N < M (2:4 for the sparse kernels)" if name == "pattern" else "")
+        p.add_argument(f"--{flag}", type=kind, metavar="{" + ",".join(allowed) + "}" if allowed else None, help=f"{text}; without --recipe: {default}")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     e = sub.add_parser("eval", help="sliding-window perplexity of a model on a text")
@@ -116,7 +126,7 @@ def load_model_and_tokenizer(model_spec: str | None, tokenizer_spec: str | None,
 
 def recipe_from_args(args) -> StunRecipe:
     data = dict(DEFAULT_RECIPE) if args.recipe is None else StunRecipe.from_yaml(args.recipe).to_dict()
-    for field in ("expert_sparsity", "sparsity", "total_sparsity", "expert_method", "layer_budget", "distance", "metric", "allocation", "pattern", "calibration_samples", "calibration_seq_len", "seed"):
+    for field in RECIPE_FLAGS:
         value = getattr(args, field)
         if value is not None:
             data[field] = value
@@ -145,10 +155,14 @@ def run_prune(args) -> int:
         if file is not None and not Path(file).exists():
             raise FileNotFoundError(f"{label} {file} does not exist")
     device = default_device(args.device)
+    progress = not args.quiet
+    if not progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # transformers' "Loading weights" bar
     start = time.perf_counter()
     model, tokenizer, name = load_model_and_tokenizer(args.model, args.tokenizer, args.dtype)
     check_recipe(model, recipe)
-    progress = not args.quiet
     calibration = calibration_blocks(tokenizer, args.calib, recipe.calibration_samples, recipe.calibration_seq_len, recipe.seed)
 
     def ppl():

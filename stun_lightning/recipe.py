@@ -14,6 +14,25 @@ from .methods import expert_methods, get_expert_method
 from .metrics import METRICS
 from .methods.stun import DISTANCES
 
+LAYER_BUDGETS = ("global", "uniform")
+ALLOCATIONS = ("uniform", "owl")
+ALLOCATION_BASES = ("kept", "layer")
+LOW_TOKEN_RULES = ("dense", "magnitude")
+
+
+def field_choices() -> dict[str, list[str]]:
+    """The allowed values of every recipe field that is a choice among names, from the registries
+    (``pattern`` is a rule, not a list: ``unstructured`` or ``N:M`` with ``0 < N < M``)."""
+    return {
+        "expert_method": expert_methods(),
+        "layer_budget": list(LAYER_BUDGETS),
+        "distance": list(DISTANCES),
+        "metric": list(METRICS),
+        "allocation": list(ALLOCATIONS),
+        "allocation_base": list(ALLOCATION_BASES),
+        "low_token_rule": list(LOW_TOKEN_RULES),
+    }
+
 
 @dataclass
 class StunRecipe:
@@ -89,16 +108,8 @@ class StunRecipe:
         if self.total_sparsity is not None:
             check_sparsity(self.total_sparsity, "total_sparsity")
         parse_pattern(self.pattern)
-        choices = {
-            "expert_method": (self.expert_method, expert_methods()),
-            "layer_budget": (self.layer_budget, ["global", "uniform"]),
-            "distance": (self.distance, list(DISTANCES)),
-            "metric": (self.metric, list(METRICS)),
-            "allocation": (self.allocation, ["uniform", "owl"]),
-            "allocation_base": (self.allocation_base, ["kept", "layer"]),
-            "low_token_rule": (self.low_token_rule, ["dense", "magnitude"]),
-        }
-        for name, (value, allowed) in choices.items():
+        for name, allowed in field_choices().items():
+            value = getattr(self, name)
             if value not in allowed:
                 raise ValueError(f"recipe {name}={value!r} is not one of {allowed}")
         for name in ("calibration_samples", "calibration_seq_len", "batch_size"):

@@ -18,11 +18,6 @@ import torch
 REFERENCE_DIR = Path(__file__).resolve().parent / "assets" / "reference"
 
 
-def reference_path() -> Path:
-    """Folder of the shipped reference model (config.json + model.safetensors)."""
-    return REFERENCE_DIR
-
-
 def load_reference_model(dtype: torch.dtype = torch.float32, device: str | torch.device | None = None):
     """``(model, tokenizer)``: the shipped trained MoE in eval mode and the shipped tokenizer.
 
@@ -47,4 +42,4 @@ def load_reference_model(dtype: torch.dtype = torch.float32, device: str | torch
     return model.eval(), tokenizer
 
 
-__all__ = ["REFERENCE_DIR", "load_reference_model", "reference_path"]
+__all__ = ["REFERENCE_DIR", "load_reference_model"]

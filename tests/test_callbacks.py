@@ -6,6 +6,8 @@ Real tiny transformers MoE models, real forward/backward passes, on the CPU.
 import copy
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -384,6 +386,39 @@ def test_cli_fit_on_the_tiny_recipe(tmp_path):
     assert [l.num_experts for l in moe_layers(saved)] == [6, 6]
     report = json.loads((tmp_path / "model" / "stun_report.json").read_text())
     assert report["within_expert_sparsity"] == 0.5  # the shortened schedule ran to its end
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--trainer.callbacks.init_args.recipe.metric=nope", "recipe metric='nope' is not one of"),  # refused while the config is instantiated
+    ("--trainer.callbacks.init_args.schedule.end_step=100", "end_step=100 is after the fit's max_steps=24"),  # refused at setup, in trainer.fit
+])
+def test_cli_fit_reports_a_refused_config_in_one_line(override, message, tmp_path):
+    command = [sys.executable, "-c", "import sys; from stun_lightning.cli import main; sys.exit(main())"]
+    result = subprocess.run([*command, "fit", "--config", str(CONFIGS / "fit_tiny.yaml"), override], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert errors == [result.stderr.splitlines()[-1]] and errors[0].startswith("stun-lightning fit: error: ") and message in errors[0], result.stderr
+
+
+def test_cli_fit_keeps_the_traceback_of_an_error_not_raised_by_the_library(monkeypatch):
+    from stun_lightning.callbacks import cli
+
+    try:
+        StunRecipe(metric="nope")
+    except ValueError as err:
+        ours = err
+    wrapped = ValueError("Does not validate against any of the Union subtypes")
+    wrapped.__cause__ = ours
+    assert cli.library_error(wrapped) is ours  # what jsonargparse raises, traced back to the recipe
+
+    def not_ours(*args, **kwargs):
+        raise ValueError("a bug elsewhere")
+
+    assert cli.library_error(ValueError("a bug elsewhere")) is None
+    monkeypatch.setattr(cli, "StunLightningCLI", not_ours)
+    with pytest.raises(ValueError, match="a bug elsewhere"):
+        cli.main(["--config", str(CONFIGS / "fit_tiny.yaml")])
 
 
 def test_owl_allocation_under_the_callback_spreads_the_target_over_layers(data):

@@ -1,4 +1,7 @@
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -76,3 +79,35 @@ def test_bad_input_gets_a_clear_error_and_writes_nothing(case, tmp_path, capsys)
     err = capsys.readouterr().err
     assert message in err and "error" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def stun_lightning_command():
+    """The installed console script (what a user runs), or the same entry point through this interpreter."""
+    script = Path(sys.executable).with_name("stun-lightning")
+    return [str(script)] if script.exists() else [sys.executable, "-c", "import sys; from stun_lightning.cli import main; sys.exit(main())"]
+
+
+def test_default_prune_writes_no_warnings_to_stderr():
+    # the README's first command; a warning there (e.g. an optional package transformers imports
+    # when installed, like torchao) is the first thing a newcomer sees
+    result = subprocess.run([*stun_lightning_command(), "prune", *FAST], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "warn" in line.lower()]
+    assert not warnings, result.stderr
+    assert result.stderr == "", result.stderr  # --quiet: no progress bars either
+
+
+def test_prune_help_lists_every_registered_choice(monkeypatch, capsys):
+    from stun_lightning.methods import base
+    from stun_lightning.recipe import field_choices
+
+    monkeypatch.setitem(base._METHODS, "brand_new_method", base._METHODS["random"])  # a method registered later
+    with pytest.raises(SystemExit) as exit:
+        main(["prune", "--help"])
+    assert exit.value.code == 0
+    usage = " ".join(capsys.readouterr().out.split())
+    for name, allowed in field_choices().items():
+        if name in ("allocation_base", "low_token_rule"):  # recipe-file fields, no flag
+            continue
+        assert f"--{name.replace('_', '-')} {{{','.join(allowed)}}}" in usage
+    assert "brand_new_method" in usage and "--pattern {unstructured,N:M}" in usage

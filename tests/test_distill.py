@@ -213,6 +213,22 @@ def test_a_student_pruned_elsewhere_needs_an_expert_map(data):
         trainer(max_steps=1, limit_val_batches=0).fit(module, data)
 
 
+def test_the_expert_map_is_the_trainers_stun_callback_sets_and_must_index_the_teacher(data):
+    def stun():
+        return StunCallback(StunRecipe(expert_sparsity=0.25, layer_budget="uniform", sparsity=0.5, metric="magnitude"), SparsitySchedule("one_shot", start_step=0))
+
+    module, callback = StunDistillModule("tiny:mixtral", teacher="copy", teacher_dtype=None), stun()
+    fit = trainer(max_steps=1, limit_val_batches=0, callbacks=[callback])
+    fit.fit(module, data)
+    assert StunCallback.of(fit) is callback and StunCallback.of(None) is None
+    assert module.expert_map == callback.kept_experts and [len(v) for v in module.expert_map.values()] == [6, 6]
+    # experts removed before the callback ran: its sets index the pruned student, not the teacher
+    module = StunDistillModule("tiny:mixtral", teacher="copy", teacher_dtype=None)
+    keep_experts(module.student, 0, range(7))
+    with pytest.raises(ValueError, match="experts were removed before it ran"):
+        trainer(max_steps=1, limit_val_batches=0, callbacks=[stun()]).fit(module, data)
+
+
 def test_lora_recovery_trains_adapters_only_and_keeps_the_masks(data):
     module = StunDistillModule(
         "tiny:qwen3_moe", teacher="copy", teacher_dtype=None, lr=1e-2, lora={"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}

@@ -216,9 +216,4 @@ def stun(ctx: SelectionContext) -> dict[int, list[int]]:
     return keep
 
 
-def stun_forward_passes(distance: str) -> int:
-    """Calibration passes STUN needs: none for router distances, one for co-activation (any E)."""
-    return 0 if distance == "router" else 1
-
-
-__all__ = ["stun", "expert_distances", "greedy_clusters", "stun_forward_passes", "DISTANCES"]
+__all__ = ["stun", "expert_distances", "greedy_clusters", "DISTANCES"]
