@@ -216,8 +216,8 @@ def test_dense_linears_stay_dense_unless_asked(family):
         shared = [m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "shared_expert" in n and "gate" not in n.split(".")[-1]]
         zeros = [float((w == 0).float().mean()) for w in attn + shared]
         assert attn and shared
-        if prune_dense:
-            assert all(abs(z - 0.5) < 0.02 for z in zeros), zeros
+        if prune_dense:  # per-row rounding: within half a weight per row
+            assert all(abs(z - 0.5) <= 0.5 / w.shape[1] for z, w in zip(zeros, attn + shared)), zeros
         else:
             assert all(z == 0 for z in zeros)
         assert float((model.lm_head.weight == 0).float().mean()) == 0
