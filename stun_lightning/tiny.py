@@ -8,7 +8,9 @@ milliseconds and runs on a CPU.
 
 Defaults shared by all families: hidden 64, 4 heads of 16, 8 routed experts,
 top-2 routing, expert intermediate 32 (a multiple of 8, so 2:4 and 4:8 masks
-tile it), vocab = the shipped tokenizer, 1024 positions, float32, eager attention.
+tile it), vocab = the shipped tokenizer, 1024 positions, float32, eager attention; every bias
+(attention, expert and router biases, DeepSeek-V3's ``e_score_correction_bias``) gets seeded
+non-zero random values, so slicing and gating are tested on real values.
 """
 
 from __future__ import annotations
@@ -111,6 +113,24 @@ _FAMILY = {
 }
 
 
+# Scales of the random biases given to tiny models (transformers initialises most biases to zero,
+# which would let surgery that slices a bias wrongly, or gating that ignores one, pass unnoticed).
+_BIAS_STD = 0.02  # linear and expert biases: the weights' own init scale
+_SCORE_CORRECTION_STD = 0.02  # DeepSeek-V3: a routing bias of about the spread of its sigmoid scores: routing turns uneven
+
+
+@torch.no_grad()
+def _nonzero_biases(model: PreTrainedModel) -> None:
+    """Give every bias of ``model`` (parameters and buffers, incl. DeepSeek-V3's
+    ``e_score_correction_bias``) seeded random values; non-zero biases are kept as initialised."""
+    tensors = list(model.named_parameters()) + list(model.named_buffers())
+    for name, t in tensors:
+        if not name.rsplit(".", 1)[-1].endswith("bias") or not t.is_floating_point() or bool(t.any()):
+            continue
+        std = _SCORE_CORRECTION_STD if name.endswith("e_score_correction_bias") else _BIAS_STD
+        t.copy_(torch.randn(t.shape, dtype=t.dtype) * std)
+
+
 @lru_cache(maxsize=8)
 def _cached_tokenizer(path: str | None):
     return AutoTokenizer.from_pretrained(str(TOKENIZER_DIR) if path is None else path)
@@ -160,6 +180,7 @@ def build_tiny_model(family: str = "mixtral", seed: int = 0, **overrides: Any) -
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        _nonzero_biases(model)
     # generate() needs a pad id for batched/finished sequences; the model config has none (see _COMMON).
     model.generation_config.pad_token_id = config.eos_token_id
     return model.eval()

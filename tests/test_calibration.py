@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from stun_lightning import calibrate, moe_layers
@@ -123,3 +124,64 @@ def test_statistics_of_two_halves_add_up_to_the_whole_in_every_summed_field():
         assert s.tokens == 2 * whole[i].tokens
         for key, t in _flat_sums(s).items():
             torch.testing.assert_close(t.double(), 2 * _flat_sums(whole[i])[key].double(), msg=str(key))
+
+
+def _training_statistics(model, batches):
+    """What StunCallback's window collects: ActivationStats on train-mode forwards with autograd on."""
+    from stun_lightning.activation_stats import ActivationStats
+
+    model.train()
+    window = ActivationStats(model, norms=True)
+    window.open()
+    for ids in batches:
+        model(input_ids=ids, labels=ids).loss.backward()
+    model.zero_grad()
+    model.eval()
+    return window.close()
+
+
+def test_training_time_statistics_equal_the_one_shot_calibration_on_the_same_batches(family):
+    model = build_tiny_model(family, seed=2)
+    ids = random_ids(model, n=4, length=16, seed=3)
+    during = _training_statistics(model, ids.split(2))
+    one_shot = calibrate(model, ids, batch_size=2, progress=False).layers
+    assert during.keys() == one_shot.keys()
+    for i, s in during.items():
+        assert s.tokens == one_shot[i].tokens == ids.numel()
+        want, got = dict(((n, k), t) for n, k, t in one_shot[i].summed()), dict(((n, k), t) for n, k, t in s.summed())
+        assert want.keys() == got.keys() and ("input_sq_gated", "down_proj") in got
+        for key in want:
+            torch.testing.assert_close(got[key].double(), want[key].double(), rtol=1e-4, atol=1e-5, msg=f"layer {i} {key}")
+        # the gate matters here: MoE-Pruner's norms are not Wanda's
+        assert not torch.allclose(s.input_sq_gated["gate_up_proj"], s.input_sq["gate_up_proj"], rtol=1e-2)
+
+
+def test_training_time_moe_pruner_statistics_weight_each_token_by_its_router_gate():
+    """Mixtral's gate written out from the router weight (softmax, top-2, renormalised), applied to
+    the MoE block's input captured in the same training forward."""
+    model = build_tiny_model("mixtral", seed=4)
+    ids = random_ids(model, n=2, length=16, seed=1)
+    inputs, handles = {}, []
+    for layer in moe_layers(model):
+        handles.append(layer.block.register_forward_pre_hook(lambda m, a, i=layer.index: inputs.__setitem__(i, a[0].detach().reshape(-1, a[0].shape[-1]))))
+    stats = _training_statistics(model, [ids])
+    for h in handles:
+        h.remove()
+    for layer in moe_layers(model):
+        x = inputs[layer.index]
+        probs = torch.softmax(x @ layer.router_weight.detach().t(), dim=-1)
+        top, index = probs.topk(2, dim=-1)
+        top = top / top.sum(-1, keepdim=True)
+        w_up = layer.experts.gate_up_proj.detach()
+        s = stats[layer.index]
+        for e in range(8):
+            tok, pos = torch.where(index == e)
+            if len(tok) == 0:
+                continue
+            g = top[tok, pos][:, None]
+            gate, up = (x[tok] @ w_up[e].t()).chunk(2, dim=-1)
+            h = layer.experts.act_fn(gate) * up
+            torch.testing.assert_close(s.input_sq_gated["gate_up_proj"][e], (x[tok] * g).square().sum(0), rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(s.input_sq_gated["down_proj"][e], (h * g).square().sum(0), rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(s.input_sq["down_proj"][e], h.square().sum(0), rtol=1e-4, atol=1e-6)
+            assert float(s.gate_sum[e]) == pytest.approx(float(g.sum()), rel=1e-5)

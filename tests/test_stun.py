@@ -91,3 +91,35 @@ def test_frequency_removes_unrouted_experts_and_random_is_seeded():
     b = prune(clone(model), StunRecipe(expert_sparsity=0.25, expert_method="random", seed=1), progress=False)
     c = prune(clone(model), StunRecipe(expert_sparsity=0.25, expert_method="random", seed=2), progress=False)
     assert a.removed_experts == b.removed_experts != c.removed_experts
+
+
+def test_each_cluster_keeps_the_member_nearest_its_mean():
+    """Per layer, experts 2, 3, 4 share a router row (one cluster); in layer 0 the cluster's first
+    member is the mean of the other two, in layer 1 its last. The test finds the nearest member
+    itself (flattened expert weights) and checks it differs from the farthest."""
+    model = build_tiny_model("mixtral", seed=5)
+    cluster, survivor_slot = [2, 3, 4], {0: 0, 1: 2}
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in moe_layers(model):
+            w = layer.router_weight
+            for e in cluster[1:]:
+                w[e] = w[cluster[0]] + 1e-5 * torch.randn(w.shape[1], generator=gen)
+            mid = cluster[survivor_slot[layer.index]]
+            others = [e for e in cluster if e != mid]
+            for _, p in layer.expert_parameters():
+                p[mid] = p[others].mean(0) + 1e-3 * torch.randn(p[mid].shape, generator=gen)
+    expected = {}
+    for layer in moe_layers(model):
+        flat = torch.cat([p.detach()[cluster].flatten(1) for _, p in layer.expert_parameters()], dim=1).double()
+        dist = (flat - flat.mean(0)).norm(dim=1)
+        nearest, farthest = cluster[int(dist.argmin())], cluster[int(dist.argmax())]
+        assert nearest == cluster[survivor_slot[layer.index]] and nearest != farthest
+        expected[layer.index] = (nearest, {name: p.detach()[nearest].clone() for name, p in layer.expert_parameters()})
+    report = prune(model, StunRecipe(expert_sparsity=0.25, layer_budget="uniform"), progress=False)
+    for layer in moe_layers(model):
+        nearest, weights = expected[layer.index]
+        assert sorted(report.removed_experts[layer.index]) == sorted(e for e in cluster if e != nearest)
+        slot = [e for e in range(8) if e not in report.removed_experts[layer.index]].index(nearest)
+        for name, p in layer.expert_parameters():
+            assert torch.equal(p.detach()[slot], weights[name])  # the survivor itself, not an average

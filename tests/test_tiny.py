@@ -159,3 +159,19 @@ def test_load_tokenizer_from_path(tmp_path, tokenizer):
     tokenizer.save_pretrained(tmp_path)
     other = load_tokenizer(tmp_path)
     assert other("x = 1")["input_ids"] == tokenizer("x = 1")["input_ids"]
+
+
+def test_every_bias_of_every_tiny_family_is_non_zero(family):
+    """Biases are real values (transformers initialises them to zero), and DeepSeek-V3's routing
+    correction is uneven, so slicing and gating are tested on them."""
+    from stun_lightning.tiny import build_tiny_model
+
+    model = build_tiny_model(family)
+    biases = [(n, t) for n, t in [*model.named_parameters(), *model.named_buffers()] if n.rsplit(".", 1)[-1].endswith("bias")]
+    assert all(bool((t != 0).all()) for _, t in biases), [n for n, t in biases if not bool((t != 0).all())]
+    if family in ("gpt_oss", "deepseek_v3", "qwen2_moe"):
+        assert biases
+    if family == "deepseek_v3":
+        correction = [t for n, t in biases if n.endswith("e_score_correction_bias")]
+        assert correction and all(float(t.std()) > 0.01 for t in correction)
+    assert torch.equal(build_tiny_model(family).state_dict()[biases[0][0]], biases[0][1]) if biases else True  # seeded
