@@ -41,9 +41,10 @@ its nominal sparsity; the official STUN code leaves them dense, which would flat
 keeps more of them (our first, unbalanced models had dead experts: unstructured-only rows then
 stayed ~3 points under their target).
 
-    python benchmarks/quality.py --quick                  # shipped model, CPU, 75 rows in ~6-10 minutes on 2 cores
-    python benchmarks/quality.py --quick --only methods,task,distill   # the issue 10 / 11 rows only
-    python benchmarks/quality.py --model out/reference/qwen3_moe_32x4/model --device cuda --investigate
+    python -m benchmarks.quality --quick --data DIR                  # shipped model, CPU, 75 rows in ~6-10 minutes on 2 cores
+    python -m benchmarks.quality --quick --data DIR --only methods,task,distill   # the issue 10 / 11 rows only
+    python -m benchmarks.quality --model out/reference/qwen3_moe_32x4/model --cache out/data/tokens.pt --device cuda --investigate
+    python -m benchmarks.quality --quick --heldout shipped       # no data folder: the shipped mixed held-out text
 """
 
 from __future__ import annotations
@@ -51,7 +52,6 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -59,20 +59,18 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's package, also when not pip-installed
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helper modules beside this script, also when loaded by path
-from quality_rows import EEP_FITNESS_WINDOWS, FAMILIES, Result, Row, build_rows  # noqa: E402
-from quality_tables import report_text, write_csv  # noqa: E402
-from stun_lightning import StunRecipe, prune  # noqa: E402
-from stun_lightning.adapters import moe_layers  # noqa: E402
-from stun_lightning.data import calibration_blocks, calibration_path, heldout_path, read_texts, token_stream  # noqa: E402
-from stun_lightning.distill import kept_from_removed  # noqa: E402
-from stun_lightning.evaluate import sliding_windows  # noqa: E402
-from stun_lightning.mask_state import MATRICES, ExpertMasks, apply_masks, mask_gradients, measured_sparsity  # noqa: E402
-from stun_lightning.reference import load_reference_model  # noqa: E402
-from stun_lightning.tiny import load_tokenizer  # noqa: E402
+from benchmarks.data_folder import add_data_argument, require_data
+from benchmarks.quality_rows import EEP_FITNESS_WINDOWS, FAMILIES, Result, Row, build_rows
+from benchmarks.quality_tables import report_text, write_csv
+from stun_lightning import StunRecipe, prune
+from stun_lightning.adapters import moe_layers
+from stun_lightning.data import calibration_blocks, calibration_path, heldout_path, read_texts, token_stream
+from stun_lightning.distill import kept_from_removed
+from stun_lightning.evaluate import sliding_windows
+from stun_lightning.mask_state import MATRICES, ExpertMasks, apply_masks, mask_gradients, measured_sparsity
+from stun_lightning.reference import load_reference_model
+from stun_lightning.tiny import load_tokenizer
 
-DEFAULT_DATA = Path("/work/shared/data")
 HELDOUT = {"prose": "wikitext2/test.txt", "math": "gsm8k/test.jsonl", "code": "python_stdlib/test.txt"}
 
 
@@ -121,17 +119,17 @@ def heldout_ids(tokenizer, source: str, data: Path, max_tokens: int | None, cach
         return {"mixed": token_stream(tokenizer, read_texts(heldout_path()))[:max_tokens]}
     missing = [str(data / f) for f in HELDOUT.values() if not (data / f).exists()]
     if missing:
-        raise FileNotFoundError(f"held-out files missing: {missing}; pass --data DIR (the shared data folder) or --heldout shipped")
+        raise FileNotFoundError(f"held-out files missing: {missing}; pass --data DIR (the data folder) or --heldout shipped")
     return {d: token_stream(tokenizer, read_texts(data / f))[:max_tokens] for d, f in HELDOUT.items()}
 
 
 # ---------------------------------------------------------------- runs
 
 
-def math_calibration(tokenizer, data: Path, n_samples: int, seq_len: int) -> tuple[torch.Tensor, str]:
+def math_calibration(tokenizer, data: Path | None, n_samples: int, seq_len: int) -> tuple[torch.Tensor, str]:
     """Calibration windows of math text only: GSM8K train, or the GSM8K lines of the shipped calibration text."""
-    gsm8k = data / "gsm8k" / "train.jsonl"
-    if gsm8k.exists():
+    gsm8k = data / "gsm8k" / "train.jsonl" if data is not None else None
+    if gsm8k is not None and gsm8k.exists():
         return calibration_blocks(tokenizer, gsm8k, n_samples, seq_len, seed=0), str(gsm8k)
     # GSM8K answers carry calculator annotations (<<48/2=24>>) and a final "#### n": prose and code lines do not.
     lines = [line for line in read_texts(calibration_path())[0].splitlines() if "<<" in line or line.startswith("####")]
@@ -251,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", action="append", help="model folder (save_pretrained) or 'shipped'; repeatable (default: shipped)")
     parser.add_argument("--quick", action="store_true", help="CPU-sized: 64 calibration windows, 8192 held-out tokens per domain")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the shared data folder (held-out splits)")
+    add_data_argument(parser, "the held-out splits (unless --cache or --heldout shipped); GSM8K train for the task rows (else the shipped text's GSM8K lines)")
     parser.add_argument("--cache", type=Path, default=None, help="train_reference.py's token cache, instead of --data")
     parser.add_argument("--heldout", choices=("domains", "shipped"), default="domains")
     parser.add_argument("--max-tokens", type=int, default=None, help="held-out tokens per domain (default: all; --quick: 8192)")
@@ -278,6 +276,8 @@ def main(argv: list[str] | None = None) -> None:
     n_calib = args.calib_samples or (64 if args.quick else 128)
     torch.set_grad_enabled(False)
 
+    if args.heldout == "domains" and args.cache is None:
+        require_data(args.data, "--heldout domains (the default; or pass --cache FILE or --heldout shipped)")
     tokenizer = load_tokenizer()
     heldout = heldout_ids(tokenizer, args.heldout, args.data, max_tokens, args.cache)
     calibrations = {"mixed": calibration_blocks(tokenizer, None, n_calib, args.seq_len, seed=0)}

@@ -8,7 +8,7 @@ import csv
 import math
 from pathlib import Path
 
-from quality_rows import EXPERT_METHODS, METHOD_FRACTIONS, METHODS_TOTAL, TASK_FRACTION, TASK_METHODS, TOTALS, Result
+from benchmarks.quality_rows import EXPERT_METHODS, METHOD_FRACTIONS, METHODS_TOTAL, TASK_FRACTION, TASK_METHODS, TOTALS, Result
 
 
 def markdown(results: list[Result], title: str) -> str:
