@@ -29,6 +29,11 @@ One table per model (markdown + CSV), the dense model in the same run. Rows:
   perplexity before and after and the share of the gap to dense recovered; a CE-only fine-tune of
   the same steps (no teacher) as a control.
 
+Under each model's main table: the dense model's mean pairwise cosine similarity of expert weights, per layer
+and averaged over layers (``stun_lightning.methods.stun.expert_weight_cosine``): STUN merges experts
+whose router rows are close, which is safe where experts are near-copies (upcycled, high cosine)
+and not where they are unrelated (trained from scratch, near 0). ``--cosine-only`` prints just that.
+
 ``--only`` runs a subset of these families (``base``, ``methods``, ``task``, ``distill``; the dense row
 always runs).
 
@@ -61,13 +66,14 @@ from transformers import AutoModelForCausalLM
 
 from benchmarks.data_folder import add_data_argument, require_data
 from benchmarks.quality_rows import EEP_FITNESS_WINDOWS, FAMILIES, Result, Row, build_rows
-from benchmarks.quality_tables import report_text, write_csv
+from benchmarks.quality_tables import cosine_text, report_text, write_csv
 from stun_lightning import StunRecipe, prune
 from stun_lightning.adapters import moe_layers
 from stun_lightning.data import calibration_blocks, calibration_path, heldout_path, read_texts, token_stream
 from stun_lightning.distill import kept_from_removed
 from stun_lightning.evaluate import sliding_windows
 from stun_lightning.mask_state import MATRICES, ExpertMasks, apply_masks, mask_gradients, measured_sparsity
+from stun_lightning.methods.stun import expert_weight_cosine
 from stun_lightning.reference import load_reference_model
 from stun_lightning.tiny import load_tokenizer
 
@@ -237,11 +243,22 @@ def run_row(dense, row: Row, calibrations: dict[str, torch.Tensor], heldout, arg
     )
 
 
+def expert_cosines(model) -> dict[int, float]:
+    """Mean pairwise cosine similarity of the experts' weights, per MoE layer (STUN's premise: near-copies)."""
+    return {layer.index: expert_weight_cosine(layer) for layer in moe_layers(model)}
+
+
 def load_model(spec: str, device):
     if spec == "shipped":
         model, _ = load_reference_model(device=device)
         return model
     return AutoModelForCausalLM.from_pretrained(spec, dtype=torch.float32).to(device).eval()
+
+
+def model_name(spec: str) -> str:
+    if spec == "shipped":
+        return "shipped"
+    return Path(spec).resolve().name if Path(spec).name != "model" else Path(spec).resolve().parent.name
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -264,6 +281,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--distill-batch", type=int, default=8, help="windows of 128 tokens per distillation step")
     parser.add_argument("--distill-lr", type=float, default=2e-4, help="peak AdamW lr of the distillation fits (warm-up 10%%, cosine to 10%%)")
     parser.add_argument("--out", type=Path, default=Path("out/quality"))
+    parser.add_argument("--cosine-only", action="store_true", help="print each model's expert weight cosine and stop (no rows, no data folder)")
     args = parser.parse_args(argv)
     families = tuple(f.strip() for f in args.only.split(",") if f.strip())
     unknown = sorted(set(families) - set(FAMILIES))
@@ -276,6 +294,10 @@ def main(argv: list[str] | None = None) -> None:
     n_calib = args.calib_samples or (64 if args.quick else 128)
     torch.set_grad_enabled(False)
 
+    if args.cosine_only:
+        for spec in args.model or ["shipped"]:
+            print(f"{model_name(spec)}: " + cosine_text(expert_cosines(load_model(spec, args.device))), flush=True)
+        return
     if args.heldout == "domains" and args.cache is None:
         require_data(args.data, "--heldout domains (the default; or pass --cache FILE or --heldout shipped)")
     tokenizer = load_tokenizer()
@@ -288,8 +310,9 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     suffix = "" if set(families) == set(FAMILIES) else "_" + "_".join(families)
     for spec in args.model or ["shipped"]:
-        name = "shipped" if spec == "shipped" else Path(spec).resolve().name if Path(spec).name != "model" else Path(spec).resolve().parent.name
+        name = model_name(spec)
         dense = load_model(spec, args.device)
+        cosines = expert_cosines(dense)
         title = (f"{name}: {sum(p.numel() for p in dense.parameters()) / 1e6:.1f} M parameters, held-out {args.heldout} "
                  f"({', '.join(f'{d} {len(t)}' for d, t in heldout.items())} tokens), {n_calib} x {args.seq_len} calibration tokens, {args.device.type}")
         if "task" in families:
@@ -303,7 +326,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"[{name} {time.perf_counter() - start:5.0f}s] {row.group:<18} {row.method:<42} total {r.total_sparsity:6.1%} ppl "
                   + " ".join(f"{d} {p:8.2f}" for d, p in r.ppl.items()) + f"  acc {r.accuracy:.3f}  ({r.seconds:.0f}s)", flush=True)
             # Written after every row, so a run stopped at a time limit keeps what it measured.
-            text = report_text(results, title, args.stun_experts)
+            text = report_text(results, title, args.stun_experts, cosines)
             (args.out / f"quality_{name}{suffix}.md").write_text(text)
             write_csv(results, args.out / f"quality_{name}{suffix}.csv", name)
         print("\n" + text, flush=True)

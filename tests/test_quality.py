@@ -71,7 +71,7 @@ def test_wanda_beats_magnitude_at_half_sparsity(shipped, dense_ppl):
 
 def test_missing_reference_model_names_the_fix(tmp_path, monkeypatch):
     monkeypatch.setattr(reference, "REFERENCE_DIR", tmp_path)
-    with pytest.raises(FileNotFoundError, match="train_reference.py"):
+    with pytest.raises(FileNotFoundError, match="benchmarks.train_reference"):
         load_reference_model()
 
 
