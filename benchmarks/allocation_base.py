@@ -1,6 +1,6 @@
 """Layer targets over kept experts or over whole layers, after a global structured phase (CPU).
 
-    python benchmarks/allocation_base.py [--out FILE.md]
+    python -m benchmarks.allocation_base [--out FILE.md]
 
 On the shipped reference model (``stun_lightning.reference``), 25% of the experts removed with a
 global budget (layers keep different counts), Wanda to a total sparsity over the original expert
@@ -16,11 +16,10 @@ import copy
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stun_lightning import StunRecipe, prune  # noqa: E402
-from stun_lightning.evaluate import perplexity  # noqa: E402
-from stun_lightning.reference import load_reference_model  # noqa: E402
+from stun_lightning import StunRecipe, prune
+from stun_lightning.evaluate import perplexity
+from stun_lightning.reference import load_reference_model
 
 CASES = [("frequency", 0.8), ("stun", 0.8), ("frequency", 0.7), ("stun", 0.7)]
 

@@ -1,11 +1,11 @@
 """Build the data and tokenizer shipped in ``stun_lightning/assets/``.
 
 Why a script: the shipped files are derived from the real public text in
-``/work/shared/data`` (see its SOURCES.md), and anyone must be able to check
+the data folder (``--data`` or ``$STUN_DATA``; see its SOURCES.md), and anyone must be able to check
 and rebuild them byte for byte.  Everything here is deterministic: fixed seeds,
 sorted inputs, no network.
 
-    python benchmarks/build_assets.py [--data /work/shared/data] [--out stun_lightning/assets]
+    python -m benchmarks.build_assets --data DIR [--out stun_lightning/assets]
 
 Writes
 - ``calibration.txt``: ~200 KB slice of the TRAIN mix (prose, GSM8K train,
@@ -29,7 +29,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-DEFAULT_DATA = Path("/work/shared/data")
+from benchmarks.data_folder import add_data_argument, require_data
+
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "stun_lightning" / "assets"
 
 EOT = "<|endoftext|>"
@@ -195,12 +196,11 @@ def sha256(path: Path) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    add_data_argument(parser, "every output")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--skip-tokenizer", action="store_true")
     args = parser.parse_args(argv)
-    if not (args.data / "SOURCES.md").exists():
-        raise FileNotFoundError(f"{args.data} is not the shared data directory (no SOURCES.md); pass --data")
+    require_data(args.data, "building the assets")
 
     args.out.mkdir(parents=True, exist_ok=True)
     for name, text in (("calibration.txt", build_calibration(args.data)), ("heldout.txt", build_heldout(args.data))):

@@ -18,7 +18,7 @@ def no_cuda(script: str) -> bool:
     """True (after saying so on stderr) when there is no CUDA GPU for ``script``."""
     if torch.cuda.is_available():
         return False
-    print(f"benchmarks/{script} needs a CUDA GPU", file=sys.stderr)
+    print(f"{script} needs a CUDA GPU", file=sys.stderr)
     return True
 
 

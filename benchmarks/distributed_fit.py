@@ -1,7 +1,7 @@
 """StunCallback + expert-wise distillation of a MoE too large for one GPU, sharded over N GPUs (FSDP2).
 
-    python benchmarks/distributed_fit.py --devices 2 --layers 16 --batch-size 2 --steps 8 --resume-steps 6 --out benchmarks/results/distributed_fit_h200x2.md
-    python benchmarks/distributed_fit.py --devices 2 --accelerator cpu --tiny      # a CPU smoke run (gloo)
+    python -m benchmarks.distributed_fit --devices 2 --layers 16 --batch-size 2 --steps 8 --resume-steps 6 --out benchmarks/results/distributed_fit_h200x2.md
+    python -m benchmarks.distributed_fit --devices 2 --accelerator cpu --tiny      # a CPU smoke run (gloo)
 
 One script, two fits, each through Lightning's own launcher (the script re-runs in every process):
 
@@ -36,9 +36,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_timer import StepTimer  # noqa: E402
+from benchmarks.step_timer import StepTimer
 
 
 def qwen3_config(layers: int, tiny: bool):
@@ -137,7 +135,7 @@ def report(args, fit: dict, resume: dict | None) -> str:
     lines = [
         f"# FSDP2 fit with StunCallback + expert-wise distillation, {fit['world']} x {torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}",
         "",
-        f"    python benchmarks/distributed_fit.py --devices {args.devices} --layers {args.layers} --batch-size {args.batch_size} "
+        f"    python -m benchmarks.distributed_fit --devices {args.devices} --layers {args.layers} --batch-size {args.batch_size} "
         f"--steps {args.steps} --resume-steps {args.resume_steps}",
         "",
         f"torch {torch.__version__}; model: Qwen3-30B-A3B layer shapes x {args.layers} layers, vocab 8192: {total / 1e9:.2f}B parameters "

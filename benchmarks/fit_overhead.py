@@ -1,7 +1,7 @@
 """What StunCallback costs during trainer.fit, and the memory of teacher + student.
 
-    python benchmarks/fit_overhead.py --device cuda            # OLMoE-shaped stack, 4 layers
-    python benchmarks/fit_overhead.py --device cpu --quick     # tiny shapes, a CPU smoke test
+    python -m benchmarks.fit_overhead --device cuda            # OLMoE-shaped stack, 4 layers
+    python -m benchmarks.fit_overhead --device cpu --quick     # tiny shapes, a CPU smoke test
 
 Three fits of the same randomly initialised MoE stack (real layer sizes, fewer layers), bf16-mixed,
 AdamW, random tokens, in one process:
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -31,15 +30,8 @@ import torch
 from lightning.pytorch import Trainer
 from torch.utils.data import DataLoader, Dataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_timer import StepTimer  # noqa: E402
-try:
-    from stun_lightning.callbacks import SparsitySchedule, StunCallback, StunDistillModule
-except ImportError:  # run from a plain checkout (PYTHONPATH=.), not an installed package
-    from callbacks import SparsitySchedule, StunCallback, StunDistillModule
-
-from stun_lightning import StunRecipe
+from benchmarks.step_timer import StepTimer
+from stun_lightning.callbacks import SparsitySchedule, StunCallback, StunDistillModule
 from stun_lightning.mask_state import apply_masks
 from stun_lightning.recipe import StunRecipe
 from stun_lightning.unstructured import compute_masks

@@ -1,8 +1,8 @@
 """Inference speed of pruned MoE models: dense, 2:4, 25% of experts removed, and both, in one table.
 
-    python benchmarks/inference.py                         # GPU: Mixtral-8x7B and Qwen3-30B-A3B shapes
-    python benchmarks/inference.py --quick --device cpu    # tiny shapes, eager, a CPU smoke test
-    python benchmarks/inference.py --scope layer --shapes mixtral --out results.md
+    python -m benchmarks.inference                         # GPU: Mixtral-8x7B and Qwen3-30B-A3B shapes
+    python -m benchmarks.inference --quick --device cpu    # tiny shapes, eager, a CPU smoke test
+    python -m benchmarks.inference --scope layer --shapes mixtral --out results.md
 
 Shapes: Mixtral-8x7B (hidden 4096, FFN 14336, 8 experts, top-2) and Qwen3-30B-A3B (hidden 2048,
 expert FFN 768, 128 experts, top-8), as transformers ``MixtralForCausalLM`` / ``Qwen3MoeForCausalLM``
@@ -39,10 +39,8 @@ import torch
 import transformers
 from transformers import StaticCache
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's package, also when not pip-installed
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helper modules beside this script, also when loaded by path
-from device_rates import make_timer, measured_rates  # noqa: E402
-from inference_models import (  # noqa: E402
+from benchmarks.device_rates import make_timer, measured_rates
+from benchmarks.inference_models import (
     RoutingRecorder,
     build_model,
     build_variants,

@@ -17,8 +17,8 @@ Two tables, printed as markdown (and written as one CSV with ``--csv PATH``):
 
 Weights are random (cost does not depend on them); bf16 on CUDA, float32 on CPU.
 
-    python benchmarks/prune_cost.py                        # GPU: all shapes, 16 x 512 tokens
-    python benchmarks/prune_cost.py --quick --device cpu   # tiny shapes only, under a minute on 2 cores
+    python -m benchmarks.prune_cost                        # GPU: all shapes, 16 x 512 tokens
+    python -m benchmarks.prune_cost --quick --device cpu   # tiny shapes only, under a minute on 2 cores
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ import copy
 import csv
 import math
 import platform
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,13 +36,11 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's package, also when not pip-installed
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helper modules beside this script, also when loaded by path
-from cost_measurement import release_memory, timed  # noqa: E402
-from prune_cost_tables import CSV_FIELDS, MethodRow, Row, error_notes, method_table, phase_table, scaling_table  # noqa: E402
-from stun_lightning import StunRecipe, calibrate, moe_layers, prune  # noqa: E402
-from stun_lightning.adapters import decoder_layers  # noqa: E402
-from stun_lightning.tiny import tiny_config  # noqa: E402
+from benchmarks.cost_measurement import release_memory, timed
+from benchmarks.prune_cost_tables import CSV_FIELDS, MethodRow, Row, error_notes, method_table, phase_table, scaling_table
+from stun_lightning import StunRecipe, calibrate, moe_layers, prune
+from stun_lightning.adapters import decoder_layers
+from stun_lightning.tiny import tiny_config
 
 # Layer shapes: (family, config fields). Head counts and head_dim are the real models', so one
 # decoder layer's bytes are the real layer's; vocab and depth are cut so a layer fits anywhere.

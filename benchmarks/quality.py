@@ -29,6 +29,11 @@ One table per model (markdown + CSV), the dense model in the same run. Rows:
   perplexity before and after and the share of the gap to dense recovered; a CE-only fine-tune of
   the same steps (no teacher) as a control.
 
+Under each model's main table: the dense model's mean pairwise cosine similarity of expert weights, per layer
+and averaged over layers (``stun_lightning.methods.stun.expert_weight_cosine``): STUN merges experts
+whose router rows are close, which is safe where experts are near-copies (upcycled, high cosine)
+and not where they are unrelated (trained from scratch, near 0). ``--cosine-only`` prints just that.
+
 ``--only`` runs a subset of these families (``base``, ``methods``, ``task``, ``distill``; the dense row
 always runs).
 
@@ -41,9 +46,10 @@ its nominal sparsity; the official STUN code leaves them dense, which would flat
 keeps more of them (our first, unbalanced models had dead experts: unstructured-only rows then
 stayed ~3 points under their target).
 
-    python benchmarks/quality.py --quick                  # shipped model, CPU, 75 rows in ~6-10 minutes on 2 cores
-    python benchmarks/quality.py --quick --only methods,task,distill   # the issue 10 / 11 rows only
-    python benchmarks/quality.py --model out/reference/qwen3_moe_32x4/model --device cuda --investigate
+    python -m benchmarks.quality --quick --data DIR                  # shipped model, CPU, 75 rows in ~6-10 minutes on 2 cores
+    python -m benchmarks.quality --quick --data DIR --only methods,task,distill   # the issue 10 / 11 rows only
+    python -m benchmarks.quality --model out/reference/qwen3_moe_32x4/model --cache out/data/tokens.pt --device cuda --investigate
+    python -m benchmarks.quality --quick --heldout shipped       # no data folder: the shipped mixed held-out text
 """
 
 from __future__ import annotations
@@ -51,7 +57,6 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -59,20 +64,19 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's package, also when not pip-installed
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helper modules beside this script, also when loaded by path
-from quality_rows import EEP_FITNESS_WINDOWS, FAMILIES, Result, Row, build_rows  # noqa: E402
-from quality_tables import report_text, write_csv  # noqa: E402
-from stun_lightning import StunRecipe, prune  # noqa: E402
-from stun_lightning.adapters import moe_layers  # noqa: E402
-from stun_lightning.data import calibration_blocks, calibration_path, heldout_path, read_texts, token_stream  # noqa: E402
-from stun_lightning.distill import kept_from_removed  # noqa: E402
-from stun_lightning.evaluate import sliding_windows  # noqa: E402
-from stun_lightning.mask_state import MATRICES, ExpertMasks, apply_masks, mask_gradients, measured_sparsity  # noqa: E402
-from stun_lightning.reference import load_reference_model  # noqa: E402
-from stun_lightning.tiny import load_tokenizer  # noqa: E402
+from benchmarks.data_folder import add_data_argument, require_data
+from benchmarks.quality_rows import EEP_FITNESS_WINDOWS, FAMILIES, Result, Row, build_rows
+from benchmarks.quality_tables import cosine_text, report_text, write_csv
+from stun_lightning import StunRecipe, prune
+from stun_lightning.adapters import moe_layers
+from stun_lightning.data import calibration_blocks, calibration_path, heldout_path, read_texts, token_stream
+from stun_lightning.distill import kept_from_removed
+from stun_lightning.evaluate import sliding_windows
+from stun_lightning.mask_state import MATRICES, ExpertMasks, apply_masks, mask_gradients, measured_sparsity
+from stun_lightning.methods.stun import expert_weight_cosine
+from stun_lightning.reference import load_reference_model
+from stun_lightning.tiny import load_tokenizer
 
-DEFAULT_DATA = Path("/work/shared/data")
 HELDOUT = {"prose": "wikitext2/test.txt", "math": "gsm8k/test.jsonl", "code": "python_stdlib/test.txt"}
 
 
@@ -121,17 +125,17 @@ def heldout_ids(tokenizer, source: str, data: Path, max_tokens: int | None, cach
         return {"mixed": token_stream(tokenizer, read_texts(heldout_path()))[:max_tokens]}
     missing = [str(data / f) for f in HELDOUT.values() if not (data / f).exists()]
     if missing:
-        raise FileNotFoundError(f"held-out files missing: {missing}; pass --data DIR (the shared data folder) or --heldout shipped")
+        raise FileNotFoundError(f"held-out files missing: {missing}; pass --data DIR (the data folder) or --heldout shipped")
     return {d: token_stream(tokenizer, read_texts(data / f))[:max_tokens] for d, f in HELDOUT.items()}
 
 
 # ---------------------------------------------------------------- runs
 
 
-def math_calibration(tokenizer, data: Path, n_samples: int, seq_len: int) -> tuple[torch.Tensor, str]:
+def math_calibration(tokenizer, data: Path | None, n_samples: int, seq_len: int) -> tuple[torch.Tensor, str]:
     """Calibration windows of math text only: GSM8K train, or the GSM8K lines of the shipped calibration text."""
-    gsm8k = data / "gsm8k" / "train.jsonl"
-    if gsm8k.exists():
+    gsm8k = data / "gsm8k" / "train.jsonl" if data is not None else None
+    if gsm8k is not None and gsm8k.exists():
         return calibration_blocks(tokenizer, gsm8k, n_samples, seq_len, seed=0), str(gsm8k)
     # GSM8K answers carry calculator annotations (<<48/2=24>>) and a final "#### n": prose and code lines do not.
     lines = [line for line in read_texts(calibration_path())[0].splitlines() if "<<" in line or line.startswith("####")]
@@ -239,6 +243,11 @@ def run_row(dense, row: Row, calibrations: dict[str, torch.Tensor], heldout, arg
     )
 
 
+def expert_cosines(model) -> dict[int, float]:
+    """Mean pairwise cosine similarity of the experts' weights, per MoE layer (STUN's premise: near-copies)."""
+    return {layer.index: expert_weight_cosine(layer) for layer in moe_layers(model)}
+
+
 def load_model(spec: str, device):
     if spec == "shipped":
         model, _ = load_reference_model(device=device)
@@ -246,12 +255,18 @@ def load_model(spec: str, device):
     return AutoModelForCausalLM.from_pretrained(spec, dtype=torch.float32).to(device).eval()
 
 
+def model_name(spec: str) -> str:
+    if spec == "shipped":
+        return "shipped"
+    return Path(spec).resolve().name if Path(spec).name != "model" else Path(spec).resolve().parent.name
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", action="append", help="model folder (save_pretrained) or 'shipped'; repeatable (default: shipped)")
     parser.add_argument("--quick", action="store_true", help="CPU-sized: 64 calibration windows, 8192 held-out tokens per domain")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the shared data folder (held-out splits)")
+    add_data_argument(parser, "the held-out splits (unless --cache or --heldout shipped); GSM8K train for the task rows (else the shipped text's GSM8K lines)")
     parser.add_argument("--cache", type=Path, default=None, help="train_reference.py's token cache, instead of --data")
     parser.add_argument("--heldout", choices=("domains", "shipped"), default="domains")
     parser.add_argument("--max-tokens", type=int, default=None, help="held-out tokens per domain (default: all; --quick: 8192)")
@@ -266,6 +281,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--distill-batch", type=int, default=8, help="windows of 128 tokens per distillation step")
     parser.add_argument("--distill-lr", type=float, default=2e-4, help="peak AdamW lr of the distillation fits (warm-up 10%%, cosine to 10%%)")
     parser.add_argument("--out", type=Path, default=Path("out/quality"))
+    parser.add_argument("--cosine-only", action="store_true", help="print each model's expert weight cosine and stop (no rows, no data folder)")
     args = parser.parse_args(argv)
     families = tuple(f.strip() for f in args.only.split(",") if f.strip())
     unknown = sorted(set(families) - set(FAMILIES))
@@ -278,6 +294,12 @@ def main(argv: list[str] | None = None) -> None:
     n_calib = args.calib_samples or (64 if args.quick else 128)
     torch.set_grad_enabled(False)
 
+    if args.cosine_only:
+        for spec in args.model or ["shipped"]:
+            print(f"{model_name(spec)}: " + cosine_text(expert_cosines(load_model(spec, args.device))), flush=True)
+        return
+    if args.heldout == "domains" and args.cache is None:
+        require_data(args.data, "--heldout domains (the default; or pass --cache FILE or --heldout shipped)")
     tokenizer = load_tokenizer()
     heldout = heldout_ids(tokenizer, args.heldout, args.data, max_tokens, args.cache)
     calibrations = {"mixed": calibration_blocks(tokenizer, None, n_calib, args.seq_len, seed=0)}
@@ -288,8 +310,9 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     suffix = "" if set(families) == set(FAMILIES) else "_" + "_".join(families)
     for spec in args.model or ["shipped"]:
-        name = "shipped" if spec == "shipped" else Path(spec).resolve().name if Path(spec).name != "model" else Path(spec).resolve().parent.name
+        name = model_name(spec)
         dense = load_model(spec, args.device)
+        cosines = expert_cosines(dense)
         title = (f"{name}: {sum(p.numel() for p in dense.parameters()) / 1e6:.1f} M parameters, held-out {args.heldout} "
                  f"({', '.join(f'{d} {len(t)}' for d, t in heldout.items())} tokens), {n_calib} x {args.seq_len} calibration tokens, {args.device.type}")
         if "task" in families:
@@ -303,7 +326,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"[{name} {time.perf_counter() - start:5.0f}s] {row.group:<18} {row.method:<42} total {r.total_sparsity:6.1%} ppl "
                   + " ".join(f"{d} {p:8.2f}" for d, p in r.ppl.items()) + f"  acc {r.accuracy:.3f}  ({r.seconds:.0f}s)", flush=True)
             # Written after every row, so a run stopped at a time limit keeps what it measured.
-            text = report_text(results, title, args.stun_experts)
+            text = report_text(results, title, args.stun_experts, cosines)
             (args.out / f"quality_{name}{suffix}.md").write_text(text)
             write_csv(results, args.out / f"quality_{name}{suffix}.csv", name)
         print("\n" + text, flush=True)

@@ -1,5 +1,6 @@
 """How ``benchmarks/quality.py`` reports its rows: one markdown table per model, the summary tables
-(STUN's claim, every expert method, pruning for math, distillation) and a CSV.
+(STUN's claim, every expert method, pruning for math, distillation), the dense model's expert weight
+cosine, and a CSV.
 """
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ import csv
 import math
 from pathlib import Path
 
-from quality_rows import EXPERT_METHODS, METHOD_FRACTIONS, METHODS_TOTAL, TASK_FRACTION, TASK_METHODS, TOTALS, Result
+from benchmarks.quality_rows import EXPERT_METHODS, METHOD_FRACTIONS, METHODS_TOTAL, TASK_FRACTION, TASK_METHODS, TOTALS, Result
 
 
 def markdown(results: list[Result], title: str) -> str:
@@ -91,8 +92,18 @@ def distill_table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
-def report_text(results: list[Result], title: str, stun_experts: float) -> str:
+def cosine_text(cosines: dict[int, float]) -> str:
+    """The dense model's mean pairwise cosine similarity of expert weights, per MoE layer and averaged over layers."""
+    mean = sum(cosines.values()) / len(cosines)
+    per_layer = ", ".join(f"{i}: {c:.3f}" for i, c in cosines.items())
+    return (f"Mean pairwise cosine similarity of expert weights (dense model; each expert's gate_up and down matrices "
+            f"flattened and joined; mean over pairs, then over layers): {mean:.3f} (per layer {per_layer})")
+
+
+def report_text(results: list[Result], title: str, stun_experts: float, cosines: dict[int, float] | None = None) -> str:
     text = markdown(results, title) + "\n"
+    if cosines:
+        text += "\n" + cosine_text(cosines) + "\n"
     claim = claim_table(results, stun_experts)
     if claim.count("\n") > 1:
         text += f"\nSTUN's claim (mean perplexity over domains; dense {results[0].mean_ppl:.2f}):\n\n{claim}\n"

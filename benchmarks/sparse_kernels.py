@@ -1,6 +1,6 @@
 """Every candidate configuration of the 2:4 expert kernels, timed alone at real expert shapes.
 
-    python benchmarks/sparse_kernels.py [--tokens 1 8 32 2048] [--out FILE.md]
+    python -m benchmarks.sparse_kernels [--tokens 1 8 32 2048] [--out FILE.md]
 
 Needs a CUDA GPU. For the gate_up and down matrices of Mixtral-8x7B (hidden 4096, FFN 14336, 8
 experts, top-2) and Qwen3-30B-A3B (hidden 2048, expert FFN 768, 128 experts, top-8), random bf16
@@ -18,12 +18,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # device_rates beside this script, also when loaded by path
-from device_rates import measured_rates, no_cuda  # noqa: E402
+from benchmarks.device_rates import measured_rates, no_cuda
 
 SHAPES = {"mixtral": dict(hidden=4096, ffn=14336, experts=8, top_k=2), "qwen3": dict(hidden=2048, ffn=768, experts=128, top_k=8)}
 
@@ -71,7 +69,7 @@ def main(argv=None) -> int:
                         choices=["mma", "tile", "wgmma", "decode", "tensor"])
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    if no_cuda("sparse_kernels.py"):
+    if no_cuda("benchmarks.sparse_kernels"):
         return 2
     from triton.testing import do_bench
 

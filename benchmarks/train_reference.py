@@ -34,8 +34,8 @@ weights, reloaded in fp32), routing frequencies per domain and layer, and total-
 between the domains' routing distributions (with the same distance between two halves of one
 domain as the noise floor).
 
-    python benchmarks/train_reference.py --prepare --cache out/data/tokens.pt   # tokenize once (CPU)
-    python benchmarks/train_reference.py --model mixtral_8x2_upcycled_small --cache out/data/tokens.pt \
+    python -m benchmarks.train_reference --prepare --data DIR --cache out/data/tokens.pt   # tokenize once (CPU)
+    python -m benchmarks.train_reference --model mixtral_8x2_upcycled_small --cache out/data/tokens.pt \
         --out out/reference/mixtral_8x2_upcycled_small --time-budget 240       # the shipped model (GPU)
 
 Figures and commands of the trained models: ``benchmarks/REFERENCE.md``.
@@ -56,13 +56,11 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's package, also when not pip-installed
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helper modules beside this script, also when loaded by path
-from reference_figures import quality_figures, reload_fp32, routing_figures  # noqa: E402
-from stun_lightning.data import read_texts, token_stream  # noqa: E402
-from stun_lightning.tiny import load_tokenizer, tiny_config  # noqa: E402
+from benchmarks.data_folder import add_data_argument, require_data
+from benchmarks.reference_figures import quality_figures, reload_fp32, routing_figures
+from stun_lightning.data import read_texts, token_stream
+from stun_lightning.tiny import load_tokenizer, tiny_config
 
-DEFAULT_DATA = Path("/work/shared/data")
 # domain -> (train files, held-out file), paths inside the shared data folder
 DOMAINS = {
     "prose": (["tinyshakespeare/input.txt", "wikitext2/valid.txt"], "wikitext2/test.txt"),
@@ -291,7 +289,7 @@ def train_phase(model, sampler, preset: Preset, steps: int, name: str, device, d
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", choices=sorted(PRESETS), default="mixtral_8x2")
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    add_data_argument(parser, "tokenizing, unless --cache names an existing token cache")
     parser.add_argument("--cache", type=Path, default=None, help="token cache (.pt); written if missing")
     parser.add_argument("--prepare", action="store_true", help="only tokenize the data into --cache")
     parser.add_argument("--out", type=Path, default=None)
@@ -305,6 +303,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the training forward")
     args = parser.parse_args(argv)
 
+    if args.cache is None or not args.cache.exists():
+        require_data(args.data, "tokenizing the train mix (no existing --cache)")
     tokens = load_tokens(args.cache, args.data)
     if args.prepare:
         print({s: {d: len(t) for d, t in v.items()} for s, v in tokens.items()})
@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None) -> None:
     sampler = WindowSampler(tokens["train"], preset.seq_len, preset.batch_size, args.seed)
     impl = pick_experts_impl(preset, sampler, device)
     args.out.mkdir(parents=True, exist_ok=True)
-    figures: dict = {"preset": args.model, "command": " ".join(["python", "benchmarks/train_reference.py", *(argv or sys.argv[1:])])}
+    figures: dict = {"preset": args.model, "command": " ".join(["python", "-m", "benchmarks.train_reference", *(argv or sys.argv[1:])])}
     phases = []
 
     torch.manual_seed(args.seed)

@@ -2,7 +2,13 @@
 
 Loss, as the paper defines it: ``L = L_CE + lambda * sum_layers sum_experts MSE(student expert out,
 teacher expert out)`` with ``lambda`` initialised to ``L_CE / L_expert`` at the first step and then
-kept fixed. The paper leaves two points open; our choices:
+kept fixed. Deviation: our loss is ``ce * L_CE + lambda * L_expert + ...`` with a CE weight ``ce``
+(:class:`DistillWeights`, ``StunDistillModule(ce_weight=...)``; the paper has none), and
+:func:`init_expert_lambda` ignores it: ``lambda = L_CE / L_expert`` from the *unweighted*
+cross-entropy, so the two terms start at ``ce * L_CE`` and ``L_CE``, equal only at ``ce = 1`` (the
+default). With ``expert=None`` (auto), ``lambda`` is set at the first step at or after ``lambda_init_step``
+where the expert term is not zero, not necessarily the first step; until then that term adds 0.
+The paper leaves two points open; our choices:
 
 * Tokens compared: each surviving student expert is compared with its *teacher original* (the
   expert of the unpruned model it was kept from) on the tokens the *teacher* routes to that

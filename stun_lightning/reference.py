@@ -31,7 +31,7 @@ def load_reference_model(dtype: torch.dtype = torch.float32, device: str | torch
     if missing:
         raise FileNotFoundError(
             f"shipped reference model incomplete: {', '.join(missing)} missing in {REFERENCE_DIR}. Rebuild it with "
-            "`python benchmarks/train_reference.py --model mixtral_8x2_upcycled_small --out out/reference/mixtral_8x2_upcycled_small` "
+            "`python -m benchmarks.train_reference --model mixtral_8x2_upcycled_small --out out/reference/mixtral_8x2_upcycled_small` "
             "(see benchmarks/REFERENCE.md) and copy its model/{config.json,model.safetensors} there."
         )
     tokenizer = load_tokenizer()

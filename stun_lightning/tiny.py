@@ -145,7 +145,7 @@ def load_tokenizer(path: str | Path | None = None):
     """
     if path is None and not (TOKENIZER_DIR / "tokenizer.json").exists():
         raise FileNotFoundError(
-            f"shipped tokenizer missing at {TOKENIZER_DIR}; rebuild it with `python benchmarks/build_assets.py`"
+            f"shipped tokenizer missing at {TOKENIZER_DIR}; rebuild it with `python -m benchmarks.build_assets --data DIR`"
         )
     return _cached_tokenizer(None if path is None else str(path))
 

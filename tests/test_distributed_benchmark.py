@@ -1,4 +1,4 @@
-"""benchmarks/distributed_fit.py end to end on 2 CPU processes (gloo): the FSDP2 fit of a model built
+"""python -m benchmarks.distributed_fit end to end on 2 CPU processes (gloo): the FSDP2 fit of a model built
 on the meta device, and the resume from its sharded checkpoint, through Lightning's own launcher."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_distributed_fit_benchmark_runs_and_its_resume_continues_the_loss_curve(tmp_path):
     out = tmp_path / "fit.md"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "distributed_fit.py"), "--devices", "2", "--accelerator", "cpu", "--tiny",
+    cmd = [sys.executable, "-m", "benchmarks.distributed_fit", "--devices", "2", "--accelerator", "cpu", "--tiny",
            "--layers", "2", "--steps", "4", "--resume-steps", "4", "--workdir", str(tmp_path / "work"), "--out", str(out)]
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]

@@ -1,18 +1,8 @@
-"""benchmarks/inference.py end to end in its CPU quick mode: every row measured, outputs close to float32."""
+"""python -m benchmarks.inference end to end in its CPU quick mode: every row measured, outputs close to float32."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "inference.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("inference_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from benchmarks import inference
 
 
 def _rows(markdown: str) -> list[dict]:
@@ -22,7 +12,7 @@ def _rows(markdown: str) -> list[dict]:
 
 
 def test_quick_cpu_run_measures_every_row(tmp_path):
-    bench = _load()
+    bench = inference  # benchmarks/inference.py, imported as a module
     out = tmp_path / "inference.md"
     argv = ["--quick", "--device", "cpu", "--tokens", "1", "--prefill", "16", "--out", str(out)]
     assert bench.main(argv) == 0

@@ -71,7 +71,7 @@ def test_wanda_beats_magnitude_at_half_sparsity(shipped, dense_ppl):
 
 def test_missing_reference_model_names_the_fix(tmp_path, monkeypatch):
     monkeypatch.setattr(reference, "REFERENCE_DIR", tmp_path)
-    with pytest.raises(FileNotFoundError, match="train_reference.py"):
+    with pytest.raises(FileNotFoundError, match="benchmarks.train_reference"):
         load_reference_model()
 
 
@@ -88,11 +88,7 @@ def test_short_distillation_lowers_the_perplexity_of_a_pruned_model_and_keeps_it
     # issue 10: a few steps of expert-wise KD from the dense model (benchmarks/quality.py's fit,
     # masks held fixed) must lower held-out perplexity of STUN 25% experts + OWL+Wanda at 70% total.
     import argparse
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from quality import distill
+    from benchmarks.quality import distill
     from stun_lightning.mask_state import measured_sparsity
 
     model, calibration, ids = shipped

@@ -123,3 +123,28 @@ def test_each_cluster_keeps_the_member_nearest_its_mean():
         slot = [e for e in range(8) if e not in report.removed_experts[layer.index]].index(nearest)
         for name, p in layer.expert_parameters():
             assert torch.equal(p.detach()[slot], weights[name])  # the survivor itself, not an average
+
+
+def test_expert_weight_cosine_is_the_mean_pairwise_cosine_of_the_flattened_experts():
+    from stun_lightning.methods.stun import expert_weight_cosine
+
+    model = build_tiny_model("mixtral", seed=0)
+    layer = moe_layers(model)[0]
+    mats = layer.expert_matrices()
+    flat = torch.cat([m.detach().flatten(1) for m in mats.values()], dim=1)
+    n = flat.shape[0]
+    expected = torch.stack([torch.nn.functional.cosine_similarity(flat[i], flat[j], dim=0) for i in range(n) for j in range(i + 1, n)]).mean()
+    assert abs(expert_weight_cosine(layer) - float(expected)) < 1e-5
+
+    # every expert a positive multiple of expert 0: cosine 1 whatever the scales (a dot product would not be)
+    with torch.no_grad():
+        for name, p in (("gate_up_proj", layer.experts.gate_up_proj), ("down_proj", layer.experts.down_proj)):
+            for e in range(1, n):
+                p[e] = p[0] * (e + 1) * 10.0
+    assert abs(expert_weight_cosine(layer) - 1.0) < 1e-6
+    # expert 1 the negation of expert 0: that pair counts -1
+    with torch.no_grad():
+        for p in (layer.experts.gate_up_proj, layer.experts.down_proj):
+            p[1] = -p[0]
+    pairs = n * (n - 1) // 2
+    assert abs(expert_weight_cosine(layer) - (pairs - 2 * (n - 2) - 2) / pairs) < 1e-6

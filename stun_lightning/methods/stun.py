@@ -25,10 +25,21 @@ following the official code (thnkinbtfly/STUN, ``merge_weight.py`` @21b0153):
 
 Deviations: (1) the official code stops with an error when the threshold search stalls on a count
 it cannot hit exactly; we then take the closest larger count and merge the globally closest
-remaining pair of clusters (by their representatives' distance) until the count is exact.
+remaining pair of clusters (the pair whose farthest members are closest) until the count is exact.
 (2) Each layer keeps at least max(top-k, ``min_keep``) experts (the official per-layer cap is a
 ``top_k`` argument counting removals; ``max_removed_per_layer`` gives the same cap).
 (3) With top-k > 2 co-activation counts pairs inside the top-k (top-2: exactly STUN's count).
+(4) Threshold search: the official loop starts at the user's ``--threshold`` with a step of 0.1 in
+distance units, and exits with an error once 10 trials in a row give the same count. We start at 0
+for router distances (``-max |d|`` for co-activation and mixed ones, which can be negative) with a
+step of ``0.1 * max |d|`` (the largest finite ``|d|`` of any MoE layer), so no threshold
+is asked of the user and the step scales with the distances; the doubling-then-halving rule is the
+official one, and the search stops after 200 trials or when the step falls under 1e-12 (then (1)).
+
+:func:`expert_weight_cosine` measures the premise that makes merging by router distance safe:
+experts that started as copies of one FFN (upcycled MoEs) keep a high mean weight cosine, experts
+of an MoE trained from scratch are close to orthogonal (``python -m benchmarks.quality`` prints it
+per model).
 """
 
 from __future__ import annotations
@@ -216,4 +227,27 @@ def stun(ctx: SelectionContext) -> dict[int, list[int]]:
     return keep
 
 
-__all__ = ["stun", "expert_distances", "greedy_clusters", "DISTANCES"]
+@torch.no_grad()
+def expert_weight_cosine(layer) -> float:
+    """Mean pairwise cosine similarity of one MoE layer's experts, over every pair i < j.
+
+    Each expert is one vector: its weight matrices (``gate_up_proj`` and ``down_proj``; biases
+    left out) flattened and joined, the representation STUN's survivor choice uses. The Gram matrix
+    is summed one matrix at a time, so no flattened copy of all the experts is held.
+    """
+    n = layer.num_experts
+    if n < 2:
+        raise ValueError(f"layer {layer.index} has {n} expert(s); a pairwise cosine needs at least 2")
+    gram = torch.zeros(n, n, dtype=torch.float64)
+    for w in layer.expert_matrices().values():
+        flat = w.detach().flatten(1).float()
+        gram += (flat @ flat.T).double().cpu()
+    norms = gram.diagonal().sqrt()
+    if bool((norms == 0).any()):
+        raise ValueError(f"layer {layer.index}: experts {torch.nonzero(norms == 0).flatten().tolist()} are all zeros; their cosine is undefined")
+    cos = gram / (norms[:, None] * norms[None, :])
+    i, j = torch.triu_indices(n, n, offset=1)
+    return float(cos[i, j].mean())
+
+
+__all__ = ["stun", "expert_distances", "expert_weight_cosine", "greedy_clusters", "DISTANCES"]

@@ -4,7 +4,7 @@ The function comes from the driver library that torch already loaded (looked up 
 ``torch.cuda._compile_kernel``'s own launcher opens the library (``ctypes.CDLL``) on every call: 48
 against 29 us of CPU per call alone, and a compiled Qwen3-sized MoE block at 2048 tokens (two
 calls) spent 1420 against 1004 us of CPU per call, more than its 0.9 ms on the GPU
-(``benchmarks/launch_overhead.py``).
+(``benchmarks/investigations/launch_overhead.py``).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ tokens as the dense one:
   the tensor cores from a swizzled shared-memory tile, warp-specialized (one producer warpgroup
   copying with ``cp.async`` into an mbarrier pipeline, two warpgroups multiplying 128 weight rows
   each); elsewhere (:func:`tile_grouped_mm`, sm_80+) a 128 or 256 x 128 tile on ``mma.sp``, whose
-  peak (917 dense-equivalent TFLOP/s on an H100 against 774 for cuBLAS, ``benchmarks/mma_rates.py``)
+  peak (917 dense-equivalent TFLOP/s on an H100 against 774 for cuBLAS, ``benchmarks/investigations/mma_rates.py``)
   leaves it slower than a dense prefill.
 
 They serve bf16 weights whose dimensions fit (:func:`fits`, :func:`fits_tile`). Each is compiled
@@ -220,7 +220,7 @@ def _cuda_op(fn):
     """``fn`` as the CUDA kernel of a new op ``torch.ops.stun.<name>`` (schema from its annotations),
     returned as that op, without ``torch.library.custom_op``'s autograd and aliasing wrappers: the op
     over the direct call cost 53.2 against 32.5 us of CPU as a ``custom_op`` and 49.5 against 31.3
-    us this way on the H100 host (``benchmarks/launch_overhead.py``, one run each;
+    us this way on the H100 host (``benchmarks/investigations/launch_overhead.py``, one run each;
     ``benchmarks/results/launch_overhead_h100.md``); most of it is the dispatcher calling into
     Python. No autograd formula: these ops serve inference."""
     name = fn.__name__

@@ -4,7 +4,7 @@ In torch ops that is a sort, a scatter-add, cumsums, a searchsorted and a few el
 at decode, where the expert products take tens of microseconds, those launches are a large share of
 an MoE layer, and at prefill the sort alone is about 13 launches (cub's radix sort and its memsets)
 whose CPU cost left a compiled Qwen3-shaped layer waiting on the CPU
-(``benchmarks/launch_overhead.py``). Both kernels return the same two tensors as the torch ops,
+(``benchmarks/investigations/launch_overhead.py``). Both kernels return the same two tensors as the torch ops,
 bit for bit:
 
 * :func:`align_kernel`, one program, up to :data:`MAX_PAIRS` pairs (decode): per-expert counts by a
@@ -36,7 +36,7 @@ def align_kernel(flat_ptr, ids_ptr, be_ptr, n_pairs, num_experts, n_blocks,
     by a histogram, each pair's expert start by a gather, and the pairwise comparisons ``CHUNK``
     columns (earlier pairs) or rows (blocks) at a time, so that no [P, P], [P, E] or [B, E] tile
     sits in registers at once (at 256 pairs and 128 experts those spilled: 34 us on an H100;
-    benchmarks/layer_profile.py)."""
+    benchmarks/investigations/layer_profile.py)."""
     s = tl.arange(0, P)
     ok = s < n_pairs
     ex = tl.load(flat_ptr + s, mask=ok, other=0).to(tl.int32)

@@ -1,6 +1,6 @@
 """Peak rates of the tensor-core instructions a 2:4 prefill kernel could use without ``wgmma``.
 
-    python benchmarks/mma_rates.py [--out FILE.md]     # CUDA only
+    python -m benchmarks.investigations.mma_rates [--out FILE.md]     # CUDA only
 
 A prefill GEMM on 2:4 weights pays only if the sparse instruction beats the dense path that
 transformers' ``grouped_mm`` takes (cuBLAS/CUTLASS on Hopper's ``wgmma``). Triton exposes no sparse
@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # device_rates beside this script
-from device_rates import make_timer, measured_rates, no_cuda  # noqa: E402
+from benchmarks.device_rates import make_timer, measured_rates, no_cuda
 
 SOURCE = r"""
 typedef unsigned int u32;
@@ -65,7 +63,7 @@ def main(argv=None) -> int:
     parser.add_argument("--iterations", type=int, default=4096)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    if no_cuda("mma_rates.py"):
+    if no_cuda("benchmarks.investigations.mma_rates"):
         return 2
     major, minor = torch.cuda.get_device_capability()
     sms = torch.cuda.get_device_properties(0).multi_processor_count

@@ -1,6 +1,6 @@
 """CPU time per call of the 2:4 expert ops, and of a compiled MoE layer, against the dense ones.
 
-    python benchmarks/launch_overhead.py [--calls 200] [--profile]
+    python -m benchmarks.investigations.launch_overhead [--calls 200] [--profile]
 
 Needs a CUDA GPU. Prefill runs compiled without CUDA graphs, so every call pays its launch cost on
 the CPU; where that exceeds the GPU time the GPU waits. Each row is the CPU microseconds per call
@@ -15,13 +15,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from device_rates import make_timer, no_cuda  # noqa: E402
+from benchmarks.device_rates import make_timer, no_cuda
 
 
 def cpu_us(fn, calls: int) -> float:
@@ -40,7 +37,7 @@ def main(argv=None) -> int:
     p.add_argument("--calls", type=int, default=200)
     p.add_argument("--profile", action="store_true", help="also print the CPU profile of the compiled 2:4 block")
     args = p.parse_args(argv)
-    if no_cuda("launch_overhead.py"):
+    if no_cuda("benchmarks.investigations.launch_overhead"):
         return 2
     from inference import SHAPES
     from inference_models import build_model, build_variants, moe_blocks

@@ -1,6 +1,6 @@
 """Where one MoE layer's time goes: the GPU kernels of a compiled layer call, per variant, in a table.
 
-    python benchmarks/layer_profile.py [--shapes qwen3] [--tokens 8 32] [--variants dense 2:4]
+    python -m benchmarks.investigations.layer_profile [--shapes qwen3] [--tokens 8 32] [--variants dense 2:4]
 
 Needs a CUDA GPU. Builds the layer shapes of ``inference.py`` (one decoder layer), compiles each
 variant's MoE block as ``inference.py`` does, and records ``--steps`` calls with ``torch.profiler``:
@@ -15,15 +15,12 @@ from __future__ import annotations
 import argparse
 import sys
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from device_rates import make_timer, no_cuda  # noqa: E402
-from inference import SHAPES, VARIANTS, captured  # noqa: E402
-from inference_models import build_model, build_variants, moe_blocks  # noqa: E402
+from benchmarks.device_rates import make_timer, no_cuda
+from benchmarks.inference import SHAPES, VARIANTS, captured
+from benchmarks.inference_models import build_model, build_variants, moe_blocks
 
 
 def kernel_times(fn, x, steps: int, flush: torch.Tensor | None = None) -> tuple[dict[str, list[float]], float]:
@@ -82,7 +79,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--wgmma-group", type=int, default=None, help="CTA order of the Hopper prefill kernel (cuda_mma.WGMMA_GROUP)")
     args = p.parse_args(argv)
-    if no_cuda("layer_profile.py"):
+    if no_cuda("benchmarks.investigations.layer_profile"):
         return 2
     timer = make_timer("cuda")
     if args.wgmma_group is not None:

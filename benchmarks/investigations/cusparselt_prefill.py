@@ -1,6 +1,6 @@
 """Could sparse tensor cores carry 2:4 prefill? One MoE layer's expert products on cuSPARSELt vs dense.
 
-    python benchmarks/cusparselt_prefill.py [--tokens 2048] [--out FILE.md]
+    python -m benchmarks.investigations.cusparselt_prefill [--tokens 2048] [--out FILE.md]
 
 Needs a CUDA GPU. Triton exposes no sparse tensor-core instruction, so our 2:4 kernels run dense
 math at prefill; the one library with Hopper 2:4 kernels in torch's wheels is cuSPARSELt
@@ -20,10 +20,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from device_rates import no_cuda  # noqa: E402
-from sparse_kernels import SHAPES, graphed_us, mask_24, random_routing  # noqa: E402
+from benchmarks.device_rates import no_cuda
+from benchmarks.sparse_kernels import SHAPES, graphed_us, mask_24, random_routing
 
 
 def main(argv=None) -> int:
@@ -32,9 +30,9 @@ def main(argv=None) -> int:
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    if no_cuda("cusparselt_prefill.py"):
+    if no_cuda("benchmarks.investigations.cusparselt_prefill"):
         return 2
-    import cusparselt_ctypes as cslt
+    from benchmarks.investigations import cusparselt_ctypes as cslt
 
     from stun_lightning.sparse.experts import align_pairs
 

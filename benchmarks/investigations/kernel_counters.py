@@ -1,6 +1,6 @@
 """Hardware counters of the Hopper 2:4 prefill kernel against the dense grouped GEMM, through Nsight Compute.
 
-    python benchmarks/kernel_counters.py [--shape mixtral] [--matrix gate_up] [--tokens 2048] [--out DIR]
+    python -m benchmarks.investigations.kernel_counters [--shape mixtral] [--matrix gate_up] [--tokens 2048] [--out DIR]
 
 Needs a CUDA GPU and ``ncu`` (Nsight Compute; ``/usr/local/cuda/bin/ncu`` on the H100 host). Runs
 itself under ``ncu`` (``--child``): one expert product of ``sparse_kernels.py``'s layer shapes
@@ -22,10 +22,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from device_rates import no_cuda  # noqa: E402
-from sparse_kernels import SHAPES, dense_grouped_inputs, mask_24, random_routing  # noqa: E402
+from benchmarks.device_rates import no_cuda
+from benchmarks.sparse_kernels import SHAPES, dense_grouped_inputs, mask_24, random_routing
 
 SECTIONS = ("SpeedOfLight", "MemoryWorkloadAnalysis", "ComputeWorkloadAnalysis", "WarpStateStats", "Occupancy", "LaunchStats")
 #: the counters printed per kernel (as ncu's details page names them), with the lines that mention stalls or tensor pipes
@@ -61,20 +59,20 @@ def main(argv=None) -> int:
     p.add_argument("--sass", action="store_true", help="also sample stalls per instruction (SourceCounters) and write them as CSV")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if no_cuda("kernel_counters.py"):
+    if no_cuda("benchmarks.investigations.kernel_counters"):
         return 2
     if args.child:
         child(args.shape, args.matrix, args.tokens)
         return 0
     ncu = shutil.which("ncu") or "/usr/local/cuda/bin/ncu"
     if not Path(ncu).exists():
-        print("benchmarks/kernel_counters.py needs Nsight Compute (ncu) on the PATH", file=sys.stderr)
+        print("benchmarks/investigations/kernel_counters.py needs Nsight Compute (ncu) on the PATH", file=sys.stderr)
         return 2
     report = args.out / f"counters_{args.shape}_{args.matrix}"
     command = [ncu, "--force-overwrite", "--export", str(report), "--kernel-name", "regex:sparse24_wgmma|device_kernel",
                "--launch-skip", "4", "--launch-count", "2",
                *[x for section in SECTIONS + (("SourceCounters",) if args.sass else ()) for x in ("--section", section)],
-               sys.executable, __file__, "--child", "--shape", args.shape, "--matrix", args.matrix, "--tokens", str(args.tokens)]
+               sys.executable, "-m", "benchmarks.investigations.kernel_counters", "--child", "--shape", args.shape, "--matrix", args.matrix, "--tokens", str(args.tokens)]
     run = subprocess.run(command, capture_output=True, text=True)
     if run.returncode:
         print(run.stdout[-3000:], run.stderr[-3000:], sep="\n", file=sys.stderr)
