@@ -148,6 +148,9 @@ def child(args) -> None:
                     tokens = runs[0][1][0, :16].tolist() if b == 1 else None
                     rows.append(dict(batch=b, prompt=p, ttft=ttft, decode=b * (args.new_tokens - 1) / max(total - ttft, 1e-9), tokens=tokens))
         fcntl.flock(lock, fcntl.LOCK_UN)
+    result = dict(shape=args.shape, variant=args.variant, layers=args.layers, rows=rows, error=error, info=info, breaks=None, reasons=[],
+                  top_k=model.config.num_experts_per_tok, kv=kv_bytes_per_token(model.config))
+    print("RESULT " + json.dumps(result), flush=True)  # the timings, should the graph-break count below not finish in time
     torch._dynamo.reset()
     cache = StaticCache(config=model.config, max_cache_len=64)
     with torch.no_grad():
@@ -155,9 +158,8 @@ def child(args) -> None:
         explanation = torch._dynamo.explain(model)(input_ids=prompts[args.batches[0], args.prompts[0]][:, :1], past_key_values=cache,
                                                     cache_position=torch.tensor([8], device=device), use_cache=True)
     reasons = sorted({str(r.reason).splitlines()[0][:120] for r in explanation.break_reasons})
-    print("RESULT " + json.dumps(dict(shape=args.shape, variant=args.variant, layers=args.layers, rows=rows, error=error, info=info,
-                                      breaks=explanation.graph_break_count, reasons=reasons, top_k=model.config.num_experts_per_tok,
-                                      kv=kv_bytes_per_token(model.config))), flush=True)
+    result.update(breaks=explanation.graph_break_count, reasons=reasons)
+    print("RESULT " + json.dumps(result), flush=True)
 
 
 def kv_bytes_per_token(config) -> int:
@@ -210,7 +212,7 @@ def run_shape(shape: str, args, log_dir: Path) -> list[dict]:
         if not found:
             tail = " | ".join(text.strip().splitlines()[-3:])[:400]
             found = [dict(shape=shape, variant=variant, rows=[], error=f"process failed (rc {proc.returncode}): {tail}", info=None, breaks=None)]
-        results += found
+        results.append(found[-1])
     return results
 
 
