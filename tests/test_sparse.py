@@ -120,7 +120,7 @@ def test_moe_block_compiles_without_graph_breaks():
     explanation = torch._dynamo.explain(model)(ids[:1])
     assert explanation.graph_break_count == 0, explanation.break_reasons
     ops = [str(n.target) for g in explanation.graphs for n in g.graph.nodes]
-    assert any("sparse24_grouped_mm" in op for op in ops)
+    assert any("sparse24_experts_mm" in op for op in ops) and any("route_pairs" in op for op in ops)
 
 
 def test_refusal_leaves_the_model_dense_and_densify_restores_exactly():

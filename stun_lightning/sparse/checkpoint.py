@@ -27,7 +27,7 @@ from torch import nn
 
 from ..serialization import IncompleteCheckpointError, atomic_output
 from ..surgery import apply_top_k, recorded_expert_counts, recorded_top_k, set_expert_counts_shape
-from .convert import _set_implementation, empty_sparse_experts_, expert_modules, is_sparsified
+from .convert import _set_implementation, empty_sparse_experts_, expert_modules, is_sparsified, own_buffers_
 from .experts import IMPLEMENTATION
 from .format import FORMAT_NAME, FORMAT_VERSION
 
@@ -132,6 +132,8 @@ def load_sparse(path: str | os.PathLike, device: str | torch.device = "cpu", tor
         module = model.get_submodule(module_name)
         tensor = model.get_parameter(source) if source in dict(model.named_parameters(remove_duplicate=False)) else model.get_buffer(source)
         setattr(module, attr, tensor)
+    for _, experts, _ in expert_modules(model):
+        own_buffers_(experts)  # assigned tensors may be views into the file's storage
     _materialize_non_persistent(model, device)
     if (path / "generation_config.json").exists():
         model.generation_config = GenerationConfig.from_pretrained(path)

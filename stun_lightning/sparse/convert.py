@@ -58,6 +58,21 @@ def _matrix(experts: nn.Module, name: str) -> torch.Tensor:
     return w.transpose(1, 2) if experts.is_transposed else w
 
 
+def own_buffers_(experts: nn.Module) -> nn.Module:
+    """Give each compressed buffer its own contiguous storage from offset 0, in place (a copy only
+    for one that is a view, e.g. into a checkpoint's storage). The kernels load 8 values or 8
+    metadata bytes at a time from the start of a buffer; this is the one place where that layout
+    is established (sparsify, load), so the compiled forward need not look at storage offsets, and
+    a misaligned view is not copied on every call by the kernels' launchers."""
+    for name in MATRICES:
+        for part in ("values", "meta"):
+            key = f"{name}_{part}"
+            t = experts._buffers[key]
+            if not t.is_contiguous() or t.storage_offset() != 0:
+                experts._buffers[key] = t.contiguous().clone()
+    return experts
+
+
 def compress_experts_(experts: nn.Module, label: str = "experts") -> nn.Module:
     """Replace one experts module's fused weights by their 2:4 compressed form, in place."""
     if is_sparse24(experts):
@@ -69,7 +84,7 @@ def compress_experts_(experts: nn.Module, label: str = "experts") -> nn.Module:
     for name, (values, meta) in packed.items():
         experts.register_buffer(f"{name}_values", values)
         experts.register_buffer(f"{name}_meta", meta)
-    return experts
+    return own_buffers_(experts)
 
 
 def empty_sparse_experts_(experts: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:

@@ -9,14 +9,22 @@ Registered in transformers' ``ExpertsInterface`` on import, so any model whose e
   ``moe_align_block_size``, so CUDA graphs and compile see no data-dependent shape; one Triton
   launch on CUDA, :mod:`.triton_align`, torch ops otherwise), then
   gate_up and down run for the routed experts only, reading compressed values + metadata
-  (:func:`grouped_mm`): on the sparse tensor cores (:mod:`.cuda_mma`, torch ops that compile keeps
-  whole) ``stun::sparse24_mma`` while experts see 2-16 tokens (or from 32 pairs per call) and
+  (:func:`grouped_mm`): on the sparse tensor cores (:mod:`.cuda_mma`)
+  ``stun::sparse24_mma`` while experts see 2-16 tokens (or from 32 pairs per call) and
   ``stun::sparse24_mma_tile`` for prefill (sparse ``wgmma`` from 128 pairs per routed expert on a
   Hopper GPU, ``mma.sp`` from 256 elsewhere); otherwise
-  ``stun::sparse24_grouped_mm``, whose body on CUDA is a Triton kernel (:mod:`.triton_kernel`) and
-  which, as a ``torch.library.triton_op``, compile and AOTInductor trace into with no graph break.
+  ``stun::sparse24_grouped_mm``, whose body on CUDA is a Triton kernel (:mod:`.triton_kernel`).
 * reference (eager CPU): decompress the weights of each expert that some token selected and run
   it as transformers' eager loop does; nothing dense is kept between calls.
+
+Which kernel runs, and ``block_m``, depend on the number of pairs, which is the token count
+(dynamic under ``torch.compile(dynamic=True)`` or after a batch-size change) and which the kernels'
+checks read off the tensors (dtype, contiguity, storage offset). So the grouped path reaches the
+compiled graph as two opaque ops whose fake kernels give their shapes with no branch
+(:func:`route_pairs`, :func:`sparse24_experts_mm`): every choice is made inside them on concrete
+sizes when they run (or when a CUDA graph records them), and the traced forward has no Python
+control flow on tensor metadata and no graph break, whatever the shapes. Only ``torch.export``
+(AOTInductor packages, which hold no Python op) traces into the Triton ops instead (static shapes).
 """
 
 from __future__ import annotations
@@ -45,11 +53,31 @@ def is_sparse24(experts: torch.nn.Module) -> bool:
     return bool(getattr(type(experts), "_stun_sparse24", False))
 
 
+#: the rows per block that :func:`block_m_for` gives, smallest to largest
+BLOCK_MS = (16, 64, 128)
+
+
 def block_m_for(num_pairs: int, num_experts: int) -> int:
     """Rows per block: 16 (the smallest tensor-core tile) while experts see few tokens, 64 up to 128
     tokens per expert, then 128 (faster at 2048-token prefill on an H100: sparse_kernels_h100.md)."""
     per_expert = num_pairs / max(1, min(num_experts, num_pairs))
     return 16 if per_expert <= 16 else 64 if per_expert < 128 else 128
+
+
+def pairs_layout(num_pairs: int, num_experts: int) -> tuple[int, int]:
+    """``(block_m, n_blocks)`` of :func:`align_pairs` for a call of ``num_pairs`` pairs (concrete ints)."""
+    block_m = block_m_for(num_pairs, num_experts)
+    return block_m, -(-num_pairs // block_m) + min(num_experts, num_pairs)
+
+
+def layout_bound(num_pairs, num_experts: int):
+    """``(len(sorted_ids), len(block_expert))`` that hold the layout of :func:`pairs_layout` for any
+    ``block_m`` of :data:`BLOCK_MS`: one expression of ``num_pairs`` with no branch, so a symbolic
+    token count gives a symbolic shape and no guard. ``n_blocks * block_m < num_pairs + block_m +
+    touched * block_m``, largest at the largest ``block_m``; ``n_blocks`` is largest at the smallest."""
+    touched = torch.sym_min(num_experts, num_pairs)
+    small, large = BLOCK_MS[0], BLOCK_MS[-1]
+    return num_pairs + large - 1 + large * touched, (num_pairs + small - 1) // small + touched
 
 
 def align_pairs(top_k_index: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,7 +177,10 @@ align_pairs_fused = _register_op("stun::align_pairs", _align_pairs_fused)
 def grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a: int, block_m: int) -> torch.Tensor:
     """On the sparse tensor cores (:mod:`.cuda_mma`) where a kernel fits: ``stun::sparse24_mma_tile``
     for prefill blocks, ``stun::sparse24_mma`` while experts see 2-16 tokens; else
-    ``stun::sparse24_grouped_mm`` (Triton on CUDA, torch ops on the CPU)."""
+    ``stun::sparse24_grouped_mm`` (Triton on CUDA, torch ops on the CPU).
+
+    Its checks read the tensors' sizes, dtypes and storage: it runs inside
+    :func:`sparse24_experts_mm` on concrete tensors, and is traced only by ``torch.export``."""
     from . import cuda_mma
 
     if cuda_mma.fits_tile(a, values, meta, block_m, rows_per_a):
@@ -165,6 +196,66 @@ def grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a: int, block
         if n_pairs >= MMA_MIN_PAIRS or not uses_decode_kernel(values, rows_bucket_for(n_pairs, values.shape[0]), block_m):
             return cuda_mma.grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a)
     return sparse24_grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a, block_m)
+
+
+_LIBRARY = torch.library.Library("stun", "FRAGMENT")
+
+
+def _opaque_op(fn):
+    """``fn`` as ``torch.ops.stun.<name>`` for every device, opaque to torch.compile (its fake kernel
+    registered next to it), without ``torch.library.custom_op``'s wrappers (their CPU cost per call:
+    :func:`.cuda_mma._cuda_op`). No autograd formula: these ops serve inference."""
+    name = fn.__name__
+    _LIBRARY.define(name + torch.library.infer_schema(fn, mutates_args=()))
+    _LIBRARY.impl(name, fn, "CompositeExplicitAutograd")
+    return getattr(torch.ops.stun, name).default
+
+
+@_opaque_op
+def route_pairs(top_k_index: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`align_pairs` with the ``block_m`` of :func:`pairs_layout`, in buffers of
+    :func:`layout_bound` lengths: the layout is their prefix (``n_blocks * block_m`` ids,
+    ``n_blocks`` experts), the rest is unspecified. :func:`sparse24_experts_mm` reads the prefix."""
+    flat = top_k_index.reshape(-1)
+    n_pairs = flat.numel()
+    ids_len, blocks_len = layout_bound(n_pairs, num_experts)
+    sorted_ids = torch.empty(ids_len, dtype=torch.int32, device=flat.device)
+    block_expert = torch.empty(blocks_len, dtype=torch.int32, device=flat.device)
+    if n_pairs == 0:
+        return sorted_ids, block_expert
+    block_m, n_blocks = pairs_layout(n_pairs, num_experts)
+    prefix = (sorted_ids[: n_blocks * block_m], block_expert[:n_blocks])
+    if flat.is_cuda:
+        from .triton_align import launch_align
+
+        launch_align(flat, num_experts, block_m, out=prefix)
+    else:
+        for buffer, part in zip(prefix, align_pairs(flat, num_experts, block_m)):
+            buffer.copy_(part)
+    return sorted_ids, block_expert
+
+
+@torch.library.register_fake("stun::route_pairs")
+def _(top_k_index, num_experts):
+    ids_len, blocks_len = layout_bound(top_k_index.numel(), num_experts)
+    return top_k_index.new_empty(ids_len, dtype=torch.int32), top_k_index.new_empty(blocks_len, dtype=torch.int32)
+
+
+@_opaque_op
+def sparse24_experts_mm(a: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, sorted_ids: torch.Tensor, block_expert: torch.Tensor,
+                        rows_per_a: int) -> torch.Tensor:
+    """:func:`grouped_mm` on the layout of :func:`route_pairs`: ``[M * rows_per_a, N]``. The kernel and
+    its launch are chosen here, from the concrete sizes of this call."""
+    n_pairs = a.shape[0] * rows_per_a
+    if n_pairs == 0:
+        return a.new_empty(0, values.shape[1])
+    block_m, n_blocks = pairs_layout(n_pairs, values.shape[0])
+    return grouped_mm(a, values, meta, sorted_ids[: n_blocks * block_m], block_expert[:n_blocks], rows_per_a, block_m)
+
+
+@torch.library.register_fake("stun::sparse24_experts_mm")
+def _(a, values, meta, sorted_ids, block_expert, rows_per_a):
+    return a.new_empty(a.shape[0] * rows_per_a, values.shape[1])
 
 
 def _check(self) -> None:
@@ -186,15 +277,26 @@ def _grouped_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tenso
     num_tokens, hidden = hidden_states.shape
     top_k = top_k_index.shape[-1]
     num_experts = self.gate_up_proj_values.shape[0]
-    block_m = block_m_for(num_tokens * top_k, num_experts)
-    sorted_ids, block_expert = align(top_k_index, num_experts, block_m)
+    if torch.compiler.is_exporting():
+        # AOTInductor packages hold no Python op: trace into the Triton ops (export has static shapes)
+        block_m = block_m_for(num_tokens * top_k, num_experts)
+        sorted_ids, block_expert = align(top_k_index, num_experts, block_m)
+
+        def mm(a, values, meta, rows_per_a):
+            return grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a, block_m)
+    else:
+        sorted_ids, block_expert = route_pairs(top_k_index, num_experts)
+
+        def mm(a, values, meta, rows_per_a):
+            return sparse24_experts_mm(a, values, meta, sorted_ids, block_expert, rows_per_a)
+
     flat = top_k_index.reshape(-1)
     x = hidden_states.to(self.gate_up_proj_values.dtype)
-    gate_up = grouped_mm(x, self.gate_up_proj_values, self.gate_up_proj_meta, sorted_ids, block_expert, top_k, block_m)
+    gate_up = mm(x, self.gate_up_proj_values, self.gate_up_proj_meta, top_k)
     if getattr(self, "has_bias", False):
         gate_up = gate_up + self.gate_up_proj_bias[flat]
     h = self._apply_gate(gate_up)
-    out = grouped_mm(h, self.down_proj_values, self.down_proj_meta, sorted_ids, block_expert, 1, block_m)
+    out = mm(h, self.down_proj_values, self.down_proj_meta, 1)
     if getattr(self, "has_bias", False):
         out = out + self.down_proj_bias[flat]
     out = _finish(self, out)

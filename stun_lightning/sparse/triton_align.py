@@ -113,16 +113,22 @@ def fits(n_pairs: int) -> bool:
     return 0 < n_pairs <= MAX_PAIRS
 
 
-def launch_align(flat: torch.Tensor, num_experts: int, block_m: int, *, wrap: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def launch_align(flat: torch.Tensor, num_experts: int, block_m: int, *, wrap: bool = False,
+                 out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(sorted_ids, block_expert)`` as :func:`.experts.align_pairs` returns them, for a flat
     ``[n_pairs]`` expert index on a CUDA device: the one-program kernel up to :data:`MAX_PAIRS`
-    pairs, else one program per expert."""
+    pairs, else one program per expert. ``out``: contiguous int32 tensors of those lengths to write."""
     n_pairs = flat.numel()
     if n_pairs == 0:
         raise ValueError("no (token, expert) pairs to align")
     n_blocks = -(-n_pairs // block_m) + min(num_experts, n_pairs)
-    sorted_ids = torch.empty(n_blocks * block_m, dtype=torch.int32, device=flat.device)
-    block_expert = torch.empty(n_blocks, dtype=torch.int32, device=flat.device)
+    if out is None:
+        sorted_ids = torch.empty(n_blocks * block_m, dtype=torch.int32, device=flat.device)
+        block_expert = torch.empty(n_blocks, dtype=torch.int32, device=flat.device)
+    else:
+        sorted_ids, block_expert = out
+        if sorted_ids.numel() != n_blocks * block_m or block_expert.numel() != n_blocks:
+            raise ValueError(f"out holds {sorted_ids.numel()} ids and {block_expert.numel()} blocks; this layout needs {n_blocks * block_m} and {n_blocks}")
     if not fits(n_pairs):
         kernel = torch.library.wrap_triton(align_by_expert_kernel) if wrap else align_by_expert_kernel
         kernel[(num_experts,)](flat.contiguous(), sorted_ids, block_expert, n_pairs, num_experts, n_blocks, BLOCK_M=block_m,

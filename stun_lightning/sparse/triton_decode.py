@@ -132,7 +132,7 @@ decode_kernel = triton.autotune(configs=autotune_candidates(CONFIGS), key=["N", 
 
 def launch_decode(a, values, meta, sorted_ids, block_expert, rows_per_a: int, block_m: int, rows_bucket: int, *, wrap: bool = False, config: triton.Config | None = None):
     """``out[s] = a[s // rows_per_a] @ W[expert(s)].T`` on the CUDA cores (see the module docstring)."""
-    num_experts, n, half_k = values.shape
+    num_experts, n, half_k = (int(d) for d in values.shape)  # static: EVEN_N is a constant (launch_grouped_mm)
     k = half_k * 2
     n_pairs = a.shape[0] * rows_per_a
     words = values.view(torch.int64)  # [E, N, K/8]: 4 bf16 values per word

@@ -210,7 +210,9 @@ def launch_grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a: int
     """Run the decode or the tensor-core kernel; ``config`` (a ``triton.Config`` or a dict with
     ``BLOCK_N``, ``BLOCK_K`` and optional ``PREFETCH``) runs the tensor-core kernel without autotuning."""
     a = a.contiguous()
-    num_experts, n, half_k = values.shape
+    # the weights' dimensions are static: ints here (a guard, should a trace have made them
+    # symbolic), so that the EVEN_N / EVEN_K heuristics and the grid never hold a symbolic size
+    num_experts, n, half_k = (int(d) for d in values.shape)
     k = half_k * 2
     if a.shape[-1] != k:
         raise ValueError(f"activations have {a.shape[-1]} features but the compressed weight has {k} inputs")
