@@ -1,8 +1,8 @@
 """What a user measures: ``model.generate()`` with a static cache and transformers' own compilation.
 
-    python3 benchmarks/generate.py                                  # GPU: Mixtral and Qwen3 shapes
-    python3 benchmarks/generate.py --shapes qwen3 --batches 1 --prompts 64 --new-tokens 16
-    python3 benchmarks/generate.py --quick                          # CPU smoke test: tiny shapes, backend "eager"
+    python3 -m benchmarks.generate                                  # GPU: Mixtral and Qwen3 shapes
+    python3 -m benchmarks.generate --shapes qwen3 --batches 1 --prompts 64 --new-tokens 16
+    python3 -m benchmarks.generate --quick                          # CPU smoke test: tiny shapes, backend "eager"
 
 Whole causal LMs with the real layer shapes and vocabulary (Mixtral-8x7B: hidden 4096, FFN 14336,
 8 experts, top-2, vocab 32000; Qwen3-30B-A3B: hidden 2048, expert FFN 768, 128 experts, top-8,
@@ -40,8 +40,6 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's package, also when not pip-installed
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 VOCAB = {"mixtral": 32000, "qwen3": 151936}
 LAYERS = {"mixtral": 4, "qwen3": 8}
@@ -67,8 +65,8 @@ def synchronize(device: str) -> None:
 
 
 def build(shape: str, variant: str, layers: int, seed: int, quick: bool = False):
-    from inference import QUICK_SHAPES, SHAPES
-    from inference_models import build_model
+    from benchmarks.inference import QUICK_SHAPES, SHAPES
+    from benchmarks.inference_models import build_model
 
     from stun_lightning import keep_experts, moe_layers
     from stun_lightning.sparse import sparsify
@@ -86,7 +84,7 @@ def build(shape: str, variant: str, layers: int, seed: int, quick: bool = False)
 
 def sizes(model) -> dict:
     """Bytes: every stored tensor, the experts' (per layer), the input embedding; experts per layer."""
-    from inference_models import nbytes
+    from benchmarks.inference_models import nbytes
 
     from stun_lightning.sparse.convert import expert_modules
 
@@ -188,7 +186,7 @@ def run_shape(shape: str, args, log_dir: Path) -> list[dict]:
     procs = []
     for variant in args.variants:
         tag = variant.replace(":", "")
-        cmd = [sys.executable, __file__, "--child", "--shape", shape, "--variant", variant, "--layers", str(args.layers[shape]),
+        cmd = [sys.executable, "-m", "benchmarks.generate", "--child", "--shape", shape, "--variant", variant, "--layers", str(args.layers[shape]),
                "--batches", *map(str, args.batches), "--prompts", *map(str, args.prompts), "--new-tokens", str(args.new_tokens),
                "--repeats", str(args.repeats), "--seed", str(args.seed), "--ready", str(ready / f"{shape}.{tag}.ready"),
                "--siblings", str(len(args.variants))] + (["--quick"] if args.quick else [])
@@ -269,9 +267,9 @@ def main() -> None:
         args.layers = int(args.layers[0])
         return child(args)
     if not (args.quick or torch.cuda.is_available()):
-        sys.exit("benchmarks/generate.py needs a CUDA GPU (or --quick for a CPU smoke test)")
+        sys.exit("python -m benchmarks.generate needs a CUDA GPU (or --quick for a CPU smoke test)")
     args.layers = {**LAYERS, **{k: int(v) for k, v in (s.split("=") for s in args.layers)}}
-    from device_rates import measured_rates
+    from benchmarks.device_rates import measured_rates
 
     bandwidth, matmul = measured_rates(device_of(args.quick))
     card = "CPU (smoke test)" if args.quick else torch.cuda.get_device_name()
@@ -292,8 +290,8 @@ def main() -> None:
                     if row["tokens"] and row["prompt"] in base:
                         same = sum(a == b for a, b in zip(row["tokens"], base[row["prompt"]])) / len(row["tokens"])
                         agree.append(f"{shape} prompt {row['prompt']}: {same:.0%}")
-    command = "python3 benchmarks/generate.py " + " ".join(sys.argv[1:])
-    header = (f"# `generate()` with a static cache and transformers' compilation: `benchmarks/generate.py`, one {card}\n\n"
+    command = "python3 -m benchmarks.generate " + " ".join(sys.argv[1:])
+    header = (f"# `generate()` with a static cache and transformers' compilation: `python -m benchmarks.generate`, one {card}\n\n"
               f"`{command}`\n\ntorch {torch.__version__}, transformers {transformers.__version__}; copy {bandwidth / 1e12:.2f} TB/s, "
               f"bf16 matmul {matmul / 1e12:.1f} TFLOP/s (measured in this run). Layers: "
               f"{', '.join(f'{s} {args.layers[s]}' for s in args.shapes)}; {args.new_tokens} new tokens; medians of {args.repeats}.\n\n"
