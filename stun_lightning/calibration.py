@@ -141,6 +141,29 @@ class CalibrationStats:
         return {i: s.low_token_experts(min_tokens) for i, s in self.layers.items() if s.low_token_experts(min_tokens)}
 
 
+#: where decoder layers' tensors come from while a pass visits them (None: they live in the model;
+#: ``stun_lightning.stream`` sets one that reads each layer from disk and writes it back out)
+LAYER_SOURCE: ContextVar = ContextVar("stun_layer_source", default=None)
+
+
+def enter_layer(i: int, layer: nn.Module, device: torch.device | None) -> None:
+    """Make decoder layer ``i`` ready to run on ``device`` (moved there, or read from disk)."""
+    source = LAYER_SOURCE.get()
+    if source is not None:
+        source.enter(i, layer, device)
+    elif device is not None:
+        layer.to(device)
+
+
+def leave_layer(i: int, layer: nn.Module, home: torch.device | None) -> None:
+    """Undo :func:`enter_layer` (move back home, or write out and free)."""
+    source = LAYER_SOURCE.get()
+    if source is not None:
+        source.leave(i, layer)
+    elif home is not None:
+        layer.to(home)
+
+
 class _Stop(Exception):
     pass
 
@@ -363,7 +386,7 @@ def calibrate(
     try:
         for i in bar:
             layer = layers[i]
-            layer.to(device)
+            enter_layer(i, layer, device)
             moe = moe_by_index.get(i)
             collector = _MoECollector(moe, collect, keep_block_io) if moe is not None else None
             linear = _LinearCollector(layer) if LINEAR in collect else None
@@ -386,7 +409,7 @@ def calibrate(
             if on_layer is not None and on_layer(i, moe, layer_stats):
                 outputs = _run_layer(layer, hidden, kwargs_per_layer[i])
                 passes += 1
-            layer.to(home)
+            leave_layer(i, layer, home)
             hidden = outputs
     finally:
         model.train(was_training)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -59,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
         allowed = choices.get(name) or (["unstructured", "N:M"] if name == "pattern" else None)
         text = f"recipe field {name}" + (", 0 < N < M (2:4 for the sparse kernels)" if name == "pattern" else "")
         p.add_argument(f"--{flag}", type=kind, metavar="{" + ",".join(allowed) + "}" if allowed else None, help=f"{text}; without --recipe: {default}")
+    p.add_argument("--stream", action="store_true", help="read one decoder layer at a time from the safetensors shards and write the output as it goes (chosen automatically when the model is larger than free host memory; no perplexity)")
+    p.add_argument("--resume", action="store_true", help="with --stream: continue a killed run from what its .<out>.stream directory holds")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     e = sub.add_parser("eval", help="sliding-window perplexity of a model on a text")
@@ -160,6 +163,10 @@ def run_prune(args) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # transformers' "Loading weights" bar
+    if args.resume and not args.stream:
+        raise UsageError("--resume continues a streaming run; add --stream")
+    if args.model is not None and (args.stream or _larger_than_memory(args.model)):
+        return _run_prune_streaming(args, recipe, out, device, progress)
     start = time.perf_counter()
     model, tokenizer, name = load_model_and_tokenizer(args.model, args.tokenizer, args.dtype)
     check_recipe(model, recipe)
@@ -182,6 +189,47 @@ def run_prune(args) -> int:
     if out is not None:
         save_pruned(model, out, tokenizer=tokenizer, overwrite=args.overwrite, extra_files={"stun_report.json": report.to_json(), "stun_recipe.yaml": _yaml(recipe)})
         print(f"\nsaved to {out}")
+    return 0
+
+
+def _larger_than_memory(model_spec: str) -> bool:
+    """Whether a local checkpoint's safetensors exceed the host memory available now (hub ids: unknown, False)."""
+    path = Path(model_spec)
+    if not path.is_dir():
+        return False
+    size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    try:
+        import psutil
+
+        free = psutil.virtual_memory().available
+    except ImportError:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return size > free
+
+
+def _run_prune_streaming(args, recipe: StunRecipe, out: Path | None, device: str, progress: bool) -> int:
+    from .data import calibration_blocks
+    from .stream import prune_streaming, resolve_model_dir
+    from .tiny import load_tokenizer
+
+    if out is None:
+        raise UsageError("streaming writes the pruned model as it goes: pass --out DIR")
+    start = time.perf_counter()
+    directory = resolve_model_dir(args.model)
+    try:
+        tokenizer = load_tokenizer(args.tokenizer or directory)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"no tokenizer found with {args.model}; pass --tokenizer PATH_OR_HUB_ID ({err})") from err
+    calibration = calibration_blocks(tokenizer, args.calib, recipe.calibration_samples, recipe.calibration_seq_len, recipe.seed)
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    report = prune_streaming(
+        directory, out, recipe, calibration, tokenizer=tokenizer, device=device, torch_dtype=dtype,
+        progress=progress, resume=args.resume, overwrite=args.overwrite, extra_files={"stun_recipe.yaml": _yaml(recipe)},
+    )
+    report.seconds["total"] = time.perf_counter() - start
+    print(f"\nstun-lightning prune --stream: {args.model}\n")
+    print(report.to_markdown())
+    print(f"\nsaved to {out}")
     return 0
 
 

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from .adapters import MoELayer, decoder_layers, moe_layers
-from .calibration import LayerStats, calibrate
+from .calibration import LayerStats, calibrate, enter_layer, leave_layer
 from .mask_state import ExpertMasks
 from .masks import InvalidSparsityError, layer_targets, mask_from_scores, nm_sparsity_for, outlier_ratio, parse_pattern
 from .metrics import get_metric, weighted_magnitude
@@ -82,7 +82,7 @@ def within_sparsity(recipe: StunRecipe, before: ModelCensus, model: nn.Module) -
     (``1 - total = (1 - removed expert params) * (1 - within)``; ``before``: the census before expert removal)."""
     if recipe.total_sparsity is None:
         return recipe.sparsity
-    kept = ModelCensus.of(model).expert_total.total / before.expert_total.total
+    kept = sum(p.numel() for layer in moe_layers(model) for _, p in layer.expert_parameters()) / before.expert_total.total
     within = 1.0 - (1.0 - recipe.total_sparsity) / kept
     if within < 0:
         raise InvalidSparsityError(
@@ -258,7 +258,9 @@ def prune_weights(
             n_passes += stats.layer_passes
         else:
             for i in range(len(all_layers)):
+                enter_layer(i, all_layers[i], None)
                 on_layer(i, layers.get(i), None)
+                leave_layer(i, all_layers[i], None)
 
     ratios = None
     if recipe.allocation == "owl":
