@@ -378,6 +378,11 @@ def calibrate(
     was_training = model.training
     model.eval()
     hidden, kwargs_per_layer = _capture_layer_inputs(model, batches, device)
+    source = LAYER_SOURCE.get()
+    first = 0
+    if source is not None and (resumed := source.begin_pass(desc)) is not None:
+        first, saved = resumed  # a restarted streaming run: layers before `first` are already done
+        hidden = [h.to(device) for h in saved]
     moe_by_index = {layer.index: layer for layer in moe_layers(model)}
     stats: dict[int, LayerStats] = {}
     passes = 0
@@ -385,6 +390,8 @@ def calibrate(
     bar = tqdm(range(len(layers)), desc=desc, disable=not progress, unit="layer")
     try:
         for i in bar:
+            if i < first:
+                continue
             layer = layers[i]
             enter_layer(i, layer, device)
             moe = moe_by_index.get(i)
@@ -410,6 +417,8 @@ def calibrate(
                 outputs = _run_layer(layer, hidden, kwargs_per_layer[i])
                 passes += 1
             leave_layer(i, layer, home)
+            if source is not None:
+                source.layer_done(i, outputs)
             hidden = outputs
     finally:
         model.train(was_training)

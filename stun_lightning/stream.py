@@ -86,6 +86,14 @@ class ShardReader:
             raise FileNotFoundError(f"{directory} has no model.safetensors or model.safetensors.index.json: streaming needs safetensors weights")
         self.reads = 0
 
+    @classmethod
+    def of_files(cls, directory: Path, files: list[Path]) -> "ShardReader":
+        reader = cls.__new__(cls)
+        reader.directory, reader.reads, reader.files = directory, 0, {}
+        for file in files:
+            reader.files.update({k: file for k in reader._open(file).keys()})
+        return reader
+
     def _open(self, file: Path):
         from safetensors import safe_open
 
@@ -208,6 +216,9 @@ class StreamSource:
     layouts: dict[int, _Layout] = field(default_factory=dict)
     after: dict[int, tuple[ParamCount, ParamCount, int]] = field(default_factory=dict)
     live: dict[int, int] = field(default_factory=dict)  # layer -> bytes of its tensors read from disk
+    final_pass: str = "pruning weights"  # the calibration pass that writes the finished layers
+    resume_from: int = -1  # last layer the killed run finished in its final pass
+    in_final: bool = False
     max_live_layers: int = 0  # decoder layers materialised at once (the memory bound tests check)
     peak_live_bytes: int = 0
 
@@ -235,10 +246,44 @@ class StreamSource:
         self.max_live_layers = max(self.max_live_layers, len(self.live))
         self.peak_live_bytes = max(self.peak_live_bytes, sum(self.live.values()))
 
+    def begin_pass(self, desc: str):
+        """Called by each calibration pass: the final one of a resumed run starts after its last finished layer."""
+        self.in_final = desc == self.final_pass
+        if not self.in_final or self.resume_from < 0:
+            return None
+        for i in range(self.resume_from + 1):
+            self._count_written(i)
+        return self.resume_from + 1, torch.load(self.work_dir / "hidden.pt", weights_only=True)
+
+    def layer_done(self, i: int, outputs: list[torch.Tensor]) -> None:
+        """After a final-pass layer is written: checkpoint the activations the next layer needs."""
+        if not self.in_final:
+            return
+        torch.save([o.cpu() for o in outputs], self.work_dir / "hidden.pt.part")
+        os.replace(self.work_dir / "hidden.pt.part", self.work_dir / "hidden.pt")
+        state = json.loads((self.work_dir / STATE_FILE).read_text()) if (self.work_dir / STATE_FILE).exists() else {}
+        state["final_done"] = i
+        _write_json(self.work_dir / STATE_FILE, state)
+
+    def _count_written(self, i: int) -> None:
+        """Census of a layer the killed run already wrote (read back from its file)."""
+        layer = decoder_layers(self.model)[i]
+        prefix = _layer_prefix(self.model, i)
+        file = self.work_dir / f"layer-{i:05d}.safetensors"
+        tensors, self.layouts[i] = read_layer(ShardReader.of_files(self.work_dir, [file]), prefix)
+        moe = {m.index: m for m in moe_layers(self.model)}.get(i)
+        expert_ids = {id(p) for _, p in moe.expert_parameters()} if moe is not None else set()
+        whole, experts = ParamCount(), ParamCount()
+        for name, p in layer.named_parameters():
+            whole.add(tensors[name])
+            if id(p) in expert_ids:
+                experts.add(tensors[name])
+        self.after[i] = (whole, experts, moe.num_experts if moe is not None else 0)
+
     def leave(self, i: int, layer: nn.Module) -> None:
         prefix = _layer_prefix(self.model, i)
         resident = _router_tensors(layer, self.model, i)
-        if self.write:
+        if self.write and (self.in_final or not self.final_pass):  # statistics passes write nothing
             from safetensors.torch import save_file
 
             moe = {m.index: m for m in moe_layers(self.model)}.get(i)
@@ -328,6 +373,17 @@ class _Only:
         return self.reader.get(key)
 
 
+def _write_json(path: Path, data: dict) -> None:
+    path.with_suffix(".part").write_text(json.dumps(data))
+    os.replace(path.with_suffix(".part"), path)
+
+
+def saved_state(work: Path, resume: bool) -> dict:
+    """What a killed run recorded in its work directory (nothing unless resuming)."""
+    file = work / STATE_FILE
+    return json.loads(file.read_text()) if resume and file.exists() else {}
+
+
 def _refuse_merging(recipe: StunRecipe) -> None:
     if recipe.expert_sparsity > 0 and (recipe.expert_method in ("eep", "uncurl") or recipe.merge_max_clusters > 0):
         raise ValueError(
@@ -383,10 +439,12 @@ def prune_streaming(
 
         calibration = calibration_blocks(tokenizer, None, recipe.calibration_samples, recipe.calibration_seq_len, recipe.seed)
 
-    source = StreamSource(skeleton, reader, work)
+    metric_reads_data = recipe.prunes_weights and get_metric(recipe.metric).needs_data
+    source = StreamSource(skeleton, reader, work, final_pass="pruning weights" if metric_reads_data else "")
+    source.resume_from = saved_state(work, resume).get("final_done", -1) if metric_reads_data else -1
     resident = [p for n, p in skeleton.named_parameters() if not p.is_meta and not n.startswith(tuple(_layer_prefix(skeleton, i) for i in range(len(decoder_layers(skeleton)))))]
     state_file = work / STATE_FILE
-    saved = json.loads(state_file.read_text()) if resume and state_file.exists() else {}
+    saved = saved_state(work, resume)
     seconds, passes, removed = {}, {}, {}
     token = LAYER_SOURCE.set(source)
     try:
@@ -398,7 +456,7 @@ def prune_streaming(
                 n_passes = saved["structured_passes"]
             else:
                 keep, n_passes = run_selection(skeleton, recipe, calibration, plan=(keep_total, per_layer, min_keep), device=device, progress=progress)
-                state_file.write_text(json.dumps({"keep": keep, "structured_passes": n_passes}))
+                _write_json(state_file, {"keep": keep, "structured_passes": n_passes})
             if n_passes:
                 passes["structured"] = n_passes
             removed = apply_expert_sets(skeleton, keep, lower_top_k=recipe.lower_top_k)
@@ -502,6 +560,7 @@ def _finish(model: nn.Module, reader: ShardReader, work: Path, final: Path, toke
     for name, text in files.items():
         (work / name).write_text(text)
     (work / STATE_FILE).unlink(missing_ok=True)
+    (work / "hidden.pt").unlink(missing_ok=True)
     if final.exists():
         shutil.rmtree(final)
     os.replace(work, final)

@@ -113,3 +113,45 @@ def test_hub_id_through_snapshot_download(tmp_path, monkeypatch):
 def test_merging_methods_are_refused(tmp_path):
     with pytest.raises(ValueError, match="merges expert weights"):
         prune_streaming(tmp_path / "nowhere", tmp_path / "st", StunRecipe(expert_method="stun", merge_max_clusters=4))
+
+
+class _Killed(Exception):
+    pass
+
+
+class _KilledAfter(stream_mod.StreamSource):
+    kill_after: int | None = None
+    final_entries: list = []
+
+    def enter(self, i, layer, device):
+        if self.in_final:
+            _KilledAfter.final_entries.append(i)
+        super().enter(i, layer, device)
+
+    def layer_done(self, i, outputs):
+        super().layer_done(i, outputs)
+        if self.in_final and i == _KilledAfter.kill_after:
+            raise _Killed
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+def test_resume_after_a_kill_mid_way_gives_the_same_model(family, tmp_path, monkeypatch):
+    recipe = StunRecipe(**RECIPE)
+    model = build_tiny_model(family, num_hidden_layers=4)
+    model.save_pretrained(tmp_path / "src")
+    ids = random_ids(model)
+    report = prune(model, recipe, ids, progress=False)
+    save_pruned(model, tmp_path / "mem")
+    monkeypatch.setattr(stream_mod, "StreamSource", _KilledAfter)
+    _KilledAfter.kill_after, _KilledAfter.final_entries = 1, []
+    with pytest.raises(_Killed):
+        prune_streaming(tmp_path / "src", tmp_path / "st", recipe, ids, progress=False)
+    assert not (tmp_path / "st").exists() and (tmp_path / ".st.stream" / "layer-00001.safetensors").exists()
+    _KilledAfter.kill_after, _KilledAfter.final_entries = None, []
+    resumed = prune_streaming(tmp_path / "src", tmp_path / "st", recipe, ids, progress=False, resume=True)
+    assert _KilledAfter.final_entries == [2, 3]  # the final pass continued after the last finished layer
+    assert_same_checkpoint(tmp_path / "mem", tmp_path / "st")
+    mine, theirs = _report(resumed), _report(report)
+    for key in ("low_token_experts", "layer_passes"):  # the resumed run skipped finished layers
+        mine.pop(key), theirs.pop(key)
+    assert mine == theirs
