@@ -155,3 +155,15 @@ def test_resume_after_a_kill_mid_way_gives_the_same_model(family, tmp_path, monk
     for key in ("low_token_experts", "layer_passes"):  # the resumed run skipped finished layers
         mine.pop(key), theirs.pop(key)
     assert mine == theirs
+
+
+def test_cli_stream_writes_the_pruned_directory(tmp_path, capsys):
+    model = build_tiny_model("qwen3_moe")
+    model.save_pretrained(tmp_path / "src")
+    load_tokenizer().save_pretrained(tmp_path / "src")
+    args = ["prune", "--model", str(tmp_path / "src"), "--stream", "--out", str(tmp_path / "out"), "--quiet", "--calibration-samples", "2", "--calibration-seq-len", "16"]
+    assert main(args) == 0
+    report = json.loads((tmp_path / "out" / "stun_report.json").read_text())
+    assert sum(report["experts_after"].values()) < sum(report["experts_before"].values())
+    assert main(args) == 2 and "already exists" in capsys.readouterr().err
+    assert main(["prune", "--model", str(tmp_path / "src"), "--resume", "--out", str(tmp_path / "y")]) == 2  # --resume needs --stream
