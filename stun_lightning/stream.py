@@ -43,10 +43,8 @@ from torch import nn
 
 from .adapters import decoder_layers, get_adapter, moe_layers
 from .calibration import LAYER_SOURCE
-from .methods import get_expert_method
 from .recipe import StunRecipe
 from .report import ModelCensus, ParamCount, PruneReport
-from .sharding import count_nonzero
 
 STATE_FILE = "stream_state.json"
 _MODEL_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
