@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{flag}", type=kind, metavar="{" + ",".join(allowed) + "}" if allowed else None, help=f"{text}; without --recipe: {default}")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    e = sub.add_parser("eval", help="sliding-window perplexity of a model on a text")
+    e = sub.add_parser("eval", help="sliding-window perplexity of a model on a text, or lm-eval tasks with --tasks")
     e.add_argument("--model", help="saved model directory or hub id (default: the embedded reference MoE)")
     e.add_argument("--tokenizer")
     e.add_argument("--data", help="text to score: .txt, .jsonl or a directory (default: shipped held-out mix)")
@@ -70,6 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-tokens", type=int)
     e.add_argument("--device")
     e.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    e.add_argument("--tasks", help="lm-evaluation-harness tasks, comma-separated: shipped offline ones (stun_gsm8k, stun_wikitext2, stun_cloze), --include-path ones, or lm-eval's (hub data)")
+    e.add_argument("--include-path", help="folder of your own lm-eval task YAMLs")
+    e.add_argument("--limit", type=float, help="documents per task (fraction if < 1), as lm-eval's --limit")
+    e.add_argument("--num-fewshot", type=int, help="few-shot examples (default: each task's own)")
+    e.add_argument("--batch-size", type=int, default=1)
+    e.add_argument("--baseline", help="also score this model (e.g. the dense one) and print its column beside")
+    e.add_argument("--output", help="write the results as JSON here (inside a model directory: eval_results.json is shown on its model card)")
 
     x = sub.add_parser("export", help="write a pruned model as hf (dense, zeros kept), sparse (2:4 compressed) or aoti (compiled decode step)")
     x.add_argument("--model", required=True, help="pruned model directory (from `prune --out`) or a sparse export")
@@ -192,6 +199,8 @@ def _yaml(recipe: StunRecipe) -> str:
 
 
 def run_eval(args) -> int:
+    if args.tasks is not None:
+        return run_eval_tasks(args)
     from .evaluate import next_token_accuracy, perplexity
 
     if args.data is not None and not Path(args.data).exists():
@@ -203,6 +212,36 @@ def run_eval(args) -> int:
     value = perplexity(model, tokenizer, args.data, **kwargs)
     accuracy = next_token_accuracy(model, tokenizer, args.data, **kwargs)
     print(json.dumps({"model": str(name), "data": args.data or "shipped held-out mix", "perplexity": value, "next_token_accuracy": accuracy, **kwargs}, indent=2))
+    return 0
+
+
+def run_eval_tasks(args) -> int:
+    from .harness import evaluate_tasks, results_table
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if args.limit is not None and args.limit <= 0:
+        raise UsageError(f"--limit must be positive, got {args.limit}")
+    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+    for label, path in (("--baseline", args.baseline),):
+        if path is not None and not Path(path).exists() and path.startswith((".", "/", "~")):
+            raise FileNotFoundError(f"{label} {path} does not exist")
+    device = default_device(args.device)
+    kwargs = dict(include_path=args.include_path, limit=limit, num_fewshot=args.num_fewshot, batch_size=args.batch_size)
+
+    def score(spec):
+        model, tokenizer, name = load_model_and_tokenizer(spec, args.tokenizer, args.dtype)
+        return evaluate_tasks(model.to(device), tokenizer, tasks, **kwargs), name
+
+    results, name = score(args.model)
+    baseline = score(args.baseline)[0] if args.baseline else None
+    print(f"\nstun-lightning eval: {name}" + (f" (baseline: {args.baseline})" if baseline else "") + "\n")
+    print(results_table(results, baseline))
+    if args.output:
+        payload = {"model": str(name), "tasks": results, "limit": limit} | ({"baseline": {"model": args.baseline, "tasks": baseline}} if baseline else {})
+        out = Path(args.output)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(json.dumps(payload, indent=2))
+        tmp.replace(out)
     return 0
 
 
