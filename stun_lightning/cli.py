@@ -3,6 +3,8 @@
     stun-lightning prune                                   # the embedded default, ~1 min on a CPU
     stun-lightning prune --model PATH_OR_HUB_ID --recipe configs/X.yaml --calib FILE --out DIR
     stun-lightning eval --model DIR --data FILE
+    stun-lightning eval --model DIR --tasks stun_gsm8k,stun_cloze [--baseline DENSE_DIR] [--limit N]
+    stun-lightning report DIR                            # PNGs + report.html of what pruning did
     stun-lightning export --model DIR --format hf|sparse|aoti --out DIR
     stun-lightning fit --config configs/fit_X.yaml       # Lightning fine-tune (stun_lightning.callbacks)
 
@@ -60,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
         text = f"recipe field {name}" + (", 0 < N < M (2:4 for the sparse kernels)" if name == "pattern" else "")
         p.add_argument(f"--{flag}", type=kind, metavar="{" + ",".join(allowed) + "}" if allowed else None, help=f"{text}; without --recipe: {default}")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--plot", action="store_true", help="with --out: also write the pictures of `stun-lightning report` into OUT/report/")
+
+    r = sub.add_parser("report", help="pictures of what pruning did (PNGs + one self-contained HTML page) from a `prune --out` directory")
+    r.add_argument("model_dir", metavar="DIR", help="directory written by `stun-lightning prune --out`")
+    r.add_argument("--out", help="write the pictures here (default: DIR/report)")
 
     e = sub.add_parser("eval", help="sliding-window perplexity of a model on a text, or lm-eval tasks with --tasks")
     e.add_argument("--model", help="saved model directory or hub id (default: the embedded reference MoE)")
@@ -179,16 +186,33 @@ def run_prune(args) -> int:
         return perplexity(model, tokenizer, args.eval_data, seq_len=recipe.calibration_seq_len, max_tokens=args.eval_tokens, progress=progress)
 
     ppl_before = ppl()
-    report = prune(model, recipe, calibration, device=device, progress=progress)
+    if args.plot and out is None:
+        raise UsageError("--plot writes into the output directory; pass --out DIR too")
+    report = prune(model, recipe, calibration, device=device, progress=progress, record_figures=out is not None)
     ppl_after = ppl()
     if ppl_before is not None:
         report.perplexity = {"before": ppl_before, "after": ppl_after}
     report.seconds["total"] = time.perf_counter() - start
+    report.base_model = str(args.model) if args.model else "stun-lightning embedded reference MoE"
     print(f"\nstun-lightning prune: {name}\n")
     print(report.to_markdown())
     if out is not None:
         save_pruned(model, out, tokenizer=tokenizer, overwrite=args.overwrite, extra_files={"stun_report.json": report.to_json(), "stun_recipe.yaml": _yaml(recipe)})
         print(f"\nsaved to {out}")
+        if args.plot:
+            from .figures import write_report
+
+            write_report(out)
+            print(f"pictures: {out / 'report' / 'report.html'}")
+    return 0
+
+
+def run_report(args) -> int:
+    from .figures import write_report
+
+    target = Path(args.out) if args.out else Path(args.model_dir) / "report"
+    data = write_report(args.model_dir, target)
+    print(f"stun-lightning report: {len(data)} pictures ({', '.join(data)}) -> {target / 'report.html'}")
     return 0
 
 
@@ -265,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         return fit_main(argv)
     args = build_parser().parse_args(argv)
     try:
-        return {"prune": run_prune, "eval": run_eval, "export": run_export}[args.command](args)
+        return {"prune": run_prune, "eval": run_eval, "export": run_export, "report": run_report}[args.command](args)
     except (UsageError, FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"stun-lightning {args.command}: error: {err}", file=sys.stderr)
         return 2

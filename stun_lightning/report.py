@@ -90,6 +90,8 @@ class PruneReport:
     seconds: dict[str, float] = field(default_factory=dict)
     layer_passes: dict[str, int] = field(default_factory=dict)
     perplexity: dict[str, float] = field(default_factory=dict)
+    base_model: str = ""  # what was pruned (hub id or path), for the model card
+    figures: dict = field(default_factory=dict)  # data behind `stun-lightning report`'s pictures (stun_lightning.figures)
 
     @classmethod
     def compare(cls, before: ModelCensus, after: ModelCensus, recipe: dict, removed: dict[int, list[int]], **extra) -> "PruneReport":
