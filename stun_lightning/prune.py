@@ -91,7 +91,7 @@ def prune(
         figures["expert_sparsity"] = fig.to_original(fig.expert_sparsity(model), removed, before.num_experts)
         if calibration is not None:
             after = fig.routing_frequency(model, calibration, batch_size=recipe.batch_size, device=device)
-            figures["routing_after"] = fig.to_original(after, removed, before.num_experts, fill=0.0)
+            figures["routing_after"] = fig.to_original(after, removed, before.num_experts)
     return PruneReport.compare(
         before,
         ModelCensus.of(model),
