@@ -386,6 +386,8 @@ def test_cli_fit_on_the_tiny_recipe(tmp_path):
     assert [l.num_experts for l in moe_layers(saved)] == [6, 6]
     report = json.loads((tmp_path / "model" / "stun_report.json").read_text())
     assert report["within_expert_sparsity"] == 0.5  # the shortened schedule ran to its end
+    card = (tmp_path / "model" / "README.md").read_text()  # fit's final model carries a model card
+    assert card.startswith("---\nlibrary_name: transformers") and "sparsity inside kept experts | 50.00%" in card
 
 
 @pytest.mark.parametrize("override, message", [
