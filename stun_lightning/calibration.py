@@ -21,7 +21,7 @@ respected):
   decoder layer (attention, shared experts, dense MLPs), for Wanda on the dense part.
 
 Experts that receive fewer than ``min_tokens`` tokens are listed in ``LayerStats.low_token_experts``;
-metric code decides what to do with them (see ``stun_lightning.masks``), norms are never NaN.
+metric code decides what to do with them (see ``stun_lightning.patterns``), norms are never NaN.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from .masks import check_sparsity, parse_pattern
+from .patterns import check_sparsity, parse_pattern
 from .methods import expert_methods, get_expert_method
 from .metrics import METRICS
 from .methods.stun import DISTANCES
@@ -58,7 +58,7 @@ class StunRecipe:
         allocation_base: what a layer's target is a sparsity of: ``kept`` (the weights of its kept
             experts, the official pipeline's) or ``layer`` (its original expert parameters, removed
             experts counted as pruned; ours, for layers left with unequal expert counts by
-            ``layer_budget: global``: see ``stun_lightning.masks.whole_layer_allocation``). The
+            ``layer_budget: global``: see ``stun_lightning.patterns.whole_layer_allocation``). The
             within-expert budget is the same either way; unstructured patterns only.
         pattern: ``unstructured``, ``2:4`` or ``4:8`` (N:M fixes the sparsity at N/M).
         sequential: later layers calibrate on already-pruned earlier layers (Wanda's scheme).
