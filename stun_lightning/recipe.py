@@ -40,8 +40,8 @@ class StunRecipe:
 
     Structured phase (whole experts):
         expert_sparsity: fraction of routed experts removed over all MoE layers (0 = skip).
-        expert_method: ``stun`` (default), ``frequency``, ``random``, ``reap``, ``naee``, ``eep`` or
-            ``uncurl`` (see ``stun_lightning/methods/``; the last four keep the same count per layer).
+        expert_method: ``stun`` (default), ``frequency``, ``random``, ``reap``, ``ean``, ``naee``, ``eep`` or
+            ``uncurl`` (see ``stun_lightning/methods/``; the last five keep the same count per layer).
         layer_budget: ``global`` (STUN: one threshold shared by all layers, so counts differ per
             layer) or ``uniform`` (the same count in every layer: plain transformers loads it).
         distance / divide_by_norm / mix_weight / merge_max_clusters: STUN options (see methods.stun).
