@@ -21,7 +21,7 @@ respected):
   decoder layer (attention, shared experts, dense MLPs), for Wanda on the dense part.
 
 Experts that receive fewer than ``min_tokens`` tokens are listed in ``LayerStats.low_token_experts``;
-metric code decides what to do with them (see ``stun_lightning.masks``), norms are never NaN.
+metric code decides what to do with them (see ``stun_lightning.patterns``), norms are never NaN.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ class LayerStats:
     coactivation: torch.Tensor | None = field(default=None, metadata=_SUMMED)  # [E, E] tokens routed to both i and j (diag = counts)
     router_logit_sum: torch.Tensor | None = field(default=None, metadata=_SUMMED)  # [E]
     saliency_sum: torch.Tensor | None = field(default=None, metadata=_SUMMED)  # [E] sum over routed tokens of gate * ||expert output||_2
+    output_norm_sum: torch.Tensor | None = field(default=None, metadata=_SUMMED)  # [E] sum over routed tokens of ||expert output||_2 (EAN)
     input_sq: dict[str, torch.Tensor] = field(default_factory=dict, metadata=_SUMMED)  # "gate_up_proj" / "down_proj" -> [E, in]
     input_sq_gated: dict[str, torch.Tensor] = field(default_factory=dict, metadata=_SUMMED)
     block_inputs: list[torch.Tensor] = field(default_factory=list)
@@ -228,6 +229,7 @@ class _MoECollector:
         s.router_logit_sum = torch.zeros(E, dtype=torch.float64, device=dev)
         if SALIENCY in collect:
             s.saliency_sum = torch.zeros(E, dtype=torch.float64, device=dev)
+            s.output_norm_sum = torch.zeros(E, dtype=torch.float64, device=dev)
         if NORMS in collect:
             for name, w in layer.expert_matrices().items():
                 s.input_sq[name] = torch.zeros(E, w.shape[2], dtype=torch.float32, device=dev)
@@ -275,7 +277,9 @@ class _MoECollector:
             for e in torch.unique(index[valid]).tolist():
                 tok, pos = torch.where(index == e)
                 out = self.layer.adapter.expert_output(module, e, hidden[tok]).double()
-                s.saliency_sum[e] += (weights[tok, pos].double() * out.norm(dim=-1)).sum().to(s.saliency_sum.device)
+                norms = out.norm(dim=-1)
+                s.saliency_sum[e] += (weights[tok, pos].double() * norms).sum().to(s.saliency_sum.device)
+                s.output_norm_sum[e] += norms.sum().to(s.output_norm_sum.device)
         if NORMS not in self.collect:
             return
         x = hidden.float()

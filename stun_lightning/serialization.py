@@ -42,7 +42,8 @@ def atomic_output(out_dir: str | os.PathLike, overwrite: bool = False, tokenizer
     """Yield a temporary directory that replaces ``out_dir`` when the block succeeds.
 
     A failure removes the temporary directory, so no half-written output is ever left behind. The
-    tokenizer and extra text files are written last, beside what the block wrote.
+    tokenizer and extra text files are written last, beside what the block wrote, then the model
+    card ``README.md`` (:mod:`stun_lightning.model_card`) unless the block or ``extra_files`` wrote one.
     """
     final, tmp = atomic_output_dir(out_dir, overwrite)
     try:
@@ -51,6 +52,10 @@ def atomic_output(out_dir: str | os.PathLike, overwrite: bool = False, tokenizer
             tokenizer.save_pretrained(tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
+        if not (tmp / "README.md").exists():
+            from .model_card import write_model_card
+
+            write_model_card(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

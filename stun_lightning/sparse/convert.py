@@ -20,7 +20,7 @@ from torch import nn
 
 from ..adapters import MoEAdapter, decoder_layers, get_adapter
 from ..surgery import sync_config
-from .experts import IMPLEMENTATION, MATRICES, is_sparse24
+from .experts import IMPLEMENTATION, EXPERT_MATRICES, is_sparse24
 from .format import check_24, compress_24, decompress_24
 
 
@@ -47,7 +47,7 @@ def _dense_view(name: str):
 @lru_cache(maxsize=None)
 def sparse_class(dense_class: type) -> type:
     """The compressed counterpart of a transformers experts class (a cached subclass)."""
-    attrs = {name: _dense_view(name) for name in MATRICES}
+    attrs = {name: _dense_view(name) for name in EXPERT_MATRICES}
     attrs.update(_stun_sparse24=True, _stun_dense_class=dense_class, __module__=dense_class.__module__)
     return type(f"Sparse24{dense_class.__name__}", (dense_class,), attrs)
 
@@ -64,7 +64,7 @@ def own_buffers_(experts: nn.Module) -> nn.Module:
     metadata bytes at a time from the start of a buffer; this is the one place where that layout
     is established (sparsify, load), so the compiled forward need not look at storage offsets, and
     a misaligned view is not copied on every call by the kernels' launchers."""
-    for name in MATRICES:
+    for name in EXPERT_MATRICES:
         for part in ("values", "meta"):
             key = f"{name}_{part}"
             t = experts._buffers[key]
@@ -77,8 +77,8 @@ def compress_experts_(experts: nn.Module, label: str = "experts") -> nn.Module:
     """Replace one experts module's fused weights by their 2:4 compressed form, in place."""
     if is_sparse24(experts):
         return experts
-    packed = {name: compress_24(_matrix(experts, name), f"{label} {name}") for name in MATRICES}
-    for name in MATRICES:
+    packed = {name: compress_24(_matrix(experts, name), f"{label} {name}") for name in EXPERT_MATRICES}
+    for name in EXPERT_MATRICES:
         delattr(experts, name)
     experts.__class__ = sparse_class(type(experts))
     for name, (values, meta) in packed.items():
@@ -89,10 +89,10 @@ def compress_experts_(experts: nn.Module, label: str = "experts") -> nn.Module:
 
 def empty_sparse_experts_(experts: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     """Give a dense experts module compressed buffers of the right shapes, uninitialised (for loading)."""
-    shapes = {name: _matrix(experts, name).shape for name in MATRICES}
+    shapes = {name: _matrix(experts, name).shape for name in EXPERT_MATRICES}
     device = experts.gate_up_proj.device
     dtype = dtype or experts.gate_up_proj.dtype
-    for name in MATRICES:
+    for name in EXPERT_MATRICES:
         delattr(experts, name)
     experts.__class__ = sparse_class(type(experts))
     for name, (e, out, inp) in shapes.items():
@@ -105,8 +105,8 @@ def decompress_experts_(experts: nn.Module) -> nn.Module:
     """Inverse of :func:`compress_experts_`: dense parameters back, exactly."""
     if not is_sparse24(experts):
         return experts
-    dense = {name: getattr(experts, name).contiguous() for name in MATRICES}
-    for name in MATRICES:
+    dense = {name: getattr(experts, name).contiguous() for name in EXPERT_MATRICES}
+    for name in EXPERT_MATRICES:
         delattr(experts, f"{name}_values")
         delattr(experts, f"{name}_meta")
     experts.__class__ = type(experts)._stun_dense_class
@@ -136,7 +136,7 @@ def sparsify(model: nn.Module) -> nn.Module:
         sync_config(model)  # counts into the config while the dense views are still cheap
     for index, experts, _ in blocks:
         if not is_sparse24(experts):
-            for name in MATRICES:
+            for name in EXPERT_MATRICES:
                 check_24(_matrix(experts, name), f"layer {index} {name}")
     previous = model.config._experts_implementation
     with torch.no_grad():
@@ -170,7 +170,7 @@ def sparse_nbytes(model: nn.Module) -> dict[str, int]:
     """Bytes of the routed experts' weights as stored now, and as dense storage would hold them."""
     stored = dense = 0
     for _, experts, _ in expert_modules(model):
-        for name in MATRICES:
+        for name in EXPERT_MATRICES:
             if is_sparse24(experts):
                 values, meta = getattr(experts, f"{name}_values"), getattr(experts, f"{name}_meta")
                 stored += values.numel() * values.element_size() + meta.numel()
