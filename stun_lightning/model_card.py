@@ -50,7 +50,7 @@ def model_card(directory: str | Path) -> str:
         lines += ["## Recipe", "", "```yaml", yaml.safe_dump(recipe, sort_keys=False).strip(), "```", ""]
     if report:
         lines += ["## Sparsity", "", "| quantity | value |", "|---|---|"]
-        for key, label in (("expert_sparsity", "sparsity over expert parameters (STUN)"), ("within_expert_sparsity", "sparsity inside kept experts"), ("model_sparsity", "sparsity over the whole model")):
+        for key, label in (("expert_param_sparsity", "sparsity over expert parameters (STUN)"), ("within_expert_sparsity", "sparsity inside kept experts"), ("model_sparsity", "sparsity over the whole model")):
             if key in report:
                 lines.append(f"| {label} | {report[key]:.2%} |")
         if report.get("experts_after"):
