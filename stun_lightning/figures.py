@@ -201,7 +201,7 @@ def write_report(model_dir: str | Path, out_dir: str | Path | None = None) -> di
     Reads ``model_dir/stun_report.json`` (and ``eval_results.json`` when there); returns
     ``{name: data plotted}``. Files are written to a temporary directory renamed at the end.
     """
-    from .serialization import atomic_output_dir
+    from .serialization import atomic_dir
 
     model_dir = Path(model_dir)
     report_file = model_dir / "stun_report.json"
@@ -216,11 +216,7 @@ def write_report(model_dir: str | Path, out_dir: str | Path | None = None) -> di
     report = json.loads(report_file.read_text())
     evals = json.loads((model_dir / "eval_results.json").read_text()) if (model_dir / "eval_results.json").exists() else None
     data = figure_data(report, evals)
-    final, tmp = atomic_output_dir(out_dir or model_dir / "report", overwrite=True)
-    import os
-    import shutil
-
-    try:
+    with atomic_dir(out_dir or model_dir / "report", overwrite=True) as tmp:
         sections = []
         for name, d in data.items():
             fig = _plot(name, d)
@@ -235,10 +231,4 @@ def write_report(model_dir: str | Path, out_dir: str | Path | None = None) -> di
             "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}img{max-width:100%}</style></head>"
             f"<body><h1>{title}</h1>\n" + "\n".join(sections) + "\n</body></html>\n"
         )
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return data
