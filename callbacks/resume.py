@@ -137,6 +137,7 @@ def dump_state(cb, schedule: SparsitySchedule | None, open_stats: dict | None) -
         "current_sparsity": cb.current_sparsity,
         "layer_targets": cb.layer_targets,
         "low_token_experts": cb.low_token_experts,
+        "expert_split": cb.expert_split,
         "schedule": schedule.to_dict() if schedule else None,
         "open_stats": open_stats,
     }
@@ -160,4 +161,5 @@ def restore_state(cb, state: dict[str, Any]) -> dict | None:
     cb.current_sparsity = float(state["current_sparsity"])
     cb.layer_targets = {int(k): float(v) for k, v in state["layer_targets"].items()}
     cb.low_token_experts = {int(k): list(v) for k, v in state["low_token_experts"].items()}
+    cb.expert_split = state.get("expert_split", {})
     return state.get("open_stats")

@@ -12,7 +12,7 @@ from torch import nn
 from stun_lightning.adapters import moe_layers
 from stun_lightning.distributed import broadcast_object, calibration_across_ranks
 from stun_lightning.recipe import StunRecipe
-from stun_lightning.structured import apply_expert_sets, needs_calibration, select_experts
+from stun_lightning.structured import apply_expert_sets, choose_experts, needs_calibration
 
 
 def calibration_for(recipe: StunRecipe, calibration: torch.Tensor | None, datamodule) -> torch.Tensor | None:
@@ -32,12 +32,13 @@ def calibration_for(recipe: StunRecipe, calibration: torch.Tensor | None, datamo
 
 def select_and_remove_experts(
     model: nn.Module, recipe: StunRecipe, calibration: torch.Tensor | None, device: torch.device
-) -> tuple[dict[int, list[int]], dict[int, list[int]], dict[int, int]]:
-    """Select and remove experts in place; (kept experts, removed experts, top-k) per MoE layer."""
+) -> tuple[dict[int, list[int]], dict[int, list[int]], dict[int, int], dict]:
+    """Select and remove experts in place; (kept experts, removed experts, top-k) per MoE layer and,
+    for ``expert_sparsity="auto"``, the chosen split (else ``{}``)."""
     # under DDP each rank calibrates on its slice and statistics are all-reduced; rank 0's choice
     # is then adopted everywhere (DDP also broadcasts rank 0's weights when it wraps the module)
     with calibration_across_ranks():
-        keep = select_experts(model, recipe, calibration, device=device)
-    keep = broadcast_object(keep)
+        selection = choose_experts(model, recipe, calibration, device=device)
+    keep, split = broadcast_object((selection.keep, selection.split or {}))
     removed = apply_expert_sets(model, keep, lower_top_k=recipe.lower_top_k)
-    return keep, removed, {layer.index: layer.top_k for layer in moe_layers(model)}
+    return keep, removed, {layer.index: layer.top_k for layer in moe_layers(model)}, split

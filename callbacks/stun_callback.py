@@ -123,6 +123,7 @@ class StunCallback(Callback):
         self.kept_experts: dict[int, list[int]] | None = None
         self.removed_experts: dict[int, list[int]] = {}
         self.top_k: dict[int, int] = {}
+        self.expert_split: dict = {}  # expert_sparsity="auto": the chosen split, for the report
         self.masks = ExpertMasks()
         self.last_update_step = -1
         self.current_sparsity = 0.0
@@ -209,7 +210,9 @@ class StunCallback(Callback):
     def _structured_phase(self, trainer: Trainer, model: nn.Module) -> None:
         start = time.perf_counter()
         calibration = calibration_for(self.recipe, self.calibration, trainer.datamodule)
-        self.kept_experts, self.removed_experts, self.top_k = select_and_remove_experts(model, self.recipe, calibration, trainer.strategy.root_device)
+        self.kept_experts, self.removed_experts, self.top_k, self.expert_split = select_and_remove_experts(
+            model, self.recipe, calibration, trainer.strategy.root_device
+        )
         self._seconds["structured"] = time.perf_counter() - start
         n = sum(len(v) for v in self.removed_experts.values())
         rank_zero_info(f"StunCallback: removed {n} experts before training: {self.removed_experts}")
@@ -356,6 +359,7 @@ class StunCallback(Callback):
             layer_target_sparsity=self.layer_targets,
             low_token_experts=self.low_token_experts,
             seconds=dict(self._seconds),
+            expert_split=self.expert_split,
         )
         log_report(trainer, self.report)
         if self.save_dir:

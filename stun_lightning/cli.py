@@ -30,9 +30,19 @@ from .recipe import StunRecipe, field_choices
 #: one layer (6 of its 8 experts), and the output loads in plain transformers.
 DEFAULT_RECIPE = dict(expert_sparsity=0.25, layer_budget="uniform", sparsity=0.4, allocation="owl", metric="wanda", calibration_samples=64, calibration_seq_len=256)
 
+def fraction_or_auto(text: str) -> float | str:
+    """``--expert-sparsity``: a fraction, or ``auto`` (the split chosen per layer for --total-sparsity)."""
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction or 'auto', got {text!r}") from None
+
+
 #: recipe fields settable by a ``prune`` flag (``--expert-sparsity`` ...), overriding --recipe
 RECIPE_FLAGS = {
-    "expert_sparsity": float, "sparsity": float, "total_sparsity": float, "expert_method": str, "layer_budget": str, "distance": str,
+    "expert_sparsity": fraction_or_auto, "sparsity": float, "total_sparsity": float, "expert_method": str, "layer_budget": str, "distance": str,
     "metric": str, "allocation": str, "pattern": str, "calibration_samples": int, "calibration_seq_len": int, "seed": int,
 }
 
@@ -61,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         flag, default = name.replace("_", "-"), DEFAULT_RECIPE.get(name, getattr(StunRecipe, name))
         allowed = choices.get(name) or (["unstructured", "N:M"] if name == "pattern" else None)
         text = f"recipe field {name}" + (", 0 < N < M (2:4 for the sparse kernels)" if name == "pattern" else "")
+        text += " (a fraction, or auto: the split per layer for --total-sparsity)" if name == "expert_sparsity" else ""
         p.add_argument(f"--{flag}", type=kind, metavar="{" + ",".join(allowed) + "}" if allowed else None, help=f"{text}; without --recipe: {default}")
     p.add_argument("--stream", action="store_true", help="read one decoder layer at a time from the safetensors shards and write the output as it goes (chosen automatically when the model is larger than free host memory; no perplexity)")
     p.add_argument("--resume", action="store_true", help="with --stream: continue a killed run from what its .<out>.stream directory holds")

@@ -20,7 +20,7 @@ def check_recipe(model: nn.Module, recipe: StunRecipe) -> tuple[int, dict[int, i
     recipe.validate()
     plan = plan_expert_counts(model, recipe)
     check_pattern_shapes(model, recipe.pattern, recipe.prune_dense)
-    if plan[1] is None and not get_expert_method(recipe.expert_method).supports_global:
+    if plan[1] is None and not recipe.auto_split and not get_expert_method(recipe.expert_method).supports_global:
         raise ValueError(f"method {recipe.expert_method!r} needs layer_budget='uniform'")
     return plan
 
@@ -57,23 +57,24 @@ def prune(
         calibration = calibration_blocks(tokenizer, None, recipe.calibration_samples, recipe.calibration_seq_len, recipe.seed)
 
     before = ModelCensus.of(model)
-    seconds, passes, removed = {}, {}, {}
+    seconds, passes, removed, split = {}, {}, {}, {}
     figures = {}
     if record_figures:
         from . import figures as fig
 
         if calibration is not None:
             figures["routing_before"] = fig.routing_frequency(model, calibration, batch_size=recipe.batch_size, device=device)
-        if recipe.expert_sparsity > 0 and recipe.expert_method == "stun":
+        if recipe.removes_experts and not recipe.auto_split and recipe.expert_method == "stun":
             figures["distances"] = fig.stun_distances(model, recipe, calibration, device=device)
 
     # Structured phase.
-    if recipe.expert_sparsity > 0:
+    if recipe.removes_experts:
         start = time.perf_counter()
-        keep, n_passes = run_selection(model, recipe, calibration, plan=(keep_total, per_layer, min_keep), device=device, progress=progress)
-        if n_passes:
-            passes["structured"] = n_passes
-        removed = apply_expert_sets(model, keep, lower_top_k=recipe.lower_top_k)
+        selection = run_selection(model, recipe, calibration, plan=(keep_total, per_layer, min_keep), device=device, progress=progress)
+        if selection.layer_passes:
+            passes["structured"] = selection.layer_passes
+        split = selection.split or {}
+        removed = apply_expert_sets(model, selection.keep, lower_top_k=recipe.lower_top_k)
         seconds["structured"] = time.perf_counter() - start
 
     # Unstructured phase.
@@ -102,4 +103,5 @@ def prune(
         seconds=seconds,
         layer_passes=passes,
         figures=figures,
+        expert_split=split,
     )

@@ -18,6 +18,10 @@ LAYER_BUDGETS = ("global", "uniform")
 ALLOCATIONS = ("uniform", "owl")
 ALLOCATION_BASES = ("kept", "layer")
 LOW_TOKEN_RULES = ("dense", "magnitude")
+#: ``expert_sparsity`` value that chooses the split per layer (``stun_lightning.split``)
+AUTO = "auto"
+#: expert methods that change weights while they choose, which ``auto``'s trial selections cannot undo
+WEIGHT_CHANGING_METHODS = ("eep", "uncurl")
 
 
 def field_choices() -> dict[str, list[str]]:
@@ -39,7 +43,10 @@ class StunRecipe:
     """Structured-then-unstructured pruning of a MoE model.
 
     Structured phase (whole experts):
-        expert_sparsity: fraction of routed experts removed over all MoE layers (0 = skip).
+        expert_sparsity: fraction of routed experts removed over all MoE layers (0 = skip), or
+            ``"auto"``: each layer's removals and survivor sparsity chosen from block-output error
+            curves to meet ``total_sparsity`` (``stun_lightning.split``; needs ``total_sparsity`` and
+            ``pattern="unstructured"``, implies ``allocation_base="layer"``; ``layer_budget`` unused).
         expert_method: ``stun`` (default), ``frequency``, ``random``, ``reap``, ``ean``, ``naee``, ``eep`` or
             ``uncurl`` (see ``stun_lightning/methods/``; the last five keep the same count per layer).
         layer_budget: ``global`` (STUN: one threshold shared by all layers, so counts differ per
@@ -70,7 +77,7 @@ class StunRecipe:
     Calibration: calibration_samples windows of calibration_seq_len tokens, batch_size, seed.
     """
 
-    expert_sparsity: float = 0.25
+    expert_sparsity: float | str = 0.25
     expert_method: str = "stun"
     layer_budget: str = "global"
     distance: str = "router"
@@ -103,7 +110,12 @@ class StunRecipe:
         self.validate()
 
     def validate(self) -> "StunRecipe":
-        check_sparsity(self.expert_sparsity, "expert_sparsity")
+        if isinstance(self.expert_sparsity, str):
+            if self.expert_sparsity != AUTO:
+                raise ValueError(f"recipe expert_sparsity={self.expert_sparsity!r}: use a fraction in [0, 1) or 'auto'")
+            self._check_auto()
+        else:
+            check_sparsity(self.expert_sparsity, "expert_sparsity")
         check_sparsity(self.sparsity, "sparsity")
         if self.total_sparsity is not None:
             check_sparsity(self.total_sparsity, "total_sparsity")
@@ -122,6 +134,33 @@ class StunRecipe:
                 "group; use pattern='unstructured' or allocation_base='kept'"
             )
         return self
+
+    def _check_auto(self) -> None:
+        if self.total_sparsity is None or self.pattern != "unstructured":
+            raise ValueError(
+                "expert_sparsity='auto' splits a total over expert parameters between expert removal and masking: "
+                "set total_sparsity (e.g. 0.5) and pattern='unstructured'"
+            )
+        if self.expert_method in WEIGHT_CHANGING_METHODS or self.merge_max_clusters > 0:
+            raise ValueError(
+                f"expert_sparsity='auto' tries several selections, but expert_method={self.expert_method!r} "
+                f"(merge_max_clusters={self.merge_max_clusters}) changes weights while choosing; use frequency, reap, ean or stun without merging"
+            )
+
+    @property
+    def auto_split(self) -> bool:
+        """Whether the structured/unstructured split is chosen per layer (``expert_sparsity="auto"``)."""
+        return self.expert_sparsity == AUTO
+
+    @property
+    def removes_experts(self) -> bool:
+        return self.auto_split or self.expert_sparsity > 0
+
+    @property
+    def weight_allocation_base(self) -> str:
+        """The ``allocation_base`` the unstructured phase uses: ``"layer"`` under ``auto`` (each layer's
+        chosen survivor sparsity), else the recipe's."""
+        return "layer" if self.auto_split else self.allocation_base
 
     @property
     def prunes_weights(self) -> bool:

@@ -91,6 +91,7 @@ class PruneReport:
     layer_passes: dict[str, int] = field(default_factory=dict)
     perplexity: dict[str, float] = field(default_factory=dict)
     base_model: str = ""  # what was pruned (hub id or path), for the model card
+    expert_split: dict = field(default_factory=dict)  # expert_sparsity="auto": what stun_lightning.split chose
     figures: dict = field(default_factory=dict)  # data behind `stun-lightning report`'s pictures (stun_lightning.figures)
 
     @classmethod
@@ -134,6 +135,11 @@ class PruneReport:
             rows.append((f"perplexity {name}", f"{value:.3f}"))
         for name, value in self.seconds.items():
             rows.append((f"time {name}", f"{value:.2f} s"))
+        if self.expert_split:
+            removed = self.expert_split["removed"]
+            rows.append(("auto split: experts removed per layer", " ".join(str(removed[i]) for i in sorted(removed))))
+            within = self.expert_split["within"]
+            rows.append(("auto split: sparsity inside survivors", " ".join(f"{within[i]:.1%}" for i in sorted(within))))
         if self.low_token_experts:
             rows.append(("experts with too few calibration tokens", json.dumps(self.low_token_experts)))
         return rows

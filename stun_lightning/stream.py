@@ -383,6 +383,8 @@ def saved_state(work: Path, resume: bool) -> dict:
 
 
 def _refuse_merging(recipe: StunRecipe) -> None:
+    if recipe.auto_split:
+        raise ValueError("expert_sparsity='auto' masks each layer's experts in trial while choosing; streaming cannot do that: prune in memory, or give expert_sparsity a fraction")
     if recipe.expert_sparsity > 0 and (recipe.expert_method in ("eep", "uncurl") or recipe.merge_max_clusters > 0):
         raise ValueError(
             f"expert_method={recipe.expert_method!r} (merge_max_clusters={recipe.merge_max_clusters}) merges expert weights across "
@@ -447,13 +449,14 @@ def prune_streaming(
     token = LAYER_SOURCE.set(source)
     try:
         before = _shape_census(skeleton)
-        if recipe.expert_sparsity > 0:
+        if recipe.removes_experts:
             start = time.perf_counter()
             if "keep" in saved:  # resume: the expert choice of the killed run
                 keep = {int(i): v for i, v in saved["keep"].items()}
                 n_passes = saved["structured_passes"]
             else:
-                keep, n_passes = run_selection(skeleton, recipe, calibration, plan=(keep_total, per_layer, min_keep), device=device, progress=progress)
+                selection = run_selection(skeleton, recipe, calibration, plan=(keep_total, per_layer, min_keep), device=device, progress=progress)
+                keep, n_passes = selection.keep, selection.layer_passes
                 _write_json(state_file, {"keep": keep, "structured_passes": n_passes})
             if n_passes:
                 passes["structured"] = n_passes

@@ -8,6 +8,7 @@ the same method registry, budget planning and feasibility checks as ``prune()``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Mapping
 
 import torch
@@ -20,21 +21,42 @@ from .recipe import StunRecipe
 from .surgery import InfeasiblePruningError, apply_top_k, check_expert_counts, keep_experts, sync_config
 
 
-def plan_expert_counts(model: nn.Module, recipe: StunRecipe) -> tuple[int, dict[int, int] | None, dict[int, int]]:
-    """(experts to keep in total, per-layer counts or None for a global budget, per-layer minimum).
+@dataclass
+class ExpertSelection:
+    """The structured phase's choice: experts kept per layer (original indices, sorted), the
+    decoder-layer passes spent choosing them, and for ``expert_sparsity="auto"`` the chosen split
+    (:meth:`stun_lightning.split.SplitPlan.to_dict`)."""
 
-    Checks feasibility before any work is done.
-    """
-    layers = moe_layers(model)
-    adapter = get_adapter(model)
-    n_group = getattr(model.config, adapter.group_field, None) if adapter.group_field else None
+    keep: dict[int, list[int]]
+    layer_passes: int = 0
+    split: dict | None = None
+
+
+def min_keep_per_layer(model: nn.Module, recipe: StunRecipe) -> dict[int, int]:
+    """The fewest experts each MoE layer may keep: top-k (1 with ``lower_top_k``), or more under
+    ``max_removed_per_layer``."""
     min_keep = {}
-    for layer in layers:
+    for layer in moe_layers(model):
         floor = 1 if recipe.lower_top_k else layer.top_k
         if recipe.max_removed_per_layer is not None:
             floor = max(floor, layer.num_experts - recipe.max_removed_per_layer)
         min_keep[layer.index] = floor
+    return min_keep
+
+
+def plan_expert_counts(model: nn.Module, recipe: StunRecipe) -> tuple[int, dict[int, int] | None, dict[int, int]]:
+    """(experts to keep in total, per-layer counts or None for a global budget, per-layer minimum).
+
+    Checks feasibility before any work is done. With ``expert_sparsity="auto"`` the counts are
+    chosen later (``stun_lightning.split``): (all experts, None, minimum).
+    """
+    layers = moe_layers(model)
+    adapter = get_adapter(model)
+    n_group = getattr(model.config, adapter.group_field, None) if adapter.group_field else None
+    min_keep = min_keep_per_layer(model, recipe)
     total = sum(layer.num_experts for layer in layers)
+    if recipe.auto_split:
+        return total, None, min_keep
     keep_total = total - int(round(total * recipe.expert_sparsity))
     if recipe.layer_budget == "uniform" or (n_group and n_group > 1 and recipe.expert_sparsity > 0):
         per_layer = {layer.index: layer.num_experts - int(round(layer.num_experts * recipe.expert_sparsity)) for layer in layers}
@@ -55,8 +77,10 @@ def plan_expert_counts(model: nn.Module, recipe: StunRecipe) -> tuple[int, dict[
 
 def needs_calibration(recipe: StunRecipe) -> bool:
     """Whether the recipe's expert method needs a routing pass over calibration data."""
-    if recipe.expert_sparsity <= 0:
+    if not recipe.removes_experts:
         return False
+    if recipe.auto_split:
+        return True
     return bool(get_expert_method(recipe.expert_method).needs_for(recipe.method_kwargs()))
 
 
@@ -74,10 +98,22 @@ def select_experts(
     with ``merge_max_clusters``, EEP/UNCURL merging). Raises InfeasiblePruningError before any work
     for impossible budgets.
     """
+    return choose_experts(model, recipe, calibration, device=device, progress=progress).keep
+
+
+def choose_experts(
+    model: nn.Module,
+    recipe: StunRecipe,
+    calibration: torch.Tensor | None = None,
+    *,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> ExpertSelection:
+    """:func:`select_experts` with the passes spent and, for ``auto``, the chosen split."""
     recipe.validate()
-    if recipe.expert_sparsity <= 0:
-        return {layer.index: list(range(layer.num_experts)) for layer in moe_layers(model)}
-    return run_selection(model, recipe, calibration, device=device, progress=progress)[0]
+    if not recipe.removes_experts:
+        return ExpertSelection({layer.index: list(range(layer.num_experts)) for layer in moe_layers(model)})
+    return run_selection(model, recipe, calibration, device=device, progress=progress)
 
 
 def run_selection(
@@ -88,13 +124,19 @@ def run_selection(
     plan: tuple[int, dict[int, int] | None, dict[int, int]] | None = None,
     device: str | torch.device | None = None,
     progress: bool = False,
-) -> tuple[dict[int, list[int]], int]:
-    """(experts to keep per layer, decoder-layer passes spent choosing them).
+) -> ExpertSelection:
+    """Experts to keep per layer and the decoder-layer passes spent choosing them.
 
     One shared pass collects the statistic the method declares (``needs``: "routing", "saliency");
     methods that declare "data" get the token ids and run their own passes, counted too.
+    ``expert_sparsity="auto"`` chooses the counts per layer first (``stun_lightning.split``).
     """
     keep_total, per_layer, min_keep = plan or plan_expert_counts(model, recipe)
+    if recipe.auto_split:
+        from .split import choose_split
+
+        chosen = choose_split(model, recipe, calibration, min_keep=min_keep, device=device, progress=progress)
+        return ExpertSelection(chosen.keep, chosen.layer_passes, chosen.to_dict())
     method = get_expert_method(recipe.expert_method)
     if per_layer is None and not method.supports_global:
         raise ValueError(f"method {recipe.expert_method!r} needs layer_budget='uniform'")
@@ -116,7 +158,7 @@ def run_selection(
     got = {layer.index: len(keep.get(layer.index, [])) for layer in layers}
     if (per_layer is not None and got != per_layer) or sum(got.values()) != keep_total:
         raise RuntimeError(f"expert method {recipe.expert_method!r} kept {got}, expected {per_layer or keep_total} in total")
-    return keep, passes + ctx.layer_passes
+    return ExpertSelection(keep, passes + ctx.layer_passes)
 
 
 def apply_expert_sets(model: nn.Module, keep: Mapping[int, list[int]], lower_top_k: bool = False) -> dict[int, list[int]]:
@@ -161,4 +203,4 @@ def resize_experts(model: nn.Module, counts: Mapping[int, int], top_k: Mapping[i
     sync_config(model)
 
 
-__all__ = ["apply_expert_sets", "needs_calibration", "plan_expert_counts", "resize_experts", "run_selection", "select_experts"]
+__all__ = ["ExpertSelection", "apply_expert_sets", "choose_experts", "min_keep_per_layer", "needs_calibration", "plan_expert_counts", "resize_experts", "run_selection", "select_experts"]

@@ -217,7 +217,7 @@ def compute_masks(
     ratios = None
     if recipe.allocation == "owl":
         ratios = {layer.index: layer_outlier_ratio(layer, _full_matrices(layer), layer_stats[layer.index], recipe) for layer in layers}
-    targets = layer_targets(layers, sparsity, parse_pattern(recipe.pattern), ratios, recipe.owl_lambda, recipe.allocation_base, original_experts)
+    targets = layer_targets(layers, sparsity, parse_pattern(recipe.pattern), ratios, recipe.owl_lambda, recipe.weight_allocation_base, original_experts)
 
     out, low_tokens = ExpertMasks(), {}
     for layer in layers:
@@ -272,7 +272,7 @@ def prune_weights(
             return False
 
         each_layer(measure, "OWL outlier ratios", metric.collect())
-    targets = layer_targets(list(layers.values()), within, parse_pattern(recipe.pattern), ratios, recipe.owl_lambda, recipe.allocation_base, original_experts)
+    targets = layer_targets(list(layers.values()), within, parse_pattern(recipe.pattern), ratios, recipe.owl_lambda, recipe.weight_allocation_base, original_experts)
 
     low_tokens: dict[int, list[int]] = {}
 

@@ -52,7 +52,11 @@ def model_with_duplicates(family="mixtral", top_k=1, seed=0, noise=1e-7):
 
     With top-1 a 6-expert model can reproduce it exactly; with top-2 a token may pick both copies.
     """
-    model = build_tiny_model(family, seed=seed, num_experts_per_tok=top_k)
+    return plant_duplicates(build_tiny_model(family, seed=seed, num_experts_per_tok=top_k), seed, noise)
+
+
+def plant_duplicates(model, seed=0, noise=1e-7):
+    """Make experts 1 and 4 of every MoE layer copies of experts 0 and 3, in place (see DUPLICATES)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in moe_layers(model):

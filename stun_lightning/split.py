@@ -1,0 +1,218 @@
+"""``expert_sparsity: "auto"``: how many experts each layer loses, chosen from error curves.
+
+For a target ``T`` (``recipe.total_sparsity``) over expert parameters, a layer that keeps ``kept``
+of its ``orig`` experts and masks the survivors at ``s`` has expert sparsity ``1 - (1 - s) * kept /
+orig``; it meets ``T`` with ``s = 1 - (1 - T) * orig / kept``. Per MoE layer we try removing
+``r`` experts for ``r`` in :data:`REMOVAL_FRACTIONS` of ``orig`` (rounded; at least top-k kept, and
+for expert-group routers (DeepSeek-V3) multiples of ``n_group`` with every group keeping what its
+routing needs), the experts to remove chosen by ``recipe.expert_method`` at that count, the survivors
+masked with the recipe's metric at that layer's ``s``, and measure the relative squared error of the
+MoE block output against the dense block on the calibration tokens,
+``sum ||Z - Z'||^2 / sum ||Z||^2``, with the removed experts' router logits forced to ``-inf``
+(exactly removal for softmax routers with or without renormalisation and GPT-OSS; for DeepSeek-V3
+groups an approximation, as surgery re-forms the groups). Each layer then keeps the removal count of
+least error (ties: fewer removals), so every layer meets ``T`` and so does the total, exactly up to
+mask rounding; the unstructured phase gives each layer that ``s`` (``allocation_base="layer"``,
+which ``auto`` implies).
+
+Cost, independent of the expert count: one selection per candidate count (the method's own passes,
+e.g. one routing pass for ``frequency``), one streamed calibration pass for the statistics of the
+metric and the block inputs, and one block forward per candidate and calibration batch (at most
+:data:`MAX_TOKENS` tokens per layer). Inputs are the dense model's (not sequential).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .adapters import MoELayer, get_adapter, moe_layers
+from .calibration import calibrate
+from .metrics import get_metric
+from .recipe import StunRecipe
+from .routing import router_logits_forced_to_minus_inf
+
+#: fractions of a layer's experts tried as removals
+REMOVAL_FRACTIONS = (0.0, 0.125, 0.25, 0.375, 0.5)
+#: calibration tokens per layer whose block outputs the error curves compare
+MAX_TOKENS = 8192
+#: experts a DeepSeek-V3 group needs at the least (its group score sums its top-2 experts)
+GROUP_MIN_EXPERTS = 2
+
+
+@dataclass
+class SplitPlan:
+    """What ``auto`` chose: experts kept per layer and the curves it chose from."""
+
+    target: float
+    keep: dict[int, list[int]]
+    removed: dict[int, int]  # experts removed per layer
+    within: dict[int, float]  # sparsity inside the survivors per layer
+    errors: dict[int, dict[int, float]]  # layer -> {experts removed: relative block-output error}
+    layer_passes: int = 0
+    block_evaluations: int = 0
+    candidates: dict[int, dict[int, list[int]]] = field(default_factory=dict, repr=False)  # layer -> {r: kept}
+
+    def to_dict(self) -> dict:
+        """The record in the prune report (``expert_split``)."""
+        return {
+            "target": self.target,
+            "removed": dict(self.removed),
+            "within": {i: round(s, 6) for i, s in self.within.items()},
+            "errors": {i: {r: round(e, 6) for r, e in c.items()} for i, c in self.errors.items()},
+            "block_evaluations": self.block_evaluations,
+        }
+
+
+def survivor_sparsity(target: float, orig: int, kept: int) -> float:
+    """Sparsity inside ``kept`` of ``orig`` equal experts that makes the layer's expert sparsity ``target``."""
+    return 1.0 - (1.0 - target) * orig / kept
+
+
+def group_counts(model: nn.Module) -> tuple[int, int]:
+    """(n_group, topk_group) of an expert-group router, (1, 1) for every other family."""
+    adapter = get_adapter(model)
+    n_group = int(getattr(model.config, adapter.group_field, None) or 1) if adapter.group_field else 1
+    topk_group = int(getattr(model.config, adapter.topk_group_field, None) or 1) if adapter.topk_group_field else 1
+    return n_group, topk_group
+
+
+def candidate_removals(num_experts: int, min_keep: int, n_group: int = 1, topk_group: int = 1, top_k: int = 1) -> dict[float, int]:
+    """``{fraction: experts removed}`` for the feasible fractions of :data:`REMOVAL_FRACTIONS`.
+
+    With ``n_group > 1`` counts are multiples of ``n_group`` (groups stay equal) and each group keeps
+    at least :data:`GROUP_MIN_EXPERTS` and enough for ``top_k`` over ``topk_group`` groups."""
+    out = {}
+    for f in REMOVAL_FRACTIONS:
+        r = int(round(num_experts * f / n_group)) * n_group
+        kept = num_experts - r
+        if kept < min_keep:
+            continue
+        if n_group > 1 and (kept // n_group < GROUP_MIN_EXPERTS or (kept // n_group) * topk_group < top_k):
+            continue
+        out[f] = r
+    return out
+
+
+def _removal_at(fraction: float, removals: dict[float, int]) -> int:
+    # the largest feasible removal not above this fraction's
+    return max(r for f, r in removals.items() if f <= fraction)
+
+
+@torch.no_grad()
+def block_output(layer: MoELayer, x: torch.Tensor) -> torch.Tensor:
+    """The MoE block's output ``[T, H]`` for tokens ``x`` ``[T, H]``."""
+    out = layer.block(x[None])
+    out = out[0] if isinstance(out, tuple) else out
+    return out.reshape(-1, out.shape[-1])
+
+
+@torch.no_grad()
+def layer_error_curve(
+    layer: MoELayer,
+    inputs: list[torch.Tensor],
+    outputs: list[torch.Tensor],
+    keeps: dict[int, list[int]],
+    target: float,
+    recipe: StunRecipe,
+    stats,
+) -> dict[int, float]:
+    """``{experts removed: relative squared block-output error}`` for each candidate keep set.
+
+    The layer's expert weights are masked in place for each candidate and restored at the end."""
+    from .unstructured import expert_layer_masks
+
+    E = layer.num_experts
+    weights = layer.expert_matrices()
+    original = {name: w.clone() for name, w in weights.items()}
+    device = layer.router_weight.device
+    dense_sq = sum(float(z.double().pow(2).sum()) for z in outputs)
+    errors = {}
+    drop: dict[int, list[int]] = {}
+    try:
+        with router_logits_forced_to_minus_inf([layer], drop):
+            for r, kept in keeps.items():
+                s = survivor_sparsity(target, E, len(kept))
+                masks = expert_layer_masks(layer, original, stats, s, recipe)
+                for name, w in weights.items():
+                    w.copy_(original[name] * masks[name].to(w.dtype))
+                drop[layer.index] = [e for e in range(E) if e not in set(kept)]
+                err = 0.0
+                for x, z in zip(inputs, outputs):
+                    pruned = block_output(layer, x.to(device))
+                    err += float((pruned.double() - z.to(device).double()).pow(2).sum())
+                errors[r] = err / dense_sq if dense_sq > 0 else err
+    finally:
+        for name, w in weights.items():
+            w.copy_(original[name])
+    return errors
+
+
+def choose_split(
+    model: nn.Module,
+    recipe: StunRecipe,
+    calibration: torch.Tensor,
+    *,
+    min_keep: dict[int, int],
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> SplitPlan:
+    """Per-layer expert removals for ``recipe.total_sparsity`` (see the module docstring). Nothing is removed."""
+    from .structured import run_selection
+
+    if calibration is None:
+        raise ValueError("expert_sparsity='auto' measures block-output errors: pass calibration token ids [N, L]")
+    target = float(recipe.total_sparsity)
+    layers = moe_layers(model)
+    n_group, topk_group = group_counts(model)
+    removals = {}
+    for layer in layers:  # a removal that alone exceeds the target is not a candidate
+        found = candidate_removals(layer.num_experts, min_keep[layer.index], n_group, topk_group, layer.top_k)
+        removals[layer.index] = {f: r for f, r in found.items() if survivor_sparsity(target, layer.num_experts, layer.num_experts - r) >= 0}
+    # removals chosen by the recipe's method, one selection per candidate fraction (counts per layer)
+    fixed = dataclasses.replace(recipe, expert_sparsity=0.25, layer_budget="uniform")
+    candidates = {layer.index: {0: list(range(layer.num_experts))} for layer in layers}
+    passes = 0
+    for f in REMOVAL_FRACTIONS[1:]:
+        per_layer = {layer.index: layer.num_experts - _removal_at(f, removals[layer.index]) for layer in layers}
+        todo = {i: k for i, k in per_layer.items() if layer_count(layers, i) - k not in candidates[i]}
+        if not todo:
+            continue
+        selection = run_selection(model, fixed, calibration, plan=(sum(per_layer.values()), per_layer, min_keep), device=device, progress=progress)
+        passes += selection.layer_passes
+        for i, k in todo.items():
+            candidates[i][layer_count(layers, i) - k] = selection.keep[i]
+
+    errors: dict[int, dict[int, float]] = {}
+    evaluations = 0
+
+    def on_layer(i, moe, stats) -> bool:
+        nonlocal evaluations
+        if moe is None:
+            return False
+        errors[i] = layer_error_curve(moe, stats.block_inputs, stats.block_outputs, candidates[i], target, recipe, stats)
+        evaluations += len(candidates[i]) * len(stats.block_inputs)
+        stats.block_inputs.clear()
+        stats.block_outputs.clear()
+        return False
+
+    metric = get_metric(recipe.metric)
+    stats = calibrate(
+        model, calibration, collect=metric.collect(), batch_size=recipe.batch_size, device=device, on_layer=on_layer,
+        keep_block_io=min(MAX_TOKENS, calibration.numel()), progress=progress, desc="auto split: error curves",
+    )
+    passes += stats.layer_passes
+    removed = {i: min(curve, key=lambda r: (curve[r], r)) for i, curve in errors.items()}
+    keep = {i: candidates[i][r] for i, r in removed.items()}
+    within = {i: max(0.0, survivor_sparsity(target, layer_count(layers, i), len(keep[i]))) for i in keep}
+    return SplitPlan(target, keep, removed, within, errors, passes, evaluations, candidates)
+
+
+def layer_count(layers: list[MoELayer], index: int) -> int:
+    return next(layer.num_experts for layer in layers if layer.index == index)
+
+
+__all__ = ["MAX_TOKENS", "REMOVAL_FRACTIONS", "SplitPlan", "block_output", "candidate_removals", "choose_split", "layer_error_curve", "survivor_sparsity"]

@@ -1,0 +1,130 @@
+"""``expert_sparsity: "auto"``: the split between expert removal and masking chosen per layer."""
+
+import copy
+
+import pytest
+import torch
+
+from stun_lightning import StunRecipe, calibrate, moe_layers, prune
+from stun_lightning.split import candidate_removals, choose_split
+from stun_lightning.structured import min_keep_per_layer
+from stun_lightning.tiny import build_tiny_model
+
+from conftest import DUPLICATES, model_with_duplicates, plant_duplicates, random_ids
+
+
+def auto(total=0.5, **kwargs):
+    return StunRecipe(**{"expert_sparsity": "auto", "total_sparsity": total, "expert_method": "frequency", "batch_size": 4, **kwargs})
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3"])
+@pytest.mark.parametrize("total", [0.5, 0.8])
+def test_auto_meets_the_total_over_expert_parameters_exactly(family, total):
+    model = build_tiny_model(family, seed=1)
+    ids = random_ids(model, n=8, length=32)
+    report = prune(model, auto(total), calibration=ids, progress=False)
+    assert report.expert_param_sparsity == pytest.approx(total, abs=5e-3)  # mask rounding per row of tiny matrices
+    split = report.expert_split
+    for layer in moe_layers(model):  # every layer meets the total with its chosen split
+        i = layer.index
+        assert layer.num_experts == report.experts_before[i] - split["removed"][i]
+        assert report.layer_sparsity[i] == pytest.approx(total, abs=5e-3)  # per-matrix rounding on tiny matrices
+        within = 1 - (1 - total) * report.experts_before[i] / layer.num_experts
+        assert split["within"][i] == pytest.approx(within, abs=1e-6) == report.layer_target_sparsity[i]  # what the curve and the masks used
+        assert split["removed"][i] == min(split["errors"][i], key=split["errors"][i].get)
+
+
+def test_auto_removes_no_expert_when_every_expert_is_distinct_and_needed():
+    model = build_tiny_model("mixtral", seed=3, num_experts_per_tok=1)  # random, distinct experts; one per token
+    ids = random_ids(model, n=8, length=32)
+    report = prune(model, auto(0.5), calibration=ids, progress=False)
+    assert report.removed_experts == {}
+    assert set(report.expert_split["removed"].values()) == {0}
+    for curve in report.expert_split["errors"].values():  # removal was tried, and cost more
+        assert len(curve) == 5 and all(curve[r] > curve[0] for r in curve if r)
+
+
+def test_auto_removes_the_planted_duplicates_first():
+    model = model_with_duplicates("mixtral", top_k=1)
+    ids = random_ids(model, n=8, length=32)
+    report = prune(model, auto(0.5, expert_method="stun"), calibration=ids, progress=False)
+    assert set(report.removed_experts) == {layer.index for layer in moe_layers(model)}
+    for i, removed in report.removed_experts.items():  # one copy of each pair, nothing else
+        assert len(removed) == len(DUPLICATES) and all((c in removed) != (s in removed) for c, s in DUPLICATES.items())
+        curve = report.expert_split["errors"][i]
+        assert curve[2] < curve[0] and curve[2] < curve[3]
+        assert report.expert_split["within"][i] == pytest.approx(1 - 0.5 * 8 / 6, abs=1e-6)  # survivors masked less
+
+
+def test_error_curve_is_the_block_error_of_the_pruned_layer():
+    """The r=0 point equals the relative block-output error prune() really gets at that target."""
+    model = build_tiny_model("qwen2_moe", seed=2)
+    ids = random_ids(model, n=4, length=32)
+    dense = copy.deepcopy(model)
+    recipe = auto(0.6)
+    plan = choose_split(model, recipe, ids, min_keep=min_keep_per_layer(model, recipe))
+    prune(model, StunRecipe(expert_sparsity=0.0, total_sparsity=0.6, sequential=False), calibration=ids, progress=False)
+    io = calibrate(dense, ids, collect=(), keep_block_io=10**6, progress=False)
+    for layer in moe_layers(model):
+        x, z = torch.cat(io[layer.index].block_inputs), torch.cat(io[layer.index].block_outputs)
+        with torch.no_grad():
+            y = layer.block(x[None]).reshape(z.shape)
+        expected = float((y.double() - z.double()).pow(2).sum() / z.double().pow(2).sum())
+        assert plan.errors[layer.index][0] == pytest.approx(expected, rel=1e-4)
+
+
+def test_candidates_respect_top_k_and_expert_groups():
+    assert candidate_removals(8, min_keep=2) == {0.0: 0, 0.125: 1, 0.25: 2, 0.375: 3, 0.5: 4}
+    assert candidate_removals(8, min_keep=6) == {0.0: 0, 0.125: 1, 0.25: 2}
+    # 16 experts in 4 groups, top-4 over 2 groups: multiples of 4, every group keeps >= 2
+    assert set(candidate_removals(16, min_keep=4, n_group=4, topk_group=2, top_k=4).values()) == {0, 4, 8}
+    assert set(candidate_removals(8, min_keep=2, n_group=4, topk_group=1, top_k=2).values()) == {0}  # groups of 2 stay whole
+    model = build_tiny_model("deepseek_v3", seed=1)
+    n_group = model.config.n_group
+    report = prune(model, auto(0.8), calibration=random_ids(model, n=8, length=32), progress=False)
+    for i, curve in report.expert_split["errors"].items():
+        assert all(r % n_group == 0 for r in curve) and len(curve) > 1
+        assert all((report.experts_before[i] - r) // n_group >= 2 for r in curve)
+
+
+def test_auto_refuses_a_recipe_without_a_total_or_with_n_m():
+    with pytest.raises(ValueError, match="set total_sparsity"):
+        StunRecipe(expert_sparsity="auto")
+    with pytest.raises(ValueError, match="pattern='unstructured'"):
+        StunRecipe(expert_sparsity="auto", total_sparsity=0.5, pattern="2:4")
+    with pytest.raises(ValueError, match="'auto'"):
+        StunRecipe(expert_sparsity="half")
+    with pytest.raises(ValueError, match="changes weights"):
+        StunRecipe(expert_sparsity="auto", total_sparsity=0.5, expert_method="eep")
+
+
+def test_cli_prints_the_chosen_split(tmp_path, capsys):
+    from stun_lightning.cli import main
+
+    rc = main(["prune", "--expert-sparsity", "auto", "--total-sparsity", "0.7", "--expert-method", "frequency", "--calibration-samples", "4",
+               "--calibration-seq-len", "32", "--eval-tokens", "0", "--quiet", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "auto split: experts removed per layer" in out
+    assert main(["prune", "--expert-sparsity", "auto", "--eval-tokens", "0", "--quiet"]) == 2
+    assert "set total_sparsity" in capsys.readouterr().err
+
+
+def test_callback_and_prune_choose_the_same_split():
+    from test_callbacks import make_trainer, module
+
+    from stun_lightning.callbacks import SparsitySchedule, StunCallback, StunDataModule
+
+    data = StunDataModule(seq_len=32, batch_size=2, max_train_blocks=4, max_val_blocks=1, seed=0)
+    data.setup()
+    mod = module()
+    plant_duplicates(mod.student)  # so that auto removes experts
+    dense = copy.deepcopy(mod.student)
+    ids = random_ids(dense, n=8, length=32)
+    recipe = auto(0.7, expert_method="stun", metric="magnitude")
+    stun = StunCallback(recipe, SparsitySchedule("one_shot", start_step=0), calibration=ids)
+    make_trainer(max_steps=1, callbacks=[stun]).fit(mod, data)
+    report = prune(dense, recipe, calibration=ids, progress=False)
+    assert stun.report.expert_split == report.expert_split and stun.report.removed_experts == report.removed_experts
+    assert report.removed_experts and stun.report.experts_after == report.experts_after
+    assert stun.layer_targets == pytest.approx(report.layer_target_sparsity)
+    assert stun.report.expert_param_sparsity == pytest.approx(report.expert_param_sparsity)
