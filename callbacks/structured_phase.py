@@ -39,6 +39,6 @@ def select_and_remove_experts(
     # is then adopted everywhere (DDP also broadcasts rank 0's weights when it wraps the module)
     with calibration_across_ranks():
         selection = choose_experts(model, recipe, calibration, device=device)
-    keep, split = broadcast_object((selection.keep, selection.split or {}))
-    removed = apply_expert_sets(model, keep, lower_top_k=recipe.lower_top_k)
+    keep, split, mass = broadcast_object((selection.keep, selection.split or {}, selection.merge_mass))
+    removed = apply_expert_sets(model, keep, lower_top_k=recipe.lower_top_k, merge_mass=mass)
     return keep, removed, {layer.index: layer.top_k for layer in moe_layers(model)}, split

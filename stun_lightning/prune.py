@@ -74,7 +74,7 @@ def prune(
         if selection.layer_passes:
             passes["structured"] = selection.layer_passes
         split = selection.split or {}
-        removed = apply_expert_sets(model, selection.keep, lower_top_k=recipe.lower_top_k)
+        removed = apply_expert_sets(model, selection.keep, lower_top_k=recipe.lower_top_k, merge_mass=selection.merge_mass)
         seconds["structured"] = time.perf_counter() - start
 
     # Unstructured phase.

@@ -9,6 +9,7 @@ from typing import Any
 
 import yaml
 
+from .merging import MERGES
 from .patterns import check_sparsity, parse_pattern
 from .methods import expert_methods, get_expert_method
 from .metrics import METRICS
@@ -30,6 +31,7 @@ def field_choices() -> dict[str, list[str]]:
     return {
         "expert_method": expert_methods(),
         "layer_budget": list(LAYER_BUDGETS),
+        "expert_merge": list(MERGES),
         "distance": list(DISTANCES),
         "metric": list(METRICS),
         "allocation": list(ALLOCATIONS),
@@ -54,6 +56,9 @@ class StunRecipe:
         distance / divide_by_norm / mix_weight / merge_max_clusters: STUN options (see methods.stun).
         method_options: further options of the chosen method (e.g. NAEE ``max_subsets``, EEP
             ``total_evaluations``), passed to it unchanged.
+        expert_merge: ``none`` (default: removed experts are dropped), ``frequency`` or
+            ``router_weighted``: each removed expert is first averaged into its nearest survivor,
+            weighted by routed tokens or router weight (HC-SMoE / REAM style; ``stun_lightning.merging``).
         max_removed_per_layer: cap on experts removed from any one layer (None = no cap).
         lower_top_k: allow a layer to keep fewer experts than top-k by lowering its top-k.
     Unstructured phase (weights inside surviving experts):
@@ -84,6 +89,7 @@ class StunRecipe:
     divide_by_norm: bool = True
     mix_weight: float = 1.0
     merge_max_clusters: int = 0
+    expert_merge: str = "none"
     max_removed_per_layer: int | None = None
     lower_top_k: bool = False
 

@@ -173,7 +173,7 @@ def choose_split(
         found = candidate_removals(layer.num_experts, min_keep[layer.index], n_group, topk_group, layer.top_k)
         removals[layer.index] = {f: r for f, r in found.items() if survivor_sparsity(target, layer.num_experts, layer.num_experts - r) >= 0}
     # removals chosen by the recipe's method, one selection per candidate fraction (counts per layer)
-    fixed = dataclasses.replace(recipe, expert_sparsity=0.25, layer_budget="uniform")
+    fixed = dataclasses.replace(recipe, expert_sparsity=0.25, layer_budget="uniform", expert_merge="none")
     candidates = {layer.index: {0: list(range(layer.num_experts))} for layer in layers}
     passes = 0
     for f in REMOVAL_FRACTIONS[1:]:

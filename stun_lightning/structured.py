@@ -30,6 +30,7 @@ class ExpertSelection:
     keep: dict[int, list[int]]
     layer_passes: int = 0
     split: dict | None = None
+    merge_mass: dict[int, torch.Tensor] | None = None  # expert_merge: per-expert mass on the dense model
 
 
 def min_keep_per_layer(model: nn.Module, recipe: StunRecipe) -> dict[int, int]:
@@ -79,7 +80,7 @@ def needs_calibration(recipe: StunRecipe) -> bool:
     """Whether the recipe's expert method needs a routing pass over calibration data."""
     if not recipe.removes_experts:
         return False
-    if recipe.auto_split:
+    if recipe.auto_split or recipe.expert_merge != "none":
         return True
     return bool(get_expert_method(recipe.expert_method).needs_for(recipe.method_kwargs()))
 
@@ -136,7 +137,8 @@ def run_selection(
         from .split import choose_split
 
         chosen = choose_split(model, recipe, calibration, min_keep=min_keep, device=device, progress=progress)
-        return ExpertSelection(chosen.keep, chosen.layer_passes, chosen.to_dict())
+        mass, n = _merge_mass(model, recipe, calibration, None, device, progress)
+        return ExpertSelection(chosen.keep, chosen.layer_passes + n, chosen.to_dict(), mass)
     method = get_expert_method(recipe.expert_method)
     if per_layer is None and not method.supports_global:
         raise ValueError(f"method {recipe.expert_method!r} needs layer_budget='uniform'")
@@ -158,11 +160,37 @@ def run_selection(
     got = {layer.index: len(keep.get(layer.index, [])) for layer in layers}
     if (per_layer is not None and got != per_layer) or sum(got.values()) != keep_total:
         raise RuntimeError(f"expert method {recipe.expert_method!r} kept {got}, expected {per_layer or keep_total} in total")
-    return ExpertSelection(keep, passes + ctx.layer_passes)
+    mass, n = _merge_mass(model, recipe, calibration, stats, device, progress)
+    return ExpertSelection(keep, passes + ctx.layer_passes + n, merge_mass=mass)
 
 
-def apply_expert_sets(model: nn.Module, keep: Mapping[int, list[int]], lower_top_k: bool = False) -> dict[int, list[int]]:
-    """Remove every expert not in ``keep`` (original indices of a dense model); return the removed ones."""
+def _merge_mass(model, recipe, calibration, stats, device, progress) -> tuple[dict[int, torch.Tensor] | None, int]:
+    """(per-expert merge mass per layer, passes spent): from the selection's routing statistics when
+    it collected them, else one routing pass; None without ``expert_merge``."""
+    if recipe.expert_merge == "none":
+        return None, 0
+    from .merging import merge_mass
+
+    passes = 0
+    if stats is None:
+        if calibration is None:
+            raise ValueError(f"expert_merge={recipe.expert_merge!r} weighs experts by their routing: pass calibration token ids [N, L]")
+        stats = calibrate(model, calibration, collect=(ROUTING,), batch_size=recipe.batch_size, device=device, progress=progress, desc="merge weights")
+        passes = stats.layer_passes
+    return {layer.index: merge_mass(stats[layer.index], recipe.expert_merge) for layer in moe_layers(model)}, passes
+
+
+def apply_expert_sets(
+    model: nn.Module, keep: Mapping[int, list[int]], lower_top_k: bool = False, merge_mass: Mapping[int, torch.Tensor] | None = None
+) -> dict[int, list[int]]:
+    """Remove every expert not in ``keep`` (original indices of a dense model); return the removed ones.
+
+    With ``merge_mass`` (``ExpertSelection.merge_mass``) each removed expert is first merged into its
+    nearest survivor (:func:`stun_lightning.merging.merge_into_survivors`)."""
+    if merge_mass:
+        from .merging import merge_into_survivors
+
+        merge_into_survivors(model, keep, merge_mass)
     removed = {}
     for layer in moe_layers(model):
         if layer.index not in keep:
