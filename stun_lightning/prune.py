@@ -20,7 +20,7 @@ def check_recipe(model: nn.Module, recipe: StunRecipe) -> tuple[int, dict[int, i
     recipe.validate()
     plan = plan_expert_counts(model, recipe)
     check_pattern_shapes(model, recipe.pattern, recipe.prune_dense)
-    if plan[1] is None and not recipe.auto_split and not get_expert_method(recipe.expert_method).supports_global:
+    if plan[1] is None and not recipe.auto_split and recipe.layer_budget != "error_curve" and not get_expert_method(recipe.expert_method).supports_global:
         raise ValueError(f"method {recipe.expert_method!r} needs layer_budget='uniform'")
     return plan
 

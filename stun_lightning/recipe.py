@@ -15,7 +15,7 @@ from .methods import expert_methods, get_expert_method
 from .metrics import METRICS
 from .methods.stun import DISTANCES
 
-LAYER_BUDGETS = ("global", "uniform")
+LAYER_BUDGETS = ("global", "uniform", "error_curve")
 ALLOCATIONS = ("uniform", "owl")
 ALLOCATION_BASES = ("kept", "layer")
 LOW_TOKEN_RULES = ("dense", "magnitude")
@@ -52,7 +52,9 @@ class StunRecipe:
         expert_method: ``stun`` (default), ``frequency``, ``random``, ``reap``, ``ean``, ``naee``, ``eep`` or
             ``uncurl`` (see ``stun_lightning/methods/``; the last five keep the same count per layer).
         layer_budget: ``global`` (STUN: one threshold shared by all layers, so counts differ per
-            layer) or ``uniform`` (the same count in every layer: plain transformers loads it).
+            layer), ``uniform`` (the same count in every layer: plain transformers loads it) or
+            ``error_curve`` (ours: the same total spread over layers to minimise the summed relative
+            block-output error measured at a few removal counts per layer, ``stun_lightning.split``).
         distance / divide_by_norm / mix_weight / merge_max_clusters: STUN options (see methods.stun).
         method_options: further options of the chosen method (e.g. NAEE ``max_subsets``, EEP
             ``total_evaluations``), passed to it unchanged.

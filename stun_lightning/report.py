@@ -137,9 +137,11 @@ class PruneReport:
             rows.append((f"time {name}", f"{value:.2f} s"))
         if self.expert_split:
             removed = self.expert_split["removed"]
-            rows.append(("auto split: experts removed per layer", " ".join(str(removed[i]) for i in sorted(removed))))
-            within = self.expert_split["within"]
-            rows.append(("auto split: sparsity inside survivors", " ".join(f"{within[i]:.1%}" for i in sorted(within))))
+            label = "error-curve budget" if self.expert_split.get("budget") == "error_curve" else "auto split"
+            rows.append((f"{label}: experts removed per layer", " ".join(str(removed[i]) for i in sorted(removed))))
+            if "within" in self.expert_split:
+                within = self.expert_split["within"]
+                rows.append(("auto split: sparsity inside survivors", " ".join(f"{within[i]:.1%}" for i in sorted(within))))
         if self.low_token_experts:
             rows.append(("experts with too few calibration tokens", json.dumps(self.low_token_experts)))
         return rows

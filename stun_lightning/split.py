@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
@@ -116,11 +117,12 @@ def layer_error_curve(
     inputs: list[torch.Tensor],
     outputs: list[torch.Tensor],
     keeps: dict[int, list[int]],
-    target: float,
+    sparsity_of: Callable[[int, int], float],
     recipe: StunRecipe,
     stats,
 ) -> dict[int, float]:
-    """``{experts removed: relative squared block-output error}`` for each candidate keep set.
+    """``{experts removed: relative squared block-output error}`` for each candidate keep set, its
+    survivors masked at ``sparsity_of(experts, kept)``.
 
     The layer's expert weights are masked in place for each candidate and restored at the end."""
     from .unstructured import expert_layer_masks
@@ -135,7 +137,7 @@ def layer_error_curve(
     try:
         with router_logits_forced_to_minus_inf([layer], drop):
             for r, kept in keeps.items():
-                s = survivor_sparsity(target, E, len(kept))
+                s = sparsity_of(E, len(kept))
                 masks = expert_layer_masks(layer, original, stats, s, recipe)
                 for name, w in weights.items():
                     w.copy_(original[name] * masks[name].to(w.dtype))
@@ -151,27 +153,25 @@ def layer_error_curve(
     return errors
 
 
-def choose_split(
+def error_curves(
     model: nn.Module,
     recipe: StunRecipe,
     calibration: torch.Tensor,
-    *,
+    removals: dict[int, dict[float, int]],
     min_keep: dict[int, int],
+    sparsity_of: Callable[[int, int], float],
+    *,
     device: str | torch.device | None = None,
     progress: bool = False,
-) -> SplitPlan:
-    """Per-layer expert removals for ``recipe.total_sparsity`` (see the module docstring). Nothing is removed."""
+) -> tuple[dict[int, dict[int, list[int]]], dict[int, dict[int, float]], int, int]:
+    """(kept experts per layer and removal count, relative block errors per layer and removal count,
+    decoder-layer passes, block evaluations) for the candidate ``removals`` ``{layer: {fraction: r}}``;
+    survivors of a layer with ``orig`` experts keeping ``kept`` are masked at ``sparsity_of(orig, kept)``."""
     from .structured import run_selection
 
     if calibration is None:
-        raise ValueError("expert_sparsity='auto' measures block-output errors: pass calibration token ids [N, L]")
-    target = float(recipe.total_sparsity)
+        raise ValueError("error curves measure block outputs on calibration data: pass calibration token ids [N, L]")
     layers = moe_layers(model)
-    n_group, topk_group = group_counts(model)
-    removals = {}
-    for layer in layers:  # a removal that alone exceeds the target is not a candidate
-        found = candidate_removals(layer.num_experts, min_keep[layer.index], n_group, topk_group, layer.top_k)
-        removals[layer.index] = {f: r for f, r in found.items() if survivor_sparsity(target, layer.num_experts, layer.num_experts - r) >= 0}
     # removals chosen by the recipe's method, one selection per candidate fraction (counts per layer)
     fixed = dataclasses.replace(recipe, expert_sparsity=0.25, layer_budget="uniform", expert_merge="none")
     candidates = {layer.index: {0: list(range(layer.num_experts))} for layer in layers}
@@ -193,26 +193,118 @@ def choose_split(
         nonlocal evaluations
         if moe is None:
             return False
-        errors[i] = layer_error_curve(moe, stats.block_inputs, stats.block_outputs, candidates[i], target, recipe, stats)
+        errors[i] = layer_error_curve(moe, stats.block_inputs, stats.block_outputs, candidates[i], sparsity_of, recipe, stats)
         evaluations += len(candidates[i]) * len(stats.block_inputs)
         stats.block_inputs.clear()
         stats.block_outputs.clear()
         return False
 
-    metric = get_metric(recipe.metric)
     stats = calibrate(
-        model, calibration, collect=metric.collect(), batch_size=recipe.batch_size, device=device, on_layer=on_layer,
-        keep_block_io=min(MAX_TOKENS, calibration.numel()), progress=progress, desc="auto split: error curves",
+        model, calibration, collect=get_metric(recipe.metric).collect(), batch_size=recipe.batch_size, device=device, on_layer=on_layer,
+        keep_block_io=min(MAX_TOKENS, calibration.numel()), progress=progress, desc="expert error curves",
     )
-    passes += stats.layer_passes
+    return candidates, errors, passes + stats.layer_passes, evaluations
+
+
+def _removals(model: nn.Module, min_keep: dict[int, int]) -> dict[int, dict[float, int]]:
+    n_group, topk_group = group_counts(model)
+    return {layer.index: candidate_removals(layer.num_experts, min_keep[layer.index], n_group, topk_group, layer.top_k) for layer in moe_layers(model)}
+
+
+def choose_split(
+    model: nn.Module,
+    recipe: StunRecipe,
+    calibration: torch.Tensor,
+    *,
+    min_keep: dict[int, int],
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> SplitPlan:
+    """Per-layer expert removals for ``recipe.total_sparsity`` (see the module docstring). Nothing is removed."""
+    target = float(recipe.total_sparsity)
+    layers = moe_layers(model)
+    removals = {  # a removal that alone exceeds the target is not a candidate
+        i: {f: r for f, r in found.items() if survivor_sparsity(target, layer_count(layers, i), layer_count(layers, i) - r) >= 0}
+        for i, found in _removals(model, min_keep).items()
+    }
+    sparsity_of = lambda orig, kept: survivor_sparsity(target, orig, kept)  # noqa: E731
+    candidates, errors, passes, evaluations = error_curves(
+        model, recipe, calibration, removals, min_keep, sparsity_of, device=device, progress=progress
+    )
     removed = {i: min(curve, key=lambda r: (curve[r], r)) for i, curve in errors.items()}
     keep = {i: candidates[i][r] for i, r in removed.items()}
     within = {i: max(0.0, survivor_sparsity(target, layer_count(layers, i), len(keep[i]))) for i in keep}
     return SplitPlan(target, keep, removed, within, errors, passes, evaluations, candidates)
 
 
+def interpolate(curve: dict[int, float], r: int) -> float:
+    """The error at removal count ``r``, linear between measured counts (flat beyond the last)."""
+    points = sorted(curve.items())
+    if r <= points[0][0]:
+        return points[0][1]
+    for (r0, e0), (r1, e1) in zip(points, points[1:]):
+        if r <= r1:
+            return e0 + (e1 - e0) * (r - r0) / (r1 - r0)
+    return points[-1][1]
+
+
+def allocate_removals(curves: dict[int, dict[int, float]], total: int, step: int = 1) -> dict[int, int]:
+    """Removal counts per layer, multiples of ``step``, each within its curve's measured range,
+    summing to ``total`` exactly and minimising the summed (interpolated) error: an exact dynamic
+    programme over layers (ties: fewer removals in earlier layers)."""
+    if total % step:
+        raise ValueError(f"{total} removals are not a multiple of the expert-group size {step}")
+    units = total // step
+    best: dict[int, tuple[float, tuple[int, ...]]] = {0: (0.0, ())}
+    for i in curves:
+        top = max(curves[i]) // step
+        nxt: dict[int, tuple[float, tuple[int, ...]]] = {}
+        for used, (err, picks) in best.items():
+            for u in range(0, min(top, units - used) + 1):
+                cand = (err + interpolate(curves[i], u * step), picks + (u * step,))
+                if used + u not in nxt or cand[0] < nxt[used + u][0] - 1e-12:
+                    nxt[used + u] = cand
+        best = nxt
+    if units not in best:
+        most = sum(max(c) for c in curves.values())
+        raise ValueError(
+            f"layer_budget='error_curve' spreads at most {most} removals over the layers (half of each layer's experts, "
+            f"top-k and groups kept), {total} asked; lower expert_sparsity or use layer_budget='uniform'"
+        )
+    return dict(zip(curves, best[units][1]))
+
+
+def choose_budgets(
+    model: nn.Module,
+    recipe: StunRecipe,
+    calibration: torch.Tensor,
+    *,
+    keep_total: int,
+    min_keep: dict[int, int],
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> tuple[dict[int, int], dict, int]:
+    """``layer_budget="error_curve"``: (experts to keep per layer, record for the report, passes).
+
+    The removals of a fixed ``expert_sparsity`` spread over layers to minimise the summed relative
+    block-output error, from the curves of :func:`error_curves` (survivors masked at the recipe's
+    within-expert sparsity: ``sparsity``, or the one ``total_sparsity`` implies)."""
+    layers = moe_layers(model)
+    total = sum(layer.num_experts for layer in layers) - keep_total
+    within = recipe.sparsity
+    if recipe.total_sparsity is not None:
+        within = max(0.0, 1.0 - (1.0 - recipe.total_sparsity) * sum(layer.num_experts for layer in layers) / keep_total)
+    _, errors, passes, evaluations = error_curves(
+        model, recipe, calibration, _removals(model, min_keep), min_keep, lambda orig, kept: within, device=device, progress=progress
+    )
+    removed = allocate_removals(errors, total, group_counts(model)[0])
+    record = {"budget": "error_curve", "removed": removed, "errors": {i: {r: round(e, 6) for r, e in c.items()} for i, c in errors.items()},
+              "block_evaluations": evaluations}
+    return {layer.index: layer.num_experts - removed[layer.index] for layer in layers}, record, passes
+
+
 def layer_count(layers: list[MoELayer], index: int) -> int:
     return next(layer.num_experts for layer in layers if layer.index == index)
 
 
-__all__ = ["MAX_TOKENS", "REMOVAL_FRACTIONS", "SplitPlan", "block_output", "candidate_removals", "choose_split", "layer_error_curve", "survivor_sparsity"]
+__all__ = ["MAX_TOKENS", "REMOVAL_FRACTIONS", "SplitPlan", "allocate_removals", "block_output", "candidate_removals", "choose_budgets", "choose_split", "error_curves", "layer_error_curve", "survivor_sparsity"]

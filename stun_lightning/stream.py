@@ -385,6 +385,8 @@ def saved_state(work: Path, resume: bool) -> dict:
 def _refuse_merging(recipe: StunRecipe) -> None:
     if recipe.removes_experts and recipe.expert_merge != "none":
         raise ValueError(f"expert_merge={recipe.expert_merge!r} changes survivors' weights before removal; streaming cannot do that yet: prune in memory")
+    if recipe.removes_experts and recipe.layer_budget == "error_curve":
+        raise ValueError("layer_budget='error_curve' masks each layer's experts in trial while choosing; streaming cannot do that: prune in memory, or use layer_budget='uniform'")
     if recipe.auto_split:
         raise ValueError("expert_sparsity='auto' masks each layer's experts in trial while choosing; streaming cannot do that: prune in memory, or give expert_sparsity a fraction")
     if recipe.expert_sparsity > 0 and (recipe.expert_method in ("eep", "uncurl") or recipe.merge_max_clusters > 0):

@@ -58,6 +58,15 @@ def plan_expert_counts(model: nn.Module, recipe: StunRecipe) -> tuple[int, dict[
     total = sum(layer.num_experts for layer in layers)
     if recipe.auto_split:
         return total, None, min_keep
+    if recipe.layer_budget == "error_curve":  # counts per layer chosen later (stun_lightning.split.choose_budgets)
+        step = n_group if n_group and n_group > 1 else 1
+        keep_total = total - int(round(total * recipe.expert_sparsity / step)) * step
+        if keep_total < sum(min_keep.values()):
+            raise InfeasiblePruningError(
+                f"expert_sparsity={recipe.expert_sparsity} keeps {keep_total} experts in total, fewer than top-k in every layer "
+                f"({sum(min_keep.values())}); lower expert_sparsity"
+            )
+        return keep_total, None, min_keep
     keep_total = total - int(round(total * recipe.expert_sparsity))
     if recipe.layer_budget == "uniform" or (n_group and n_group > 1 and recipe.expert_sparsity > 0):
         per_layer = {layer.index: layer.num_experts - int(round(layer.num_experts * recipe.expert_sparsity)) for layer in layers}
@@ -80,7 +89,7 @@ def needs_calibration(recipe: StunRecipe) -> bool:
     """Whether the recipe's expert method needs a routing pass over calibration data."""
     if not recipe.removes_experts:
         return False
-    if recipe.auto_split or recipe.expert_merge != "none":
+    if recipe.auto_split or recipe.expert_merge != "none" or recipe.layer_budget == "error_curve":
         return True
     return bool(get_expert_method(recipe.expert_method).needs_for(recipe.method_kwargs()))
 
@@ -139,6 +148,11 @@ def run_selection(
         chosen = choose_split(model, recipe, calibration, min_keep=min_keep, device=device, progress=progress)
         mass, n = _merge_mass(model, recipe, calibration, None, device, progress)
         return ExpertSelection(chosen.keep, chosen.layer_passes + n, chosen.to_dict(), mass)
+    budget, budget_passes = None, 0
+    if per_layer is None and recipe.layer_budget == "error_curve":
+        from .split import choose_budgets
+
+        per_layer, budget, budget_passes = choose_budgets(model, recipe, calibration, keep_total=keep_total, min_keep=min_keep, device=device, progress=progress)
     method = get_expert_method(recipe.expert_method)
     if per_layer is None and not method.supports_global:
         raise ValueError(f"method {recipe.expert_method!r} needs layer_budget='uniform'")
@@ -161,7 +175,7 @@ def run_selection(
     if (per_layer is not None and got != per_layer) or sum(got.values()) != keep_total:
         raise RuntimeError(f"expert method {recipe.expert_method!r} kept {got}, expected {per_layer or keep_total} in total")
     mass, n = _merge_mass(model, recipe, calibration, stats, device, progress)
-    return ExpertSelection(keep, passes + ctx.layer_passes + n, merge_mass=mass)
+    return ExpertSelection(keep, budget_passes + passes + ctx.layer_passes + n, split=budget, merge_mass=mass)
 
 
 def _merge_mass(model, recipe, calibration, stats, device, progress) -> tuple[dict[int, torch.Tensor] | None, int]:

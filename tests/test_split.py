@@ -128,3 +128,52 @@ def test_callback_and_prune_choose_the_same_split():
     assert report.removed_experts and stun.report.experts_after == report.experts_after
     assert stun.layer_targets == pytest.approx(report.layer_target_sparsity)
     assert stun.report.expert_param_sparsity == pytest.approx(report.expert_param_sparsity)
+
+
+# ---------------------------------------------------------------- layer_budget="error_curve"
+
+from stun_lightning.split import allocate_removals  # noqa: E402
+
+
+def test_allocation_meets_the_count_exactly_and_puts_removals_where_they_cost_least():
+    cheap, dear = {0: 0.1, 2: 0.15, 4: 0.3}, {0: 0.1, 2: 0.5, 4: 0.9}
+    assert allocate_removals({0: cheap, 1: dear}, 4) == {0: 4, 1: 0}
+    assert allocate_removals({0: dear, 1: cheap}, 3) == {0: 0, 1: 3}  # interpolated between measured counts
+    assert allocate_removals({0: cheap, 1: dear}, 6) == {0: 4, 1: 2}
+    assert allocate_removals({0: cheap, 1: dear}, 4, step=2) == {0: 4, 1: 0}
+    with pytest.raises(ValueError, match="at most 8 removals"):
+        allocate_removals({0: cheap, 1: dear}, 10)
+
+
+def test_error_curve_budget_takes_experts_from_the_layer_with_duplicates():
+    model = build_tiny_model("mixtral", seed=0, num_experts_per_tok=1)
+    first = moe_layers(model)[0]
+    with torch.no_grad():  # experts 1 and 4 of layer 0 only copy experts 0 and 3
+        for copy_, source in DUPLICATES.items():
+            for _, p in first.expert_parameters():
+                p[copy_] = p[source]
+            first.router_weight[copy_] = first.router_weight[source]
+    ids = random_ids(model, n=8, length=32)
+    recipe = StunRecipe(expert_sparsity=0.125, layer_budget="error_curve", expert_method="stun", batch_size=4)
+    report = prune(model, recipe, calibration=ids, progress=False)
+    assert report.expert_split["removed"] == {0: 2, 1: 0}
+    assert sorted(report.removed_experts) == [0] and len(report.removed_experts[0]) == 2
+    uniform = prune(build_tiny_model("mixtral", seed=0, num_experts_per_tok=1), StunRecipe(expert_sparsity=0.125, layer_budget="uniform"), calibration=ids, progress=False)
+    assert uniform.experts_after == {0: 7, 1: 7}
+
+
+@pytest.mark.parametrize("family, top_k", [("deepseek_v3", None), ("mixtral", 6)])
+def test_error_curve_budgets_respect_top_k_and_expert_groups(family, top_k):
+    model = build_tiny_model(family, seed=1, **({"num_experts_per_tok": top_k} if top_k else {}))
+    ids = random_ids(model, n=8, length=32)
+    before = {layer.index: layer.num_experts for layer in moe_layers(model)}
+    report = prune(model, StunRecipe(expert_sparsity=0.25, layer_budget="error_curve", expert_method="frequency", batch_size=4), calibration=ids, progress=False)
+    n_group = getattr(model.config, "n_group", 1) or 1
+    assert sum(before.values()) - sum(report.experts_after.values()) == round(sum(before.values()) * 0.25)
+    for layer in moe_layers(model):
+        assert layer.num_experts >= layer.top_k and layer.num_experts % n_group == 0
+        if n_group > 1:
+            assert layer.num_experts // n_group >= 2  # the group score sums two experts
+    if n_group > 1:
+        assert len(set(report.experts_after.values())) > 1  # not uniform: the curves chose
+    model(ids[:1])  # the pruned model runs
