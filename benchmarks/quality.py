@@ -29,12 +29,17 @@ One table per model (markdown + CSV), the dense model in the same run. Rows:
   perplexity before and after and the share of the gap to dense recovered; a CE-only fine-tune of
   the same steps (no teacher) as a control.
 
+* issue 22 (``--only auto``): at 50 / 70 / 80% total, Wanda and OWL+Wanda alone, STUN's recipe (25%
+  of the experts + OWL+Wanda), frequency 25% with the uniform and the ``error_curve`` layer budget and
+  with ``router_weighted`` merging, and ``expert_sparsity="auto"`` (frequency and REAP removal
+  orders; Wanda and OWL+Wanda inside the survivors), summarised in one table per model.
+
 Under each model's main table: the dense model's mean pairwise cosine similarity of expert weights, per layer
 and averaged over layers (``stun_lightning.methods.stun.expert_weight_cosine``): STUN merges experts
 whose router rows are close, which is safe where experts are near-copies (upcycled, high cosine)
 and not where they are unrelated (trained from scratch, near 0). ``--cosine-only`` prints just that.
 
-``--only`` runs a subset of these families (``base``, ``methods``, ``task``, ``distill``; the dense row
+``--only`` runs a subset of these families (``base``, ``methods``, ``task``, ``distill``, ``auto``; the dense row
 always runs).
 
 Perplexity is measured on disjoint windows of 256 tokens (as ``stun_lightning.evaluate``) of the

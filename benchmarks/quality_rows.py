@@ -18,7 +18,9 @@ TASK_FRACTION = 0.5
 NAEE_TOKENS = 4096
 EEP_EVALUATIONS, EEP_INIT, EEP_PRUNE_EVALUATIONS, EEP_FITNESS_WINDOWS = 40, 10, 20, 8
 DISTILL_TOTALS = (0.5, 0.7)
-FAMILIES = ("base", "methods", "task", "distill")
+FAMILIES = ("base", "methods", "task", "distill", "auto")
+AUTO_TOTALS = (0.5, 0.7, 0.8)
+AUTO_EXPERTS = 0.25  # the expert fraction of the fixed-split rows beside auto
 UNSTRUCTURED = {  # label -> recipe fields of the unstructured phase
     "magnitude": dict(metric="magnitude"),
     "wanda": dict(metric="wanda"),
@@ -98,6 +100,25 @@ def distill_rows(stun_experts: float) -> list[Row]:
     return rows
 
 
+def auto_rows() -> list[Row]:
+    """Issue 22: the split chosen per layer (``expert_sparsity="auto"``), error-curve budgets and
+    expert merging, beside unstructured-only and STUN's recipe, at each of AUTO_TOTALS."""
+    owl = UNSTRUCTURED["owl+wanda"]
+    fixed = dict(expert_sparsity=AUTO_EXPERTS, expert_method="frequency")
+    variants = {
+        "wanda only": dict(expert_sparsity=0.0, **UNSTRUCTURED["wanda"]),
+        "owl+wanda only": dict(expert_sparsity=0.0, **owl),
+        f"STUN {AUTO_EXPERTS:.0%} experts + owl+wanda": dict(expert_sparsity=AUTO_EXPERTS, **owl),
+        f"frequency {AUTO_EXPERTS:.0%} uniform + owl+wanda": dict(**fixed, layer_budget="uniform", **owl),
+        f"frequency {AUTO_EXPERTS:.0%} error_curve + owl+wanda": dict(**fixed, layer_budget="error_curve", **owl),
+        f"frequency {AUTO_EXPERTS:.0%} uniform + router_weighted merge + owl+wanda": dict(**fixed, layer_budget="uniform", expert_merge="router_weighted", **owl),
+        "auto (frequency) + wanda": dict(expert_sparsity="auto", expert_method="frequency", **UNSTRUCTURED["wanda"]),
+        "auto (frequency) + owl+wanda": dict(expert_sparsity="auto", expert_method="frequency", **owl),
+        "auto (reap) + owl+wanda": dict(expert_sparsity="auto", expert_method="reap", **owl),
+    }
+    return [Row(f"auto {total:.0%}", label, dict(total_sparsity=total, **fields)) for total in AUTO_TOTALS for label, fields in variants.items()]
+
+
 def build_rows(stun_experts: float, investigate: bool, families: tuple[str, ...] = FAMILIES) -> list[Row]:
     rows = [Row("dense", "dense", None)]
     if "base" in families:
@@ -108,6 +129,8 @@ def build_rows(stun_experts: float, investigate: bool, families: tuple[str, ...]
         rows += task_rows()
     if "distill" in families:
         rows += distill_rows(stun_experts)
+    if "auto" in families:
+        rows += auto_rows()
     return rows
 
 

@@ -9,7 +9,7 @@ import csv
 import math
 from pathlib import Path
 
-from benchmarks.quality_rows import EXPERT_METHODS, METHOD_FRACTIONS, METHODS_TOTAL, TASK_FRACTION, TASK_METHODS, TOTALS, Result
+from benchmarks.quality_rows import AUTO_TOTALS, EXPERT_METHODS, METHOD_FRACTIONS, METHODS_TOTAL, TASK_FRACTION, TASK_METHODS, TOTALS, Result
 
 
 def markdown(results: list[Result], title: str) -> str:
@@ -92,6 +92,29 @@ def distill_table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+def auto_table(results: list[Result]) -> str:
+    """Issue 22: mean perplexity of each recipe at each total of the ``auto`` rows (bold: best of the column)."""
+    groups = [f"auto {t:.0%}" for t in AUTO_TOTALS]
+    rows = [r for r in results if r.row.group in groups]
+    if not rows:
+        return ""
+    by = {(r.row.group, r.row.method): r for r in rows}
+    methods = list(dict.fromkeys(r.row.method for r in rows))
+    lines = ["| recipe | " + " | ".join(f"{g.split()[1]} total (experts per layer)" for g in groups) + " |", "|---|" + "---|" * len(groups)]
+    for method in methods:
+        cells = []
+        for g in groups:
+            r = by.get((g, method))
+            best = r is not None and r.mean_ppl == min(x.mean_ppl for k, x in by.items() if k[0] == g)
+            if r is None:
+                cells.append("-")
+                continue
+            value = f"**{r.mean_ppl:.2f}**" if best else f"{r.mean_ppl:.2f}"
+            cells.append(f"{value} ({r.experts_after})")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def cosine_text(cosines: dict[int, float]) -> str:
     """The dense model's mean pairwise cosine similarity of expert weights, per MoE layer and averaged over layers."""
     mean = sum(cosines.values()) / len(cosines)
@@ -111,6 +134,7 @@ def report_text(results: list[Result], title: str, stun_experts: float, cosines:
         (f"Every expert method, the same count per layer (mean perplexity; OWL+Wanda rows at {METHODS_TOTAL:.0%} total; bold: best of the column)", methods_table(results)),
         (f"Pruning for math: {TASK_FRACTION:.0%} of the experts, calibrated on math only vs the mixed calibration", task_table(results)),
         ("Expert-wise distillation with the masks held fixed", distill_table(results)),
+        ("The split chosen per layer (auto), error-curve budgets and merging (mean perplexity; bold: best of the column)", auto_table(results)),
     ):
         if table:
             text += f"\n{heading}:\n\n{table}\n"
