@@ -141,7 +141,7 @@ class PruneReport:
             rows.append((f"{label}: experts removed per layer", " ".join(str(removed[i]) for i in sorted(removed))))
             if "within" in self.expert_split:
                 within = self.expert_split["within"]
-                rows.append(("auto split: sparsity inside survivors", " ".join(f"{within[i]:.1%}" for i in sorted(within))))
+                rows.append(("auto split: survivor sparsity at the common target", " ".join(f"{within[i]:.1%}" for i in sorted(within))))
         if self.low_token_experts:
             rows.append(("experts with too few calibration tokens", json.dumps(self.low_token_experts)))
         return rows
