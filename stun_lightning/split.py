@@ -15,6 +15,12 @@ least error (ties: fewer removals), so every layer meets ``T`` and so does the t
 mask rounding; the unstructured phase gives each layer that ``s`` (``allocation_base="layer"``,
 which ``auto`` implies).
 
+``layer_budget="error_curve"`` (:func:`choose_budgets`) uses the same curves for a fixed
+``expert_sparsity``: survivors masked at the recipe's within-expert sparsity, the total removal
+count spread over layers (multiples of ``n_group``) to minimise the summed error, linear between
+measured counts, by an exact dynamic programme (:func:`allocate_removals`); STUN's ``global``
+threshold instead compares router distances across layers and can pile removals into one layer.
+
 Cost, independent of the expert count: one selection per candidate count (the method's own passes,
 e.g. one routing pass for ``frequency``), one streamed calibration pass for the statistics of the
 metric and the block inputs, and one block forward per candidate and calibration batch (at most

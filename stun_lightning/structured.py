@@ -61,10 +61,14 @@ def plan_expert_counts(model: nn.Module, recipe: StunRecipe) -> tuple[int, dict[
     if recipe.layer_budget == "error_curve":  # counts per layer chosen later (stun_lightning.split.choose_budgets)
         step = n_group if n_group and n_group > 1 else 1
         keep_total = total - int(round(total * recipe.expert_sparsity / step)) * step
-        if keep_total < sum(min_keep.values()):
+        from .split import candidate_removals, group_counts
+
+        groups = group_counts(model)
+        most = sum(max(candidate_removals(layer.num_experts, min_keep[layer.index], *groups, layer.top_k).values()) for layer in layers)
+        if total - keep_total > most:
             raise InfeasiblePruningError(
-                f"expert_sparsity={recipe.expert_sparsity} keeps {keep_total} experts in total, fewer than top-k in every layer "
-                f"({sum(min_keep.values())}); lower expert_sparsity"
+                f"layer_budget='error_curve' removes at most {most} experts (up to half of each layer's, top-k and expert groups "
+                f"kept), expert_sparsity={recipe.expert_sparsity} asks {total - keep_total}; lower expert_sparsity or use layer_budget='uniform'"
             )
         return keep_total, None, min_keep
     keep_total = total - int(round(total * recipe.expert_sparsity))

@@ -177,3 +177,11 @@ def test_error_curve_budgets_respect_top_k_and_expert_groups(family, top_k):
     if n_group > 1:
         assert len(set(report.experts_after.values())) > 1  # not uniform: the curves chose
     model(ids[:1])  # the pruned model runs
+
+
+def test_error_curve_budget_refuses_more_than_its_curves_cover_before_any_work():
+    from stun_lightning.surgery import InfeasiblePruningError
+
+    model = build_tiny_model("mixtral", seed=1)
+    with pytest.raises(InfeasiblePruningError, match="removes at most 8 experts"):
+        prune(model, StunRecipe(expert_sparsity=0.625, layer_budget="error_curve", expert_method="frequency"), calibration=None, progress=False)
