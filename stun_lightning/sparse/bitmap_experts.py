@@ -51,7 +51,11 @@ def grouped_dense(a: torch.Tensor, weight: torch.Tensor, sorted_ids: torch.Tenso
     blocks = torch.bincount(block_expert[block_expert >= 0].long(), minlength=num_experts)
     offs = (blocks.cumsum(0) * block_m).to(torch.int32)
     offs[-1] = rows.shape[0]
-    out = _grouped_mm(rows.to(weight.dtype), weight.transpose(1, 2), offs)
+    rows, b = rows.to(weight.dtype), weight.transpose(1, 2)
+    if (weight.shape[1] * weight.element_size()) % 16 or (weight.shape[2] * weight.element_size()) % 16:
+        out = torch.ops.transformers.grouped_mm_fallback(rows, b, offs=offs)  # grouped_mm needs 16-byte strides
+    else:
+        out = _grouped_mm(rows, b, offs)
     result = out.new_empty(n_pairs + 1, weight.shape[1])
     result[torch.where(valid, ids, n_pairs)] = out
     return result[:n_pairs]
