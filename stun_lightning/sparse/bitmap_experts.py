@@ -42,7 +42,7 @@ def is_mixed(experts: torch.nn.Module) -> bool:
 def grouped_dense(a: torch.Tensor, weight: torch.Tensor, sorted_ids: torch.Tensor, block_expert: torch.Tensor, rows_per_a: int, block_m: int) -> torch.Tensor:
     """``out[s] = a[s // rows_per_a] @ weight[expert(s)].T`` for the layout of :func:`.experts.align_pairs`
     (``weight`` ``[E, N, K]``), by transformers' ``grouped_mm``: rows in sorted order, each expert's
-    padded run one group (padding rows are zero; the unused tail joins the last group)."""
+    padded run one group (padding rows are zero; rows of the unused tail blocks are ignored and land on the sentinel)."""
     n_pairs = a.shape[0] * rows_per_a
     num_experts = weight.shape[0]
     ids = sorted_ids.long()
@@ -50,7 +50,6 @@ def grouped_dense(a: torch.Tensor, weight: torch.Tensor, sorted_ids: torch.Tenso
     rows = a[ids.clamp(max=n_pairs - 1) // rows_per_a] * valid.unsqueeze(-1).to(a.dtype)
     blocks = torch.bincount(block_expert[block_expert >= 0].long(), minlength=num_experts)
     offs = (blocks.cumsum(0) * block_m).to(torch.int32)
-    offs[-1] = rows.shape[0]
     rows, b = rows.to(weight.dtype), weight.transpose(1, 2)
     if (weight.shape[1] * weight.element_size()) % 16 or (weight.shape[2] * weight.element_size()) % 16:
         out = torch.ops.transformers.grouped_mm_fallback(rows, b, offs=offs)  # grouped_mm needs 16-byte strides
