@@ -78,7 +78,7 @@ def build(shape: str, variant: str, layers: int, seed: int, quick: bool = False)
 
     model = build_model((QUICK_SHAPES if quick else SHAPES)[shape], layers, vocab_of(shape, quick), device_of(quick), seed)
     if variant in UNSTRUCTURED:
-        from stun_lightning.masks import mask_from_scores
+        from stun_lightning.patterns import mask_from_scores
         from stun_lightning.metrics import weighted_magnitude
 
         sparsity = int(variant[1:3]) / 100

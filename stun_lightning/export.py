@@ -46,8 +46,11 @@ def _any_sparse(model: nn.Module) -> bool:
     return any(is_sparse24(experts) or is_mixed(experts) for _, experts, _ in expert_modules(model))
 
 
-def export(model: nn.Module, out: str | os.PathLike, format: str = "hf", *, tokenizer=None, overwrite: bool = False, max_cache_len: int = 256, batch_size: int = 1) -> Path:
+def export(model: nn.Module, out: str | os.PathLike, format: str = "hf", *, tokenizer=None, overwrite: bool = False, max_cache_len: int = 256, batch_size: int = 1, extra_files: dict[str, str] | None = None) -> Path:
     """Write ``model`` to directory ``out`` in ``format`` (``"hf"``, ``"sparse"`` or ``"aoti"``).
+
+    ``extra_files``: text files written beside (``export_directory`` carries the source's pruning
+    report, recipe and eval results, so the export's model card states them).
 
     ``max_cache_len`` / ``batch_size`` size the static KV cache of the ``"aoti"`` decode step.
     Raises :class:`~stun_lightning.sparse.Not24SparseError` (naming the layer) when ``"aoti"`` meets
@@ -58,10 +61,10 @@ def export(model: nn.Module, out: str | os.PathLike, format: str = "hf", *, toke
     out = _check_out(out, overwrite)
     if format == "hf":
         if not _any_sparse(model):
-            return save_pruned(model, out, tokenizer=tokenizer, overwrite=overwrite)
+            return save_pruned(model, out, tokenizer=tokenizer, overwrite=overwrite, extra_files=extra_files)
         densify(model)
         try:
-            return save_pruned(model, out, tokenizer=tokenizer, overwrite=overwrite)
+            return save_pruned(model, out, tokenizer=tokenizer, overwrite=overwrite, extra_files=extra_files)
         finally:
             sparsify(model)
     was_dense = not is_sparsified(model)
@@ -71,14 +74,14 @@ def export(model: nn.Module, out: str | os.PathLike, format: str = "hf", *, toke
     sparsify(model, SparsifyConfig(formats=("2:4",)) if format == "aoti" else None)
     try:
         if format == "sparse":
-            return save_sparse(model, out, tokenizer=tokenizer, overwrite=overwrite)
-        return _export_aoti(model, out, tokenizer=tokenizer, overwrite=overwrite, max_cache_len=max_cache_len, batch_size=batch_size)
+            return save_sparse(model, out, tokenizer=tokenizer, overwrite=overwrite, extra_files=extra_files)
+        return _export_aoti(model, out, tokenizer=tokenizer, overwrite=overwrite, max_cache_len=max_cache_len, batch_size=batch_size, extra_files=extra_files)
     finally:
         if was_dense:
             densify(model)
 
 
-def _export_aoti(model: nn.Module, out: Path, *, tokenizer, overwrite: bool, max_cache_len: int, batch_size: int) -> Path:
+def _export_aoti(model: nn.Module, out: Path, *, tokenizer, overwrite: bool, max_cache_len: int, batch_size: int, extra_files: dict[str, str] | None = None) -> Path:
     from transformers.integrations.executorch import TorchExportableModuleForDecoderOnlyLM
 
     device = next(model.parameters()).device
@@ -103,7 +106,7 @@ def _export_aoti(model: nn.Module, out: Path, *, tokenizer, overwrite: bool, max
             config.head_dim = None
         elif missing_head_dim:
             del config.head_dim
-    with atomic_output(out, overwrite, tokenizer) as tmp:
+    with atomic_output(out, overwrite, tokenizer, extra_files) as tmp:
         torch._inductor.aoti_compile_and_package(program, package_path=str(tmp / AOTI_PACKAGE))
         model.config.save_pretrained(tmp)
         manifest = {
@@ -179,4 +182,7 @@ def export_directory(model_dir: str | os.PathLike, out: str | os.PathLike, forma
         tokenizer = load_tokenizer(str(model_dir))
     if device is not None:
         model.to(device)
-    return export(model, out, format, tokenizer=tokenizer, overwrite=overwrite, max_cache_len=max_cache_len)
+    from .model_card import PROVENANCE
+
+    carried = {name: (model_dir / name).read_text() for name in PROVENANCE if (model_dir / name).exists()}
+    return export(model, out, format, tokenizer=tokenizer, overwrite=overwrite, max_cache_len=max_cache_len, extra_files=carried)

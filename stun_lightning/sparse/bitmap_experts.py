@@ -24,7 +24,7 @@ import torch
 from transformers.integrations.moe import ExpertsInterface, _grouped_mm
 
 from .bitmap import decompress_bitmap
-from .experts import MATRICES, _finish, _opaque_op, pairs_layout, route_pairs, sparse24_experts_mm
+from .experts import EXPERT_MATRICES, _finish, _opaque_op, pairs_layout, route_pairs, sparse24_experts_mm
 
 #: the name to put in ``config._experts_implementation``
 IMPLEMENTATION = "stun_bitmap"
@@ -146,4 +146,4 @@ def bitmap_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch
 
 ExpertsInterface.register(IMPLEMENTATION, bitmap_experts_forward)
 
-__all__ = ["BITMAP", "DENSE", "IMPLEMENTATION", "MATRICES", "SPARSE24", "bitmap_experts_forward", "is_mixed"]
+__all__ = ["BITMAP", "DENSE", "IMPLEMENTATION", "EXPERT_MATRICES", "SPARSE24", "bitmap_experts_forward", "is_mixed"]

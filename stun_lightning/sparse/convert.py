@@ -32,7 +32,7 @@ from ..surgery import sync_config
 from . import bitmap_experts
 from .bitmap import BITMAP, compress_bitmap, decompress_bitmap, estimated_bitmap_nbytes
 from .bitmap_experts import DENSE, SPARSE24, is_mixed
-from .experts import IMPLEMENTATION, MATRICES, is_sparse24
+from .experts import IMPLEMENTATION, EXPERT_MATRICES, is_sparse24
 from .format import check_24, compress_24, decompress_24, violations_24
 
 logger = logging.getLogger("stun_lightning.sparse")
@@ -61,7 +61,7 @@ def _dense_view(name: str):
 @lru_cache(maxsize=None)
 def sparse_class(dense_class: type) -> type:
     """The compressed counterpart of a transformers experts class (a cached subclass)."""
-    attrs = {name: _dense_view(name) for name in MATRICES}
+    attrs = {name: _dense_view(name) for name in EXPERT_MATRICES}
     attrs.update(_stun_sparse24=True, _stun_dense_class=dense_class, __module__=dense_class.__module__)
     return type(f"Sparse24{dense_class.__name__}", (dense_class,), attrs)
 
@@ -79,7 +79,7 @@ def own_buffers_(experts: nn.Module) -> nn.Module:
     is established (sparsify, load), so the compiled forward need not look at storage offsets, and
     a misaligned view is not copied on every call by the kernels' launchers."""
     for key, t in list(experts._buffers.items()):
-        if t is not None and key.startswith(MATRICES) and (not t.is_contiguous() or t.storage_offset() != 0):
+        if t is not None and key.startswith(EXPERT_MATRICES) and (not t.is_contiguous() or t.storage_offset() != 0):
             experts._buffers[key] = t.contiguous().clone()
     return experts
 
@@ -88,8 +88,8 @@ def compress_experts_(experts: nn.Module, label: str = "experts") -> nn.Module:
     """Replace one experts module's fused weights by their 2:4 compressed form, in place."""
     if is_sparse24(experts):
         return experts
-    packed = {name: compress_24(_matrix(experts, name), f"{label} {name}") for name in MATRICES}
-    for name in MATRICES:
+    packed = {name: compress_24(_matrix(experts, name), f"{label} {name}") for name in EXPERT_MATRICES}
+    for name in EXPERT_MATRICES:
         delattr(experts, name)
     experts.__class__ = sparse_class(type(experts))
     for name, (values, meta) in packed.items():
@@ -100,10 +100,10 @@ def compress_experts_(experts: nn.Module, label: str = "experts") -> nn.Module:
 
 def empty_sparse_experts_(experts: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     """Give a dense experts module compressed buffers of the right shapes, uninitialised (for loading)."""
-    shapes = {name: _matrix(experts, name).shape for name in MATRICES}
+    shapes = {name: _matrix(experts, name).shape for name in EXPERT_MATRICES}
     device = experts.gate_up_proj.device
     dtype = dtype or experts.gate_up_proj.dtype
-    for name in MATRICES:
+    for name in EXPERT_MATRICES:
         delattr(experts, name)
     experts.__class__ = sparse_class(type(experts))
     for name, (e, out, inp) in shapes.items():
@@ -116,8 +116,8 @@ def decompress_experts_(experts: nn.Module) -> nn.Module:
     """Inverse of :func:`compress_experts_`: dense parameters back, exactly."""
     if not is_sparse24(experts):
         return experts
-    dense = {name: getattr(experts, name).contiguous() for name in MATRICES}
-    for name in MATRICES:
+    dense = {name: getattr(experts, name).contiguous() for name in EXPERT_MATRICES}
+    for name in EXPERT_MATRICES:
         delattr(experts, f"{name}_values")
         delattr(experts, f"{name}_meta")
     experts.__class__ = type(experts)._stun_dense_class
@@ -189,7 +189,7 @@ def _mixed_view(name: str):
 @lru_cache(maxsize=None)
 def mixed_class(dense_class: type) -> type:
     """The ``stun_bitmap`` counterpart of a transformers experts class (a cached subclass)."""
-    attrs = {name: _mixed_view(name) for name in MATRICES}
+    attrs = {name: _mixed_view(name) for name in EXPERT_MATRICES}
     attrs.update(_stun_mixed=True, _stun_dense_class=dense_class, __module__=dense_class.__module__)
     return type(f"Bitmap{dense_class.__name__}", (dense_class,), attrs)
 
@@ -210,7 +210,7 @@ def compress_mixed_(experts: nn.Module, formats: dict[str, str]) -> nn.Module:
     """Store each matrix of one experts module in ``formats[name]``, in place (for ``stun_bitmap``)."""
     if is_mixed(experts):
         return experts
-    weights = {name: _matrix(experts, name) for name in MATRICES}
+    weights = {name: _matrix(experts, name) for name in EXPERT_MATRICES}
     packed = {}
     for name, w in weights.items():
         if formats[name] == BITMAP:
@@ -231,14 +231,14 @@ def compress_mixed_(experts: nn.Module, formats: dict[str, str]) -> nn.Module:
 
 def empty_mixed_experts_(experts: nn.Module, formats: dict[str, str], shapes: dict[str, tuple[int, ...]], dtypes: dict[str, torch.dtype]) -> nn.Module:
     """Give a dense experts module ``stun_bitmap`` buffers of the saved ``shapes``, uninitialised (for loading)."""
-    weights = {name: _matrix(experts, name) for name in MATRICES}
+    weights = {name: _matrix(experts, name) for name in EXPERT_MATRICES}
     device = experts.gate_up_proj.device
     in_features = {name: w.shape[-1] for name, w in weights.items()}
-    for name in MATRICES:
+    for name in EXPERT_MATRICES:
         if formats[name] != DENSE:
             delattr(experts, name)
     _set_mixed_attrs(experts, formats, in_features, weights["gate_up_proj"].shape[0], dtypes.get("dtype", weights["gate_up_proj"].dtype))
-    for name in MATRICES:
+    for name in EXPERT_MATRICES:
         for part in _parts(formats[name]):
             key = f"{name}_{part}"
             experts.register_buffer(key, torch.empty(shapes[key], dtype=dtypes[key], device=device))
@@ -249,7 +249,7 @@ def decompress_mixed_(experts: nn.Module) -> nn.Module:
     """Inverse of :func:`compress_mixed_`: dense parameters back, exactly."""
     if not is_mixed(experts):
         return experts
-    dense = {name: getattr(experts, name).contiguous() for name in MATRICES if name not in experts._parameters}
+    dense = {name: getattr(experts, name).contiguous() for name in EXPERT_MATRICES if name not in experts._parameters}
     for name in dense:
         for part in _parts(experts._stun_formats[name]):
             delattr(experts, f"{name}_{part}")
@@ -265,7 +265,7 @@ def module_formats(experts: nn.Module) -> dict[str, str]:
     """``{matrix: "2:4" | "bitmap" | "dense"}``: how one experts module stores its matrices now."""
     if is_mixed(experts):
         return dict(experts._stun_formats)
-    return {name: SPARSE24 if is_sparse24(experts) else DENSE for name in MATRICES}
+    return {name: SPARSE24 if is_sparse24(experts) else DENSE for name in EXPERT_MATRICES}
 
 
 def sparse_formats(model: nn.Module) -> dict[int, dict[str, str]]:
@@ -289,7 +289,7 @@ def plan_formats(model: nn.Module, config: SparsifyConfig | None = None) -> dict
             if is_sparse24(experts) or is_mixed(experts):
                 plan[index] = module_formats(experts)
             else:
-                plan[index] = {name: choose_format(_matrix(experts, name), config, f"layer {index} {name}") for name in MATRICES}
+                plan[index] = {name: choose_format(_matrix(experts, name), config, f"layer {index} {name}") for name in EXPERT_MATRICES}
     return plan
 
 
@@ -362,7 +362,7 @@ def sparse_nbytes(model: nn.Module) -> dict[str, int]:
     """Bytes of the routed experts' weights as stored now, and as dense storage would hold them."""
     stored = dense = 0
     for _, experts, _ in expert_modules(model):
-        for name in MATRICES:
+        for name in EXPERT_MATRICES:
             if name in experts._parameters:
                 w = experts._parameters[name]
                 stored += w.numel() * w.element_size()
