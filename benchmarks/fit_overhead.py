@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from benchmarks.step_timer import StepTimer
 from stun_lightning.callbacks import SparsitySchedule, StunCallback, StunDistillModule
-from stun_lightning.mask_state import apply_masks
+from stun_lightning.expert_masks import apply_masks
 from stun_lightning.recipe import StunRecipe
 from stun_lightning.unstructured import compute_masks
 from stun_lightning.structured import apply_expert_sets, select_experts

@@ -7,7 +7,7 @@
 Shapes: Mixtral-8x7B (hidden 4096, FFN 14336, 8 experts, top-2) and Qwen3-30B-A3B (hidden 2048,
 expert FFN 768, 128 experts, top-8), as transformers ``MixtralForCausalLM`` / ``Qwen3MoeForCausalLM``
 with the real layer shapes, ``--layers`` decoder layers (default 2) and a small vocabulary; random
-bf16 weights, every expert matrix masked 2:4 by magnitude (``stun_lightning.masks``). Variants, each
+bf16 weights, every expert matrix masked 2:4 by magnitude (``stun_lightning.patterns``). Variants, each
 built from that masked model with the core's functions:
 
 * ``dense``: transformers' ``grouped_mm`` experts (the baseline);

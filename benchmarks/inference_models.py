@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from stun_lightning import keep_experts, moe_layers
 from stun_lightning.adapters import decoder_layers
-from stun_lightning.masks import mask_from_scores
+from stun_lightning.patterns import mask_from_scores
 from stun_lightning.metrics import weighted_magnitude
 from stun_lightning.sparse import sparsify
 from stun_lightning.sparse.convert import expert_modules

@@ -72,7 +72,7 @@ from stun_lightning.adapters import moe_layers
 from stun_lightning.data import calibration_blocks, calibration_path, heldout_path, read_texts, token_stream
 from stun_lightning.distill import kept_from_removed
 from stun_lightning.evaluate import sliding_windows
-from stun_lightning.mask_state import MATRICES, ExpertMasks, apply_masks, mask_gradients, measured_sparsity
+from stun_lightning.expert_masks import EXPERT_MATRICES, ExpertMasks, apply_masks, mask_gradients, measured_sparsity
 from stun_lightning.methods.stun import expert_weight_cosine
 from stun_lightning.reference import load_reference_model
 from stun_lightning.tiny import load_tokenizer
@@ -146,7 +146,7 @@ def masks_from_zeros(model) -> ExpertMasks:
     """Keep-masks of a pruned model: every expert weight that is not exactly zero."""
     masks = ExpertMasks()
     for layer in moe_layers(model):
-        for name in MATRICES:
+        for name in EXPERT_MATRICES:
             weight = getattr(layer.experts, name).detach()
             masks.set(layer.index, name, (weight.transpose(1, 2) if layer.adapter.transposed else weight) != 0)
     return masks
@@ -159,7 +159,7 @@ def distill(dense, student, report, args, teacher: bool) -> dict:
     step, MoE-Pruner) from a frozen copy of the dense model, survivors matched to their originals
     with the report's removed experts; teacher=False: the same fit with CE only (the control).
     The masks are the student's zeros after pruning: gradients are masked before every optimizer
-    step and weights re-zeroed after it (``stun_lightning.mask_state``), so sparsity cannot change.
+    step and weights re-zeroed after it (``stun_lightning.expert_masks``), so sparsity cannot change.
     """
     from lightning.pytorch import Callback, Trainer, seed_everything
 
@@ -238,7 +238,7 @@ def run_row(dense, row: Row, calibrations: dict[str, torch.Tensor], heldout, arg
     after = " / ".join(" ".join(map(str, c)) for c in counts) if removed else "all"
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     return Result(
-        row, ppl, mean(accs), removed, mean([rep.expert_sparsity for rep in reports]), mean([rep.within_expert_sparsity for rep in reports]),
+        row, ppl, mean(accs), removed, mean([rep.expert_param_sparsity for rep in reports]), mean([rep.within_expert_sparsity for rep in reports]),
         after, time.perf_counter() - start, extra,
     )
 

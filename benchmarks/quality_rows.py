@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 TOTALS = (0.4, 0.5, 0.6, 0.7, 0.8)
 EXPERT_FRACTIONS = (0.125, 0.25, 0.5)
 RANDOM_SEEDS = (0, 1, 2)
-EXPERT_METHODS = ("stun", "frequency", "random", "reap", "naee", "eep", "uncurl")
+EXPERT_METHODS = ("stun", "frequency", "random", "reap", "ean", "naee", "eep", "uncurl")
 METHOD_FRACTIONS = (0.25, 0.5)
 METHODS_TOTAL = 0.7  # the fixed total of the "+ owl+wanda" method rows
 TASK_METHODS = ("stun", "reap", "uncurl", "frequency")

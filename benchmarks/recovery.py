@@ -29,7 +29,7 @@ from benchmarks.quality import evaluate, heldout_ids, load_model, masks_from_zer
 from stun_lightning import StunRecipe, prune
 from stun_lightning.data import calibration_blocks
 from stun_lightning.distill import RECOVERY_LOSSES, kept_from_removed
-from stun_lightning.mask_state import apply_masks, mask_gradients, measured_sparsity
+from stun_lightning.expert_masks import apply_masks, mask_gradients, measured_sparsity
 from stun_lightning.tiny import load_tokenizer
 
 RECIPES = {
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
         report = prune(pruned, StunRecipe(**RECIPES[name], low_token_rule="magnitude", calibration_samples=len(calibration), calibration_seq_len=256),
                        calibration=calibration, device=args.device, progress=False)
         before, _ = evaluate(pruned, heldout, 256, 8, args.device)
-        sparsity = report.expert_sparsity
+        sparsity = report.expert_param_sparsity
         for loss in losses:
             student = copy.deepcopy(pruned)
             stats = fit(dense, student, report, loss, args)

@@ -145,7 +145,7 @@ def main(argv=None) -> int:
                         label = f"BM{block_m} " + " ".join(f"{key}={v}" for key, v in config.kwargs.items()) + f" w{config.num_warps} s{config.num_stages}"
                     try:
                         if kind == "mma":
-                            fn = lambda: cuda_mma.grouped_mm(a, values, meta, ids_c, be_c, rows_per_a, **config)  # noqa: E731
+                            fn = lambda: cuda_mma.mma_sp_grouped_mm(a, values, meta, ids_c, be_c, rows_per_a, **config)  # noqa: E731
                         elif kind == "tile":
                             fn = lambda: cuda_mma.tile_grouped_mm(a, values, meta, ids_c, be_c, rows_per_a, **config)  # noqa: E731
                         elif kind == "wgmma":

@@ -23,7 +23,7 @@ from stun_lightning.sharding import gather_state_dict, is_sharded
 def log_report(trainer: Trainer, report: PruneReport) -> None:
     """Log the report's figures to every logger, and write it as JSON and Markdown next to the logs."""
     metrics = {
-        "stun/expert_sparsity": report.expert_sparsity,
+        "stun/expert_param_sparsity": report.expert_param_sparsity,
         "stun/within_expert_sparsity": report.within_expert_sparsity,
         "stun/model_sparsity": report.model_sparsity,
         "stun/experts_removed": float(sum(len(v) for v in report.removed_experts.values())),

@@ -2,7 +2,7 @@
 
 An update reads the activation statistics of the training batches just before it (the
 ``stats_steps`` window of :class:`stun_lightning.activation_stats.ActivationStats`), sums them
-across ranks, and recomputes the masks at the schedule's sparsity (``stun_lightning.mask_state``).
+across ranks, and recomputes the masks at the schedule's sparsity (``stun_lightning.expert_masks``).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from stun_lightning.activation_stats import ActivationStats, reduce_stats
-from stun_lightning.mask_state import ExpertMasks
-from stun_lightning.masks import parse_pattern
+from stun_lightning.expert_masks import ExpertMasks
+from stun_lightning.patterns import parse_pattern
 from stun_lightning.recipe import StunRecipe
 from stun_lightning.report import ModelCensus
 from stun_lightning.schedule import SparsitySchedule

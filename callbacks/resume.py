@@ -30,7 +30,7 @@ import torch
 from lightning.pytorch import LightningModule
 from torch import nn
 
-from stun_lightning.mask_state import ExpertMasks
+from stun_lightning.expert_masks import ExpertMasks
 from stun_lightning.schedule import SparsitySchedule
 from stun_lightning.structured import apply_expert_sets, resize_experts
 from stun_lightning.surgery import apply_top_k, sync_config

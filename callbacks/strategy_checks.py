@@ -11,7 +11,7 @@ and sums mask statistics over ranks, so every rank holds the same expert sets an
 FSDP2 the structured phase runs in ``setup``, on every rank's whole model, before the module's
 ``configure_model`` shards it; masks are computed from each layer's gathered weights and enforced
 on each rank's own shard of the weights, gradients and optimizer state (``stun_lightning.sharding``,
-``.mask_state``); checkpoints during the fit are sharded (a directory, one file per rank), and the
+``.expert_masks``); checkpoints during the fit are sharded (a directory, one file per rank), and the
 final ``save_dir`` is one consolidated directory written by rank 0.
 
 Resuming a sharded checkpoint: the model is sharded before the strategy reads the checkpoint, so

@@ -30,7 +30,7 @@ def calibration_for(recipe: StunRecipe, calibration: torch.Tensor | None, datamo
     return calibration
 
 
-def remove_experts(
+def select_and_remove_experts(
     model: nn.Module, recipe: StunRecipe, calibration: torch.Tensor | None, device: torch.device
 ) -> tuple[dict[int, list[int]], dict[int, list[int]], dict[int, int]]:
     """Select and remove experts in place; (kept experts, removed experts, top-k) per MoE layer."""

@@ -2,7 +2,7 @@
 mask weights inside the survivors progressively while the model trains.
 
 Hooks only decide *when*; the work is done by the framework-free core (``stun_lightning.structured``,
-``.mask_state``, ``.schedule``, ``.activation_stats``), each tested without a Trainer, through
+``.expert_masks``, ``.schedule``, ``.activation_stats``), each tested without a Trainer, through
 ``callbacks/structured_phase.py`` (expert removal) and ``callbacks/mask_updates.py`` (one mask update).
 
 When, in Lightning's order of a fit:
@@ -43,8 +43,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from stun_lightning.activation_stats import ActivationStats
-from stun_lightning.mask_state import ExpertMasks, apply_masks, mask_gradients, mask_optimizer_state, measured_sparsity
-from stun_lightning.masks import InvalidSparsityError
+from stun_lightning.expert_masks import ExpertMasks, apply_masks, mask_gradients, mask_optimizer_state, measured_sparsity
+from stun_lightning.patterns import InvalidSparsityError
 from stun_lightning.metrics import get_metric
 from stun_lightning.recipe import StunRecipe
 from stun_lightning.report import ModelCensus, PruneReport
@@ -62,7 +62,7 @@ from .resume import (
     restore_state,
 )
 from .strategy_checks import check_strategy
-from .structured_phase import calibration_for, remove_experts
+from .structured_phase import calibration_for, select_and_remove_experts
 
 
 class StunCallback(Callback):
@@ -209,7 +209,7 @@ class StunCallback(Callback):
     def _structured_phase(self, trainer: Trainer, model: nn.Module) -> None:
         start = time.perf_counter()
         calibration = calibration_for(self.recipe, self.calibration, trainer.datamodule)
-        self.kept_experts, self.removed_experts, self.top_k = remove_experts(model, self.recipe, calibration, trainer.strategy.root_device)
+        self.kept_experts, self.removed_experts, self.top_k = select_and_remove_experts(model, self.recipe, calibration, trainer.strategy.root_device)
         self._seconds["structured"] = time.perf_counter() - start
         n = sum(len(v) for v in self.removed_experts.values())
         rank_zero_info(f"StunCallback: removed {n} experts before training: {self.removed_experts}")

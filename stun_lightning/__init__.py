@@ -7,6 +7,7 @@
 from .adapters import MoEAdapter, UnsupportedModelError, get_adapter, moe_layers, register_adapter, supported_model_types
 from .calibration import CalibrationStats, LayerStats, calibrate
 from .prune import prune
+from .stream import prune_streaming
 from .recipe import StunRecipe
 from .report import PruneReport
 from .serialization import IncompleteCheckpointError, load_pruned, save_pruned
@@ -43,6 +44,7 @@ __all__ = [
     "load_pruned",
     "moe_layers",
     "prune",
+    "prune_streaming",
     "register_adapter",
     "remove_experts",
     "save_pruned",

@@ -153,6 +153,10 @@ def get_adapter(model_or_config) -> MoEAdapter:
     return _REGISTRY[model_type]
 
 
+#: the fused expert matrices of every MoE block, ``[E, out, in]`` orientation (biases aside)
+EXPERT_MATRICES = ("gate_up_proj", "down_proj")
+
+
 @dataclass
 class MoELayer:
     """One decoder layer's MoE block, seen through its family's adapter."""

@@ -21,7 +21,7 @@ respected):
   decoder layer (attention, shared experts, dense MLPs), for Wanda on the dense part.
 
 Experts that receive fewer than ``min_tokens`` tokens are listed in ``LayerStats.low_token_experts``;
-metric code decides what to do with them (see ``stun_lightning.masks``), norms are never NaN.
+metric code decides what to do with them (see ``stun_lightning.patterns``), norms are never NaN.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ class LayerStats:
     coactivation: torch.Tensor | None = field(default=None, metadata=_SUMMED)  # [E, E] tokens routed to both i and j (diag = counts)
     router_logit_sum: torch.Tensor | None = field(default=None, metadata=_SUMMED)  # [E]
     saliency_sum: torch.Tensor | None = field(default=None, metadata=_SUMMED)  # [E] sum over routed tokens of gate * ||expert output||_2
+    output_norm_sum: torch.Tensor | None = field(default=None, metadata=_SUMMED)  # [E] sum over routed tokens of ||expert output||_2 (EAN)
     input_sq: dict[str, torch.Tensor] = field(default_factory=dict, metadata=_SUMMED)  # "gate_up_proj" / "down_proj" -> [E, in]
     input_sq_gated: dict[str, torch.Tensor] = field(default_factory=dict, metadata=_SUMMED)
     block_inputs: list[torch.Tensor] = field(default_factory=list)
@@ -141,6 +142,29 @@ class CalibrationStats:
         return {i: s.low_token_experts(min_tokens) for i, s in self.layers.items() if s.low_token_experts(min_tokens)}
 
 
+#: where decoder layers' tensors come from while a pass visits them (None: they live in the model;
+#: ``stun_lightning.stream`` sets one that reads each layer from disk and writes it back out)
+LAYER_SOURCE: ContextVar = ContextVar("stun_layer_source", default=None)
+
+
+def enter_layer(i: int, layer: nn.Module, device: torch.device | None) -> None:
+    """Make decoder layer ``i`` ready to run on ``device`` (moved there, or read from disk)."""
+    source = LAYER_SOURCE.get()
+    if source is not None:
+        source.enter(i, layer, device)
+    elif device is not None:
+        layer.to(device)
+
+
+def leave_layer(i: int, layer: nn.Module, home: torch.device | None) -> None:
+    """Undo :func:`enter_layer` (move back home, or write out and free)."""
+    source = LAYER_SOURCE.get()
+    if source is not None:
+        source.leave(i, layer)
+    elif home is not None:
+        layer.to(home)
+
+
 class _Stop(Exception):
     pass
 
@@ -205,6 +229,7 @@ class _MoECollector:
         s.router_logit_sum = torch.zeros(E, dtype=torch.float64, device=dev)
         if SALIENCY in collect:
             s.saliency_sum = torch.zeros(E, dtype=torch.float64, device=dev)
+            s.output_norm_sum = torch.zeros(E, dtype=torch.float64, device=dev)
         if NORMS in collect:
             for name, w in layer.expert_matrices().items():
                 s.input_sq[name] = torch.zeros(E, w.shape[2], dtype=torch.float32, device=dev)
@@ -252,7 +277,9 @@ class _MoECollector:
             for e in torch.unique(index[valid]).tolist():
                 tok, pos = torch.where(index == e)
                 out = self.layer.adapter.expert_output(module, e, hidden[tok]).double()
-                s.saliency_sum[e] += (weights[tok, pos].double() * out.norm(dim=-1)).sum().to(s.saliency_sum.device)
+                norms = out.norm(dim=-1)
+                s.saliency_sum[e] += (weights[tok, pos].double() * norms).sum().to(s.saliency_sum.device)
+                s.output_norm_sum[e] += norms.sum().to(s.output_norm_sum.device)
         if NORMS not in self.collect:
             return
         x = hidden.float()
@@ -355,6 +382,11 @@ def calibrate(
     was_training = model.training
     model.eval()
     hidden, kwargs_per_layer = _capture_layer_inputs(model, batches, device)
+    source = LAYER_SOURCE.get()
+    first = 0
+    if source is not None and (resumed := source.begin_pass(desc)) is not None:
+        first, saved = resumed  # a restarted streaming run: layers before `first` are already done
+        hidden = [h.to(device) for h in saved]
     moe_by_index = {layer.index: layer for layer in moe_layers(model)}
     stats: dict[int, LayerStats] = {}
     passes = 0
@@ -362,8 +394,10 @@ def calibrate(
     bar = tqdm(range(len(layers)), desc=desc, disable=not progress, unit="layer")
     try:
         for i in bar:
+            if i < first:
+                continue
             layer = layers[i]
-            layer.to(device)
+            enter_layer(i, layer, device)
             moe = moe_by_index.get(i)
             collector = _MoECollector(moe, collect, keep_block_io) if moe is not None else None
             linear = _LinearCollector(layer) if LINEAR in collect else None
@@ -386,7 +420,9 @@ def calibrate(
             if on_layer is not None and on_layer(i, moe, layer_stats):
                 outputs = _run_layer(layer, hidden, kwargs_per_layer[i])
                 passes += 1
-            layer.to(home)
+            leave_layer(i, layer, home)
+            if source is not None:
+                source.layer_done(i, outputs)
             hidden = outputs
     finally:
         model.train(was_training)

@@ -3,6 +3,8 @@
     stun-lightning prune                                   # the embedded default, ~1 min on a CPU
     stun-lightning prune --model PATH_OR_HUB_ID --recipe configs/X.yaml --calib FILE --out DIR
     stun-lightning eval --model DIR --data FILE
+    stun-lightning eval --model DIR --tasks stun_gsm8k,stun_cloze [--baseline DENSE_DIR] [--limit N]
+    stun-lightning report DIR                            # PNGs + report.html of what pruning did
     stun-lightning export --model DIR --format hf|sparse|aoti --out DIR
     stun-lightning fit --config configs/fit_X.yaml       # Lightning fine-tune (stun_lightning.callbacks)
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -59,9 +62,16 @@ def build_parser() -> argparse.ArgumentParser:
         allowed = choices.get(name) or (["unstructured", "N:M"] if name == "pattern" else None)
         text = f"recipe field {name}" + (", 0 < N < M (2:4 for the sparse kernels)" if name == "pattern" else "")
         p.add_argument(f"--{flag}", type=kind, metavar="{" + ",".join(allowed) + "}" if allowed else None, help=f"{text}; without --recipe: {default}")
+    p.add_argument("--stream", action="store_true", help="read one decoder layer at a time from the safetensors shards and write the output as it goes (chosen automatically when the model is larger than free host memory; no perplexity)")
+    p.add_argument("--resume", action="store_true", help="with --stream: continue a killed run from what its .<out>.stream directory holds")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--plot", action="store_true", help="with --out: also write the pictures of `stun-lightning report` into OUT/report/")
 
-    e = sub.add_parser("eval", help="sliding-window perplexity of a model on a text")
+    r = sub.add_parser("report", help="pictures of what pruning did (PNGs + one self-contained HTML page) from a `prune --out` directory")
+    r.add_argument("model_dir", metavar="DIR", help="directory written by `stun-lightning prune --out`")
+    r.add_argument("--out", help="write the pictures here (default: DIR/report)")
+
+    e = sub.add_parser("eval", help="sliding-window perplexity of a model on a text, or lm-eval tasks with --tasks")
     e.add_argument("--model", help="saved model directory or hub id (default: the embedded reference MoE)")
     e.add_argument("--tokenizer")
     e.add_argument("--data", help="text to score: .txt, .jsonl or a directory (default: shipped held-out mix)")
@@ -70,6 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-tokens", type=int)
     e.add_argument("--device")
     e.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    e.add_argument("--tasks", help="lm-evaluation-harness tasks, comma-separated: shipped offline ones (stun_gsm8k, stun_wikitext2, stun_cloze), --include-path ones, or lm-eval's (hub data)")
+    e.add_argument("--include-path", help="folder of your own lm-eval task YAMLs")
+    e.add_argument("--limit", type=float, help="documents per task (fraction if < 1), as lm-eval's --limit")
+    e.add_argument("--num-fewshot", type=int, help="few-shot examples (default: each task's own)")
+    e.add_argument("--batch-size", type=int, default=1)
+    e.add_argument("--baseline", help="also score this model (e.g. the dense one) and print its column beside")
+    e.add_argument("--output", help="write the results as JSON here (inside a model directory: eval_results.json is shown on its model card)")
 
     x = sub.add_parser("export", help="write a pruned model as hf (dense, zeros kept), sparse (2:4 compressed) or aoti (compiled decode step)")
     x.add_argument("--model", required=True, help="pruned model directory (from `prune --out`) or a sparse export")
@@ -160,6 +177,10 @@ def run_prune(args) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # transformers' "Loading weights" bar
+    if args.resume and not args.stream:
+        raise UsageError("--resume continues a streaming run; add --stream")
+    if args.model is not None and (args.stream or _larger_than_memory(args.model)):
+        return _run_prune_streaming(args, recipe, out, device, progress)
     start = time.perf_counter()
     model, tokenizer, name = load_model_and_tokenizer(args.model, args.tokenizer, args.dtype)
     check_recipe(model, recipe)
@@ -172,16 +193,74 @@ def run_prune(args) -> int:
         return perplexity(model, tokenizer, args.eval_data, seq_len=recipe.calibration_seq_len, max_tokens=args.eval_tokens, progress=progress)
 
     ppl_before = ppl()
-    report = prune(model, recipe, calibration, device=device, progress=progress)
+    if args.plot and out is None:
+        raise UsageError("--plot writes into the output directory; pass --out DIR too")
+    report = prune(model, recipe, calibration, device=device, progress=progress, record_figures=out is not None)
     ppl_after = ppl()
     if ppl_before is not None:
         report.perplexity = {"before": ppl_before, "after": ppl_after}
     report.seconds["total"] = time.perf_counter() - start
+    report.base_model = str(args.model) if args.model else "stun-lightning embedded reference MoE"
     print(f"\nstun-lightning prune: {name}\n")
     print(report.to_markdown())
     if out is not None:
         save_pruned(model, out, tokenizer=tokenizer, overwrite=args.overwrite, extra_files={"stun_report.json": report.to_json(), "stun_recipe.yaml": _yaml(recipe)})
         print(f"\nsaved to {out}")
+        if args.plot:
+            from .figures import write_report
+
+            write_report(out)
+            print(f"pictures: {out / 'report' / 'report.html'}")
+    return 0
+
+
+def run_report(args) -> int:
+    from .figures import write_report
+
+    target = Path(args.out) if args.out else Path(args.model_dir) / "report"
+    data = write_report(args.model_dir, target)
+    print(f"stun-lightning report: {len(data)} pictures ({', '.join(data)}) -> {target / 'report.html'}")
+    return 0
+
+
+def _larger_than_memory(model_spec: str) -> bool:
+    """Whether a local checkpoint's safetensors exceed the host memory available now (hub ids: unknown, False)."""
+    path = Path(model_spec)
+    if not path.is_dir():
+        return False
+    size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    try:
+        import psutil
+
+        free = psutil.virtual_memory().available
+    except ImportError:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return size > free
+
+
+def _run_prune_streaming(args, recipe: StunRecipe, out: Path | None, device: str, progress: bool) -> int:
+    from .data import calibration_blocks
+    from .stream import prune_streaming, resolve_model_dir
+    from .tiny import load_tokenizer
+
+    if out is None:
+        raise UsageError("streaming writes the pruned model as it goes: pass --out DIR")
+    start = time.perf_counter()
+    directory = resolve_model_dir(args.model)
+    try:
+        tokenizer = load_tokenizer(args.tokenizer or directory)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"no tokenizer found with {args.model}; pass --tokenizer PATH_OR_HUB_ID ({err})") from err
+    calibration = calibration_blocks(tokenizer, args.calib, recipe.calibration_samples, recipe.calibration_seq_len, recipe.seed)
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    report = prune_streaming(
+        directory, out, recipe, calibration, tokenizer=tokenizer, device=device, torch_dtype=dtype,
+        progress=progress, resume=args.resume, overwrite=args.overwrite, extra_files={"stun_recipe.yaml": _yaml(recipe)},
+    )
+    report.seconds["total"] = time.perf_counter() - start
+    print(f"\nstun-lightning prune --stream: {args.model}\n")
+    print(report.to_markdown())
+    print(f"\nsaved to {out}")
     return 0
 
 
@@ -192,6 +271,8 @@ def _yaml(recipe: StunRecipe) -> str:
 
 
 def run_eval(args) -> int:
+    if args.tasks is not None:
+        return run_eval_tasks(args)
     from .evaluate import next_token_accuracy, perplexity
 
     if args.data is not None and not Path(args.data).exists():
@@ -203,6 +284,36 @@ def run_eval(args) -> int:
     value = perplexity(model, tokenizer, args.data, **kwargs)
     accuracy = next_token_accuracy(model, tokenizer, args.data, **kwargs)
     print(json.dumps({"model": str(name), "data": args.data or "shipped held-out mix", "perplexity": value, "next_token_accuracy": accuracy, **kwargs}, indent=2))
+    return 0
+
+
+def run_eval_tasks(args) -> int:
+    from .harness import evaluate_tasks, results_table
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if args.limit is not None and args.limit <= 0:
+        raise UsageError(f"--limit must be positive, got {args.limit}")
+    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+    for label, path in (("--baseline", args.baseline),):
+        if path is not None and not Path(path).exists() and path.startswith((".", "/", "~")):
+            raise FileNotFoundError(f"{label} {path} does not exist")
+    device = default_device(args.device)
+    kwargs = dict(include_path=args.include_path, limit=limit, num_fewshot=args.num_fewshot, batch_size=args.batch_size)
+
+    def score(spec):
+        model, tokenizer, name = load_model_and_tokenizer(spec, args.tokenizer, args.dtype)
+        return evaluate_tasks(model.to(device), tokenizer, tasks, **kwargs), name
+
+    results, name = score(args.model)
+    baseline = score(args.baseline)[0] if args.baseline else None
+    print(f"\nstun-lightning eval: {name}" + (f" (baseline: {args.baseline})" if baseline else "") + "\n")
+    print(results_table(results, baseline))
+    if args.output:
+        payload = {"model": str(name), "tasks": results, "limit": limit} | ({"baseline": {"model": args.baseline, "tasks": baseline}} if baseline else {})
+        out = Path(args.output)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(json.dumps(payload, indent=2))
+        tmp.replace(out)
     return 0
 
 
@@ -226,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         return fit_main(argv)
     args = build_parser().parse_args(argv)
     try:
-        return {"prune": run_prune, "eval": run_eval, "export": run_export}[args.command](args)
+        return {"prune": run_prune, "eval": run_eval, "export": run_export, "report": run_report}[args.command](args)
     except (UsageError, FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"stun-lightning {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -2,7 +2,7 @@
 
 Every metric scores an ``[out, in]`` weight matrix as ``|W_ij| * c_j``, with ``c_j`` a per-input-channel
 factor read from calibration statistics (``None``: plain magnitude). Scores are compared within each
-output row, as Wanda does (``stun_lightning.masks.mask_from_scores``).
+output row, as Wanda does (``stun_lightning.patterns.mask_from_scores``).
 
 * ``magnitude``: ``|W_ij|``; needs no data.
 * ``wanda`` (Sun et al. 2023): ``|W_ij| * ||X_j||_2`` over the tokens routed to the expert.

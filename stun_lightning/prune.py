@@ -33,6 +33,7 @@ def prune(
     tokenizer=None,
     device: str | torch.device | None = None,
     progress: bool = True,
+    record_figures: bool = False,
 ) -> PruneReport:
     """Prune ``model`` in place: remove experts, then mask weights inside the survivors.
 
@@ -40,6 +41,9 @@ def prune(
         calibration: token ids ``[N, L]``; if None and the recipe needs data, ``tokenizer`` is used
             to cut the package's shipped calibration text into ``recipe.calibration_samples`` windows.
         device: where calibration runs, one decoder layer at a time (default: the model's device).
+        record_figures: also measure what ``stun-lightning report`` draws (routing frequency before
+            and after on the calibration tokens, STUN's distance table, per-expert sparsity) into
+            ``report.figures``; costs two routing passes (see :mod:`stun_lightning.figures`).
     Returns a :class:`PruneReport` counted from the pruned tensors.
     """
     recipe = (recipe or StunRecipe()).validate()
@@ -54,6 +58,14 @@ def prune(
 
     before = ModelCensus.of(model)
     seconds, passes, removed = {}, {}, {}
+    figures = {}
+    if record_figures:
+        from . import figures as fig
+
+        if calibration is not None:
+            figures["routing_before"] = fig.routing_frequency(model, calibration, batch_size=recipe.batch_size, device=device)
+        if recipe.expert_sparsity > 0 and recipe.expert_method == "stun":
+            figures["distances"] = fig.stun_distances(model, recipe, calibration, device=device)
 
     # Structured phase.
     if recipe.expert_sparsity > 0:
@@ -75,6 +87,11 @@ def prune(
         passes["unstructured"] = n_passes
         seconds["unstructured"] = time.perf_counter() - start
 
+    if record_figures:
+        figures["expert_sparsity"] = fig.to_original(fig.expert_sparsity(model), removed, before.num_experts)
+        if calibration is not None:
+            after = fig.routing_frequency(model, calibration, batch_size=recipe.batch_size, device=device)
+            figures["routing_after"] = fig.to_original(after, removed, before.num_experts)
     return PruneReport.compare(
         before,
         ModelCensus.of(model),
@@ -84,4 +101,5 @@ def prune(
         low_token_experts=low_tokens,
         seconds=seconds,
         layer_passes=passes,
+        figures=figures,
     )

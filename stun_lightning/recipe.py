@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from .masks import check_sparsity, parse_pattern
+from .patterns import check_sparsity, parse_pattern
 from .methods import expert_methods, get_expert_method
 from .metrics import METRICS
 from .methods.stun import DISTANCES
@@ -40,8 +40,8 @@ class StunRecipe:
 
     Structured phase (whole experts):
         expert_sparsity: fraction of routed experts removed over all MoE layers (0 = skip).
-        expert_method: ``stun`` (default), ``frequency``, ``random``, ``reap``, ``naee``, ``eep`` or
-            ``uncurl`` (see ``stun_lightning/methods/``; the last four keep the same count per layer).
+        expert_method: ``stun`` (default), ``frequency``, ``random``, ``reap``, ``ean``, ``naee``, ``eep`` or
+            ``uncurl`` (see ``stun_lightning/methods/``; the last five keep the same count per layer).
         layer_budget: ``global`` (STUN: one threshold shared by all layers, so counts differ per
             layer) or ``uniform`` (the same count in every layer: plain transformers loads it).
         distance / divide_by_norm / mix_weight / merge_max_clusters: STUN options (see methods.stun).
@@ -58,7 +58,7 @@ class StunRecipe:
         allocation_base: what a layer's target is a sparsity of: ``kept`` (the weights of its kept
             experts, the official pipeline's) or ``layer`` (its original expert parameters, removed
             experts counted as pruned; ours, for layers left with unequal expert counts by
-            ``layer_budget: global``: see ``stun_lightning.masks.whole_layer_allocation``). The
+            ``layer_budget: global``: see ``stun_lightning.patterns.whole_layer_allocation``). The
             within-expert budget is the same either way; unstructured patterns only.
         pattern: ``unstructured``, ``2:4`` or ``4:8`` (N:M fixes the sparsity at N/M).
         sequential: later layers calibrate on already-pruned earlier layers (Wanda's scheme).

@@ -78,7 +78,7 @@ class PruneReport:
     removed_experts: dict[int, list[int]]
     layer_sparsity: dict[int, float]  # over the layer's original expert parameters
     within_expert_sparsity: float  # zeros inside surviving experts
-    expert_sparsity: float  # STUN's total: over all original expert parameters
+    expert_param_sparsity: float  # STUN's total: over all original expert parameters
     model_sparsity: float  # over every parameter of the original model
     params_before: int
     params_after: int  # dense storage after expert removal
@@ -90,6 +90,8 @@ class PruneReport:
     seconds: dict[str, float] = field(default_factory=dict)
     layer_passes: dict[str, int] = field(default_factory=dict)
     perplexity: dict[str, float] = field(default_factory=dict)
+    base_model: str = ""  # what was pruned (hub id or path), for the model card
+    figures: dict = field(default_factory=dict)  # data behind `stun-lightning report`'s pictures (stun_lightning.figures)
 
     @classmethod
     def compare(cls, before: ModelCensus, after: ModelCensus, recipe: dict, removed: dict[int, list[int]], **extra) -> "PruneReport":
@@ -104,7 +106,7 @@ class PruneReport:
             removed_experts={i: sorted(v) for i, v in removed.items() if v},
             layer_sparsity=layer_sparsity,
             within_expert_sparsity=kept_total.sparsity,
-            expert_sparsity=1.0 - kept_total.nonzero / before.expert_total.total,
+            expert_param_sparsity=1.0 - kept_total.nonzero / before.expert_total.total,
             model_sparsity=1.0 - after.model.nonzero / before.model.total,
             params_before=before.model.total,
             params_after=after.model.total,
@@ -124,7 +126,7 @@ class PruneReport:
             ("parameters (dense storage)", f"{self.params_before:,} -> {self.params_after:,}"),
             ("nonzero parameters", f"{self.nonzero_after:,}"),
             ("memory (dense storage)", f"{self.bytes_before / 2**20:.2f} MiB -> {self.bytes_after / 2**20:.2f} MiB"),
-            ("sparsity over expert params (STUN)", f"{self.expert_sparsity:.2%}"),
+            ("sparsity over expert params (STUN)", f"{self.expert_param_sparsity:.2%}"),
             ("sparsity inside kept experts", f"{self.within_expert_sparsity:.2%}"),
             ("sparsity over the whole model", f"{self.model_sparsity:.2%}"),
         ]

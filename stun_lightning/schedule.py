@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from .masks import check_sparsity, parse_pattern
+from .patterns import check_sparsity, parse_pattern
 
 KINDS = ("cubic", "linear", "one_shot")
 

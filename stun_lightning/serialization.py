@@ -38,25 +38,35 @@ def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> tu
 
 
 @contextmanager
-def atomic_output(out_dir: str | os.PathLike, overwrite: bool = False, tokenizer=None, extra_files: dict[str, str] | None = None) -> Iterator[Path]:
-    """Yield a temporary directory that replaces ``out_dir`` when the block succeeds.
-
-    A failure removes the temporary directory, so no half-written output is ever left behind. The
-    tokenizer and extra text files are written last, beside what the block wrote.
-    """
+def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling directory that replaces ``out_dir`` when the block succeeds; a
+    failure removes it, so no half-written directory is ever left at ``out_dir``."""
     final, tmp = atomic_output_dir(out_dir, overwrite)
     try:
         yield tmp
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextmanager
+def atomic_output(out_dir: str | os.PathLike, overwrite: bool = False, tokenizer=None, extra_files: dict[str, str] | None = None) -> Iterator[Path]:
+    """:func:`atomic_dir` for a model directory: the tokenizer and extra text files are written last,
+    beside what the block wrote, then the model card ``README.md`` (:mod:`stun_lightning.model_card`)
+    unless the block or ``extra_files`` wrote one."""
+    with atomic_dir(out_dir, overwrite) as tmp:
+        yield tmp
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+        if not (tmp / "README.md").exists():
+            from .model_card import write_model_card
+
+            write_model_card(tmp)
 
 
 def save_pruned(

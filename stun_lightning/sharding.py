@@ -93,7 +93,7 @@ def count_nonzero(t: torch.Tensor) -> int:
     return int(n.item())
 
 
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
+def no_split_blocks(model: nn.Module) -> list[nn.Module]:
     """The transformer blocks of a transformers model (its ``_no_split_modules`` classes)."""
     names = set(getattr(model, "_no_split_modules", None) or ())
     layers = [m for m in model.modules() if type(m).__name__ in names]
@@ -113,7 +113,7 @@ def shard_decoder_layers(model: nn.Module, mesh, *, layers: list[nn.Module] | No
     if mesh.ndim != 1:
         raise ValueError(f"shard_decoder_layers needs a 1-D device mesh, got {mesh.ndim}-D {mesh}; pass the data-parallel sub-mesh (mesh['data_parallel'])")
     kwargs = {"mesh": mesh, "mp_policy": mp_policy or MixedPrecisionPolicy()}
-    for layer in layers if layers is not None else decoder_layers(model):
+    for layer in layers if layers is not None else no_split_blocks(model):
         fully_shard(layer, reshard_after_forward=reshard_after_forward, **kwargs)
     fully_shard(model, reshard_after_forward=reshard_after_forward, **kwargs)
     return model
@@ -165,7 +165,7 @@ def gather_state_dict(model: nn.Module, keep: bool = True) -> dict[str, torch.Te
 __all__ = [
     "NCCL_ENV",
     "count_nonzero",
-    "decoder_layers",
+    "no_split_blocks",
     "full",
     "gather_state_dict",
     "has_meta",

@@ -9,7 +9,7 @@ One implementation, called two ways:
 
 Both go through the same per-layer steps: the low-token rule (:func:`low_token_experts`), the
 metric's scores (:func:`expert_scores`, ``stun_lightning.metrics``), OWL's outlier ratio
-(:func:`layer_outlier_ratio`), the layer targets (``stun_lightning.masks.layer_targets``), the layer's
+(:func:`layer_outlier_ratio`), the layer targets (``stun_lightning.patterns.layer_targets``), the layer's
 pattern (:func:`layer_pattern`) and its masks (:func:`expert_layer_masks`). Given the same statistics
 and recipe, both therefore give the same masks (``tests/test_unstructured.py``).
 
@@ -21,7 +21,7 @@ Deviations from the official methods, named here because no paper states them:
 * under OWL an N:M pattern becomes a per-layer ``N_l:M`` with ``N_l = round(target_l * M)`` clipped
   to ``[1, M-1]`` (OWL's own N:M variant), so the global sparsity is only approximately ``N/M``;
 * per-layer targets are clipped to ``[0, 0.99]`` and the excess spread over the other layers so the
-  parameter-weighted mean stays exact (``stun_lightning.masks``);
+  parameter-weighted mean stays exact (``stun_lightning.patterns``);
 * ``prune_dense`` masks every ``nn.Linear`` of each decoder layer except routers, which live inside
   the MoE block and are never pruned; Qwen2-MoE's ``shared_expert_gate`` (an ``nn.Linear`` of one
   output) is pruned with the dense linears.
@@ -36,9 +36,9 @@ import torch
 from torch import nn
 
 from .adapters import MoELayer, decoder_layers, moe_layers
-from .calibration import LayerStats, calibrate
-from .mask_state import ExpertMasks
-from .masks import InvalidSparsityError, layer_targets, mask_from_scores, nm_sparsity_for, outlier_ratio, parse_pattern
+from .calibration import LayerStats, calibrate, enter_layer, leave_layer
+from .expert_masks import ExpertMasks
+from .patterns import InvalidSparsityError, layer_targets, mask_from_scores, nm_sparsity_for, outlier_ratio, parse_pattern
 from .metrics import get_metric, weighted_magnitude
 from .recipe import StunRecipe
 from .report import ModelCensus
@@ -82,7 +82,7 @@ def within_sparsity(recipe: StunRecipe, before: ModelCensus, model: nn.Module) -
     (``1 - total = (1 - removed expert params) * (1 - within)``; ``before``: the census before expert removal)."""
     if recipe.total_sparsity is None:
         return recipe.sparsity
-    kept = ModelCensus.of(model).expert_total.total / before.expert_total.total
+    kept = sum(p.numel() for layer in moe_layers(model) for _, p in layer.expert_parameters()) / before.expert_total.total
     within = 1.0 - (1.0 - recipe.total_sparsity) / kept
     if within < 0:
         raise InvalidSparsityError(
@@ -258,7 +258,9 @@ def prune_weights(
             n_passes += stats.layer_passes
         else:
             for i in range(len(all_layers)):
+                enter_layer(i, all_layers[i], None)
                 on_layer(i, layers.get(i), None)
+                leave_layer(i, all_layers[i], None)
 
     ratios = None
     if recipe.allocation == "owl":

@@ -21,7 +21,7 @@ from stun_lightning import StunRecipe, load_pruned, moe_layers
 from stun_lightning.callbacks import SparsitySchedule, StunCallback, StunDataModule, StunDistillModule
 from stun_lightning.data import read_texts, token_stream
 from stun_lightning.evaluate import perplexity
-from stun_lightning.mask_state import ExpertMasks, apply_masks, mask_gradients, mask_optimizer_state, measured_sparsity
+from stun_lightning.expert_masks import ExpertMasks, apply_masks, mask_gradients, mask_optimizer_state, measured_sparsity
 from stun_lightning.unstructured import compute_masks
 from stun_lightning.schedule import InvalidScheduleError
 from stun_lightning.tiny import build_tiny_model, load_tokenizer
@@ -84,7 +84,7 @@ class Probe(Callback):
         model = self.stun.target(pl_module)
         self.expert_counts.add(tuple(l.num_experts for l in moe_layers(model)))
         masks = self.stun.masks
-        from stun_lightning.mask_state import iter_masked
+        from stun_lightning.expert_masks import iter_masked
 
         for param, keep in iter_masked(model, masks):
             if bool((param.detach()[~keep] != 0).any()):
@@ -117,19 +117,19 @@ def test_momentum_revives_pruned_weights_unless_the_optimizer_state_is_masked():
     ids = torch.randint(0, model.config.vocab_size, (2, 16))
     masks = compute_masks(model, 0.5, StunRecipe(metric="magnitude")).masks
     results = {}
-    for mask_state in (False, True):
+    for expert_masks in (False, True):
         m = copy.deepcopy(model).train()
         opt = torch.optim.Adam(m.parameters(), lr=1e-2)
         m(input_ids=ids, labels=ids).loss.backward()
         opt.step()  # momentum of the soon-to-be-pruned weights is now non-zero
         opt.zero_grad()
         apply_masks(m, masks)
-        if mask_state:
+        if expert_masks:
             mask_optimizer_state(opt, m, masks)
         m(input_ids=ids, labels=ids).loss.backward()
         mask_gradients(m, masks)
         opt.step()
-        results[mask_state] = measured_sparsity(m)
+        results[expert_masks] = measured_sparsity(m)
     assert results[False] < 0.1  # Adam's momentum moved masked weights off zero
     assert results[True] == 0.5
 
@@ -185,7 +185,7 @@ def test_fit_prunes_experts_first_then_reaches_the_final_sparsity_with_masks_hel
     report = stun.report
     assert report.removed_experts == stun.removed_experts and report.within_expert_sparsity == 0.5
     rows = (Path(trainer.logger.log_dir) / "metrics.csv").read_text()
-    assert "stun/expert_sparsity" in rows and "stun/layer_1/sparsity" in rows
+    assert "stun/expert_param_sparsity" in rows and "stun/layer_1/sparsity" in rows
     assert json.loads((Path(trainer.logger.log_dir) / "stun_report.json").read_text())["within_expert_sparsity"] == 0.5
     # the fitted model saves and reloads with identical logits
     reloaded = load_pruned(tmp_path / "model")
@@ -387,6 +387,8 @@ def test_cli_fit_on_the_tiny_recipe(tmp_path):
     assert report["within_expert_sparsity"] == pytest.approx(0.6, abs=0.01)  # one shot at the first step
     metrics = (next(tmp_path.rglob("metrics.csv"))).read_text()
     assert "val_ppl_teacher" in metrics.splitlines()[0]  # the dense figure next to the student's
+    card = (tmp_path / "model" / "README.md").read_text()  # fit's final model carries a model card
+    assert card.startswith("---\nlibrary_name: transformers") and "sparsity inside kept experts | 6" in card  # 60% (one shot)
 
 
 @pytest.mark.parametrize("override, message", [

@@ -11,7 +11,7 @@ from lightning.pytorch import Callback, Trainer
 from stun_lightning import StunRecipe, keep_experts, moe_layers, prune
 from stun_lightning.callbacks import SparsitySchedule, StunCallback, StunDataModule, StunDistillModule
 from stun_lightning.distill import InForwardExpertMSE, MoECapture, expert_mse, init_expert_lambda, kept_from_removed, logit_kl
-from stun_lightning.mask_state import measured_sparsity
+from stun_lightning.expert_masks import measured_sparsity
 from stun_lightning.tiny import build_tiny_model
 
 from conftest import random_ids

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from spawn_ranks import rank_failures_recorded, set_rank_env, spawn_ranks
 from stun_lightning import StunRecipe, load_pruned, moe_layers
-from stun_lightning.mask_state import ExpertMasks
+from stun_lightning.expert_masks import ExpertMasks
 from stun_lightning.structured import select_experts
 from stun_lightning.tiny import build_tiny_model
 
@@ -45,7 +45,7 @@ class Probe:
     def make(stun, mod):
         from lightning.pytorch import Callback
 
-        from stun_lightning.mask_state import iter_masked
+        from stun_lightning.expert_masks import iter_masked
         from stun_lightning.sharding import full, is_sharded, local_view
 
         class _Probe(Callback):

@@ -13,7 +13,7 @@ from stun_lightning.calibration import calibrate
 from stun_lightning.callbacks import SparsitySchedule, StunCallback, StunDataModule, StunDistillModule
 from stun_lightning.callbacks.distill_module import merge_lora
 from stun_lightning.distill import kept_from_removed, lora_adapted
-from stun_lightning.mask_state import measured_sparsity
+from stun_lightning.expert_masks import measured_sparsity
 from stun_lightning.tiny import build_tiny_model
 
 from conftest import random_ids

@@ -89,7 +89,7 @@ def test_short_distillation_lowers_the_perplexity_of_a_pruned_model_and_keeps_it
     # masks held fixed) must lower held-out perplexity of STUN 25% experts + OWL+Wanda at 70% total.
     import argparse
     from benchmarks.quality import distill
-    from stun_lightning.mask_state import measured_sparsity
+    from stun_lightning.expert_masks import measured_sparsity
 
     model, calibration, ids = shipped
     student = copy.deepcopy(model)

@@ -11,7 +11,7 @@ from lightning.pytorch import Callback, Trainer, seed_everything
 from stun_lightning import StunRecipe, moe_layers, prune
 from stun_lightning.callbacks import SparsitySchedule, StunCallback, StunDataModule, StunDistillModule
 from stun_lightning.distill import MoECapture, RECOVERY_LOSSES, kept_from_removed, router_kl
-from stun_lightning.mask_state import measured_sparsity
+from stun_lightning.expert_masks import measured_sparsity
 from stun_lightning.reference import load_reference_model
 from stun_lightning.tiny import build_tiny_model
 

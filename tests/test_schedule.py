@@ -1,6 +1,6 @@
 import pytest
 
-from stun_lightning.masks import InvalidSparsityError
+from stun_lightning.patterns import InvalidSparsityError
 from stun_lightning.schedule import InvalidScheduleError, SparsitySchedule
 
 

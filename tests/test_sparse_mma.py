@@ -86,7 +86,7 @@ def test_mma_kernel_matches_reference_on_gpu(shape, tokens, launch):
     for rows_per_a in (top_k, 1):  # gate_up reads a token's row per pair, down_proj a row per pair
         x = torch.randn(tokens * top_k // rows_per_a, k, device="cuda", dtype=torch.bfloat16)
         ref = grouped_mm_reference(x.double(), values.double(), meta, ids, block_expert, rows_per_a, 16)
-        out = cuda_mma.grouped_mm(x, values, meta, ids, block_expert, rows_per_a, **launch)
+        out = cuda_mma.mma_sp_grouped_mm(x, values, meta, ids, block_expert, rows_per_a, **launch)
         assert out.shape == ref.shape and out.dtype == torch.bfloat16
         err = ((out.double() - ref).norm() / ref.norm()).item()
         assert err < 1e-2, err

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import torch
 
+from ..calibration import enter_layer, leave_layer
 from .base import SelectionContext, register_expert_method
 
 DISTANCES = ("router", "coactivation", "mixed")
@@ -218,11 +219,16 @@ def stun(ctx: SelectionContext) -> dict[int, list[int]]:
     for layer in ctx.layers:
         cl = clusters[layer.index]
         survivors = []
+        reads_weights = any(len(c) > 1 for c in cl)
+        if reads_weights:  # representatives are chosen on expert weights (streaming reads the layer here)
+            enter_layer(layer.index, layer.decoder_layer, None)
         for c in cl:
             rep = _representative(layer, c)
             if len(cl) <= merge_max and len(c) > 1:
                 _average_into(layer, c, rep)
             survivors.append(rep)
+        if reads_weights:
+            leave_layer(layer.index, layer.decoder_layer, None)
         keep[layer.index] = sorted(survivors)
     return keep
 

@@ -7,7 +7,7 @@ expand the weights or multiply on the CUDA cores. The kernels here (sources: ``c
 instructions as they are stored (:mod:`.format`), weight rows as the sparse operand and routed
 tokens as the dense one:
 
-* decode (:func:`grouped_mm`, op ``stun::sparse24_mma``): ``mma.sp.m16n8k32`` on blocks of 16
+* decode (:func:`mma_sp_grouped_mm`, op ``stun::sparse24_mma``): ``mma.sp.m16n8k32`` on blocks of 16
   pairs of one expert (:func:`..experts.block_m_for` gives 16 while experts see at most 16 tokens),
   fragments loaded straight from global memory (the activations permuted to match, a view and a
   transpose that torch.compile fuses), split-K when few experts are routed. A decode step streams
@@ -231,7 +231,7 @@ def _cuda_op(fn):
 
 @_cuda_op
 def sparse24_mma(act: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, sorted_ids: torch.Tensor, block_expert: torch.Tensor, rows_per_a: int, splits: int) -> torch.Tensor:
-    """Products of :func:`grouped_mm`: ``[n_pairs, N]`` bf16 for one split, else ``[splits, n_pairs,
+    """Products of :func:`mma_sp_grouped_mm`: ``[n_pairs, N]`` bf16 for one split, else ``[splits, n_pairs,
     N]`` float32 partial sums. ``act`` = :func:`permute_activations` of the activations."""
     return _launch(act, values, meta, sorted_ids, block_expert, rows_per_a, splits, WARPS, UNROLL)
 
@@ -262,7 +262,7 @@ def _aligned(a: torch.Tensor) -> torch.Tensor:
     return a if a.storage_offset() % 8 == 0 else a.clone()
 
 
-def grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a: int, *, warps: int = WARPS, unroll: int = UNROLL, ctas_per_sm: int = CTAS_PER_SM) -> torch.Tensor:
+def mma_sp_grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a: int, *, warps: int = WARPS, unroll: int = UNROLL, ctas_per_sm: int = CTAS_PER_SM) -> torch.Tensor:
     """``out[s] = a[s // rows_per_a] @ W[expert(s)].T`` for every pair ``s`` (blocks of 16 pairs from
     :func:`..experts.align_pairs`) on the sparse tensor cores; ``a`` ``[M, K]`` bf16, returns
     ``[M * rows_per_a, N]``. The launch shape arguments other than the defaults run outside the
@@ -299,7 +299,7 @@ def fits_tile(a: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, block_m
 
 @_cuda_op
 def sparse24_mma_tile(a: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, sorted_ids: torch.Tensor, block_expert: torch.Tensor, rows_per_a: int) -> torch.Tensor:
-    """:func:`grouped_mm` for prefill: blocks of 128 pairs (``align_pairs(..., 128)``), one tile of
+    """:func:`mma_sp_grouped_mm` for prefill: blocks of 128 pairs (``align_pairs(..., 128)``), one tile of
     weight rows x 128 pairs per CTA, operands staged in shared memory: :func:`wgmma_grouped_mm` on
     a Hopper GPU, else :func:`tile_grouped_mm` (:func:`tile_rows_for`)."""
     if hopper_ready(_device_index(a.device)):

@@ -9,7 +9,7 @@ Registered in transformers' ``ExpertsInterface`` on import, so any model whose e
   ``moe_align_block_size``, so CUDA graphs and compile see no data-dependent shape; one Triton
   launch on CUDA, :mod:`.triton_align`, torch ops otherwise), then
   gate_up and down run for the routed experts only, reading compressed values + metadata
-  (:func:`grouped_mm`): on the sparse tensor cores (:mod:`.cuda_mma`)
+  (:func:`sparse24_dispatch_mm`): on the sparse tensor cores (:mod:`.cuda_mma`)
   ``stun::sparse24_mma`` while experts see 2-16 tokens (or from 32 pairs per call) and
   ``stun::sparse24_mma_tile`` for prefill (sparse ``wgmma`` from 128 pairs per routed expert on a
   Hopper GPU, ``mma.sp`` from 256 elsewhere); otherwise
@@ -34,14 +34,13 @@ import logging
 import torch
 from transformers.integrations.moe import ExpertsInterface
 
+from ..adapters import EXPERT_MATRICES  # stored compressed; biases stay dense
 from .format import decompress_24
 
 #: the name to put in ``config._experts_implementation``
 IMPLEMENTATION = "stun_sparse24"
-#: fused expert matrices that are stored compressed (biases stay dense)
-MATRICES = ("gate_up_proj", "down_proj")
 #: pairs per call from which decode runs the sparse tensor-core kernel even at one token per
-#: routed expert (see :func:`grouped_mm`)
+#: routed expert (see :func:`sparse24_dispatch_mm`)
 MMA_MIN_PAIRS = 32
 
 
@@ -174,7 +173,7 @@ sparse24_grouped_mm = _register_op("stun::sparse24_grouped_mm", _sparse24_groupe
 align_pairs_fused = _register_op("stun::align_pairs", _align_pairs_fused)
 
 
-def grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a: int, block_m: int) -> torch.Tensor:
+def sparse24_dispatch_mm(a, values, meta, sorted_ids, block_expert, rows_per_a: int, block_m: int) -> torch.Tensor:
     """On the sparse tensor cores (:mod:`.cuda_mma`) where a kernel fits: ``stun::sparse24_mma_tile``
     for prefill blocks, ``stun::sparse24_mma`` while experts see 2-16 tokens; else
     ``stun::sparse24_grouped_mm`` (Triton on CUDA, torch ops on the CPU).
@@ -194,7 +193,7 @@ def grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a: int, block
         # down 49.5 vs 53.8 us): benchmarks/results/sparse_kernels_h100.md
         n_pairs = a.shape[0] * rows_per_a
         if n_pairs >= MMA_MIN_PAIRS or not uses_decode_kernel(values, rows_bucket_for(n_pairs, values.shape[0]), block_m):
-            return cuda_mma.grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a)
+            return cuda_mma.mma_sp_grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a)
     return sparse24_grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a, block_m)
 
 
@@ -244,13 +243,13 @@ def _(top_k_index, num_experts):
 @_opaque_op
 def sparse24_experts_mm(a: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, sorted_ids: torch.Tensor, block_expert: torch.Tensor,
                         rows_per_a: int) -> torch.Tensor:
-    """:func:`grouped_mm` on the layout of :func:`route_pairs`: ``[M * rows_per_a, N]``. The kernel and
+    """:func:`sparse24_dispatch_mm` on the layout of :func:`route_pairs`: ``[M * rows_per_a, N]``. The kernel and
     its launch are chosen here, from the concrete sizes of this call."""
     n_pairs = a.shape[0] * rows_per_a
     if n_pairs == 0:
         return a.new_empty(0, values.shape[1])
     block_m, n_blocks = pairs_layout(n_pairs, values.shape[0])
-    return grouped_mm(a, values, meta, sorted_ids[: n_blocks * block_m], block_expert[:n_blocks], rows_per_a, block_m)
+    return sparse24_dispatch_mm(a, values, meta, sorted_ids[: n_blocks * block_m], block_expert[:n_blocks], rows_per_a, block_m)
 
 
 @torch.library.register_fake("stun::sparse24_experts_mm")
@@ -283,7 +282,7 @@ def _grouped_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tenso
         sorted_ids, block_expert = align(top_k_index, num_experts, block_m)
 
         def mm(a, values, meta, rows_per_a):
-            return grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a, block_m)
+            return sparse24_dispatch_mm(a, values, meta, sorted_ids, block_expert, rows_per_a, block_m)
     else:
         sorted_ids, block_expert = route_pairs(top_k_index, num_experts)
 

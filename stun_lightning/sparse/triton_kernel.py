@@ -18,7 +18,7 @@ routing. :func:`launch_grouped_mm` picks one of two kernels:
   runs dense tensor-core math (Triton exposes no sparse ``mma.sp``) and cannot beat a dense kernel.
 
 From 2 to 16 tokens per routed expert, and for prefill from 256, the model runs :mod:`.cuda_mma`
-(``mma.sp``) instead where it fits (:func:`..experts.grouped_mm`); the tensor-core kernel here serves
+(``mma.sp``) instead where it fits (:func:`..experts.sparse24_dispatch_mm`); the tensor-core kernel here serves
 the other sizes, dtypes and shapes, and AOTInductor exports.
 """
 

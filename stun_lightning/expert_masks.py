@@ -31,10 +31,9 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .adapters import MoELayer, moe_layers
+from .adapters import EXPERT_MATRICES, MoELayer, moe_layers
 from .sharding import count_nonzero, is_sharded, local_mask, local_view
 
-MATRICES = ("gate_up_proj", "down_proj")
 
 
 def _key(layer_index: int, matrix: str) -> str:
@@ -156,7 +155,7 @@ def unpack_bits(bits: torch.Tensor, shape) -> torch.Tensor:
 def _param_views(layer: MoELayer) -> Iterator[tuple[str, nn.Parameter, bool]]:
     """(matrix name, parameter, stored transposed) for the layer's fused expert weights."""
     experts = layer.experts
-    for name in MATRICES:
+    for name in EXPERT_MATRICES:
         yield name, getattr(experts, name), layer.adapter.transposed
 
 

@@ -131,7 +131,7 @@ def whole_layer_allocation(
     structured phase. On the shipped reference model (frequency, global budget, 25% of experts,
     Wanda, 80% total) held-out perplexity was 78.9 with it against 205 with the per-kept-expert
     uniform allocation, and 180 against 1288 with OWL (STUN + OWL: 84.6 against 100.2); lower in
-    all 8 cases of ``python benchmarks/allocation_base.py``.
+    all 8 cases of ``python -m benchmarks.allocation_base``.
     """
     check_sparsity(within, "within-expert sparsity")
     keys = list(kept_sizes)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from stun_lightning import StunRecipe, moe_layers, prune
-from stun_lightning.masks import InvalidSparsityError, mask_from_scores, owl_allocation
+from stun_lightning.patterns import InvalidSparsityError, mask_from_scores, owl_allocation
 from stun_lightning.tiny import build_tiny_model
 
 from conftest import clone, random_ids
@@ -158,18 +158,18 @@ def test_reported_sparsity_equals_counted_zeros():
     report = prune(model, StunRecipe(expert_sparsity=0.25, sparsity=0.5), calibration=random_ids(model, n=8), progress=False)
     nonzero = sum(int((p != 0).sum()) for l in moe_layers(model) for _, p in l.expert_parameters())
     kept_total = sum(p.numel() for l in moe_layers(model) for _, p in l.expert_parameters())
-    assert report.expert_sparsity == pytest.approx(1 - nonzero / original_total)
+    assert report.expert_param_sparsity == pytest.approx(1 - nonzero / original_total)
     assert report.within_expert_sparsity == pytest.approx(1 - nonzero / kept_total)
     all_nonzero = sum(int((p != 0).sum()) for p in model.parameters())
     assert report.nonzero_after == all_nonzero
     # STUN's multiplicative budget: (1 - total) = (1 - expert removal) * (1 - within)
-    assert 1 - report.expert_sparsity == pytest.approx(0.75 * (1 - report.within_expert_sparsity), rel=1e-6)
+    assert 1 - report.expert_param_sparsity == pytest.approx(0.75 * (1 - report.within_expert_sparsity), rel=1e-6)
 
 
 def test_total_sparsity_is_split_the_stun_way():
     model = build_tiny_model("mixtral")
     report = prune(model, StunRecipe(expert_sparsity=0.25, total_sparsity=0.6), calibration=random_ids(model, n=8), progress=False)
-    assert report.expert_sparsity == pytest.approx(0.6, abs=0.01)
+    assert report.expert_param_sparsity == pytest.approx(0.6, abs=0.01)
     with pytest.raises(InvalidSparsityError, match="below what expert removal"):
         prune(build_tiny_model("mixtral"), StunRecipe(expert_sparsity=0.5, total_sparsity=0.3), calibration=random_ids(model), progress=False)
 
@@ -224,7 +224,7 @@ def test_dense_linears_stay_dense_unless_asked(family):
 
 
 def test_expert_masks_are_held_at_one_bit_per_weight_and_round_trip():
-    from stun_lightning.mask_state import ExpertMasks
+    from stun_lightning.expert_masks import ExpertMasks
 
     gen = torch.Generator().manual_seed(0)
     up, down = torch.rand(3, 10, 8, generator=gen) > 0.4, torch.rand(3, 8, 5, generator=gen) > 0.6
@@ -244,7 +244,7 @@ def test_expert_masks_are_held_at_one_bit_per_weight_and_round_trip():
 
 
 def test_whole_layer_allocation_gives_layers_that_lost_experts_fewer_pruned_weights():
-    from stun_lightning.masks import whole_layer_allocation
+    from stun_lightning.patterns import whole_layer_allocation
 
     kept_experts, original = {0: 3, 1: 7, 2: 8}, {0: 8, 1: 8, 2: 8}
     kept_sizes = {i: 100 * n for i, n in kept_experts.items()}
@@ -271,7 +271,7 @@ def test_prune_with_a_global_expert_budget_allocates_over_whole_layers_when_aske
     report = prune(clone(model), StunRecipe(**recipe, allocation_base="layer"), calibration=ids, progress=False)
     kept = report.experts_after
     assert len(set(kept.values())) > 1  # the global budget left unequal expert counts
-    assert report.expert_sparsity == pytest.approx(0.7, abs=0.01)
+    assert report.expert_param_sparsity == pytest.approx(0.7, abs=0.01)
     fewest, most = min(kept, key=kept.get), max(kept, key=kept.get)
     assert report.layer_target_sparsity[fewest] < report.layer_target_sparsity[most]
     baseline = prune(clone(model), StunRecipe(**recipe), calibration=ids, progress=False)
