@@ -9,7 +9,10 @@ Whole causal LMs with the real layer shapes and vocabulary (Mixtral-8x7B: hidden
 vocab 151936; ``--layers`` decoder layers each), random bf16 weights with every expert matrix masked
 2:4 (``inference_models.build_model``). Variants: ``dense`` (transformers' ``grouped_mm`` experts, the
 baseline), ``2:4`` (:func:`stun_lightning.sparse.sparsify`), ``both`` (a seeded random 25% of each
-layer's experts removed with :func:`stun_lightning.keep_experts`, then sparsified).
+layer's experts removed with :func:`stun_lightning.keep_experts`, then sparsified); on request
+``u50`` / ``u70`` / ``u80`` (expert weights redrawn and masked unstructured at that sparsity by
+magnitude, so ``sparsify`` stores them as bitmaps: ``stun_bitmap``) and ``u70-both`` (the same
+after 25% of the experts removed).
 
 Each variant runs in its own process: it builds its model, then calls ``generate()`` as a user does,
 ``CompileConfig(fullgraph=True)`` (``mode="reduce-overhead"``: CUDA graphs; ``dynamic=None``: after the
@@ -44,6 +47,8 @@ import torch
 VOCAB = {"mixtral": 32000, "qwen3": 151936}
 LAYERS = {"mixtral": 4, "qwen3": 8}
 VARIANTS = ("dense", "2:4", "both")
+#: unstructured variants (bitmap experts), run when named in --variants
+UNSTRUCTURED = ("u50", "u70", "u80", "u70-both")
 COLUMNS = ["shape", "variant", "batch", "prompt", "TTFT ms", "TTFT x dense", "decode tok/s", "decode x dense", "floor tok/s", "of floor",
            "graph breaks", "weights GB"]
 
@@ -72,12 +77,24 @@ def build(shape: str, variant: str, layers: int, seed: int, quick: bool = False)
     from stun_lightning.sparse import sparsify
 
     model = build_model((QUICK_SHAPES if quick else SHAPES)[shape], layers, vocab_of(shape, quick), device_of(quick), seed)
-    if variant == "both":
+    if variant in UNSTRUCTURED:
+        from stun_lightning.patterns import mask_from_scores
+        from stun_lightning.metrics import weighted_magnitude
+
+        sparsity = int(variant[1:3]) / 100
+        torch.manual_seed(seed + 1)
+        with torch.no_grad():
+            for layer in moe_layers(model):
+                for w in layer.expert_matrices().values():
+                    for e in range(w.shape[0]):
+                        w[e].normal_(0, 0.02)
+                        w[e].mul_(mask_from_scores(weighted_magnitude(w[e]), sparsity, "unstructured"))
+    if variant in ("both", "u70-both"):
         generator = torch.Generator().manual_seed(seed)
         for layer in list(moe_layers(model)):
             n = layer.num_experts
             keep_experts(model, layer.index, torch.randperm(n, generator=generator)[: n - n // 4].tolist())
-    if variant in ("2:4", "both"):
+    if variant != "dense":
         sparsify(model)
     return model
 
@@ -246,7 +263,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", nargs="+", default=list(VOCAB), choices=list(VOCAB))
     p.add_argument("--layers", nargs="+", default=[f"{k}={v}" for k, v in LAYERS.items()], help="SHAPE=N decoder layers")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS + UNSTRUCTURED))
     p.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
     p.add_argument("--prompts", nargs="+", type=int, default=[64, 2048])
     p.add_argument("--new-tokens", type=int, default=64)

@@ -6,6 +6,14 @@ expert's output and its teacher original's, on the tokens the teacher routes to 
 (removed experts are not compared); lambda starts at ``L_CE / L_expert``. Optional logit KL with a
 temperature and an MoE-block-output MSE. With ``teacher=None`` it is a plain causal-LM fine-tune.
 
+Recovery options, one switch (``loss``), so they compare side by side at the same steps and seed:
+``ce`` (cross-entropy only, the control), ``logit_kd`` (CE + lambda * T^2 KL of the next-token
+distributions), ``expert_kd`` (the default, above), ``block_kd`` (CE + lambda * MSE of the MoE block
+outputs), ``router_kd`` (only the routers train, on CE + lambda * KL of their routing against the
+teacher's over the kept experts). Each distillation term's lambda follows MoE-Pruner's rule,
+``L_CE / L_term`` at ``lambda_init_step`` (our choice for the options other than ``expert_kd``), or
+is fixed by ``expert_weight``. ``lora_rank`` > 0 makes any of them a LoRA fit (needs peft).
+
 The teacher is frozen, runs under ``torch.inference_mode`` (bf16 by default) and is never updated.
 It is deliberately *not* a registered submodule: it is not in the checkpoint (re-created from
 ``teacher`` on resume), the optimizer never sees it, and the strategy never moves, wraps or shards it.
@@ -46,11 +54,13 @@ from stun_lightning.distill import (
     MoECapture,
     block_mse,
     check_expert_map,
+    check_recovery_loss,
     combine,
     expert_mse,
     identity_expert_map,
     init_expert_lambda,
     logit_kl,
+    router_kl,
 )
 from stun_lightning.sharding import is_sharded, materialize, reshard, shard_decoder_layers
 
@@ -61,9 +71,14 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def load_causal_lm(spec: str | nn.Module, dtype: str | None = None, seed: int = 0) -> nn.Module:
-    """A model from ``"tiny:<family>"`` (the shipped tiny models), a ``from_pretrained`` path, or as given."""
+    """A model from ``"reference"`` (the shipped trained MoE), ``"tiny:<family>"`` (the shipped random
+    tiny models), a ``from_pretrained`` path, or as given."""
     if isinstance(spec, nn.Module):
         return spec
+    if spec == "reference":
+        from stun_lightning.reference import load_reference_model
+
+        return load_reference_model(_DTYPES[dtype] or torch.float32)[0]
     if spec.startswith("tiny:"):
         from stun_lightning.tiny import build_tiny_model
 
@@ -75,8 +90,8 @@ def load_causal_lm(spec: str | nn.Module, dtype: str | None = None, seed: int = 
 
 
 def tokenizer_for(spec: str) -> str | None:
-    """The tokenizer path that goes with a model spec (None = the shipped tokenizer of tiny models)."""
-    return None if spec.startswith("tiny:") else spec
+    """The tokenizer path that goes with a model spec (None = the shipped tokenizer of tiny and reference models)."""
+    return None if spec == "reference" or spec.startswith("tiny:") else spec
 
 
 def _with_expert_targets(lora: dict[str, Any], model: nn.Module) -> dict[str, Any]:
@@ -110,7 +125,7 @@ class StunDistillModule(LightningModule):
     """Causal-LM fine-tuning of a (to be) pruned MoE student, optionally distilled from its original.
 
     Args:
-        student: the model (module, ``"tiny:<family>"`` or a ``from_pretrained`` path). A
+        student: the model (module, ``"reference"``, ``"tiny:<family>"`` or a ``from_pretrained`` path). A
             :class:`~stun_lightning.callbacks.StunCallback` prunes it at fit start.
         teacher: ``"copy"`` (a frozen copy of the student taken here, before any pruning), a model
             or path, or None for no distillation. A model passed in is used as is, not copied (a
@@ -118,8 +133,12 @@ class StunDistillModule(LightningModule):
         expert_map: per MoE layer, the teacher index of every student expert; default the
             kept experts of the trainer's StunCallback (:meth:`StunCallback.of`), or the identity when
             nothing was removed.
-        ce_weight / expert_weight / logit_kl_weight / block_weight / temperature: loss weights
-            (``expert_weight=None``: lambda = L_CE / L_expert at the first step, MoE-Pruner).
+        loss: the recovery option (module docstring): ``ce``, ``logit_kd``, ``expert_kd`` (default),
+            ``block_kd`` or ``router_kd``.
+        ce_weight / expert_weight / logit_kl_weight / block_weight / temperature: loss weights.
+            ``expert_weight`` is the lambda of ``loss``'s distillation term (the expert term for
+            ``expert_kd``); None: lambda = L_CE / L_term at the first step, MoE-Pruner.
+            ``logit_kl_weight`` / ``block_weight`` add those terms to any option with fixed weights.
         lambda_init_step: with ``expert_weight=None``, lambda is set at the first step at or after
             this one where the expert term is not zero (before that the term adds nothing). When the
             StunCallback masks progressively, set it to the schedule's ``end_step``: lambda then
@@ -134,6 +153,8 @@ class StunDistillModule(LightningModule):
             (e.g. ``["experts.gate_up_proj", "experts.down_proj"]``) puts LoRA on the fused expert
             tensors too (peft requires ``lora_dropout=0`` there).
         lora_experts: add the family's fused expert tensors to ``lora``'s ``target_parameters``.
+        lora_rank: shorthand for ``lora={"r": rank, "lora_alpha": 2 * rank, "target_modules":
+            ["q_proj", "k_proj", "v_proj", "o_proj"]}`` (0 = full fine-tune).
 
     LoRA on experts and masks: the base expert tensors stay frozen, so their pruned zeros stay zero
     during the fit, but each expert's low-rank delta is dense. Merging keeps the masks: the
@@ -152,6 +173,7 @@ class StunDistillModule(LightningModule):
         expert_map: dict[int, list[int]] | None = None,
         ce_weight: float = 1.0,
         expert_weight: float | None = None,
+        loss: str = "expert_kd",
         logit_kl_weight: float = 0.0,
         block_weight: float = 0.0,
         temperature: float = 2.0,
@@ -165,9 +187,18 @@ class StunDistillModule(LightningModule):
         lambda_init_step: int = 0,
         lora: dict[str, Any] | None = None,
         lora_experts: bool = False,
+        lora_rank: int = 0,
         seed: int = 0,
     ) -> None:
         super().__init__()
+        self.loss_term = check_recovery_loss(loss)
+        self.loss = loss
+        if lora_rank < 0 or (lora_rank and lora):
+            raise ValueError(f"lora_rank must be >= 0 and not given together with lora=, got lora_rank={lora_rank}, lora={lora}")
+        if lora_rank:
+            lora = {"r": lora_rank, "lora_alpha": 2 * lora_rank, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+        if loss == "router_kd" and lora:
+            raise ValueError("loss='router_kd' trains the routers only; drop lora / lora_rank")
         self.save_hyperparameters(ignore=["student", "teacher"] if isinstance(student, nn.Module) else ["teacher"])
         self.student = load_causal_lm(student, dtype, seed).train()  # from_pretrained returns eval mode
         if teacher == "copy":
@@ -188,10 +219,14 @@ class StunDistillModule(LightningModule):
             raise ValueError("lora_experts=True needs the LoRA settings too: pass lora={'r': 16, 'target_modules': [...]}")
         self.lora = _with_expert_targets(lora, self.student) if lora_experts else lora
         # lambda lives in the checkpoint so a resumed fit keeps the value of the first step
+        if loss == "ce":
+            expert_weight = 0.0  # the control: no distillation term
         self.register_buffer("expert_lambda", torch.tensor(float("nan") if expert_weight is None else expert_weight))
         self._captures: tuple[MoECapture, MoECapture] | None = None
         self._in_forward: InForwardExpertMSE | None = None
         self._val_nll = self._val_tokens = None
+        self._teacher_val_nll = None  # the teacher's validation NLL, scored once (the dense reference)
+        self._teacher_val_ppl: float | None = None
         self.last_losses: dict[str, torch.Tensor] = {}  # terms of the latest training step (detached)
 
     @property
@@ -205,8 +240,15 @@ class StunDistillModule(LightningModule):
         if mesh is not None:
             self._shard(mesh)
             return
+        if self.loss == "router_kd":
+            self.student.requires_grad_(False)
+            for layer in moe_layers(self.student):
+                layer.router.requires_grad_(True)
         if self.lora and not hasattr(self.student, "peft_config"):
-            from peft import LoraConfig, get_peft_model
+            try:
+                from peft import LoraConfig, get_peft_model
+            except ImportError:
+                raise ImportError("LoRA recovery needs peft: pip install 'stun-lightning[lora]' (or pip install peft)") from None
 
             # peft's ParamWrappers around mlp.experts are looked through by stun_lightning.adapters
             self.student = get_peft_model(self.student, LoraConfig(**self.lora))
@@ -263,10 +305,11 @@ class StunDistillModule(LightningModule):
         expert_map = self._resolve_expert_map()
         check_expert_map(self._student_model(), self.teacher, expert_map)
         self.expert_map = expert_map
-        blocks = self.weights.block > 0
+        blocks = self.weights.block > 0 or self.loss_term == "block"
+        routers = self.loss_term == "router"
         self._captures = (
-            MoECapture(self._student_model(), detach=False, block_outputs=blocks),
-            MoECapture(self.teacher, detach=True, block_outputs=blocks),
+            MoECapture(self._student_model(), detach=False, block_outputs=blocks, router_logits=routers),
+            MoECapture(self.teacher, detach=True, block_outputs=blocks, router_logits=routers),
         )
         if is_sharded(self._student_model()):
             self._in_forward = InForwardExpertMSE(*self._captures, expert_map)
@@ -296,7 +339,12 @@ class StunDistillModule(LightningModule):
         ids = batch["input_ids"]
         labels = batch.get("labels", ids)
         distil = self.teacher is not None and self._captures is not None
-        want_expert = self.expert_lambda.isnan() or float(self.expert_lambda) > 0
+        want_kd = self.expert_lambda.isnan() or float(self.expert_lambda) > 0
+        want_expert = want_kd and self.loss_term == "expert"
+        want_kl = self.weights.logit_kl > 0 or (want_kd and self.loss_term == "logit_kl")
+        want_block = self.weights.block > 0 or (want_kd and self.loss_term == "block")
+        want_router = want_kd and self.loss_term == "router"
+        distil = distil and (want_expert or want_kl or want_block or want_router)
         t_out = None
         if distil:
             s_cap, t_cap = self._captures
@@ -307,29 +355,35 @@ class StunDistillModule(LightningModule):
                 t_out = self._teacher_forward(batch)
         out = self.student(input_ids=ids, attention_mask=batch.get("attention_mask"), labels=labels)
         ce = out.loss
-        expert = kl = block = None
+        expert = kl = block = router = None
         if distil:
             if t_out is None:
                 t_out = self._teacher_forward(batch)
             if want_expert:
                 expert = self._in_forward.loss(ce.device) if self._in_forward is not None else expert_mse(s_cap, t_cap, self.expert_map)
-            if self.weights.logit_kl > 0:
+            if want_kl:
                 kl = logit_kl(out.logits, t_out.logits, self.weights.temperature)
-            if self.weights.block > 0:
+            if want_block:
                 block = block_mse(s_cap, t_cap)
+            if want_router:
+                router = router_kl(s_cap, t_cap, self.expert_map)
             s_cap.clear()
             t_cap.clear()
-            if expert is not None and self.expert_lambda.isnan() and self.global_step >= self.lambda_init_step:
-                lam = init_expert_lambda(ce, expert)
+            term = {"expert": expert, "logit_kl": kl, "block": block, "router": router}.get(self.loss_term)
+            if term is not None and self.expert_lambda.isnan() and self.global_step >= self.lambda_init_step:
+                lam = init_expert_lambda(ce, term)
                 if lam is not None:
                     self.expert_lambda.fill_(lam)
         lam = float(self.expert_lambda)
-        losses = combine(self.weights, None if math.isnan(lam) else lam, ce, expert, kl, block)
+        losses = combine(self.weights, None if math.isnan(lam) else lam, ce, expert, kl, block, router, primary=self.loss_term or "expert")
+        if self._captures is not None:  # records of a step with no distillation term
+            for c in self._captures:
+                c.clear()
         self.last_losses = {"total": losses.total.detach(), **{k: v.detach() for k, v in losses.terms.items()}}
         for name, value in losses.terms.items():
             self.log(f"train/{name}", value.detach(), prog_bar=name == "ce")
         self.log("train/loss", losses.total.detach(), prog_bar=True)
-        if expert is not None and not math.isnan(lam):
+        if self.loss_term is not None and not math.isnan(lam):
             self.log("train/expert_lambda", lam)
         return losses.total
 
@@ -339,6 +393,8 @@ class StunDistillModule(LightningModule):
                 c.enabled = False
         self._val_nll = torch.zeros((), dtype=torch.float64, device=self.device)
         self._val_tokens = torch.zeros((), dtype=torch.float64, device=self.device)
+        scored = self.teacher is None or self._teacher_val_ppl is not None
+        self._teacher_val_nll = None if scored else torch.zeros((), dtype=torch.float64, device=self.device)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         ids = batch["input_ids"]
@@ -346,6 +402,9 @@ class StunDistillModule(LightningModule):
         nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum")
         self._val_nll += nll.double()
         self._val_tokens += ids[:, 1:].numel()
+        if self._teacher_val_nll is not None and next(self.teacher.parameters()).device.type != "meta":
+            t_logits = self._teacher_forward({"input_ids": ids}).logits.to(logits.device)
+            self._teacher_val_nll += F.cross_entropy(t_logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum").double()
 
     def on_validation_epoch_end(self) -> None:
         nll = self.trainer.strategy.reduce(self._val_nll, reduce_op="sum")
@@ -356,6 +415,11 @@ class StunDistillModule(LightningModule):
         loss = float(nll / tokens.clamp_min(1))
         self.log("val_loss", loss, prog_bar=True, sync_dist=False)
         self.log("val_ppl", math.exp(min(loss, 50.0)), prog_bar=True, sync_dist=False)
+        if self._teacher_val_nll is not None:  # the dense model's perplexity on the same blocks, logged every time
+            t_nll = self.trainer.strategy.reduce(self._teacher_val_nll, reduce_op="sum")
+            self._teacher_val_ppl = math.exp(min(float(t_nll / tokens.clamp_min(1)), 50.0))
+        if self._teacher_val_ppl is not None:
+            self.log("val_ppl_teacher", self._teacher_val_ppl, sync_dist=False)
 
     def configure_optimizers(self):
         params = [p for p in self.student.parameters() if p.requires_grad]

@@ -45,24 +45,28 @@ class CapturedLayer:
     hidden: torch.Tensor  # [T, H] input of the fused experts module
     index: torch.Tensor  # [T, k] routed experts
     block_output: torch.Tensor | None = None  # [B, L, H] MoE block output (routed + shared)
+    router_logits: torch.Tensor | None = None  # [T, E] router logits (the router's first output)
 
 
 class MoECapture:
     """Forward hooks recording, for every MoE layer, the experts' input tokens and routing, and
-    optionally the MoE block's output, during a model's own forward pass.
+    optionally the MoE block's output and the router's logits, during a model's own forward pass.
 
     ``detach=True`` for the teacher (nothing kept for autograd). Records are replaced on every
     forward; :meth:`clear` drops them, :meth:`close` removes the hooks.
     """
 
-    def __init__(self, model: nn.Module, *, detach: bool, block_outputs: bool = False):
+    def __init__(self, model: nn.Module, *, detach: bool, block_outputs: bool = False, router_logits: bool = False):
         self.layers = {layer.index: layer for layer in moe_layers(model)}
         self.detach = detach
         self.records: dict[int, CapturedLayer] = {}
         self.enabled = True
         self.on_record = None  # called as on_record(layer index, record) inside the layer's forward
         self._handles = []
+        self._router_logits: dict[int, torch.Tensor] = {}  # the router runs before the experts' pre-hook
         for i, layer in self.layers.items():
+            if router_logits:
+                self._handles.append(layer.router.register_forward_hook(self._on_router(i)))
             self._handles.append(layer.experts.register_forward_pre_hook(self._on_experts(i)))
             if block_outputs:
                 self._handles.append(layer.block.register_forward_hook(self._on_block(i)))
@@ -74,9 +78,17 @@ class MoECapture:
             hidden, index = args[0], args[1]
             if self.detach:
                 hidden = hidden.detach()
-            self.records[i] = CapturedLayer(hidden, index.detach())
+            self.records[i] = CapturedLayer(hidden, index.detach(), router_logits=self._router_logits.pop(i, None))
             if self.on_record is not None:
                 self.on_record(i, self.records[i])
+
+        return hook
+
+    def _on_router(self, i: int):
+        def hook(module, args, output):
+            if self.enabled:
+                logits = output[0] if isinstance(output, tuple) else output
+                self._router_logits[i] = logits.detach() if self.detach else logits
 
         return hook
 
@@ -90,7 +102,7 @@ class MoECapture:
         return hook
 
     def clear(self) -> None:
-        self.records = {}
+        self.records, self._router_logits = {}, {}
 
     def close(self) -> None:
         for h in self._handles:
@@ -246,6 +258,28 @@ def block_mse(student: MoECapture, teacher: MoECapture) -> torch.Tensor:
     return torch.stack(terms).sum()
 
 
+def router_kl(student: MoECapture, teacher: MoECapture, expert_map: dict[int, list[int]], temperature: float = 1.0) -> torch.Tensor:
+    """Router distillation: sum over MoE layers of ``T^2 * KL(teacher routing || student routing)``, mean per token.
+
+    The teacher's routing distribution is the softmax of its router logits restricted to the experts
+    the student kept (``expert_map``, renormalised over them), so removed experts' probability mass
+    is spread over the survivors as the teacher would rank them; the student's is the softmax of its
+    own router logits at its own MoE-block input. Our reading of router KD for compressed MoEs
+    (arXiv 2603.02217: train the routers of the pruned model against the original's routing); a
+    router that scores by sigmoid (DeepSeek-V3) is still compared through a softmax of its logits.
+    """
+    terms = []
+    for i, rec in student.records.items():
+        t = teacher.records[i].router_logits
+        if rec.router_logits is None or t is None:
+            raise ValueError("router logits were not captured: build the MoECapture with router_logits=True")
+        s = rec.router_logits.float() / temperature
+        kept = torch.as_tensor(expert_map[i], device=t.device)
+        t = t.clone().index_select(-1, kept).to(s.device).float() / temperature
+        terms.append(F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="batchmean") * temperature**2)
+    return torch.stack(terms).sum()
+
+
 def logit_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 2.0) -> torch.Tensor:
     """``T^2 * KL(teacher || student)`` of the temperature-softened next-token distributions, mean per token."""
     t = teacher_logits.clone().to(student_logits.device).float() / temperature
@@ -259,7 +293,7 @@ class DistillWeights:
     """Weights of the loss terms.
 
     ``expert``: None initialises lambda to ``L_CE / L_expert`` at the first step (MoE-Pruner), a
-    number fixes it. ``logit_kl`` / ``block``: weights of the optional terms (0 = off).
+    number fixes it. ``logit_kl`` / ``block`` / ``router``: weights of the optional terms (0 = off).
     """
 
     ce: float = 1.0
@@ -267,9 +301,10 @@ class DistillWeights:
     logit_kl: float = 0.0
     block: float = 0.0
     temperature: float = 2.0
+    router: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("ce", "logit_kl", "block"):
+        for name in ("ce", "logit_kl", "block", "router"):
             if getattr(self, name) < 0:
                 raise ValueError(f"distillation weight {name} must be >= 0, got {getattr(self, name)}")
         if self.expert is not None and self.expert < 0:
@@ -300,19 +335,35 @@ class DistillLosses:
     terms: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def combine(weights: DistillWeights, expert_lambda: float | None, ce: torch.Tensor, expert=None, kl=None, block=None) -> DistillLosses:
-    """``ce_w * CE + lambda * L_expert + kl_w * KL + block_w * L_block`` with every term reported."""
+RECOVERY_LOSSES = {"ce": None, "logit_kd": "logit_kl", "expert_kd": "expert", "block_kd": "block", "router_kd": "router"}
+"""Recovery options: the name of each and the loss term it adds to the cross-entropy (its lambda)."""
+
+
+def check_recovery_loss(loss: str) -> str | None:
+    """The term that ``loss`` distils with (None for ``"ce"``), or a ValueError naming the options."""
+    if loss not in RECOVERY_LOSSES:
+        raise ValueError(f"unknown recovery loss {loss!r}; choose one of {', '.join(RECOVERY_LOSSES)}")
+    return RECOVERY_LOSSES[loss]
+
+
+def combine(
+    weights: DistillWeights, expert_lambda: float | None, ce: torch.Tensor, expert=None, kl=None, block=None, router=None, primary: str = "expert"
+) -> DistillLosses:
+    """``ce_w * CE + lambda * L_primary + sum w * L_other`` with every term reported.
+
+    ``primary`` names the term weighted by ``expert_lambda`` (0 while it is None): ``"expert"``
+    (MoE-Pruner) or the term of another recovery option (:data:`RECOVERY_LOSSES`); the others use
+    their weights in ``weights``.
+    """
     terms = {"ce": ce}
     total = weights.ce * ce
-    if expert is not None:
-        terms["expert"] = expert
-        total = total + (expert_lambda if expert_lambda is not None else 0.0) * expert
-    if kl is not None:
-        terms["logit_kl"] = kl
-        total = total + weights.logit_kl * kl
-    if block is not None:
-        terms["block"] = block
-        total = total + weights.block * block
+    fixed = {"expert": 0.0, "logit_kl": weights.logit_kl, "block": weights.block, "router": weights.router}
+    for name, value in (("expert", expert), ("logit_kl", kl), ("block", block), ("router", router)):
+        if value is None:
+            continue
+        terms[name] = value
+        weight = (expert_lambda if expert_lambda is not None else 0.0) if name == primary else fixed[name]
+        total = total + weight * value
     return DistillLosses(total, terms)
 
 
@@ -322,8 +373,10 @@ __all__ = [
     "DistillWeights",
     "InForwardExpertMSE",
     "MoECapture",
+    "RECOVERY_LOSSES",
     "block_mse",
     "check_expert_map",
+    "check_recovery_loss",
     "combine",
     "expert_mse",
     "identity_expert_map",
@@ -331,4 +384,5 @@ __all__ = [
     "kept_from_removed",
     "logit_kl",
     "lora_adapted",
+    "router_kl",
 ]

@@ -3,9 +3,10 @@
 * ``"hf"``: a Hugging Face directory (:func:`stun_lightning.save_pruned`): the pruned config and
   dense weights with their zeros. Plain ``transformers`` loads it when every layer kept the same
   number of experts; per-layer counts need :func:`stun_lightning.load_pruned`. No memory saved.
-* ``"sparse"``: experts compressed 2:4 (values + 2-bit positions, 0.5625 of their dense bytes) in
-  safetensors, reloaded by :func:`load_exported` without recompressing, run by the
-  ``stun_sparse24`` experts implementation (:mod:`stun_lightning.sparse`). Needs 2:4 masks.
+* ``"sparse"``: each expert matrix compressed as :func:`stun_lightning.sparse.sparsify` chooses
+  from its mask (2:4: values + 2-bit positions, 0.5625 of the dense bytes; bitmap for any other
+  mask that pays; dense otherwise) in safetensors, reloaded by :func:`load_exported` without
+  recompressing, run by the ``stun_sparse24`` or ``stun_bitmap`` experts implementation.
 * ``"aoti"``: an AOTInductor package (``model.pt2``) of one decode step of the sparse model with a
   static KV cache inside (transformers' ``TorchExportableModuleForDecoderOnlyLM``): call it with
   ``input_ids [batch, 1]`` and ``cache_position [1]``, get logits. Compiled for the device the
@@ -25,7 +26,8 @@ from torch import nn
 
 from .serialization import atomic_output, load_pruned, save_pruned
 from .sparse.checkpoint import is_sparse_checkpoint, load_sparse, save_sparse
-from .sparse.convert import densify, expert_modules, is_sparsified, sparsify
+from .sparse.convert import SparsifyConfig, densify, expert_modules, is_sparsified, sparsify
+from .sparse.bitmap_experts import is_mixed
 from .sparse.experts import is_sparse24
 
 FORMATS = ("hf", "sparse", "aoti")
@@ -41,7 +43,7 @@ def _check_out(out: str | os.PathLike, overwrite: bool) -> Path:
 
 
 def _any_sparse(model: nn.Module) -> bool:
-    return any(is_sparse24(experts) for _, experts, _ in expert_modules(model))
+    return any(is_sparse24(experts) or is_mixed(experts) for _, experts, _ in expert_modules(model))
 
 
 def export(model: nn.Module, out: str | os.PathLike, format: str = "hf", *, tokenizer=None, overwrite: bool = False, max_cache_len: int = 256, batch_size: int = 1, extra_files: dict[str, str] | None = None) -> Path:
@@ -51,8 +53,8 @@ def export(model: nn.Module, out: str | os.PathLike, format: str = "hf", *, toke
     report, recipe and eval results, so the export's model card states them).
 
     ``max_cache_len`` / ``batch_size`` size the static KV cache of the ``"aoti"`` decode step.
-    Raises :class:`~stun_lightning.sparse.Not24SparseError` (naming the layer) when ``"sparse"`` or
-    ``"aoti"`` meets experts that are not 2:4, and FileExistsError for an existing ``out``.
+    Raises :class:`~stun_lightning.sparse.Not24SparseError` (naming the layer) when ``"aoti"`` meets
+    experts that are not 2:4, and FileExistsError for an existing ``out``.
     """
     if format not in FORMATS:
         raise ValueError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
@@ -66,7 +68,10 @@ def export(model: nn.Module, out: str | os.PathLike, format: str = "hf", *, toke
         finally:
             sparsify(model)
     was_dense = not is_sparsified(model)
-    sparsify(model)  # checks every layer before converting any
+    if format == "aoti" and not was_dense and not all(is_sparse24(e) for _, e, _ in expert_modules(model)):
+        raise ValueError('format="aoti" packages 2:4 experts only (the bitmap ops run from Python); export format="sparse" instead')
+    # checks every layer before converting any; the AOTInductor package holds the 2:4 kernels only
+    sparsify(model, SparsifyConfig(formats=("2:4",)) if format == "aoti" else None)
     try:
         if format == "sparse":
             return save_sparse(model, out, tokenizer=tokenizer, overwrite=overwrite, extra_files=extra_files)

@@ -30,9 +30,12 @@ def _is_hub_id(name: str | None) -> bool:
     return bool(name) and name.count("/") == 1 and not name.startswith((".", "/", "~")) and not Path(name).exists()
 
 
-def model_card(directory: str | Path) -> str:
-    """The card text for the model directory ``directory`` (read, not written)."""
+def model_card(directory: str | Path, name: str | None = None) -> str:
+    """The card text for the model directory ``directory`` (read, not written); ``name`` is the
+    directory name the load snippet shows (default ``directory``'s own: pass the final name when
+    ``directory`` is a temporary one)."""
     d = Path(directory)
+    name = name or d.name
     config = _read_json(d / "config.json")
     report = _read_json(d / "stun_report.json")
     evals = _read_json(d / "eval_results.json")
@@ -64,19 +67,20 @@ def model_card(directory: str | Path) -> str:
         lines += ["## Evaluation", "", "| benchmark | value |", "|---|---|"] + [f"| {k} | {v:.4f} |" for k, v in results] + [""]
     lines += ["## How to load", "", "```python"]
     if (d / "stun_aoti.json").exists():
-        lines += ["from pathlib import Path", "from stun_lightning.export import AotiDecoder", f'decoder = AotiDecoder(Path("{d.name}"))  # AOTInductor decode step']
+        lines += ["from pathlib import Path", "from stun_lightning.export import AotiDecoder", f'decoder = AotiDecoder(Path("{name}"))  # AOTInductor decode step']
     elif sparse:
-        lines += ["from stun_lightning.sparse import load_sparse", f'model = load_sparse("{d.name}")  # 2:4 compressed experts']
+        lines += ["from stun_lightning.sparse import load_sparse", f'model = load_sparse("{name}")  # compressed experts (2:4 or bitmap)']
     elif config.get("stun_num_experts_per_layer"):
-        lines += ["from stun_lightning import load_pruned", f'model = load_pruned("{d.name}")  # expert counts differ per layer']
+        lines += ["from stun_lightning import load_pruned", f'model = load_pruned("{name}")  # expert counts differ per layer']
     else:
-        lines += ["from transformers import AutoModelForCausalLM", f'model = AutoModelForCausalLM.from_pretrained("{d.name}")', "# or: stun_lightning.load_pruned(...)"]
+        lines += ["from transformers import AutoModelForCausalLM", f'model = AutoModelForCausalLM.from_pretrained("{name}")', "# or: stun_lightning.load_pruned(...)"]
     lines += ["```", ""]
     return "\n".join(lines)
 
 
-def write_model_card(directory: str | Path) -> Path:
-    """Write ``directory/README.md`` (replacing one there) and return its path."""
+def write_model_card(directory: str | Path, name: str | None = None) -> Path:
+    """Write ``directory/README.md`` (replacing one there) and return its path; ``name`` as in
+    :func:`model_card`."""
     path = Path(directory) / CARD
-    path.write_text(model_card(directory))
+    path.write_text(model_card(directory, name))
     return path

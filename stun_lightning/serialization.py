@@ -66,7 +66,7 @@ def atomic_output(out_dir: str | os.PathLike, overwrite: bool = False, tokenizer
         if not (tmp / "README.md").exists():
             from .model_card import write_model_card
 
-            write_model_card(tmp)
+            write_model_card(tmp, name=Path(out_dir).name)
 
 
 def save_pruned(

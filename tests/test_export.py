@@ -85,7 +85,7 @@ def test_export_refuses_non_24_and_existing_outputs(tmp_path):
     model = build_tiny_model("mixtral")
     prune(model, StunRecipe(expert_sparsity=0.25, sparsity=0.5, metric="magnitude", layer_budget="uniform"), calibration=random_ids(model), progress=False)
     with pytest.raises(Not24SparseError, match='pattern: "2:4"'):
-        export(model, tmp_path / "s", "sparse")
+        export(model, tmp_path / "s", "aoti")
     assert not (tmp_path / "s").exists() and not is_sparsified(model)
     (tmp_path / "exists").mkdir()
     with pytest.raises(FileExistsError, match="overwrite"):
@@ -120,8 +120,8 @@ def test_cli_export_bad_inputs(tmp_path, capsys):
     (tmp_path / "exists").mkdir()
     capsys.readouterr()
     cases = {
-        "not 2:4": (["--model", source, "--format", "sparse", "--out", str(tmp_path / "o1")], 'layer 0 gate_up_proj is not 2:4 sparse'),
-        "names the fix": (["--model", source, "--format", "sparse", "--out", str(tmp_path / "o2")], 'pattern: "2:4"'),
+        "not 2:4": (["--model", source, "--format", "aoti", "--out", str(tmp_path / "o1")], 'layer 0 gate_up_proj is not 2:4 sparse'),
+        "names the fix": (["--model", source, "--format", "aoti", "--out", str(tmp_path / "o2")], 'pattern: "2:4"'),
         "existing out": (["--model", source, "--format", "hf", "--out", str(tmp_path / "exists")], "--overwrite"),
         "missing model": (["--model", str(tmp_path / "nope"), "--format", "hf", "--out", str(tmp_path / "o3")], "does not exist"),
     }

@@ -79,3 +79,4 @@ def test_every_written_directory_carries_a_model_card(pruned, tmp_path):
         assert "library_name: transformers" in front and "stun-lightning" in front and "qwen3_moe" in front
         assert "## Recipe" in card and "expert_method: stun" in card
         assert "sparsity over expert parameters (STUN)" in card and "perplexity after" in card and "## How to load" in card
+        assert f'("{d.name}")' in card and ".tmp" not in card  # the final directory, not the temporary one

@@ -8,6 +8,7 @@ from stun_lightning.sparse import (
     IMPLEMENTATION,
     Not24SparseError,
     NotSparseExpertsError,
+    SparsifyConfig,
     align_pairs,
     compress_24,
     decompress_24,
@@ -128,7 +129,7 @@ def test_refusal_leaves_the_model_dense_and_densify_restores_exactly():
     prune(model, StunRecipe(expert_sparsity=0.25, sparsity=0.5, metric="magnitude", layer_budget="uniform"), calibration=random_ids(model), progress=False)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(Not24SparseError, match=r'layer 0 gate_up_proj is not 2:4.*pattern: "2:4"'):
-        sparsify(model)
+        sparsify(model, SparsifyConfig(formats=("2:4",)))
     assert not is_sparsified(model) and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
     model, ids = pruned_24("gpt_oss")

@@ -4,13 +4,16 @@ Directory layout::
 
     config.json                 # the pruned config + "stun_sparse": {"format": "stun-sparse24", ...}
     stun_sparse24.safetensors   # every tensor of the model; experts as <name>_values / <name>_meta
+                                # (2:4), <name>_bitmap / _values / _offsets (bitmap) or <name> (dense)
     generation_config.json, tokenizer files (when given)
 
 The weights file is deliberately not ``model.safetensors``: plain ``from_pretrained`` stops with
 "no file named model.safetensors" instead of re-initialising the experts it cannot read.
 :func:`load_sparse` builds the model on the meta device, gives each experts module compressed
 buffers of the saved shapes and assigns the saved tensors: nothing is decompressed or recompressed,
-and a missing or unused tensor is an error.
+and a missing or unused tensor is an error. A model with per-matrix formats (``stun_bitmap``)
+records them in ``config.json`` (``"pattern": "mixed"``, ``"matrices": {layer: {matrix: format}}``,
+format version 2); a pure 2:4 export stays version 1.
 """
 
 from __future__ import annotations
@@ -27,9 +30,14 @@ from torch import nn
 
 from ..serialization import IncompleteCheckpointError, atomic_output
 from ..surgery import apply_top_k, recorded_expert_counts, recorded_top_k, set_expert_counts_shape
-from .convert import _set_implementation, empty_sparse_experts_, expert_modules, is_sparsified, own_buffers_
+from . import bitmap_experts
+from .bitmap_experts import is_mixed
+from .convert import _set_implementation, empty_mixed_experts_, empty_sparse_experts_, expert_modules, is_sparsified, own_buffers_, sparse_formats
 from .experts import IMPLEMENTATION
-from .format import FORMAT_NAME, FORMAT_VERSION
+from .format import FORMAT_NAME
+
+#: newest layout version this library reads (1: all 2:4; 2: per-matrix formats)
+FORMAT_VERSION = 2
 
 WEIGHTS_NAME = "stun_sparse24.safetensors"
 #: config.json field marking a compressed checkpoint
@@ -61,18 +69,25 @@ def save_sparse(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, ov
     if not is_sparsified(model):
         raise ValueError(
             "save_sparse needs compressed experts: call stun_lightning.sparse.sparsify(model) first, or "
-            "stun_lightning.export(model, out, format='sparse') which does both"
+            "stun_lightning.export(model, out, format='sparse') which does both (if sparsify left every matrix dense, "
+            "its masks are too dense to pay: export format='hf')"
         )
     with atomic_output(out_dir, overwrite, tokenizer, extra_files) as tmp:
         config = copy.deepcopy(model.config)
-        values_dtype = next(experts.gate_up_proj_values.dtype for _, experts, _ in expert_modules(model))
-        setattr(config, CONFIG_FIELD, {"format": FORMAT_NAME, "version": FORMAT_VERSION, "pattern": "2:4", "weights": WEIGHTS_NAME, "values_dtype": str(values_dtype).removeprefix("torch.")})
+        blocks = list(expert_modules(model))
+        mixed = is_mixed(blocks[0][1])
+        values_dtype = blocks[0][1]._stun_dtype if mixed else blocks[0][1].gate_up_proj_values.dtype
+        marker = {"format": FORMAT_NAME, "version": 2 if mixed else 1, "pattern": "mixed" if mixed else "2:4", "weights": WEIGHTS_NAME,
+                  "values_dtype": str(values_dtype).removeprefix("torch.")}
+        if mixed:
+            marker["matrices"] = {str(index): formats for index, formats in sparse_formats(model).items()}
+        setattr(config, CONFIG_FIELD, marker)
         config.save_pretrained(tmp)
         generation = getattr(model, "generation_config", None)
         if generation is not None:
             generation.save_pretrained(tmp)
         state, aliases = _unique_state(model)
-        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "stun_format": FORMAT_NAME, "stun_format_version": str(FORMAT_VERSION), "aliases": json.dumps(aliases)})
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "stun_format": FORMAT_NAME, "stun_format_version": str(marker["version"]), "aliases": json.dumps(aliases)})
     return Path(out_dir)
 
 
@@ -117,9 +132,24 @@ def load_sparse(path: str | os.PathLike, device: str | torch.device = "cpu", tor
             apply_top_k(model, top_k)
     with safe_open(str(weights), framework="pt") as f:
         aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+        header = {key: (tuple(f.get_slice(key).get_shape()), f.get_slice(key).get_dtype()) for key in f.keys()}
     state = load_file(str(weights), device=str(device))
-    for _, experts, _ in expert_modules(model):
-        empty_sparse_experts_(experts)
+    matrices = marker.get("matrices")
+    for index, experts, _ in expert_modules(model):
+        if matrices is None:
+            empty_sparse_experts_(experts)
+            continue
+        formats = matrices.get(str(index))
+        if formats is None:
+            raise IncompleteCheckpointError(f"{path}: config.json {CONFIG_FIELD}.matrices has no formats for MoE layer {index}")
+        prefix = next(name for name, module in model.named_modules() if module is experts) + "."
+        shapes = {key[len(prefix):]: shape for key, (shape, _) in header.items() if key.startswith(prefix)}
+        dtypes = {key[len(prefix):]: state[key].dtype for key in header if key.startswith(prefix)}
+        dtypes["dtype"] = getattr(torch, marker.get("values_dtype", "bfloat16"))
+        try:
+            empty_mixed_experts_(experts, formats, shapes, dtypes)
+        except KeyError as missing:
+            raise IncompleteCheckpointError(f"checkpoint {weights} does not match its config: missing {prefix}{missing.args[0]}") from None
     result = model.load_state_dict(state, strict=False, assign=True)
     missing = sorted(set(result.missing_keys) - set(aliases))
     if missing or result.unexpected_keys:
@@ -137,7 +167,7 @@ def load_sparse(path: str | os.PathLike, device: str | torch.device = "cpu", tor
     _materialize_non_persistent(model, device)
     if (path / "generation_config.json").exists():
         model.generation_config = GenerationConfig.from_pretrained(path)
-    _set_implementation(model, IMPLEMENTATION)
+    _set_implementation(model, IMPLEMENTATION if matrices is None else bitmap_experts.IMPLEMENTATION)
     model.eval()
     if torch_dtype is not None:
         model.to(torch_dtype)

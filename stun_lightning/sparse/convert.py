@@ -1,4 +1,11 @@
-"""``sparsify(model)``: one call turns a 2:4-pruned model's experts into compressed form.
+"""``sparsify(model)``: one call turns a pruned model's experts into compressed form.
+
+Each fused expert matrix gets the format its mask pays for (:class:`SparsifyConfig`): 2:4 when
+every group of 4 inputs keeps at most 2, else the bitmap format (:mod:`.bitmap`) when it stores
+the matrix in at most ``max_bytes_ratio`` of its dense bytes, else dense. A model whose matrices
+are all 2:4 runs with ``stun_sparse24`` as below; any other mix runs with ``stun_bitmap``
+(:mod:`.bitmap_experts`), which runs each matrix from its own format. :func:`sparse_formats`
+reports the choice (also logged at INFO by ``sparsify``).
 
 Each MoE block's experts module keeps its class (a subclass is swapped in) and its routing; its
 fused ``gate_up_proj`` / ``down_proj`` parameters are replaced by buffers ``<name>_values`` and
@@ -12,6 +19,8 @@ decompresses the whole layer on every access (the forward never does).
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Iterator
 
@@ -20,8 +29,13 @@ from torch import nn
 
 from ..adapters import MoEAdapter, decoder_layers, get_adapter
 from ..surgery import sync_config
+from . import bitmap_experts
+from .bitmap import BITMAP, compress_bitmap, decompress_bitmap, estimated_bitmap_nbytes
+from .bitmap_experts import DENSE, SPARSE24, is_mixed
 from .experts import IMPLEMENTATION, EXPERT_MATRICES, is_sparse24
-from .format import check_24, compress_24, decompress_24
+from .format import check_24, compress_24, decompress_24, violations_24
+
+logger = logging.getLogger("stun_lightning.sparse")
 
 
 def expert_modules(model: nn.Module) -> Iterator[tuple[int, nn.Module, MoEAdapter]]:
@@ -32,7 +46,7 @@ def expert_modules(model: nn.Module) -> Iterator[tuple[int, nn.Module, MoEAdapte
     adapter = get_adapter(model)
     for i, layer in enumerate(decoder_layers(model)):
         experts = getattr(getattr(layer, "mlp", None), adapter.experts_attr, None)
-        if experts is not None and (is_sparse24(experts) or "gate_up_proj" in experts._parameters):
+        if experts is not None and (is_sparse24(experts) or is_mixed(experts) or "gate_up_proj" in experts._parameters):
             yield i, experts, adapter
 
 
@@ -64,12 +78,9 @@ def own_buffers_(experts: nn.Module) -> nn.Module:
     metadata bytes at a time from the start of a buffer; this is the one place where that layout
     is established (sparsify, load), so the compiled forward need not look at storage offsets, and
     a misaligned view is not copied on every call by the kernels' launchers."""
-    for name in EXPERT_MATRICES:
-        for part in ("values", "meta"):
-            key = f"{name}_{part}"
-            t = experts._buffers[key]
-            if not t.is_contiguous() or t.storage_offset() != 0:
-                experts._buffers[key] = t.contiguous().clone()
+    for key, t in list(experts._buffers.items()):
+        if t is not None and key.startswith(EXPERT_MATRICES) and (not t.is_contiguous() or t.storage_offset() != 0):
+            experts._buffers[key] = t.contiguous().clone()
     return experts
 
 
@@ -115,6 +126,153 @@ def decompress_experts_(experts: nn.Module) -> nn.Module:
     return experts
 
 
+# ---- per-matrix formats (stun_bitmap) ----------------------------------------------------------
+
+
+@dataclass
+class SparsifyConfig:
+    """How :func:`sparsify` chooses each fused expert matrix's storage.
+
+    ``formats``: the storages it may pick, tried in this order: ``"2:4"`` (the mask keeps at most 2
+    of every 4 inputs), ``"bitmap"`` (any mask, when it pays), ``"dense"`` (kept as is). A matrix
+    that fits none of them is an error; ``formats=("2:4",)`` is the strict 2:4 conversion, which
+    raises :class:`~stun_lightning.sparse.Not24SparseError` naming the layer.
+    ``max_bytes_ratio``: bitmap storage is used only when its bytes (values + 1/8 byte of bitmap +
+    1/16 of offsets per weight, :mod:`.bitmap`) are at most this fraction of the dense bytes: the
+    default 0.8 asks for at least 1.25x fewer bytes, i.e. about 35% sparsity or more in bf16; below
+    it the matrix stays dense (our choice, not from a paper).
+    """
+
+    formats: tuple[str, ...] = (SPARSE24, BITMAP, DENSE)
+    max_bytes_ratio: float = 0.8
+
+    def __post_init__(self):
+        self.formats = tuple(self.formats)
+        unknown = set(self.formats) - {SPARSE24, BITMAP, DENSE}
+        if unknown or not self.formats:
+            raise ValueError(f"SparsifyConfig.formats: unknown {sorted(unknown)}; choose among '2:4', 'bitmap', 'dense'")
+        if not 0 < self.max_bytes_ratio <= 1:
+            raise ValueError(f"SparsifyConfig.max_bytes_ratio must be in (0, 1], got {self.max_bytes_ratio}")
+
+
+def choose_format(weight: torch.Tensor, config: SparsifyConfig, label: str = "weight") -> str:
+    """The storage :func:`sparsify` gives ``weight`` ``[E, out, in]`` under ``config``."""
+    for fmt in config.formats:
+        if fmt == SPARSE24 and weight.shape[-1] % 4 == 0 and not bool(violations_24(weight).any()):
+            return SPARSE24
+        if fmt == BITMAP and estimated_bitmap_nbytes(weight) <= config.max_bytes_ratio * weight.numel() * weight.element_size():
+            return BITMAP
+        if fmt == DENSE:
+            return DENSE
+    if SPARSE24 in config.formats:
+        check_24(weight, label)  # raises, naming the first group that is not 2:4
+    raise ValueError(
+        f"{label}: bitmap storage would take more than {config.max_bytes_ratio} of its dense bytes; "
+        "raise SparsifyConfig.max_bytes_ratio or allow 'dense' in SparsifyConfig.formats"
+    )
+
+
+def _mixed_view(name: str):
+    def getter(self) -> torch.Tensor:
+        if name in self._parameters:
+            return self._parameters[name]
+        if self._stun_formats[name] == BITMAP:
+            dense = decompress_bitmap(getattr(self, f"{name}_bitmap"), getattr(self, f"{name}_values"), getattr(self, f"{name}_offsets"),
+                                      self._stun_in_features[name])
+        else:
+            dense = decompress_24(getattr(self, f"{name}_values"), getattr(self, f"{name}_meta"))
+        return dense.transpose(1, 2) if self.is_transposed else dense
+
+    return property(getter, doc=f"``{name}``: the dense parameter, or decompressed on each access (inspection only).")
+
+
+@lru_cache(maxsize=None)
+def mixed_class(dense_class: type) -> type:
+    """The ``stun_bitmap`` counterpart of a transformers experts class (a cached subclass)."""
+    attrs = {name: _mixed_view(name) for name in EXPERT_MATRICES}
+    attrs.update(_stun_mixed=True, _stun_dense_class=dense_class, __module__=dense_class.__module__)
+    return type(f"Bitmap{dense_class.__name__}", (dense_class,), attrs)
+
+
+def _parts(fmt: str) -> tuple[str, ...]:
+    return {BITMAP: ("bitmap", "values", "offsets"), SPARSE24: ("values", "meta")}.get(fmt, ())
+
+
+def _set_mixed_attrs(experts: nn.Module, formats: dict[str, str], in_features: dict[str, int], num_experts: int, dtype: torch.dtype) -> None:
+    experts.__class__ = mixed_class(type(experts))
+    experts._stun_formats = dict(formats)
+    experts._stun_in_features = dict(in_features)
+    experts._stun_num_experts = int(num_experts)
+    experts._stun_dtype = dtype
+
+
+def compress_mixed_(experts: nn.Module, formats: dict[str, str]) -> nn.Module:
+    """Store each matrix of one experts module in ``formats[name]``, in place (for ``stun_bitmap``)."""
+    if is_mixed(experts):
+        return experts
+    weights = {name: _matrix(experts, name) for name in EXPERT_MATRICES}
+    packed = {}
+    for name, w in weights.items():
+        if formats[name] == BITMAP:
+            packed[name] = dict(zip(_parts(BITMAP), compress_bitmap(w)))
+        elif formats[name] == SPARSE24:
+            packed[name] = dict(zip(_parts(SPARSE24), compress_24(w, name)))
+    e, _, _ = weights["gate_up_proj"].shape
+    in_features = {name: w.shape[-1] for name, w in weights.items()}
+    dtype = weights["gate_up_proj"].dtype
+    for name in packed:
+        delattr(experts, name)
+    _set_mixed_attrs(experts, formats, in_features, e, dtype)
+    for name, parts in packed.items():
+        for part, t in parts.items():
+            experts.register_buffer(f"{name}_{part}", t)
+    return own_buffers_(experts)
+
+
+def empty_mixed_experts_(experts: nn.Module, formats: dict[str, str], shapes: dict[str, tuple[int, ...]], dtypes: dict[str, torch.dtype]) -> nn.Module:
+    """Give a dense experts module ``stun_bitmap`` buffers of the saved ``shapes``, uninitialised (for loading)."""
+    weights = {name: _matrix(experts, name) for name in EXPERT_MATRICES}
+    device = experts.gate_up_proj.device
+    in_features = {name: w.shape[-1] for name, w in weights.items()}
+    for name in EXPERT_MATRICES:
+        if formats[name] != DENSE:
+            delattr(experts, name)
+    _set_mixed_attrs(experts, formats, in_features, weights["gate_up_proj"].shape[0], dtypes.get("dtype", weights["gate_up_proj"].dtype))
+    for name in EXPERT_MATRICES:
+        for part in _parts(formats[name]):
+            key = f"{name}_{part}"
+            experts.register_buffer(key, torch.empty(shapes[key], dtype=dtypes[key], device=device))
+    return experts
+
+
+def decompress_mixed_(experts: nn.Module) -> nn.Module:
+    """Inverse of :func:`compress_mixed_`: dense parameters back, exactly."""
+    if not is_mixed(experts):
+        return experts
+    dense = {name: getattr(experts, name).contiguous() for name in EXPERT_MATRICES if name not in experts._parameters}
+    for name in dense:
+        for part in _parts(experts._stun_formats[name]):
+            delattr(experts, f"{name}_{part}")
+    for attr in ("_stun_formats", "_stun_in_features", "_stun_num_experts", "_stun_dtype"):
+        experts.__dict__.pop(attr, None)
+    experts.__class__ = type(experts)._stun_dense_class
+    for name, w in dense.items():
+        setattr(experts, name, nn.Parameter(w, requires_grad=False))
+    return experts
+
+
+def module_formats(experts: nn.Module) -> dict[str, str]:
+    """``{matrix: "2:4" | "bitmap" | "dense"}``: how one experts module stores its matrices now."""
+    if is_mixed(experts):
+        return dict(experts._stun_formats)
+    return {name: SPARSE24 if is_sparse24(experts) else DENSE for name in EXPERT_MATRICES}
+
+
+def sparse_formats(model: nn.Module) -> dict[int, dict[str, str]]:
+    """``{layer: {matrix: format}}``: how every MoE layer stores its expert matrices now."""
+    return {index: module_formats(experts) for index, experts, _ in expert_modules(model)}
+
+
 def _set_implementation(model: nn.Module, implementation: str | None) -> None:
     if hasattr(model, "set_experts_implementation"):
         model.set_experts_implementation(implementation)
@@ -122,29 +280,62 @@ def _set_implementation(model: nn.Module, implementation: str | None) -> None:
         model.config._experts_implementation = implementation
 
 
-def sparsify(model: nn.Module) -> nn.Module:
-    """Compress every MoE layer's experts to 2:4 form and run them with ``stun_sparse24``, in place.
+def plan_formats(model: nn.Module, config: SparsifyConfig | None = None) -> dict[int, dict[str, str]]:
+    """What :func:`sparsify` would store each dense expert matrix as, without converting anything."""
+    config = config or SparsifyConfig()
+    plan = {}
+    with torch.no_grad():
+        for index, experts, _ in expert_modules(model):
+            if is_sparse24(experts) or is_mixed(experts):
+                plan[index] = module_formats(experts)
+            else:
+                plan[index] = {name: choose_format(_matrix(experts, name), config, f"layer {index} {name}") for name in EXPERT_MATRICES}
+    return plan
 
-    Every expert matrix is checked before any is converted, so a refusal
-    (:class:`~stun_lightning.sparse.format.Not24SparseError`, naming the layer and ``pattern: "2:4"``)
-    leaves the model unchanged. Returns the model.
+
+def _describe(plan: dict[int, dict[str, str]]) -> str:
+    counts: dict[str, int] = {}
+    for formats in plan.values():
+        for fmt in formats.values():
+            counts[fmt] = counts.get(fmt, 0) + 1
+    return ", ".join(f"{n} {fmt}" for fmt, n in sorted(counts.items()))
+
+
+def sparsify(model: nn.Module, config: SparsifyConfig | None = None) -> nn.Module:
+    """Compress every MoE layer's expert matrices to the storage their masks pay for, in place.
+
+    Per matrix (:class:`SparsifyConfig`): 2:4, bitmap or dense. All 2:4: the model runs with
+    ``stun_sparse24``; any other mix with ``stun_bitmap``; all dense: nothing changes. Every matrix
+    is checked before any is converted, so a refusal leaves the model unchanged. The choice is
+    logged at INFO (logger ``stun_lightning.sparse``) and given by :func:`sparse_formats`. Returns the model.
     """
     blocks = list(expert_modules(model))
     if not blocks:
         raise ValueError(f"{type(model).__name__} has no MoE experts to compress")
-    if any(not is_sparse24(experts) for _, experts, _ in blocks):
-        sync_config(model)  # counts into the config while the dense views are still cheap
-    for index, experts, _ in blocks:
-        if not is_sparse24(experts):
-            for name in EXPERT_MATRICES:
-                check_24(_matrix(experts, name), f"layer {index} {name}")
+    if is_sparsified(model):
+        return model
+    if any(is_sparse24(experts) or is_mixed(experts) for _, experts, _ in blocks):
+        densify(model)  # a partly converted model: start again from the dense weights
+        blocks = list(expert_modules(model))
+    plan = plan_formats(model, config)
+    logger.info("sparsify: %s", _describe(plan))
+    for index, formats in plan.items():
+        logger.info("sparsify: layer %d %s", index, ", ".join(f"{name} {fmt}" for name, fmt in formats.items()))
+    chosen = {fmt for formats in plan.values() for fmt in formats.values()}
+    if chosen == {DENSE}:
+        return model
+    sync_config(model)  # counts into the config while the dense views are still cheap
     previous = model.config._experts_implementation
+    implementation = IMPLEMENTATION if chosen == {SPARSE24} else bitmap_experts.IMPLEMENTATION
     with torch.no_grad():
         for index, experts, _ in blocks:
-            compress_experts_(experts, f"layer {index}")
-    if previous != IMPLEMENTATION:
+            if implementation == IMPLEMENTATION:
+                compress_experts_(experts, f"layer {index}")
+            else:
+                compress_mixed_(experts, plan[index])
+    if previous not in (IMPLEMENTATION, bitmap_experts.IMPLEMENTATION):
         model._stun_dense_experts_implementation = previous
-    _set_implementation(model, IMPLEMENTATION)
+    _set_implementation(model, implementation)
     return model
 
 
@@ -154,16 +345,17 @@ def densify(model: nn.Module, implementation: str | None = None) -> nn.Module:
     with torch.no_grad():
         for _, experts, _ in expert_modules(model):
             decompress_experts_(experts)
+            decompress_mixed_(experts)
     implementation = implementation or getattr(model, "_stun_dense_experts_implementation", None)
-    if model.config._experts_implementation == IMPLEMENTATION:
+    if model.config._experts_implementation in (IMPLEMENTATION, bitmap_experts.IMPLEMENTATION):
         _set_implementation(model, implementation)  # None: transformers' default
     return model
 
 
 def is_sparsified(model: nn.Module) -> bool:
-    """True when every MoE layer of ``model`` holds compressed experts."""
+    """True when every MoE layer of ``model`` holds converted experts (2:4, or per-matrix formats)."""
     blocks = list(expert_modules(model))
-    return bool(blocks) and all(is_sparse24(experts) for _, experts, _ in blocks)
+    return bool(blocks) and (all(is_sparse24(experts) for _, experts, _ in blocks) or all(is_mixed(experts) for _, experts, _ in blocks))
 
 
 def sparse_nbytes(model: nn.Module) -> dict[str, int]:
@@ -171,12 +363,19 @@ def sparse_nbytes(model: nn.Module) -> dict[str, int]:
     stored = dense = 0
     for _, experts, _ in expert_modules(model):
         for name in EXPERT_MATRICES:
-            if is_sparse24(experts):
-                values, meta = getattr(experts, f"{name}_values"), getattr(experts, f"{name}_meta")
-                stored += values.numel() * values.element_size() + meta.numel()
-                dense += values.numel() * 2 * values.element_size()
-            else:
-                w = getattr(experts, name)
+            if name in experts._parameters:
+                w = experts._parameters[name]
                 stored += w.numel() * w.element_size()
                 dense += w.numel() * w.element_size()
+                continue
+            values = getattr(experts, f"{name}_values")
+            fmt = experts._stun_formats[name] if is_mixed(experts) else SPARSE24
+            for part in _parts(fmt):
+                t = getattr(experts, f"{name}_{part}")
+                stored += t.numel() * t.element_size()
+            if fmt == BITMAP:
+                e, n, _ = getattr(experts, f"{name}_bitmap").shape
+                dense += e * n * experts._stun_in_features[name] * values.element_size()
+            else:
+                dense += values.numel() * 2 * values.element_size()
     return {"expert_bytes": stored, "expert_bytes_dense": dense}
