@@ -77,7 +77,7 @@ from stun_lightning.adapters import moe_layers
 from stun_lightning.data import calibration_blocks, calibration_path, heldout_path, read_texts, token_stream
 from stun_lightning.distill import kept_from_removed
 from stun_lightning.evaluate import sliding_windows
-from stun_lightning.expert_masks import EXPERT_MATRICES, ExpertMasks, apply_masks, mask_gradients, measured_sparsity
+from stun_lightning.expert_masks import masks_from_zeros, measured_sparsity
 from stun_lightning.methods.stun import expert_weight_cosine
 from stun_lightning.reference import load_reference_model
 from stun_lightning.tiny import load_tokenizer
@@ -147,16 +147,6 @@ def math_calibration(tokenizer, data: Path | None, n_samples: int, seq_len: int)
     return calibration_blocks(tokenizer, None, n_samples, seq_len, seed=0, texts=["\n".join(lines)]), "GSM8K lines of the shipped calibration text"
 
 
-def masks_from_zeros(model) -> ExpertMasks:
-    """Keep-masks of a pruned model: every expert weight that is not exactly zero."""
-    masks = ExpertMasks()
-    for layer in moe_layers(model):
-        for name in EXPERT_MATRICES:
-            weight = getattr(layer.experts, name).detach()
-            masks.set(layer.index, name, (weight.transpose(1, 2) if layer.adapter.transposed else weight) != 0)
-    return masks
-
-
 def distill(dense, student, report, args, teacher: bool) -> dict:
     """A short StunDistillModule fit of the pruned ``student`` with its masks held fixed.
 
@@ -168,17 +158,10 @@ def distill(dense, student, report, args, teacher: bool) -> dict:
     """
     from lightning.pytorch import Callback, Trainer, seed_everything
 
-    from stun_lightning.callbacks import StunDataModule, StunDistillModule
+    from stun_lightning.callbacks import FixedMasks, StunDataModule, StunDistillModule
 
     masks = masks_from_zeros(student)
     sparsity_before = measured_sparsity(student)
-
-    class FixedMasks(Callback):
-        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-            mask_gradients(pl_module.student, masks)
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            apply_masks(pl_module.student, masks)
 
     class Losses(Callback):
         def __init__(self):
@@ -204,7 +187,7 @@ def distill(dense, student, report, args, teacher: bool) -> dict:
     trainer = Trainer(
         accelerator="gpu" if args.device.type == "cuda" else "cpu", devices=1, max_steps=args.distill_steps, limit_val_batches=0,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-        callbacks=[FixedMasks(), losses],
+        callbacks=[FixedMasks(masks), losses],
     )
     start = time.perf_counter()
     with torch.enable_grad():

@@ -25,11 +25,11 @@ from pathlib import Path
 import torch
 
 from benchmarks.data_folder import add_data_argument, require_data
-from benchmarks.quality import evaluate, heldout_ids, load_model, masks_from_zeros, model_name
+from benchmarks.quality import evaluate, heldout_ids, load_model, model_name
 from stun_lightning import StunRecipe, prune
 from stun_lightning.data import calibration_blocks
 from stun_lightning.distill import RECOVERY_LOSSES, kept_from_removed
-from stun_lightning.expert_masks import apply_masks, mask_gradients, measured_sparsity
+from stun_lightning.expert_masks import masks_from_zeros, measured_sparsity
 from stun_lightning.tiny import load_tokenizer
 
 RECIPES = {
@@ -41,18 +41,11 @@ RECIPES = {
 
 def fit(dense, student, report, loss: str, args) -> dict:
     """One recovery fit of ``student`` (in place) with its masks fixed; tokens/s and peak memory."""
-    from lightning.pytorch import Callback, Trainer, seed_everything
+    from lightning.pytorch import Trainer, seed_everything
 
-    from stun_lightning.callbacks import StunDataModule, StunDistillModule
+    from stun_lightning.callbacks import FixedMasks, StunDataModule, StunDistillModule
 
     masks = masks_from_zeros(student)
-
-    class FixedMasks(Callback):
-        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-            mask_gradients(pl_module.student, masks)
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            apply_masks(pl_module.student, masks)
 
     seed_everything(0, verbose=False)
     module = StunDistillModule(
@@ -65,7 +58,7 @@ def fit(dense, student, report, loss: str, args) -> dict:
         accelerator="gpu" if args.device.type == "cuda" else "cpu", devices=1, max_steps=args.steps, limit_val_batches=0,
         precision="bf16-mixed" if args.device.type == "cuda" else "32-true",
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-        callbacks=[FixedMasks()],
+        callbacks=[FixedMasks(masks)],
     )
     if args.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()

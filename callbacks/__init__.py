@@ -15,7 +15,8 @@ from stun_lightning.schedule import SparsitySchedule
 
 from .datamodule import StunDataModule
 from .distill_module import StunDistillModule, merge_lora
+from .fixed_masks import FixedMasks
 from .strategy_checks import FSDP2Strategy
 from .stun_callback import StunCallback
 
-__all__ = ["FSDP2Strategy", "SparsitySchedule", "StunCallback", "StunDataModule", "StunDistillModule", "merge_lora"]
+__all__ = ["FSDP2Strategy", "FixedMasks", "SparsitySchedule", "StunCallback", "StunDataModule", "StunDistillModule", "merge_lora"]

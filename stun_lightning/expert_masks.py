@@ -216,6 +216,16 @@ def mask_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, mas
     return n
 
 
+def masks_from_zeros(model: nn.Module) -> ExpertMasks:
+    """Keep-masks of a pruned model: every expert weight that is not exactly zero."""
+    masks = ExpertMasks()
+    for layer in moe_layers(model):
+        for name in EXPERT_MATRICES:
+            weight = getattr(layer.experts, name).detach()
+            masks.set(layer.index, name, (weight.transpose(1, 2) if layer.adapter.transposed else weight) != 0)
+    return masks
+
+
 def measured_sparsity(model: nn.Module) -> float:
     """Zeros over the surviving experts' weight matrices, counted from the tensors."""
     total = zeros = 0

@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch import Callback, Trainer, seed_everything
 
 from stun_lightning import StunRecipe, moe_layers, prune
-from stun_lightning.callbacks import SparsitySchedule, StunCallback, StunDataModule, StunDistillModule
+from stun_lightning.callbacks import FixedMasks, SparsitySchedule, StunCallback, StunDataModule, StunDistillModule
 from stun_lightning.distill import MoECapture, RECOVERY_LOSSES, kept_from_removed, router_kl
 from stun_lightning.expert_masks import measured_sparsity
 from stun_lightning.reference import load_reference_model
@@ -39,8 +39,8 @@ def trainer(**kwargs):
     )
 
 
-def fixed_masks(sparsity):
-    """A StunCallback that re-applies the student's existing masks (magnitude at the same sparsity keeps the zeros)."""
+def magnitude_prune(sparsity):
+    """A StunCallback that prunes the student by magnitude at the first step (no experts removed)."""
     return StunCallback(StunRecipe(expert_sparsity=0.0, sparsity=sparsity, metric="magnitude"), SparsitySchedule("one_shot", start_step=0))
 
 
@@ -65,7 +65,7 @@ def test_expert_kd_recovers_more_than_the_ce_control_at_equal_steps(pruned, data
     for loss in ("ce", "expert_kd"):
         seed_everything(0, verbose=False)
         module = StunDistillModule(copy.deepcopy(student), teacher=copy.deepcopy(dense), expert_map=expert_map, teacher_dtype=None, loss=loss, lr=2e-3)
-        trainer(max_steps=20, limit_val_batches=0, callbacks=[fixed_masks(0.7)]).fit(module, data)
+        trainer(max_steps=20, limit_val_batches=0, callbacks=[FixedMasks()]).fit(module, data)
         for ours, theirs in zip(moe_layers(module.student), moe_layers(student)):  # the fit kept the masks exactly
             for name, w in theirs.expert_matrices().items():
                 assert torch.equal(ours.expert_matrices()[name] == 0, w == 0)
@@ -119,7 +119,7 @@ def test_router_kl_compares_with_the_teachers_routing_over_the_kept_experts(data
 def test_each_recovery_option_adds_its_own_term(loss, data):
     module = StunDistillModule("tiny:mixtral", teacher="copy", teacher_dtype=None, loss=loss, lr=1e-3)
     terms = Terms()
-    trainer(max_steps=2, limit_val_batches=0, callbacks=[fixed_masks(0.5), terms]).fit(module, data)
+    trainer(max_steps=2, limit_val_batches=0, callbacks=[magnitude_prune(0.5), terms]).fit(module, data)
     term = RECOVERY_LOSSES[loss]
     assert terms.steps[-1] == {"total", "ce"} | ({term} if term else set())
     lam = float(module.expert_lambda)
@@ -134,7 +134,7 @@ def test_an_unknown_recovery_option_is_refused_naming_the_options():
 def test_lora_rank_is_a_lora_fit_of_attention(data):
     pytest.importorskip("peft")
     module = StunDistillModule("tiny:mixtral", teacher="copy", teacher_dtype=None, lora_rank=4, lr=1e-2)
-    fit = trainer(max_steps=1, limit_val_batches=0, callbacks=[fixed_masks(0.5)])
+    fit = trainer(max_steps=1, limit_val_batches=0, callbacks=[magnitude_prune(0.5)])
     fit.fit(module, data)
     trained = [p for opt in fit.optimizers for g in opt.param_groups for p in g["params"]]
     assert len(trained) == 2 * 4 * 2  # A and B of q, k, v, o in two layers
