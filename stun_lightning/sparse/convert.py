@@ -58,12 +58,17 @@ def _dense_view(name: str):
     return property(getter, doc=f"Dense ``{name}`` decompressed on each access (inspection only; the forward never builds it).")
 
 
+def _compressed_subclass(dense_class: type, prefix: str, flag: str, view) -> type:
+    """A subclass of ``dense_class`` whose expert matrices are the properties ``view(name)``."""
+    attrs = {name: view(name) for name in EXPERT_MATRICES}
+    attrs.update({flag: True, "_stun_dense_class": dense_class, "__module__": dense_class.__module__})
+    return type(f"{prefix}{dense_class.__name__}", (dense_class,), attrs)
+
+
 @lru_cache(maxsize=None)
 def sparse_class(dense_class: type) -> type:
     """The compressed counterpart of a transformers experts class (a cached subclass)."""
-    attrs = {name: _dense_view(name) for name in EXPERT_MATRICES}
-    attrs.update(_stun_sparse24=True, _stun_dense_class=dense_class, __module__=dense_class.__module__)
-    return type(f"Sparse24{dense_class.__name__}", (dense_class,), attrs)
+    return _compressed_subclass(dense_class, "Sparse24", "_stun_sparse24", _dense_view)
 
 
 def _matrix(experts: nn.Module, name: str) -> torch.Tensor:
@@ -189,9 +194,7 @@ def _mixed_view(name: str):
 @lru_cache(maxsize=None)
 def mixed_class(dense_class: type) -> type:
     """The ``stun_bitmap`` counterpart of a transformers experts class (a cached subclass)."""
-    attrs = {name: _mixed_view(name) for name in EXPERT_MATRICES}
-    attrs.update(_stun_mixed=True, _stun_dense_class=dense_class, __module__=dense_class.__module__)
-    return type(f"Bitmap{dense_class.__name__}", (dense_class,), attrs)
+    return _compressed_subclass(dense_class, "Bitmap", "_stun_mixed", _mixed_view)
 
 
 def _parts(fmt: str) -> tuple[str, ...]:
