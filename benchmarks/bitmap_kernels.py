@@ -57,7 +57,7 @@ def main(argv=None) -> int:
                     per_expert = bitmap_nbytes(bitmap, values, offsets) / experts
                     values24 = meta24 = None
                     if abs(sparsity - 0.5) < 1e-6:
-                        values24, meta24 = compress_24(mask_24(dense + (dense == 0) * 1e-3))
+                        values24, meta24 = compress_24(mask_24(dense.masked_fill(dense == 0, 1e-3)))
                     for tokens in args.tokens:
                         index = random_routing(experts, s["top_k"], tokens)
                         rows_per_a = s["top_k"] if matrix == "gate_up" else 1
