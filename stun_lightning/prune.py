@@ -12,7 +12,7 @@ from .metrics import get_metric
 from .recipe import StunRecipe
 from .report import ModelCensus, PruneReport
 from .structured import apply_expert_sets, needs_calibration, plan_expert_counts, run_selection
-from .unstructured import check_pattern_shapes, prune_weights, within_sparsity
+from .unstructured import check_pattern_shapes, mask_survivors
 
 
 def check_recipe(model: nn.Module, recipe: StunRecipe) -> tuple[int, dict[int, int] | None, dict[int, int]]:
@@ -81,10 +81,7 @@ def prune(
     targets, low_tokens = {}, {}
     if recipe.prunes_weights:
         start = time.perf_counter()
-        within = within_sparsity(recipe, before, model)
-        targets, low_tokens, n_passes = prune_weights(
-            model, recipe, within, calibration, device=device, progress=progress, original_experts=before.num_experts
-        )
+        targets, low_tokens, n_passes = mask_survivors(model, recipe, before, calibration, device=device, progress=progress)
         passes["unstructured"] = n_passes
         seconds["unstructured"] = time.perf_counter() - start
 

@@ -420,7 +420,7 @@ def prune_streaming(
     from .prune import check_recipe
     from .structured import apply_expert_sets, needs_calibration, run_selection
     from .metrics import get_metric
-    from .unstructured import prune_weights, within_sparsity
+    from .unstructured import mask_survivors
 
     recipe = (recipe or StunRecipe()).validate()
     _refuse_merging(recipe)
@@ -471,10 +471,7 @@ def prune_streaming(
         targets, low_tokens = {}, {}
         if recipe.prunes_weights:
             start = time.perf_counter()
-            within = within_sparsity(recipe, before, skeleton)
-            targets, low_tokens, n_passes = prune_weights(
-                skeleton, recipe, within, calibration, device=device, progress=progress, original_experts=before.num_experts
-            )
+            targets, low_tokens, n_passes = mask_survivors(skeleton, recipe, before, calibration, device=device, progress=progress)
             passes["unstructured"] = n_passes
             seconds["unstructured"] = time.perf_counter() - start
         else:

@@ -296,6 +296,21 @@ def prune_weights(
     return targets, low_tokens, n_passes
 
 
+def mask_survivors(
+    model: nn.Module,
+    recipe: StunRecipe,
+    before: ModelCensus,
+    calibration: torch.Tensor | None,
+    *,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> tuple[dict[int, float], dict[int, list[int]], int]:
+    """``prune()``'s unstructured phase after expert removal: :func:`prune_weights` at the recipe's
+    within-expert sparsity (:func:`within_sparsity`; ``before``: the census of the dense model)."""
+    within = within_sparsity(recipe, before, model)
+    return prune_weights(model, recipe, within, calibration, device=device, progress=progress, original_experts=before.num_experts)
+
+
 __all__ = [
     "MaskUpdate",
     "check_pattern_shapes",
@@ -307,6 +322,7 @@ __all__ = [
     "layer_outlier_ratio",
     "layer_pattern",
     "low_token_experts",
+    "mask_survivors",
     "prune_weights",
     "within_sparsity",
 ]
