@@ -42,7 +42,7 @@ def fraction_or_auto(text: str) -> float | str:
 
 #: recipe fields settable by a ``prune`` flag (``--expert-sparsity`` ...), overriding --recipe
 RECIPE_FLAGS = {
-    "expert_sparsity": fraction_or_auto, "sparsity": float, "total_sparsity": float, "expert_method": str, "layer_budget": str, "expert_merge": str, "distance": str,
+    "expert_sparsity": fraction_or_auto, "sparsity": float, "total_sparsity": float, "expert_method": str, "layer_budget": str, "expert_merge": str, "split_criterion": str, "distance": str,
     "metric": str, "allocation": str, "pattern": str, "calibration_samples": int, "calibration_seq_len": int, "seed": int,
 }
 

@@ -102,6 +102,25 @@ def next_token_accuracy(
     return correct / count
 
 
+@torch.no_grad()
+def block_nll(model, blocks: torch.Tensor, batch_size: int = 4, device: torch.device | str | None = None) -> float:
+    """Mean next-token negative log-likelihood (nats per predicted token) of ``model`` on token
+    blocks ``[N, L]``, each block scored on its own (its first token is not predicted)."""
+    device = _input_device(model, device)
+    was_training = model.training
+    model.eval()
+    nll, count = 0.0, 0
+    try:
+        for batch in blocks.split(batch_size):
+            ids = batch.to(device)
+            logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
+            nll += F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").double().item()
+            count += ids[:, 1:].numel()
+    finally:
+        model.train(was_training)
+    return nll / count
+
+
 def _resolve_ids(tokenizer_or_ids, text_or_path) -> torch.Tensor:
     if isinstance(tokenizer_or_ids, torch.Tensor):
         if text_or_path is not None:

@@ -19,6 +19,8 @@ LAYER_BUDGETS = ("global", "uniform", "error_curve")
 ALLOCATIONS = ("uniform", "owl")
 ALLOCATION_BASES = ("kept", "layer")
 LOW_TOKEN_RULES = ("dense", "magnitude")
+#: how ``expert_sparsity="auto"`` ranks splits (``stun_lightning.split``)
+SPLIT_CRITERIA = ("model_loss", "block_error")
 #: ``expert_sparsity`` value that chooses the split per layer (``stun_lightning.split``)
 AUTO = "auto"
 #: expert methods that change weights while they choose, which ``auto``'s trial selections cannot undo
@@ -37,6 +39,7 @@ def field_choices() -> dict[str, list[str]]:
         "allocation": list(ALLOCATIONS),
         "allocation_base": list(ALLOCATION_BASES),
         "low_token_rule": list(LOW_TOKEN_RULES),
+        "split_criterion": list(SPLIT_CRITERIA),
     }
 
 
@@ -46,9 +49,15 @@ class StunRecipe:
 
     Structured phase (whole experts):
         expert_sparsity: fraction of routed experts removed over all MoE layers (0 = skip), or
-            ``"auto"``: each layer's removals and survivor sparsity chosen from block-output error
-            curves to meet ``total_sparsity`` (``stun_lightning.split``; needs ``total_sparsity`` and
+            ``"auto"``: the split between expert removal and masking that meets ``total_sparsity``,
+            chosen by ``split_criterion`` (``stun_lightning.split``; needs ``total_sparsity`` and
             ``pattern="unstructured"``, implies ``allocation_base="layer"``; ``layer_budget`` unused).
+        split_criterion: how ``auto`` ranks splits: ``model_loss`` (default: one uniform removal
+            fraction for every layer, the one whose pruned model has the least next-token loss on
+            held-out calibration blocks) or ``block_error`` (each layer its own removal count, the
+            one of least relative block-output error). Unused without ``auto``.
+        split_held_out: fraction of the calibration blocks (the last ones, at least one) that
+            ``model_loss`` scores candidates on; the candidates' statistics use the others.
         expert_method: ``stun`` (default), ``frequency``, ``random``, ``reap``, ``ean``, ``naee``, ``eep`` or
             ``uncurl`` (see ``stun_lightning/methods/``; the last five keep the same count per layer).
         layer_budget: ``global`` (STUN: one threshold shared by all layers, so counts differ per
@@ -94,6 +103,8 @@ class StunRecipe:
     expert_merge: str = "none"
     max_removed_per_layer: int | None = None
     lower_top_k: bool = False
+    split_criterion: str = "model_loss"
+    split_held_out: float = 0.125
 
     sparsity: float = 0.0
     total_sparsity: float | None = None
@@ -127,6 +138,8 @@ class StunRecipe:
         check_sparsity(self.sparsity, "sparsity")
         if self.total_sparsity is not None:
             check_sparsity(self.total_sparsity, "total_sparsity")
+        if not 0 < self.split_held_out < 1:
+            raise ValueError(f"recipe split_held_out={self.split_held_out!r}: use a fraction in (0, 1), e.g. 0.125")
         parse_pattern(self.pattern)
         for name, allowed in field_choices().items():
             value = getattr(self, name)

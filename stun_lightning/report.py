@@ -142,6 +142,9 @@ class PruneReport:
             if "within" in self.expert_split:
                 within = self.expert_split["within"]
                 rows.append(("auto split: survivor sparsity at the common target", " ".join(f"{within[i]:.1%}" for i in sorted(within))))
+            if "losses" in self.expert_split:
+                losses = self.expert_split["losses"]
+                rows.append(("auto split: held-out loss by removal fraction", " ".join(f"{f:g}: {loss:.4f}" for f, loss in losses.items())))
         if self.low_token_experts:
             rows.append(("experts with too few calibration tokens", json.dumps(self.low_token_experts)))
         return rows

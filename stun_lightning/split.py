@@ -1,46 +1,68 @@
-"""``expert_sparsity: "auto"``: how many experts each layer loses, chosen from error curves.
+"""``expert_sparsity: "auto"``: how many experts each layer loses, chosen for a total target.
 
 For a target ``T`` (``recipe.total_sparsity``) over expert parameters, a layer that keeps ``kept``
 of its ``orig`` experts and masks the survivors at ``s`` has expert sparsity ``1 - (1 - s) * kept /
-orig``; it meets ``T`` with ``s = 1 - (1 - T) * orig / kept``. Per MoE layer we try removing
-``r`` experts for ``r`` in :data:`REMOVAL_FRACTIONS` of ``orig`` (rounded; at least top-k kept, and
-for expert-group routers (DeepSeek-V3) multiples of ``n_group`` with every group keeping what its
-routing needs), the experts to remove chosen by ``recipe.expert_method`` at that count, the survivors
-masked with the recipe's metric at that layer's ``s``, and measure the relative squared error of the
-MoE block output against the dense block on the calibration tokens,
-``sum ||Z - Z'||^2 / sum ||Z||^2``, with the removed experts' router logits forced to ``-inf``
-(exactly removal for softmax routers with or without renormalisation and GPT-OSS; for DeepSeek-V3
-groups an approximation, as surgery re-forms the groups). Each layer then keeps the removal count of
-least error (ties: fewer removals), so every layer meets ``T`` and so does the total, exactly up to
-mask rounding; the unstructured phase gives each layer that ``s`` (``allocation_base="layer"``,
-which ``auto`` implies).
+orig``; it meets ``T`` with ``s = 1 - (1 - T) * orig / kept``. Candidate removals are ``r`` experts
+for ``r`` in :data:`REMOVAL_FRACTIONS` of ``orig`` (rounded; at least top-k kept, and for
+expert-group routers (DeepSeek-V3) multiples of ``n_group`` with every group keeping what its
+routing needs), the experts to remove chosen by ``recipe.expert_method`` at that count.
+``recipe.split_criterion`` ranks them:
 
-``layer_budget="error_curve"`` (:func:`choose_budgets`) uses the same curves for a fixed
+``model_loss`` (default, :func:`choose_split_by_loss`): one removal fraction for every layer (each
+layer its largest feasible count not above it). Each candidate is pruned as ``prune()`` would prune
+it (the recipe's expert selection, surgery and unstructured phase, OWL allocation included) on a
+trial copy of the model that owns its expert and router tensors (and with ``prune_dense`` its dense
+linears' weights) and shares the rest: at most one extra copy of the expert weights at a time. Its
+score is the next-token NLL of that pruned copy on held-out calibration blocks (the last
+``recipe.split_held_out`` of them, at least one), which neither the selection nor the masks see.
+The least loss wins (ties: fewer removals). Fractions are tried from 0 up and the search stops
+once the loss rose for two candidates in a row (a loss that rose twice is taken to keep rising), so
+at most ``len(REMOVAL_FRACTIONS)`` candidates, whatever the expert count. The real prune then
+removes the chosen experts and its unstructured phase calibrates on every block, held-out ones
+included, so its masks can differ slightly from the candidate's. Shown on two from-scratch
+reference models (``benchmarks/results/quality_auto_h100.md``): the block-output error below ranks
+splits unlike the model's perplexity.
+
+``block_error`` (:func:`choose_split_by_block_error`): per MoE layer, each candidate's survivors
+masked with the recipe's metric at that layer's ``s``, the relative squared error of the MoE block
+output against the dense block on the calibration tokens, ``sum ||Z - Z'||^2 / sum ||Z||^2``, with
+the removed experts' router logits forced to ``-inf`` (exactly removal for softmax routers with or
+without renormalisation and GPT-OSS; for DeepSeek-V3 groups an approximation, as surgery re-forms
+the groups). Each layer then keeps the removal count of least error (ties: fewer removals). Cost:
+one selection per candidate count, one streamed calibration pass, and one block forward per
+candidate and calibration batch (at most :data:`MAX_TOKENS` tokens per layer); inputs are the dense
+model's (not sequential).
+
+Either way every layer meets ``T`` and so does the total, exactly up to mask rounding; the
+unstructured phase gives each layer that ``s`` (``allocation_base="layer"``, which ``auto`` implies).
+
+``layer_budget="error_curve"`` (:func:`choose_budgets`) uses the block-error curves for a fixed
 ``expert_sparsity``: survivors masked at the recipe's within-expert sparsity, the total removal
 count spread over layers (multiples of ``n_group``) to minimise the summed error, linear between
 measured counts, by an exact dynamic programme (:func:`allocate_removals`); STUN's ``global``
 threshold instead compares router distances across layers and can pile removals into one layer.
-
-Cost, independent of the expert count: one selection per candidate count (the method's own passes,
-e.g. one routing pass for ``frequency``), one streamed calibration pass for the statistics of the
-metric and the block inputs, and one block forward per candidate and calibration batch (at most
-:data:`MAX_TOKENS` tokens per layer). Inputs are the dense model's (not sequential).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import itertools
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from torch import nn
 
-from .adapters import MoELayer, get_adapter, moe_layers
+from .adapters import MoELayer, decoder_layers, get_adapter, moe_layers
 from .calibration import calibrate
+from .evaluate import block_nll
 from .metrics import get_metric
 from .recipe import StunRecipe
+from .report import ModelCensus
 from .routing import router_logits_forced_to_minus_inf
+from .structured import ExpertSelection, apply_expert_sets, run_selection
+from .unstructured import dense_linears, expert_layer_masks, mask_survivors
 
 #: fractions of a layer's experts tried as removals
 REMOVAL_FRACTIONS = (0.0, 0.125, 0.25, 0.375, 0.5)
@@ -52,26 +74,35 @@ GROUP_MIN_EXPERTS = 2
 
 @dataclass
 class SplitPlan:
-    """What ``auto`` chose: experts kept per layer and the curves it chose from."""
+    """What ``auto`` chose: experts kept per layer and the scores it chose from."""
 
     target: float
     keep: dict[int, list[int]]
     removed: dict[int, int]  # experts removed per layer
     within: dict[int, float]  # sparsity inside the survivors per layer
-    errors: dict[int, dict[int, float]]  # layer -> {experts removed: relative block-output error}
+    errors: dict[int, dict[int, float]] = field(default_factory=dict)  # block_error: layer -> {experts removed: relative block-output error}
     layer_passes: int = 0
     block_evaluations: int = 0
-    candidates: dict[int, dict[int, list[int]]] = field(default_factory=dict, repr=False)  # layer -> {r: kept}
+    candidates: dict[int, dict[int, list[int]]] = field(default_factory=dict, repr=False)  # block_error: layer -> {r: kept}
+    criterion: str = "block_error"
+    losses: dict[float, float] = field(default_factory=dict)  # model_loss: removal fraction -> held-out NLL
+    tried: dict[float, dict[int, int]] = field(default_factory=dict)  # model_loss: removal fraction -> experts removed per layer
+    held_out_blocks: int = 0
 
     def to_dict(self) -> dict:
         """The record in the prune report (``expert_split``)."""
-        return {
+        record = {
             "target": self.target,
+            "criterion": self.criterion,
             "removed": dict(self.removed),
             "within": {i: round(s, 6) for i, s in self.within.items()},
-            "errors": {i: {r: round(e, 6) for r, e in c.items()} for i, c in self.errors.items()},
-            "block_evaluations": self.block_evaluations,
         }
+        if self.criterion == "model_loss":
+            record.update(losses={f: round(v, 6) for f, v in self.losses.items()}, candidates={f: dict(r) for f, r in self.tried.items()},
+                          held_out_blocks=self.held_out_blocks)
+        else:
+            record.update(errors={i: {r: round(e, 6) for r, e in c.items()} for i, c in self.errors.items()}, block_evaluations=self.block_evaluations)
+        return record
 
 
 def survivor_sparsity(target: float, orig: int, kept: int) -> float:
@@ -131,8 +162,6 @@ def layer_error_curve(
     survivors masked at ``sparsity_of(experts, kept)``.
 
     The layer's expert weights are masked in place for each candidate and restored at the end."""
-    from .unstructured import expert_layer_masks
-
     E = layer.num_experts
     weights = layer.expert_matrices()
     original = {name: w.clone() for name, w in weights.items()}
@@ -173,13 +202,11 @@ def error_curves(
     """(kept experts per layer and removal count, relative block errors per layer and removal count,
     decoder-layer passes, block evaluations) for the candidate ``removals`` ``{layer: {fraction: r}}``;
     survivors of a layer with ``orig`` experts keeping ``kept`` are masked at ``sparsity_of(orig, kept)``."""
-    from .structured import run_selection
-
     if calibration is None:
         raise ValueError("error curves measure block outputs on calibration data: pass calibration token ids [N, L]")
     layers = moe_layers(model)
     # removals chosen by the recipe's method, one selection per candidate fraction (counts per layer)
-    fixed = dataclasses.replace(recipe, expert_sparsity=0.25, layer_budget="uniform", expert_merge="none")
+    unmerged = dataclasses.replace(recipe, expert_merge="none")
     candidates = {layer.index: {0: list(range(layer.num_experts))} for layer in layers}
     passes = 0
     for f in REMOVAL_FRACTIONS[1:]:
@@ -187,7 +214,7 @@ def error_curves(
         todo = {i: k for i, k in per_layer.items() if layer_count(layers, i) - k not in candidates[i]}
         if not todo:
             continue
-        selection = run_selection(model, fixed, calibration, plan=(sum(per_layer.values()), per_layer, min_keep), device=device, progress=progress)
+        selection = select_at_counts(model, unmerged, calibration, per_layer, min_keep, device=device, progress=progress)
         passes += selection.layer_passes
         for i, k in todo.items():
             candidates[i][layer_count(layers, i) - k] = selection.keep[i]
@@ -212,9 +239,37 @@ def error_curves(
     return candidates, errors, passes + stats.layer_passes, evaluations
 
 
+def select_at_counts(
+    model: nn.Module,
+    recipe: StunRecipe,
+    calibration: torch.Tensor,
+    per_layer: dict[int, int],
+    min_keep: dict[int, int],
+    *,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> ExpertSelection:
+    """The recipe's expert selection (and merge mass) keeping ``per_layer[i]`` experts in layer ``i``."""
+    fixed = dataclasses.replace(recipe, expert_sparsity=0.25, layer_budget="uniform")  # a fraction: the counts are given
+    return run_selection(model, fixed, calibration, plan=(sum(per_layer.values()), per_layer, min_keep), device=device, progress=progress)
+
+
 def _removals(model: nn.Module, min_keep: dict[int, int]) -> dict[int, dict[float, int]]:
     n_group, topk_group = group_counts(model)
     return {layer.index: candidate_removals(layer.num_experts, min_keep[layer.index], n_group, topk_group, layer.top_k) for layer in moe_layers(model)}
+
+
+def _removals_within_target(model: nn.Module, target: float, min_keep: dict[int, int]) -> dict[int, dict[float, int]]:
+    # a removal that alone exceeds the target is not a candidate
+    layers = moe_layers(model)
+    return {
+        i: {f: r for f, r in found.items() if survivor_sparsity(target, layer_count(layers, i), layer_count(layers, i) - r) >= 0}
+        for i, found in _removals(model, min_keep).items()
+    }
+
+
+def _within(target: float, layers: list[MoELayer], keep: dict[int, list[int]]) -> dict[int, float]:
+    return {i: max(0.0, survivor_sparsity(target, layer_count(layers, i), len(keep[i]))) for i in keep}
 
 
 def choose_split(
@@ -226,21 +281,133 @@ def choose_split(
     device: str | torch.device | None = None,
     progress: bool = False,
 ) -> SplitPlan:
-    """Per-layer expert removals for ``recipe.total_sparsity`` (see the module docstring). Nothing is removed."""
+    """Expert removals per layer for ``recipe.total_sparsity`` by ``recipe.split_criterion`` (see the
+    module docstring). Nothing is removed from ``model``."""
+    return CRITERIA[recipe.split_criterion](model, recipe, calibration, min_keep=min_keep, device=device, progress=progress)
+
+
+def held_out_blocks(calibration: torch.Tensor, fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(statistics blocks, held-out blocks) of calibration ids ``[N, L]``: the last
+    ``max(1, int(N * fraction))`` blocks are held out."""
+    if calibration is None:
+        raise ValueError("split_criterion='model_loss' scores candidates on held-out calibration blocks: pass calibration token ids [N, L]")
+    n = calibration.shape[0]
+    held = max(1, int(n * fraction))
+    if held >= n:
+        raise ValueError(
+            f"split_criterion='model_loss' holds out {held} of {n} calibration blocks: pass more blocks, lower split_held_out "
+            "or use split_criterion='block_error'"
+        )
+    return calibration[:-held], calibration[-held:]
+
+
+def trial_copy(model: nn.Module, prune_dense: bool = False) -> nn.Module:
+    """A copy of ``model`` that owns its experts' and routers' tensors (and with ``prune_dense`` the
+    weights of every dense linear) and shares every other tensor with ``model``: surgery and masks
+    on the copy leave ``model`` as it is, for one extra copy of the expert weights."""
+    owned = {id(t) for layer in moe_layers(model) for module in (layer.experts, layer.router) for t in itertools.chain(module.parameters(), module.buffers())}
+    if prune_dense:
+        owned |= {id(linear.weight) for decoder_layer in decoder_layers(model) for _, linear in dense_linears(decoder_layer)}
+    shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers()) if id(t) not in owned}
+    return copy.deepcopy(model, shared)
+
+
+def uniform_candidates(layers: list[MoELayer], removals: dict[int, dict[float, int]]) -> dict[float, dict[int, int]]:
+    """``{fraction: experts removed per layer}``: each layer's largest feasible removal not above the
+    fraction, one entry per distinct set of counts (the smallest fraction that gives it)."""
+    out: dict[float, dict[int, int]] = {}
+    for f in REMOVAL_FRACTIONS:
+        counts = {layer.index: _removal_at(f, removals[layer.index]) for layer in layers}
+        if counts not in out.values():
+            out[f] = counts
+    return out
+
+
+def candidate_loss(
+    model: nn.Module,
+    recipe: StunRecipe,
+    selection: ExpertSelection,
+    statistics: torch.Tensor,
+    held_out: torch.Tensor,
+    *,
+    device: str | torch.device | None = None,
+) -> tuple[float, int]:
+    """(held-out NLL of ``model`` pruned as ``prune()`` prunes it with the experts of ``selection``,
+    decoder-layer passes spent), on a :func:`trial_copy`; ``model`` is left as it is. The masks
+    calibrate layer by layer on ``device``; the held-out forward runs the whole copy where its
+    embedding lives."""
+    before = ModelCensus.of(model)
+    trial = trial_copy(model, recipe.prune_dense)
+    apply_expert_sets(trial, selection.keep, lower_top_k=recipe.lower_top_k, merge_mass=selection.merge_mass)
+    passes = 0
+    if recipe.prunes_weights:
+        passes = mask_survivors(trial, recipe, before, statistics, device=device, progress=False)[2]
+    return block_nll(trial, held_out, recipe.batch_size, device), passes + len(decoder_layers(trial))
+
+
+def rose_twice(losses: list[float]) -> bool:
+    """Whether the last two losses each rose over the one before (the early stop of ``model_loss``)."""
+    return len(losses) >= 3 and losses[-3] < losses[-2] < losses[-1]
+
+
+def choose_split_by_loss(
+    model: nn.Module,
+    recipe: StunRecipe,
+    calibration: torch.Tensor,
+    *,
+    min_keep: dict[int, int],
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> SplitPlan:
+    """``split_criterion="model_loss"``: the uniform removal fraction whose pruned model has the least
+    next-token loss on held-out calibration blocks (see the module docstring)."""
     target = float(recipe.total_sparsity)
     layers = moe_layers(model)
-    removals = {  # a removal that alone exceeds the target is not a candidate
-        i: {f: r for f, r in found.items() if survivor_sparsity(target, layer_count(layers, i), layer_count(layers, i) - r) >= 0}
-        for i, found in _removals(model, min_keep).items()
-    }
+    statistics, held_out = held_out_blocks(calibration, recipe.split_held_out)
+    candidates = uniform_candidates(layers, _removals_within_target(model, target, min_keep))
+    losses, tried, keeps, passes = {}, {}, {}, 0
+    for f, counts in candidates.items():
+        if any(counts.values()):
+            per_layer = {layer.index: layer.num_experts - counts[layer.index] for layer in layers}
+            selection = select_at_counts(model, recipe, statistics, per_layer, min_keep, device=device, progress=progress)
+        else:
+            selection = ExpertSelection({layer.index: list(range(layer.num_experts)) for layer in layers})
+        losses[f], spent = candidate_loss(model, recipe, selection, statistics, held_out, device=device)
+        tried[f], keeps[f] = counts, selection.keep
+        passes += selection.layer_passes + spent
+        if rose_twice(list(losses.values())):
+            break
+    best = min(losses, key=lambda f: (losses[f], sum(tried[f].values())))
+    return SplitPlan(
+        target, keeps[best], dict(tried[best]), _within(target, layers, keeps[best]), layer_passes=passes,
+        criterion="model_loss", losses=losses, tried=tried, held_out_blocks=held_out.shape[0],
+    )
+
+
+def choose_split_by_block_error(
+    model: nn.Module,
+    recipe: StunRecipe,
+    calibration: torch.Tensor,
+    *,
+    min_keep: dict[int, int],
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> SplitPlan:
+    """``split_criterion="block_error"``: each layer's removal count of least relative block-output error."""
+    target = float(recipe.total_sparsity)
+    layers = moe_layers(model)
+    removals = _removals_within_target(model, target, min_keep)
     sparsity_of = lambda orig, kept: survivor_sparsity(target, orig, kept)  # noqa: E731
     candidates, errors, passes, evaluations = error_curves(
         model, recipe, calibration, removals, min_keep, sparsity_of, device=device, progress=progress
     )
     removed = {i: min(curve, key=lambda r: (curve[r], r)) for i, curve in errors.items()}
     keep = {i: candidates[i][r] for i, r in removed.items()}
-    within = {i: max(0.0, survivor_sparsity(target, layer_count(layers, i), len(keep[i]))) for i in keep}
-    return SplitPlan(target, keep, removed, within, errors, passes, evaluations, candidates)
+    return SplitPlan(target, keep, removed, _within(target, layers, keep), errors, passes, evaluations, candidates)
+
+
+#: ``recipe.split_criterion`` -> how ``choose_split`` ranks the candidates (names: ``recipe.SPLIT_CRITERIA``)
+CRITERIA = {"model_loss": choose_split_by_loss, "block_error": choose_split_by_block_error}
 
 
 def interpolate(curve: dict[int, float], r: int) -> float:
@@ -313,4 +480,8 @@ def layer_count(layers: list[MoELayer], index: int) -> int:
     return next(layer.num_experts for layer in layers if layer.index == index)
 
 
-__all__ = ["MAX_TOKENS", "REMOVAL_FRACTIONS", "SplitPlan", "allocate_removals", "block_output", "candidate_removals", "choose_budgets", "choose_split", "error_curves", "layer_error_curve", "survivor_sparsity"]
+__all__ = [
+    "CRITERIA", "MAX_TOKENS", "REMOVAL_FRACTIONS", "SplitPlan", "allocate_removals", "block_output", "candidate_loss", "candidate_removals", "choose_budgets",
+    "choose_split", "choose_split_by_block_error", "choose_split_by_loss", "error_curves", "held_out_blocks", "layer_error_curve",
+    "select_at_counts", "survivor_sparsity", "trial_copy", "uniform_candidates",
+]

@@ -17,12 +17,17 @@ def auto(total=0.5, **kwargs):
     return StunRecipe(**{"expert_sparsity": "auto", "total_sparsity": total, "expert_method": "frequency", "batch_size": 4, **kwargs})
 
 
+def block_error(total=0.5, **kwargs):
+    return auto(total, split_criterion="block_error", **kwargs)
+
+
+@pytest.mark.parametrize("criterion", ["model_loss", "block_error"])
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3"])
 @pytest.mark.parametrize("total", [0.5, 0.8])
-def test_auto_meets_the_total_over_expert_parameters_exactly(family, total):
+def test_auto_meets_the_total_over_expert_parameters_exactly(family, total, criterion):
     model = build_tiny_model(family, seed=1)
     ids = random_ids(model, n=8, length=32)
-    report = prune(model, auto(total), calibration=ids, progress=False)
+    report = prune(model, auto(total, split_criterion=criterion), calibration=ids, progress=False)
     assert report.expert_param_sparsity == pytest.approx(total, abs=5e-3)  # mask rounding per row of tiny matrices
     split = report.expert_split
     for layer in moe_layers(model):  # every layer meets the total with its chosen split
@@ -31,13 +36,14 @@ def test_auto_meets_the_total_over_expert_parameters_exactly(family, total):
         assert report.layer_sparsity[i] == pytest.approx(total, abs=5e-3)  # per-matrix rounding on tiny matrices
         within = 1 - (1 - total) * report.experts_before[i] / layer.num_experts
         assert split["within"][i] == pytest.approx(within, abs=1e-6) == report.layer_target_sparsity[i]  # what the curve and the masks used
-        assert split["removed"][i] == min(split["errors"][i], key=split["errors"][i].get)
+        if criterion == "block_error":
+            assert split["removed"][i] == min(split["errors"][i], key=split["errors"][i].get)
 
 
 def test_auto_removes_no_expert_when_every_expert_is_distinct_and_needed():
     model = build_tiny_model("mixtral", seed=3, num_experts_per_tok=1)  # random, distinct experts; one per token
     ids = random_ids(model, n=8, length=32)
-    report = prune(model, auto(0.5), calibration=ids, progress=False)
+    report = prune(model, block_error(0.5), calibration=ids, progress=False)
     assert report.removed_experts == {}
     assert set(report.expert_split["removed"].values()) == {0}
     for curve in report.expert_split["errors"].values():  # removal was tried, and cost more
@@ -47,7 +53,7 @@ def test_auto_removes_no_expert_when_every_expert_is_distinct_and_needed():
 def test_auto_removes_the_planted_duplicates_first():
     model = model_with_duplicates("mixtral", top_k=1)
     ids = random_ids(model, n=8, length=32)
-    report = prune(model, auto(0.5, expert_method="stun"), calibration=ids, progress=False)
+    report = prune(model, block_error(0.5, expert_method="stun"), calibration=ids, progress=False)
     assert set(report.removed_experts) == {layer.index for layer in moe_layers(model)}
     for i, removed in report.removed_experts.items():  # one copy of each pair, nothing else
         assert len(removed) == len(DUPLICATES) and all((c in removed) != (s in removed) for c, s in DUPLICATES.items())
@@ -61,7 +67,7 @@ def test_error_curve_is_the_block_error_of_the_pruned_layer():
     model = build_tiny_model("qwen2_moe", seed=2)
     ids = random_ids(model, n=4, length=32)
     dense = copy.deepcopy(model)
-    recipe = auto(0.6)
+    recipe = block_error(0.6)
     plan = choose_split(model, recipe, ids, min_keep=min_keep_per_layer(model, recipe))
     prune(model, StunRecipe(expert_sparsity=0.0, total_sparsity=0.6, sequential=False), calibration=ids, progress=False)
     io = calibrate(dense, ids, collect=(), keep_block_io=10**6, progress=False)
@@ -81,7 +87,7 @@ def test_candidates_respect_top_k_and_expert_groups():
     assert set(candidate_removals(8, min_keep=2, n_group=4, topk_group=1, top_k=2).values()) == {0}  # groups of 2 stay whole
     model = build_tiny_model("deepseek_v3", seed=1)
     n_group = model.config.n_group
-    report = prune(model, auto(0.8), calibration=random_ids(model, n=8, length=32), progress=False)
+    report = prune(model, block_error(0.8), calibration=random_ids(model, n=8, length=32), progress=False)
     for i, curve in report.expert_split["errors"].items():
         assert all(r % n_group == 0 for r in curve) and len(curve) > 1
         assert all((report.experts_before[i] - r) // n_group >= 2 for r in curve)
@@ -109,7 +115,8 @@ def test_cli_prints_the_chosen_split(tmp_path, capsys):
     assert "set total_sparsity" in capsys.readouterr().err
 
 
-def test_callback_and_prune_choose_the_same_split():
+@pytest.mark.parametrize("criterion", ["block_error", "model_loss"])
+def test_callback_and_prune_choose_the_same_split(criterion):
     from test_callbacks import make_trainer, module
 
     from stun_lightning.callbacks import SparsitySchedule, StunCallback, StunDataModule
@@ -120,14 +127,115 @@ def test_callback_and_prune_choose_the_same_split():
     plant_duplicates(mod.student)  # so that auto removes experts
     dense = copy.deepcopy(mod.student)
     ids = random_ids(dense, n=8, length=32)
-    recipe = auto(0.7, expert_method="stun", metric="magnitude")
+    recipe = auto(0.7, expert_method="stun", metric="magnitude", split_criterion=criterion)
     stun = StunCallback(recipe, SparsitySchedule("one_shot", start_step=0), calibration=ids)
     make_trainer(max_steps=1, callbacks=[stun]).fit(mod, data)
     report = prune(dense, recipe, calibration=ids, progress=False)
     assert stun.report.expert_split == report.expert_split and stun.report.removed_experts == report.removed_experts
-    assert report.removed_experts and stun.report.experts_after == report.experts_after
+    assert (report.removed_experts or criterion == "model_loss") and stun.report.experts_after == report.experts_after
     assert stun.layer_targets == pytest.approx(report.layer_target_sparsity)
     assert stun.report.expert_param_sparsity == pytest.approx(report.expert_param_sparsity)
+
+
+# ---------------------------------------------------------------- split_criterion="model_loss"
+
+from stun_lightning.evaluate import block_nll  # noqa: E402
+from stun_lightning.split import held_out_blocks  # noqa: E402
+
+
+def successor_blocks(n=16, length=32, vocab=64, seed=0):
+    """Token blocks that follow one fixed random successor per token (learnable in a few steps)."""
+    gen = torch.Generator().manual_seed(seed)
+    successor = torch.randperm(vocab, generator=gen)
+    blocks = torch.empty(n, length, dtype=torch.long)
+    blocks[:, 0] = torch.randint(0, vocab, (n,), generator=gen)
+    for t in range(1, length):
+        blocks[:, t] = successor[blocks[:, t - 1]]
+    return blocks
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """(tiny top-1 model trained on successor_blocks, its blocks): every expert carries what its tokens need."""
+    torch.manual_seed(0)
+    model = build_tiny_model("mixtral", seed=0, num_experts_per_tok=1, vocab_size=128)
+    ids = successor_blocks()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(60):
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    assert loss.item() < 0.5  # it learned the successors
+    return model, ids
+
+
+def chosen_fraction(split):
+    return next(f for f, counts in split["candidates"].items() if counts == split["removed"])
+
+
+def test_model_loss_chooses_the_candidate_of_least_held_out_loss(trained):
+    model, ids = trained
+    model = plant_duplicates(copy.deepcopy(model))  # removing the copies costs nothing; survivors then lose less to masking
+    report = prune(model, auto(0.8, expert_method="stun"), calibration=ids, progress=False)
+    split = report.expert_split
+    losses = split["losses"]
+    assert len(set(losses.values())) > 1
+    assert chosen_fraction(split) == min(losses, key=lambda f: (losses[f], sum(split["candidates"][f].values())))
+    assert split["removed"] == {0: 2, 1: 2} and all(sorted(r) == [1, 4] for r in report.removed_experts.values())
+    assert report.experts_after == {i: 8 - 2 for i in report.experts_after}
+    tried = list(losses.values())  # the early stop: every candidate, unless the last two losses each rose
+    rising = [k for k in range(2, len(tried)) if tried[k - 2] < tried[k - 1] < tried[k]]
+    assert rising in ([], [len(tried) - 1]) and (len(tried) == 5 or rising == [len(tried) - 1])
+
+
+def test_model_loss_of_a_candidate_is_the_held_out_nll_of_that_prune(trained):
+    model, ids = trained
+    model = copy.deepcopy(model)
+    with torch.no_grad():  # uneven routing: expert 0's router row dominates
+        for layer in moe_layers(model):
+            layer.router_weight[0] *= 3.0
+    recipe = auto(0.7, allocation="owl", metric="wanda")
+    dense = copy.deepcopy(model)
+    report = prune(model, recipe, calibration=ids, progress=False)
+    counts = report.expert_split["candidates"][0.25]
+    assert set(counts.values()) == {2}
+    statistics, held_out = ids[:-2], ids[-2:]  # the last 1/8 of 16 blocks
+    fixed = StunRecipe(expert_sparsity=0.25, layer_budget="uniform", expert_method="frequency", total_sparsity=0.7, allocation="owl",
+                       metric="wanda", allocation_base="layer", batch_size=4)
+    prune(dense, fixed, calibration=statistics, progress=False)
+    with torch.no_grad():
+        logits = dense(input_ids=held_out).logits[:, :-1]
+    expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), held_out[:, 1:].flatten()).item()
+    assert report.expert_split["losses"][0.25] == pytest.approx(expected, rel=1e-5)
+    assert report.expert_split["held_out_blocks"] == 2
+
+
+def test_model_loss_removes_no_expert_at_a_low_target_where_removal_hurts(trained):
+    model, ids = trained
+    report = prune(copy.deepcopy(model), auto(0.3), calibration=ids, progress=False)
+    assert report.expert_split["removed"] == {0: 0, 1: 0} and report.removed_experts == {}
+    losses = report.expert_split["losses"]
+    assert len(losses) > 1 and all(losses[f] > losses[0.0] for f in losses if f)  # removal was tried, and cost more
+
+
+def test_model_loss_refuses_too_few_blocks_and_bad_options():
+    model = build_tiny_model("mixtral", seed=1)
+    with pytest.raises(ValueError, match="holds out 1 of 1 calibration blocks"):
+        prune(model, auto(0.5), calibration=random_ids(model, n=1, length=32), progress=False)
+    with pytest.raises(ValueError, match="split_criterion='loss' is not one of"):
+        auto(0.5, split_criterion="loss")
+    with pytest.raises(ValueError, match="split_held_out=1.0"):
+        auto(0.5, split_held_out=1.0)
+    from stun_lightning.recipe import SPLIT_CRITERIA
+    from stun_lightning.split import CRITERIA
+
+    assert set(CRITERIA) == set(SPLIT_CRITERIA)
+    statistics, held = held_out_blocks(torch.zeros(9, 4), 0.125)
+    assert statistics.shape[0] == 8 and held.shape[0] == 1
+    assert block_nll(model, random_ids(model, n=2, length=8)) > 0
 
 
 # ---------------------------------------------------------------- layer_budget="error_curve"
