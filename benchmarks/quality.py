@@ -31,8 +31,9 @@ One table per model (markdown + CSV), the dense model in the same run. Rows:
 
 * issue 22 (``--only auto``): at 50 / 70 / 80% total, Wanda and OWL+Wanda alone, STUN's recipe (25%
   of the experts + OWL+Wanda), frequency 25% with the uniform and the ``error_curve`` layer budget and
-  with ``router_weighted`` merging, and ``expert_sparsity="auto"`` (frequency and REAP removal
-  orders; Wanda and OWL+Wanda inside the survivors), summarised in one table per model.
+  with ``router_weighted`` merging, and ``expert_sparsity="auto"`` by block error (frequency and
+  REAP removal orders; Wanda and OWL+Wanda inside the survivors) and by the pruned model's held-out
+  loss (``auto (model_loss)``), summarised in one table per model.
 
 Under each model's main table: the dense model's mean pairwise cosine similarity of expert weights, per layer
 and averaged over layers (``stun_lightning.methods.stun.expert_weight_cosine``): STUN merges experts
@@ -40,7 +41,7 @@ whose router rows are close, which is safe where experts are near-copies (upcycl
 and not where they are unrelated (trained from scratch, near 0). ``--cosine-only`` prints just that.
 
 ``--only`` runs a subset of these families (``base``, ``methods``, ``task``, ``distill``, ``auto``; the dense row
-always runs).
+always runs); ``--methods`` keeps only the rows whose method label contains one of its texts.
 
 Perplexity is measured on disjoint windows of 256 tokens (as ``stun_lightning.evaluate``) of the
 held-out splits: prose = WikiText-2 test, math = GSM8K test, code = Python stdlib test (or the
@@ -269,6 +270,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--distill-batch", type=int, default=8, help="windows of 128 tokens per distillation step")
     parser.add_argument("--distill-lr", type=float, default=2e-4, help="peak AdamW lr of the distillation fits (warm-up 10%%, cosine to 10%%)")
     parser.add_argument("--out", type=Path, default=Path("out/quality"))
+    parser.add_argument("--methods", default=None, help="comma-separated texts: only the rows whose method contains one of them (the dense row always runs)")
     parser.add_argument("--cosine-only", action="store_true", help="print each model's expert weight cosine and stop (no rows, no data folder)")
     args = parser.parse_args(argv)
     families = tuple(f.strip() for f in args.only.split(",") if f.strip())
@@ -295,6 +297,9 @@ def main(argv: list[str] | None = None) -> None:
     if "task" in families:
         calibrations["math"], math_source = math_calibration(tokenizer, args.data, n_calib, args.seq_len)
     rows = build_rows(args.stun_experts, args.investigate, families)
+    if args.methods:
+        wanted = [t.strip() for t in args.methods.split(",") if t.strip()]
+        rows = [r for r in rows if r.recipe is None or any(t in r.method for t in wanted)]
     args.out.mkdir(parents=True, exist_ok=True)
     suffix = "" if set(families) == set(FAMILIES) else "_" + "_".join(families)
     for spec in args.model or ["shipped"]:

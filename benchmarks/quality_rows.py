@@ -101,10 +101,12 @@ def distill_rows(stun_experts: float) -> list[Row]:
 
 
 def auto_rows() -> list[Row]:
-    """Issue 22: the split chosen per layer (``expert_sparsity="auto"``), error-curve budgets and
+    """Issue 22: the split chosen per layer (``expert_sparsity="auto"``, ``auto (...)`` rows by block
+    error, ``auto (model_loss)`` by the held-out loss of the pruned model), error-curve budgets and
     expert merging, beside unstructured-only and STUN's recipe, at each of AUTO_TOTALS."""
     owl = UNSTRUCTURED["owl+wanda"]
     fixed = dict(expert_sparsity=AUTO_EXPERTS, expert_method="frequency")
+    block_error = dict(expert_sparsity="auto", split_criterion="block_error")
     variants = {
         "wanda only": dict(expert_sparsity=0.0, **UNSTRUCTURED["wanda"]),
         "owl+wanda only": dict(expert_sparsity=0.0, **owl),
@@ -112,9 +114,10 @@ def auto_rows() -> list[Row]:
         f"frequency {AUTO_EXPERTS:.0%} uniform + owl+wanda": dict(**fixed, layer_budget="uniform", **owl),
         f"frequency {AUTO_EXPERTS:.0%} error_curve + owl+wanda": dict(**fixed, layer_budget="error_curve", **owl),
         f"frequency {AUTO_EXPERTS:.0%} uniform + router_weighted merge + owl+wanda": dict(**fixed, layer_budget="uniform", expert_merge="router_weighted", **owl),
-        "auto (frequency) + wanda": dict(expert_sparsity="auto", expert_method="frequency", **UNSTRUCTURED["wanda"]),
-        "auto (frequency) + owl+wanda": dict(expert_sparsity="auto", expert_method="frequency", **owl),
-        "auto (reap) + owl+wanda": dict(expert_sparsity="auto", expert_method="reap", **owl),
+        "auto (frequency) + wanda": dict(**block_error, expert_method="frequency", **UNSTRUCTURED["wanda"]),
+        "auto (frequency) + owl+wanda": dict(**block_error, expert_method="frequency", **owl),
+        "auto (reap) + owl+wanda": dict(**block_error, expert_method="reap", **owl),
+        "auto (model_loss) + owl+wanda": dict(expert_sparsity="auto", split_criterion="model_loss", expert_method="frequency", **owl),
     }
     return [Row(f"auto {total:.0%}", label, dict(total_sparsity=total, **fields)) for total in AUTO_TOTALS for label, fields in variants.items()]
 
