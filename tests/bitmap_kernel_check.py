@@ -5,9 +5,28 @@ shapes) or ``cuda`` (every shape class, every autotuner candidate, bf16 and floa
 Run by tests/test_bitmap.py.
 """
 
+import os
 import sys
 
 import torch
+
+
+def _interpreter_index_fix() -> None:
+    """Triton 3.6's interpreter turns a scalar (a 1-element array) into a range bound with
+    ``int(array)``, which numpy >= 2.4 refuses; take ``.item()`` instead (interpreter only)."""
+    from triton.runtime import interpreter
+
+    patch = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interpreter._patch_lang_tensor = patched
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _interpreter_index_fix()
 
 from stun_lightning.sparse.bitmap import compress_bitmap
 from stun_lightning.sparse.bitmap_experts import bitmap_experts_mm
