@@ -10,6 +10,11 @@ import sys
 
 import torch
 
+from stun_lightning.sparse.bitmap import compress_bitmap
+from stun_lightning.sparse.bitmap_experts import bitmap_experts_mm
+from stun_lightning.sparse.experts import align_pairs, pairs_layout, route_pairs
+from stun_lightning.sparse.triton_bitmap import CONFIGS, launch_bitmap_decode
+
 
 def _interpreter_index_fix() -> None:
     """Triton 3.6's interpreter turns a scalar (a 1-element array) into a range bound with
@@ -27,11 +32,6 @@ def _interpreter_index_fix() -> None:
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     _interpreter_index_fix()
-
-from stun_lightning.sparse.bitmap import compress_bitmap
-from stun_lightning.sparse.bitmap_experts import bitmap_experts_mm
-from stun_lightning.sparse.experts import align_pairs, pairs_layout, route_pairs
-from stun_lightning.sparse.triton_bitmap import CONFIGS, launch_bitmap_decode
 
 
 def case(device, dtype, e, n, k, top_k, tokens, sparsity, configs, empty=(1,)):

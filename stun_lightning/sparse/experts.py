@@ -35,7 +35,7 @@ import logging
 import torch
 from transformers.integrations.moe import ExpertsInterface
 
-from ..adapters import EXPERT_MATRICES  # stored compressed; biases stay dense
+from ..adapters import EXPERT_MATRICES  # noqa: F401  (stored compressed; biases stay dense; bitmap_experts imports it from here)
 from .format import decompress_24
 
 #: the name to put in ``config._experts_implementation``
