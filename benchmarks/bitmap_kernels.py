@@ -85,7 +85,6 @@ def main(argv=None) -> int:
                                 f"{floor:.1f} | {floor / bitmap_us:.2f} | {s24} | {err:.1e} |")
                         lines.append(line)
                         print(line, flush=True)
-                    del dense, bitmap, values, offsets, values24, meta24
                     torch.cuda.empty_cache()
     if args.out:
         with open(args.out, "w") as fh:

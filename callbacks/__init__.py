@@ -11,10 +11,11 @@
 The only package of stun-lightning that imports Lightning; the work is done by the core.
 """
 
+from stun_lightning.lora import merge_lora
 from stun_lightning.schedule import SparsitySchedule
 
 from .datamodule import StunDataModule
-from .distill_module import StunDistillModule, merge_lora
+from .distill_module import StunDistillModule
 from .fixed_masks import FixedMasks
 from .strategy_checks import FSDP2Strategy
 from .stun_callback import StunCallback

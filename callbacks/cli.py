@@ -20,16 +20,15 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import stun_lightning
-
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.strategies import ModelParallelStrategy
 
+import stun_lightning
 from stun_lightning.sharding import set_nccl_env
 
 from .datamodule import StunDataModule
-from .distill_module import StunDistillModule, tokenizer_for
-
+from .distill_module import StunDistillModule
+from .model_spec import tokenizer_for
 
 #: what the library raises for input it refuses (as ``stun-lightning prune`` reports them)
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torch import nn
 
-from stun_lightning.adapters import get_adapter, moe_layers
+from stun_lightning.adapters import moe_layers
 from stun_lightning.distill import (
     DistillWeights,
     InForwardExpertMSE,
@@ -62,64 +62,12 @@ from stun_lightning.distill import (
     logit_kl,
     router_kl,
 )
+from stun_lightning.lora import with_expert_targets
 from stun_lightning.sharding import is_sharded, materialize, reshard, shard_decoder_layers
 
+from .model_spec import DTYPES, load_causal_lm
 from .strategy_checks import data_parallel_mesh
 from .stun_callback import StunCallback
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, None: None}
-
-
-def load_causal_lm(spec: str | nn.Module, dtype: str | None = None, seed: int = 0) -> nn.Module:
-    """A model from ``"reference"`` (the shipped trained MoE), ``"tiny:<family>"`` (the shipped random
-    tiny models), a ``from_pretrained`` path, or as given."""
-    if isinstance(spec, nn.Module):
-        return spec
-    if spec == "reference":
-        from stun_lightning.reference import load_reference_model
-
-        return load_reference_model(_DTYPES[dtype] or torch.float32)[0]
-    if spec.startswith("tiny:"):
-        from stun_lightning.tiny import build_tiny_model
-
-        model = build_tiny_model(spec.split(":", 1)[1], seed=seed)
-        return model.to(_DTYPES[dtype]) if dtype else model
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(spec, dtype=_DTYPES[dtype] if dtype else "auto")
-
-
-def tokenizer_for(spec: str) -> str | None:
-    """The tokenizer path that goes with a model spec (None = the shipped tokenizer of tiny and reference models)."""
-    return None if spec == "reference" or spec.startswith("tiny:") else spec
-
-
-def _with_expert_targets(lora: dict[str, Any], model: nn.Module) -> dict[str, Any]:
-    """``lora`` with the fused expert tensors of ``model``'s family added to ``target_parameters``."""
-    attr = get_adapter(model).experts_attr
-    targets = list(lora.get("target_parameters") or [])
-    targets += [t for t in (f"{attr}.gate_up_proj", f"{attr}.down_proj") if t not in targets]
-    # no target_modules means peft's per-architecture default (attention); [] means experts only
-    return {"target_modules": [], **lora, "target_parameters": targets}
-
-
-@torch.no_grad()
-def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold a peft model's LoRA into its weights and return the plain model, with every fused expert
-    entry that was exactly zero before the merge zero again (a dense delta must not undo pruning).
-
-    The StunCallback merges at the end of a fit and re-applies its own masks; use this after a LoRA
-    fit without the callback (e.g. recovery of a model pruned once with ``prune``).
-    """
-    if not hasattr(model, "merge_and_unload"):
-        raise TypeError(f"{type(model).__name__} is not a peft model (no merge_and_unload); nothing to merge")
-    was_zero = {layer.index: {n: getattr(layer.experts, n) == 0 for n in ("gate_up_proj", "down_proj")} for layer in moe_layers(model)}
-    merged = model.merge_and_unload()
-    for layer in moe_layers(merged):
-        for name, zero in was_zero[layer.index].items():
-            getattr(layer.experts, name).masked_fill_(zero, 0)
-    return merged
-
 
 class StunDistillModule(LightningModule):
     """Causal-LM fine-tuning of a (to be) pruned MoE student, optionally distilled from its original.
@@ -207,7 +155,7 @@ class StunDistillModule(LightningModule):
             teacher = load_causal_lm(teacher, teacher_dtype, seed)
         if teacher is not None:
             if teacher_dtype:
-                teacher = teacher.to(_DTYPES[teacher_dtype])
+                teacher = teacher.to(DTYPES[teacher_dtype])
             teacher.eval().requires_grad_(False)
         self._teacher_box = [teacher]  # a list: not a registered submodule (see the module docstring)
         self.weights = DistillWeights(ce_weight, expert_weight, logit_kl_weight, block_weight, temperature)
@@ -217,7 +165,7 @@ class StunDistillModule(LightningModule):
         self.lambda_init_step = lambda_init_step
         if lora_experts and not lora:
             raise ValueError("lora_experts=True needs the LoRA settings too: pass lora={'r': 16, 'target_modules': [...]}")
-        self.lora = _with_expert_targets(lora, self.student) if lora_experts else lora
+        self.lora = with_expert_targets(lora, self.student) if lora_experts else lora
         # lambda lives in the checkpoint so a resumed fit keeps the value of the first step
         if loss == "ce":
             expert_weight = 0.0  # the control: no distillation term
@@ -437,4 +385,4 @@ class StunDistillModule(LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-__all__ = ["StunDistillModule", "load_causal_lm", "merge_lora", "tokenizer_for"]
+__all__ = ["StunDistillModule"]

@@ -96,9 +96,10 @@ def _export_aoti(model: nn.Module, out: Path, *, tokenizer, overwrite: bool, max
         wrapper = TorchExportableModuleForDecoderOnlyLM(model, batch_size=batch_size, max_cache_len=max_cache_len, device=device)
         example = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
         from .sparse import cuda_mma
+        from .sparse.experts import tracing_for_aoti
 
         # an AOTInductor package holds Triton kernels but no Python-launched one
-        with torch.no_grad(), cuda_mma.disabled():
+        with torch.no_grad(), cuda_mma.disabled(), tracing_for_aoti():
             program = wrapper.export(input_ids=example, cache_position=torch.zeros(1, dtype=torch.long, device=device))
     finally:
         generation.cache_implementation = previous

@@ -101,7 +101,7 @@ def figure_data(report: dict, evals: dict | None = None) -> dict[str, dict]:
             "layers": [int(i) for i in layers], "matrices": [figs["distances"][i] for i in layers],
             "survivors": [[e for e in range(report["experts_before"][i]) if e not in report.get("removed_experts", {}).get(i, [])] for i in layers],
         }
-    quality = {f"perplexity": dict(report["perplexity"])} if report.get("perplexity") else {}
+    quality = {"perplexity": dict(report["perplexity"])} if report.get("perplexity") else {}
     if evals and evals.get("baseline"):
         for task, metrics in evals["tasks"].items():
             for metric, value in metrics.items():

@@ -5,6 +5,7 @@ shapes) or ``cuda`` (every shape class, every autotuner candidate, bf16 and floa
 Run by tests/test_bitmap.py.
 """
 
+import os
 import sys
 
 import torch
@@ -13,6 +14,24 @@ from stun_lightning.sparse.bitmap import compress_bitmap
 from stun_lightning.sparse.bitmap_experts import bitmap_experts_mm
 from stun_lightning.sparse.experts import align_pairs, pairs_layout, route_pairs
 from stun_lightning.sparse.triton_bitmap import CONFIGS, launch_bitmap_decode
+
+
+def _interpreter_index_fix() -> None:
+    """Triton 3.6's interpreter turns a scalar (a 1-element array) into a range bound with
+    ``int(array)``, which numpy >= 2.4 refuses; take ``.item()`` instead (interpreter only)."""
+    from triton.runtime import interpreter
+
+    patch = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interpreter._patch_lang_tensor = patched
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _interpreter_index_fix()
 
 
 def case(device, dtype, e, n, k, top_k, tokens, sparsity, configs, empty=(1,)):

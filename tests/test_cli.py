@@ -4,7 +4,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from stun_lightning import load_pruned, moe_layers

@@ -11,7 +11,7 @@ from peft import LoraConfig, get_peft_model
 from stun_lightning import StunRecipe, load_pruned, moe_layers, prune, save_pruned
 from stun_lightning.calibration import calibrate
 from stun_lightning.callbacks import SparsitySchedule, StunCallback, StunDataModule, StunDistillModule
-from stun_lightning.callbacks.distill_module import merge_lora
+from stun_lightning.lora import merge_lora
 from stun_lightning.distill import kept_from_removed, lora_adapted
 from stun_lightning.expert_masks import measured_sparsity
 from stun_lightning.tiny import build_tiny_model

@@ -23,18 +23,19 @@ checks read off the tensors (dtype, contiguity, storage offset). So the grouped 
 compiled graph as two opaque ops whose fake kernels give their shapes with no branch
 (:func:`route_pairs`, :func:`sparse24_experts_mm`): every choice is made inside them on concrete
 sizes when they run (or when a CUDA graph records them), and the traced forward has no Python
-control flow on tensor metadata and no graph break, whatever the shapes. Only ``torch.export``
-(AOTInductor packages, which hold no Python op) traces into the Triton ops instead (static shapes).
+control flow on tensor metadata and no graph break, whatever the shapes. Only the export for
+AOTInductor (packages hold no Python op: :func:`tracing_for_aoti`) traces into the Triton ops instead (static shapes).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
 from transformers.integrations.moe import ExpertsInterface
 
-from ..adapters import EXPERT_MATRICES  # stored compressed; biases stay dense
+from ..adapters import EXPERT_MATRICES  # noqa: F401  (stored compressed; biases stay dense; bitmap_experts imports it from here)
 from .format import decompress_24
 
 #: the name to put in ``config._experts_implementation``
@@ -179,7 +180,7 @@ def sparse24_dispatch_mm(a, values, meta, sorted_ids, block_expert, rows_per_a: 
     ``stun::sparse24_grouped_mm`` (Triton on CUDA, torch ops on the CPU).
 
     Its checks read the tensors' sizes, dtypes and storage: it runs inside
-    :func:`sparse24_experts_mm` on concrete tensors, and is traced only by ``torch.export``."""
+    :func:`sparse24_experts_mm` on concrete tensors, and is traced only for AOTInductor (:func:`tracing_for_aoti`)."""
     from . import cuda_mma
 
     if cuda_mma.fits_tile(a, values, meta, block_m, rows_per_a):
@@ -272,11 +273,30 @@ def _finish(self, out: torch.Tensor) -> torch.Tensor:
     return out
 
 
+#: set by :func:`tracing_for_aoti` while ``torch.export`` traces a model for an AOTInductor package
+_tracing_for_aoti = False
+
+
+@contextlib.contextmanager
+def tracing_for_aoti():
+    """Trace the experts into the Triton ops inside this block (an AOTInductor package holds no
+    Python op): what :func:`stun_lightning.export.export` does for ``format="aoti"``.
+
+    Not ``torch.compiler.is_exporting()``: torch 2.11 returns True there under ``torch.compile`` too,
+    which traced the kernel choice into the graph (a graph break at ``storage_offset()``)."""
+    global _tracing_for_aoti
+    before, _tracing_for_aoti = _tracing_for_aoti, True
+    try:
+        yield
+    finally:
+        _tracing_for_aoti = before
+
+
 def _grouped_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
     num_tokens, hidden = hidden_states.shape
     top_k = top_k_index.shape[-1]
     num_experts = self.gate_up_proj_values.shape[0]
-    if torch.compiler.is_exporting():
+    if _tracing_for_aoti:
         # AOTInductor packages hold no Python op: trace into the Triton ops (export has static shapes)
         block_m = block_m_for(num_tokens * top_k, num_experts)
         sorted_ids, block_expert = align(top_k_index, num_experts, block_m)
@@ -327,7 +347,7 @@ def _reference_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Ten
 def sparse24_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
     """``ExpertsInterface`` entry: ``hidden_states [T, H]``, ``top_k_index/weights [T, k]`` -> ``[T, H]``."""
     _check(self)
-    if hidden_states.is_cuda or torch.compiler.is_compiling() or torch.compiler.is_exporting():
+    if hidden_states.is_cuda or _tracing_for_aoti or torch.compiler.is_compiling() or torch.compiler.is_exporting():
         return _grouped_forward(self, hidden_states, top_k_index, top_k_weights)
     return _reference_forward(self, hidden_states, top_k_index, top_k_weights)
 
