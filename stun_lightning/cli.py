@@ -28,7 +28,14 @@ from .recipe import StunRecipe, field_choices
 #: every layer, then OWL-Wanda masks 40% inside the survivors (55% of expert parameters in total).
 #: Uniform per layer: on the small reference model STUN's single global threshold piles removals into
 #: one layer (6 of its 8 experts), and the output loads in plain transformers.
-DEFAULT_RECIPE = dict(expert_sparsity=0.25, layer_budget="uniform", sparsity=0.4, allocation="owl", metric="wanda", calibration_samples=64, calibration_seq_len=256)
+#: ``prune`` without ``--recipe``: 55% of the expert parameters, the split between removed experts
+#: (chosen by routing frequency, the same count per layer) and OWL+Wanda inside the survivors chosen
+#: by the pruned model's held-out calibration loss (``expert_sparsity: auto``, ``split_criterion:
+#: model_loss``). Why: on the two from-scratch H100 reference models frequency removal beat STUN's
+#: router clustering at every total and OWL+Wanda alone was best at 50-70%
+#: (benchmarks/results/quality_auto_h100.md); on the upcycled shipped model removal pays
+#: (quality_auto_cpu.md). ``auto`` tries both, zero removals included.
+DEFAULT_RECIPE = dict(expert_sparsity="auto", expert_method="frequency", total_sparsity=0.55, allocation="owl", metric="wanda", calibration_samples=64, calibration_seq_len=256)
 
 def fraction_or_auto(text: str) -> float | str:
     """``--expert-sparsity``: a fraction, or ``auto`` (the split chosen per layer for --total-sparsity)."""
@@ -152,8 +159,15 @@ def load_model_and_tokenizer(model_spec: str | None, tokenizer_spec: str | None,
     return model.eval(), tokenizer, model_spec
 
 
+#: without ``--recipe``, a ``--sparsity`` inside experts or an N:M ``--pattern`` fixes the split
+#: (``auto`` needs a total and unstructured masks): 25% of experts, the same count per layer
+FIXED_SPLIT = dict(expert_sparsity=0.25, layer_budget="uniform", total_sparsity=None)
+
+
 def recipe_from_args(args) -> StunRecipe:
     data = dict(DEFAULT_RECIPE) if args.recipe is None else StunRecipe.from_yaml(args.recipe).to_dict()
+    if args.recipe is None and (args.sparsity is not None or (args.pattern or "unstructured") != "unstructured"):
+        data.update(FIXED_SPLIT)
     for field in RECIPE_FLAGS:
         value = getattr(args, field)
         if value is not None:

@@ -24,8 +24,16 @@ def test_default_prune_prints_the_table(capsys):
     out = capsys.readouterr().out
     for row in ("parameters (dense storage)", "sparsity over expert params (STUN)", "perplexity before", "perplexity after", "time total"):
         assert row in out
-    assert "32 -> 24" in out  # the shipped reference model: 4 MoE layers of 8 experts
+    assert "32 -> " in out  # the shipped reference model: 4 MoE layers of 8 experts
+    assert "auto split: held-out loss by removal fraction" in out  # the default chooses the split by its loss
 
+
+
+def test_a_pattern_or_inner_sparsity_flag_fixes_the_default_split(capsys):
+    # auto needs a total over unstructured masks: --pattern 2:4 falls back to 25% of experts per layer
+    assert main(["prune", "--pattern", "2:4", *FAST]) == 0
+    out = capsys.readouterr().out
+    assert out.count("| 8 -> 6 |") == 4 and "auto split" not in out
 
 def test_prune_writes_a_loadable_model_and_report(tmp_path, capsys):
     source = saved(build_tiny_model("qwen3_moe"), tmp_path / "src")
