@@ -31,20 +31,37 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     model, tok = load_reference_model()
     dense = perplexity(model, tok, max_tokens=args.max_tokens, progress=False)
-    lines = [f"Shipped reference model, dense perplexity {dense:.2f} ({args.max_tokens} held-out tokens); 25% of experts, "
-             "layer_budget global, Wanda, low_token_rule magnitude.", "",
-             "| expert method | total sparsity | allocation | base kept | base layer | experts per layer |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"Shipped reference model, dense perplexity {dense:.2f} ({args.max_tokens} held-out tokens); 25% of experts, "
+        "layer_budget global, Wanda, low_token_rule magnitude.",
+        "",
+        "| expert method | total sparsity | allocation | base kept | base layer | experts per layer |",
+        "|---|---|---|---|---|---|",
+    ]
     print(lines[0], flush=True)
     for method, total in CASES:
         for allocation in ("uniform", "owl"):
             ppl, counts = {}, None
             for base in ("kept", "layer"):
-                recipe = StunRecipe(expert_method=method, expert_sparsity=0.25, layer_budget="global", total_sparsity=total,
-                                    metric="wanda", allocation=allocation, allocation_base=base, low_token_rule="magnitude")
+                recipe = StunRecipe(
+                    expert_method=method,
+                    expert_sparsity=0.25,
+                    layer_budget="global",
+                    total_sparsity=total,
+                    metric="wanda",
+                    allocation=allocation,
+                    allocation_base=base,
+                    low_token_rule="magnitude",
+                )
                 pruned = copy.deepcopy(model)
                 report = prune(pruned, recipe, tokenizer=tok, progress=False)
-                ppl[base], counts = perplexity(pruned, tok, max_tokens=args.max_tokens, progress=False), report.experts_after
-            lines.append(f"| {method} | {total:.0%} | {allocation} | {ppl['kept']:.2f} | {ppl['layer']:.2f} | {list(counts.values())} |")
+                ppl[base], counts = (
+                    perplexity(pruned, tok, max_tokens=args.max_tokens, progress=False),
+                    report.experts_after,
+                )
+            lines.append(
+                f"| {method} | {total:.0%} | {allocation} | {ppl['kept']:.2f} | {ppl['layer']:.2f} | {list(counts.values())} |"
+            )
             print(lines[-1], flush=True)
     if args.out:
         Path(args.out).write_text("\n".join(lines) + "\n")

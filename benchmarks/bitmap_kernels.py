@@ -29,7 +29,9 @@ def main(argv=None) -> int:
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--tokens", nargs="+", type=int, default=[1, 8, 32, 2048])
     parser.add_argument("--sparsity", nargs="+", type=float, default=[0.5, 0.7, 0.8])
-    parser.add_argument("--removed", nargs="+", type=float, default=[0.0, 0.25], help="fraction of experts removed before masking")
+    parser.add_argument(
+        "--removed", nargs="+", type=float, default=[0.0, 0.25], help="fraction of experts removed before masking"
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     if no_cuda("benchmarks.bitmap_kernels"):
@@ -40,9 +42,12 @@ def main(argv=None) -> int:
     from stun_lightning.sparse.format import compress_24
 
     bw, flops = measured_rates("cuda")
-    lines = [f"{torch.cuda.get_device_name()}, torch {torch.__version__}; copy {bw / 1e12:.2f} TB/s, bf16 matmul {flops / 1e12:.0f} TFLOP/s", "",
-             "| shape | matrix | experts | sparsity | T | dense us | bitmap us | x dense | bitmap floor us | of floor | 2:4 us | 2:4 x dense | err |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"{torch.cuda.get_device_name()}, torch {torch.__version__}; copy {bw / 1e12:.2f} TB/s, bf16 matmul {flops / 1e12:.0f} TFLOP/s",
+        "",
+        "| shape | matrix | experts | sparsity | T | dense us | bitmap us | x dense | bitmap floor us | of floor | 2:4 us | 2:4 x dense | err |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     print("\n".join(lines), flush=True)
     for name in args.shapes:
         s = SHAPES[name]
@@ -61,7 +66,9 @@ def main(argv=None) -> int:
                     for tokens in args.tokens:
                         index = random_routing(experts, s["top_k"], tokens)
                         rows_per_a = s["top_k"] if matrix == "gate_up" else 1
-                        a = torch.randn(tokens * (1 if matrix == "gate_up" else s["top_k"]), k, device="cuda", dtype=torch.bfloat16)
+                        a = torch.randn(
+                            tokens * (1 if matrix == "gate_up" else s["top_k"]), k, device="cuda", dtype=torch.bfloat16
+                        )
                         n_pairs = tokens * s["top_k"]
                         touched = index.unique().numel()
                         floor = max(touched * per_expert / bw, 2 * n_pairs * n * k * (1 - sparsity) / flops) * 1e6
@@ -75,14 +82,18 @@ def main(argv=None) -> int:
                             sel = (flat == e).nonzero().flatten()
                             ref[sel] = a[sel // rows_per_a].float() @ dense[e].float().t()
                         err = ((out.float() - ref).abs().max() / ref.abs().max()).item()
-                        bitmap_us = graphed_us(lambda: bitmap_experts_mm(a, bitmap, values, offsets, ids, blocks, rows_per_a, k))
+                        bitmap_us = graphed_us(
+                            lambda: bitmap_experts_mm(a, bitmap, values, offsets, ids, blocks, rows_per_a, k)
+                        )
                         if values24 is not None:
                             us24 = graphed_us(lambda: sparse24_experts_mm(a, values24, meta24, ids, blocks, rows_per_a))
                             s24 = f"{us24:.1f} | {dense_us / us24:.2f}"
                         else:
                             s24 = "- | -"
-                        line = (f"| {name} | {matrix} | {experts} | {sparsity:.0%} | {tokens} | {dense_us:.1f} | {bitmap_us:.1f} | {dense_us / bitmap_us:.2f} | "
-                                f"{floor:.1f} | {floor / bitmap_us:.2f} | {s24} | {err:.1e} |")
+                        line = (
+                            f"| {name} | {matrix} | {experts} | {sparsity:.0%} | {tokens} | {dense_us:.1f} | {bitmap_us:.1f} | {dense_us / bitmap_us:.2f} | "
+                            f"{floor:.1f} | {floor / bitmap_us:.2f} | {s24} | {err:.1e} |"
+                        )
                         lines.append(line)
                         print(line, flush=True)
                     torch.cuda.empty_cache()

@@ -17,7 +17,9 @@ DATA_ENV = "STUN_DATA"
 def add_data_argument(parser: argparse.ArgumentParser, needed_for: str) -> None:
     default = os.environ.get(DATA_ENV)
     parser.add_argument(
-        "--data", type=Path, default=Path(default) if default else None,
+        "--data",
+        type=Path,
+        default=Path(default) if default else None,
         help=f"the data folder (SOURCES.md, wikitext2/, gsm8k/, python_stdlib/, ...; default: ${DATA_ENV}); needed for {needed_for}",
     )
 

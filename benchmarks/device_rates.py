@@ -49,5 +49,7 @@ def measured_rates(device: str, timer=None) -> tuple[float, float]:
     src = torch.empty(n, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     copy = 2 * n / (timer(lambda: dst.copy_(src)) * 1e-6)
-    a = torch.randn(m, m, device=device, dtype=torch.bfloat16)  # a @ a: one RNG draw (sparse_kernels.py draws its seeded weights after)
+    a = torch.randn(
+        m, m, device=device, dtype=torch.bfloat16
+    )  # a @ a: one RNG draw (sparse_kernels.py draws its seeded weights after)
     return copy, 2 * m**3 / (timer(lambda: a @ a) * 1e-6)

@@ -43,12 +43,34 @@ def qwen3_config(layers: int, tiny: bool):
     from transformers import Qwen3MoeConfig
 
     if tiny:
-        return Qwen3MoeConfig(hidden_size=64, moe_intermediate_size=32, intermediate_size=128, num_experts=8, num_experts_per_tok=2,
-                              num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=8192,
-                              max_position_embeddings=512, norm_topk_prob=True)
-    return Qwen3MoeConfig(hidden_size=2048, moe_intermediate_size=768, intermediate_size=6144, num_experts=128, num_experts_per_tok=8,
-                          num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=4, head_dim=128, vocab_size=8192,
-                          max_position_embeddings=4096, norm_topk_prob=True)
+        return Qwen3MoeConfig(
+            hidden_size=64,
+            moe_intermediate_size=32,
+            intermediate_size=128,
+            num_experts=8,
+            num_experts_per_tok=2,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            vocab_size=8192,
+            max_position_embeddings=512,
+            norm_topk_prob=True,
+        )
+    return Qwen3MoeConfig(
+        hidden_size=2048,
+        moe_intermediate_size=768,
+        intermediate_size=6144,
+        num_experts=128,
+        num_experts_per_tok=8,
+        num_hidden_layers=layers,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        head_dim=128,
+        vocab_size=8192,
+        max_position_embeddings=4096,
+        norm_topk_prob=True,
+    )
 
 
 def meta_model(config):
@@ -71,14 +93,30 @@ class FitRecorder(StepTimer):
         peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
         peaks = trainer.strategy.all_gather(torch.tensor([peak], dtype=torch.float64, device=pl_module.device))
         if trainer.is_global_zero:
-            Path(self.out).write_text(json.dumps({
-                "times": [t for _, t in self.times], "losses": self.losses, "tokens_per_step": self.tokens_per_step,
-                "update_every": self.update_every, "peak_bytes": [float(p) for p in peaks.flatten().cpu()],
-                "world": trainer.world_size, "global_step": trainer.global_step,
-            }))
+            Path(self.out).write_text(
+                json.dumps(
+                    {
+                        "times": [t for _, t in self.times],
+                        "losses": self.losses,
+                        "tokens_per_step": self.tokens_per_step,
+                        "update_every": self.update_every,
+                        "peak_bytes": [float(p) for p in peaks.flatten().cpu()],
+                        "world": trainer.world_size,
+                        "global_step": trainer.global_step,
+                    }
+                )
+            )
 
 
-def run_fit(args, layers: int, steps: int, out_json: str, ckpt_dir: str | None = None, ckpt_every: int = 0, resume: str | None = None):
+def run_fit(
+    args,
+    layers: int,
+    steps: int,
+    out_json: str,
+    ckpt_dir: str | None = None,
+    ckpt_every: int = 0,
+    resume: str | None = None,
+):
     from lightning.pytorch import Trainer, seed_everything
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -88,21 +126,42 @@ def run_fit(args, layers: int, steps: int, out_json: str, ckpt_dir: str | None =
 
     seed_everything(0)
     student = meta_model(qwen3_config(layers, args.tiny))
-    module = StunDistillModule(student=student, teacher="copy", lr=1e-4, warmup_steps=2, lambda_init_step=2, teacher_dtype="bfloat16")
+    module = StunDistillModule(
+        student=student, teacher="copy", lr=1e-4, warmup_steps=2, lambda_init_step=2, teacher_dtype="bfloat16"
+    )
     # with a checkpoint, one epoch = ckpt_every steps: the checkpoint closes an epoch, so the resumed fit
     # reads the same (seed + epoch) shuffled blocks as the uninterrupted one (Lightning restarts a
     # partly read epoch from its start)
     blocks = args.batch_size * args.devices * (ckpt_every or steps)
     data = StunDataModule(seq_len=args.seq_len, batch_size=args.batch_size, max_train_blocks=blocks, max_val_blocks=2)
     update_every = max(2, steps // 4)
-    recipe = StunRecipe(expert_method="random", expert_sparsity=0.25, layer_budget="uniform", sparsity=0.5, metric="magnitude")
-    callbacks = [StunCallback(recipe=recipe, schedule=SparsitySchedule(kind="cubic", start_step=0, end_step=steps // 2, update_every=update_every)),
-                 FitRecorder(out_json, args.seq_len * args.batch_size * args.devices, update_every)]
+    recipe = StunRecipe(
+        expert_method="random", expert_sparsity=0.25, layer_budget="uniform", sparsity=0.5, metric="magnitude"
+    )
+    callbacks = [
+        StunCallback(
+            recipe=recipe,
+            schedule=SparsitySchedule(kind="cubic", start_step=0, end_step=steps // 2, update_every=update_every),
+        ),
+        FitRecorder(out_json, args.seq_len * args.batch_size * args.devices, update_every),
+    ]
     if ckpt_dir:
-        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="{step}", every_n_train_steps=ckpt_every, save_top_k=-1))
-    trainer = Trainer(accelerator=args.accelerator, devices=args.devices, strategy=FSDP2Strategy(), precision=args.precision,
-                      max_steps=steps, limit_val_batches=0, logger=False, enable_checkpointing=bool(ckpt_dir),
-                      enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
+        callbacks.append(
+            ModelCheckpoint(dirpath=ckpt_dir, filename="{step}", every_n_train_steps=ckpt_every, save_top_k=-1)
+        )
+    trainer = Trainer(
+        accelerator=args.accelerator,
+        devices=args.devices,
+        strategy=FSDP2Strategy(),
+        precision=args.precision,
+        max_steps=steps,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=bool(ckpt_dir),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+    )
     trainer.fit(module, datamodule=data, ckpt_path=resume)
     masks = callbacks[0].masks
     return trainer, callbacks[0].kept_experts, masks
@@ -158,11 +217,19 @@ def report(args, fit: dict, resume: dict | None) -> str:
         a, b = resume["full"], resume["resumed"]
         k = resume["from_step"]
         diffs = [abs(x - y) for x, y in zip(a[k:], b)]
-        lines += ["", f"## Resume from the sharded checkpoint at step {k} ({args.resume_layers} layers, same shapes)", "",
-                  "| step | uninterrupted loss | resumed loss |", "|---|---|---|"]
+        lines += [
+            "",
+            f"## Resume from the sharded checkpoint at step {k} ({args.resume_layers} layers, same shapes)",
+            "",
+            "| step | uninterrupted loss | resumed loss |",
+            "|---|---|---|",
+        ]
         lines += [f"| {k + i + 1} | {x:.4f} | {y:.4f} |" for i, (x, y) in enumerate(zip(a[k:], b))]
-        lines += ["", f"Largest loss difference after resuming: {max(diffs) if diffs else float('nan'):.2e}; expert sets equal: {resume['experts_equal']}; "
-                  f"masks equal: {resume['masks_equal']}; checkpoint files: {resume['files']}."]
+        lines += [
+            "",
+            f"Largest loss difference after resuming: {max(diffs) if diffs else float('nan'):.2e}; expert sets equal: {resume['experts_equal']}; "
+            f"masks equal: {resume['masks_equal']}; checkpoint files: {resume['files']}.",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -180,7 +247,10 @@ def main(argv=None) -> int:
     parser.add_argument("--resume-steps", type=int, default=6)
     parser.add_argument("--skip", choices=["fit", "resume"], default=None)
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (CPU smoke run)")
-    parser.add_argument("--workdir", default=os.environ.get("STUN_BENCH_DIR", os.path.join(tempfile.gettempdir(), "stun_distributed_fit")))
+    parser.add_argument(
+        "--workdir",
+        default=os.environ.get("STUN_BENCH_DIR", os.path.join(tempfile.gettempdir(), "stun_distributed_fit")),
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     if args.tiny:
@@ -196,15 +266,25 @@ def main(argv=None) -> int:
     if args.skip != "resume":
         k = args.resume_steps // 2
         ckpt = work / "ckpt"
-        trainer, kept_a, masks_a = run_fit(args, args.resume_layers, args.resume_steps, str(work / "full.json"), str(ckpt), k)
+        trainer, kept_a, masks_a = run_fit(
+            args, args.resume_layers, args.resume_steps, str(work / "full.json"), str(ckpt), k
+        )
         full = json.loads((work / "full.json").read_text()) if trainer.is_global_zero else None
         path = ckpt / f"step={k}.ckpt"
-        trainer, kept_b, masks_b = run_fit(args, args.resume_layers, args.resume_steps, str(work / "resumed.json"), ckpt_every=k, resume=str(path))
+        trainer, kept_b, masks_b = run_fit(
+            args, args.resume_layers, args.resume_steps, str(work / "resumed.json"), ckpt_every=k, resume=str(path)
+        )
         if trainer.is_global_zero:
             resumed = json.loads((work / "resumed.json").read_text())
             files = sorted(p.name for p in path.iterdir()) if path.is_dir() else [path.name]
-            resume = {"full": full["losses"], "resumed": resumed["losses"], "from_step": k, "files": ", ".join(files),
-                      "experts_equal": kept_a == kept_b, "masks_equal": masks_a.equal(masks_b)}
+            resume = {
+                "full": full["losses"],
+                "resumed": resumed["losses"],
+                "from_step": k,
+                "files": ", ".join(files),
+                "experts_equal": kept_a == kept_b,
+                "masks_equal": masks_a.equal(masks_b),
+            }
     if int(os.environ.get("LOCAL_RANK", "0")) != 0:
         return 0
     text = report(args, fit, resume) if fit is not None else json.dumps(resume, indent=1)

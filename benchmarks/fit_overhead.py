@@ -112,7 +112,9 @@ def main(argv=None):
         args.layers, args.hidden, args.inter, args.experts, args.top_k, args.vocab = 2, 64, 32, 8, 2, 8192
         args.seq, args.batch, args.steps, args.update_every = 32, 2, 12, 4
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
-    recipe = StunRecipe(expert_sparsity=0.25, layer_budget="uniform", sparsity=0.5, metric="wanda", low_token_rule="magnitude")
+    recipe = StunRecipe(
+        expert_sparsity=0.25, layer_budget="uniform", sparsity=0.5, metric="wanda", low_token_rule="magnitude"
+    )
     schedule = SparsitySchedule("cubic", end_step=args.steps - args.update_every, update_every=args.update_every)
     tokens_per_step = args.batch * args.seq
     rows, out = [], {"args": vars(args), "torch": torch.__version__}
@@ -147,20 +149,44 @@ def main(argv=None):
     for kind in ("stats", "update"):
         if kinds[kind]:
             m = statistics.median(kinds[kind])
-            rows.append((f"callback: {kind} steps ({len(kinds[kind])})", m, f"{(m / base - 1) * 100:+.1f}%", tokens_per_step / m, ""))
-    out["callback"] = {k: v for k, v in kinds.items()} | {"wall_s": wall, "peak_gib": peak, "final_sparsity": stun.current_sparsity}
+            rows.append(
+                (
+                    f"callback: {kind} steps ({len(kinds[kind])})",
+                    m,
+                    f"{(m / base - 1) * 100:+.1f}%",
+                    tokens_per_step / m,
+                    "",
+                )
+            )
+    out["callback"] = {k: v for k, v in kinds.items()} | {
+        "wall_s": wall,
+        "peak_gib": peak,
+        "final_sparsity": stun.current_sparsity,
+    }
     del module, stun
 
     # distillation: bf16 teacher copy + student + callback
     stun = StunCallback(recipe, schedule, stats_steps=1)
-    module = StunDistillModule(model_for(args), teacher="copy", teacher_dtype="bfloat16", lr=1e-5, lambda_init_step=schedule.end_step)
+    module = StunDistillModule(
+        model_for(args), teacher="copy", teacher_dtype="bfloat16", lr=1e-5, lambda_init_step=schedule.end_step
+    )
     times, wall, peak = fit(args, module, [stun], sync)
     med = statistics.median(t for _, t in times)
-    rows.append(("distill: teacher (bf16) + student + callback", med, f"{(med / base - 1) * 100:+.1f}%", tokens_per_step / med, peak))
+    rows.append(
+        (
+            "distill: teacher (bf16) + student + callback",
+            med,
+            f"{(med / base - 1) * 100:+.1f}%",
+            tokens_per_step / med,
+            peak,
+        )
+    )
     out["distill"] = {"median_s": med, "wall_s": wall, "peak_gib": peak}
 
-    print(f"\n{out.get('gpu', 'cpu')}, torch {torch.__version__}; {args.layers} layers, hidden {args.hidden}, {args.experts} experts x {args.inter}, top-{args.top_k}; "
-          f"{args.batch} x {args.seq} tokens per step, {args.precision}, AdamW; 25% experts removed, 50% Wanda inside\n")
+    print(
+        f"\n{out.get('gpu', 'cpu')}, torch {torch.__version__}; {args.layers} layers, hidden {args.hidden}, {args.experts} experts x {args.inter}, top-{args.top_k}; "
+        f"{args.batch} x {args.seq} tokens per step, {args.precision}, AdamW; 25% experts removed, 50% Wanda inside\n"
+    )
     print("| run | median step (s) | vs baseline | tokens/s | peak GPU memory (GiB) |")
     print("|---|---|---|---|---|")
     for name, t, rel, tps, peak in rows:

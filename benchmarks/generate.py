@@ -49,8 +49,20 @@ LAYERS = {"mixtral": 4, "qwen3": 8}
 VARIANTS = ("dense", "2:4", "both")
 #: unstructured variants (bitmap experts), run when named in --variants
 UNSTRUCTURED = ("u50", "u70", "u80", "u70-both")
-COLUMNS = ["shape", "variant", "batch", "prompt", "TTFT ms", "TTFT x dense", "decode tok/s", "decode x dense", "floor tok/s", "of floor",
-           "graph breaks", "weights GB"]
+COLUMNS = [
+    "shape",
+    "variant",
+    "batch",
+    "prompt",
+    "TTFT ms",
+    "TTFT x dense",
+    "decode tok/s",
+    "decode x dense",
+    "floor tok/s",
+    "of floor",
+    "graph breaks",
+    "weights GB",
+]
 
 
 # ---------------------------------------------------------------- one variant (child process)
@@ -76,7 +88,9 @@ def build(shape: str, variant: str, layers: int, seed: int, quick: bool = False)
     from stun_lightning import keep_experts, moe_layers
     from stun_lightning.sparse import sparsify
 
-    model = build_model((QUICK_SHAPES if quick else SHAPES)[shape], layers, vocab_of(shape, quick), device_of(quick), seed)
+    model = build_model(
+        (QUICK_SHAPES if quick else SHAPES)[shape], layers, vocab_of(shape, quick), device_of(quick), seed
+    )
     if variant in UNSTRUCTURED:
         from stun_lightning.patterns import mask_from_scores
         from stun_lightning.metrics import weighted_magnitude
@@ -106,8 +120,16 @@ def sizes(model) -> dict:
     from stun_lightning.sparse.convert import expert_modules
 
     experts = [(m, nbytes(m)) for _, m, _ in expert_modules(model)]
-    count = [m.gate_up_proj_values.shape[0] if hasattr(m, "gate_up_proj_values") else m.gate_up_proj.shape[0] for m, _ in experts]
-    return dict(total=nbytes(model), experts=[b for _, b in experts], num_experts=count, embed=nbytes(model.get_input_embeddings()))
+    count = [
+        m.gate_up_proj_values.shape[0] if hasattr(m, "gate_up_proj_values") else m.gate_up_proj.shape[0]
+        for m, _ in experts
+    ]
+    return dict(
+        total=nbytes(model),
+        experts=[b for _, b in experts],
+        num_experts=count,
+        embed=nbytes(model.get_input_embeddings()),
+    )
 
 
 def child(args) -> None:
@@ -124,8 +146,11 @@ def child(args) -> None:
     longest = max(args.prompts) + args.new_tokens
     caches = {b: StaticCache(config=model.config, max_cache_len=longest) for b in args.batches}
     gen = torch.Generator(device=device).manual_seed(args.seed + 1)
-    prompts = {(b, p): torch.randint(0, vocab_of(args.shape, args.quick), (b, p), device=device, generator=gen)
-               for b in args.batches for p in args.prompts}
+    prompts = {
+        (b, p): torch.randint(0, vocab_of(args.shape, args.quick), (b, p), device=device, generator=gen)
+        for b in args.batches
+        for p in args.prompts
+    }
 
     def generate(b, p, n):
         cache = caches[b]
@@ -134,8 +159,16 @@ def child(args) -> None:
         synchronize(device)
         start = time.perf_counter()
         with torch.no_grad():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                 past_key_values=cache, compile_config=config, pad_token_id=0)
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                past_key_values=cache,
+                compile_config=config,
+                pad_token_id=0,
+            )
         synchronize(device)
         return time.perf_counter() - start, out[:, p:]
 
@@ -161,17 +194,41 @@ def child(args) -> None:
                     ttft = statistics.median(first)
                     total = statistics.median(t for t, _ in runs)
                     tokens = runs[0][1][0, :16].tolist() if b == 1 else None
-                    rows.append(dict(batch=b, prompt=p, ttft=ttft, decode=b * (args.new_tokens - 1) / max(total - ttft, 1e-9), tokens=tokens))
+                    rows.append(
+                        dict(
+                            batch=b,
+                            prompt=p,
+                            ttft=ttft,
+                            decode=b * (args.new_tokens - 1) / max(total - ttft, 1e-9),
+                            tokens=tokens,
+                        )
+                    )
         fcntl.flock(lock, fcntl.LOCK_UN)
-    result = dict(shape=args.shape, variant=args.variant, layers=args.layers, rows=rows, error=error, info=info, breaks=None, reasons=[],
-                  top_k=model.config.num_experts_per_tok, kv=kv_bytes_per_token(model.config))
-    print("RESULT " + json.dumps(result), flush=True)  # the timings, should the graph-break count below not finish in time
+    result = dict(
+        shape=args.shape,
+        variant=args.variant,
+        layers=args.layers,
+        rows=rows,
+        error=error,
+        info=info,
+        breaks=None,
+        reasons=[],
+        top_k=model.config.num_experts_per_tok,
+        kv=kv_bytes_per_token(model.config),
+    )
+    print(
+        "RESULT " + json.dumps(result), flush=True
+    )  # the timings, should the graph-break count below not finish in time
     torch._dynamo.reset()
     cache = StaticCache(config=model.config, max_cache_len=64)
     with torch.no_grad():
         model(input_ids=prompts[args.batches[0], args.prompts[0]][:, :8], past_key_values=cache, use_cache=True)
-        explanation = torch._dynamo.explain(model)(input_ids=prompts[args.batches[0], args.prompts[0]][:, :1], past_key_values=cache,
-                                                    cache_position=torch.tensor([8], device=device), use_cache=True)
+        explanation = torch._dynamo.explain(model)(
+            input_ids=prompts[args.batches[0], args.prompts[0]][:, :1],
+            past_key_values=cache,
+            cache_position=torch.tensor([8], device=device),
+            use_cache=True,
+        )
     reasons = sorted({str(r.reason).splitlines()[0][:120] for r in explanation.break_reasons})
     result.update(breaks=explanation.graph_break_count, reasons=reasons)
     print("RESULT " + json.dumps(result), flush=True)
@@ -191,7 +248,9 @@ def floor_tokens_per_s(result: dict, batch: int, prompt: int, new_tokens: int, b
     for layer_bytes, e in zip(info["experts"], info["num_experts"]):
         touched = e * (1 - (1 - k / e) ** batch)
         routed += layer_bytes / e * touched
-    step = info["total"] - sum(info["experts"]) - info["embed"] + routed + batch * (prompt + new_tokens / 2) * result["kv"]
+    step = (
+        info["total"] - sum(info["experts"]) - info["embed"] + routed + batch * (prompt + new_tokens / 2) * result["kv"]
+    )
     return batch / (step / bandwidth)
 
 
@@ -203,12 +262,40 @@ def run_shape(shape: str, args, log_dir: Path) -> list[dict]:
     procs = []
     for variant in args.variants:
         tag = variant.replace(":", "")
-        cmd = [sys.executable, "-m", "benchmarks.generate", "--child", "--shape", shape, "--variant", variant, "--layers", str(args.layers[shape]),
-               "--batches", *map(str, args.batches), "--prompts", *map(str, args.prompts), "--new-tokens", str(args.new_tokens),
-               "--repeats", str(args.repeats), "--seed", str(args.seed), "--ready", str(ready / f"{shape}.{tag}.ready"),
-               "--siblings", str(len(args.variants))] + (["--quick"] if args.quick else [])
+        cmd = [
+            sys.executable,
+            "-m",
+            "benchmarks.generate",
+            "--child",
+            "--shape",
+            shape,
+            "--variant",
+            variant,
+            "--layers",
+            str(args.layers[shape]),
+            "--batches",
+            *map(str, args.batches),
+            "--prompts",
+            *map(str, args.prompts),
+            "--new-tokens",
+            str(args.new_tokens),
+            "--repeats",
+            str(args.repeats),
+            "--seed",
+            str(args.seed),
+            "--ready",
+            str(ready / f"{shape}.{tag}.ready"),
+            "--siblings",
+            str(len(args.variants)),
+        ] + (["--quick"] if args.quick else [])
         log = open(log_dir / f"gen_{shape}_{tag}.log", "w")
-        procs.append((variant, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1")), log))
+        procs.append(
+            (
+                variant,
+                subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1")),
+                log,
+            )
+        )
     deadline = time.time() + args.child_timeout_s
     while any(proc.poll() is None for _, proc, _ in procs) and time.time() < deadline:
         for variant, proc, _ in procs:  # a sibling that died never writes its ready file: release the others
@@ -226,13 +313,24 @@ def run_shape(shape: str, args, log_dir: Path) -> list[dict]:
         found = [json.loads(line[7:]) for line in text.splitlines() if line.startswith("RESULT ")]
         if not found:
             tail = " | ".join(text.strip().splitlines()[-3:])[:400]
-            found = [dict(shape=shape, variant=variant, rows=[], error=f"process failed (rc {proc.returncode}): {tail}", info=None, breaks=None)]
+            found = [
+                dict(
+                    shape=shape,
+                    variant=variant,
+                    rows=[],
+                    error=f"process failed (rc {proc.returncode}): {tail}",
+                    info=None,
+                    breaks=None,
+                )
+            ]
         results.append(found[-1])
     return results
 
 
 def table(results: list[dict], args, bandwidth: float) -> tuple[str, list[str]]:
-    dense = {(r["shape"], row["batch"], row["prompt"]): row for r in results if r["variant"] == "dense" for row in r["rows"]}
+    dense = {
+        (r["shape"], row["batch"], row["prompt"]): row for r in results if r["variant"] == "dense" for row in r["rows"]
+    }
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     misses = []
     for r in results:
@@ -243,12 +341,26 @@ def table(results: list[dict], args, bandwidth: float) -> tuple[str, list[str]]:
             xd = row["decode"] / base["decode"] if base else float("nan")
             xt = base["ttft"] / row["ttft"] if base else float("nan")
             floor = floor_tokens_per_s(r, row["batch"], row["prompt"], args.new_tokens, bandwidth)
-            cells = [r["shape"], r["variant"], row["batch"], row["prompt"], f"{row['ttft'] * 1e3:,.1f}", f"{xt:.2f}", f"{row['decode']:,.0f}",
-                     f"{xd:.2f}", f"{floor:,.0f}", f"{row['decode'] / floor:.2f}", r["breaks"], f"{r['info']['total'] / 1e9:.1f}"]
+            cells = [
+                r["shape"],
+                r["variant"],
+                row["batch"],
+                row["prompt"],
+                f"{row['ttft'] * 1e3:,.1f}",
+                f"{xt:.2f}",
+                f"{row['decode']:,.0f}",
+                f"{xd:.2f}",
+                f"{floor:,.0f}",
+                f"{row['decode'] / floor:.2f}",
+                r["breaks"],
+                f"{r['info']['total'] / 1e9:.1f}",
+            ]
             lines.append("| " + " | ".join(map(str, cells)) + " |")
             if r["variant"] == "2:4" and (xd < 1.4 or xt < 1.0):
-                misses.append(f"{r['shape']} batch {row['batch']} prompt {row['prompt']}: decode {xd:.2f}x (target 1.4), prefill {xt:.2f}x (target 1.0); "
-                              f"2:4 decode floor over the dense one {floor / floor_tokens_per_s(dense_result(results, r['shape']), row['batch'], row['prompt'], args.new_tokens, bandwidth):.2f}x")
+                misses.append(
+                    f"{r['shape']} batch {row['batch']} prompt {row['prompt']}: decode {xd:.2f}x (target 1.4), prefill {xt:.2f}x (target 1.0); "
+                    f"2:4 decode floor over the dense one {floor / floor_tokens_per_s(dense_result(results, r['shape']), row['batch'], row['prompt'], args.new_tokens, bandwidth):.2f}x"
+                )
     for r in results:
         if r.get("reasons"):
             lines.append(f"\n{r['shape']} {r['variant']}: graph breaks: {'; '.join(r['reasons'])}")
@@ -262,17 +374,25 @@ def dense_result(results, shape):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", nargs="+", default=list(VOCAB), choices=list(VOCAB))
-    p.add_argument("--layers", nargs="+", default=[f"{k}={v}" for k, v in LAYERS.items()], help="SHAPE=N decoder layers")
+    p.add_argument(
+        "--layers", nargs="+", default=[f"{k}={v}" for k, v in LAYERS.items()], help="SHAPE=N decoder layers"
+    )
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS + UNSTRUCTURED))
     p.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
     p.add_argument("--prompts", nargs="+", type=int, default=[64, 2048])
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--child-timeout-s", type=int, default=420, help="per shape: its variants' processes are killed after this")
-    p.add_argument("--out", default=None, help="markdown file for the table (default benchmarks/results/generate_<card>.md)")
+    p.add_argument(
+        "--child-timeout-s", type=int, default=420, help="per shape: its variants' processes are killed after this"
+    )
+    p.add_argument(
+        "--out", default=None, help="markdown file for the table (default benchmarks/results/generate_<card>.md)"
+    )
     p.add_argument("--logs", default=os.environ.get("OUT", "/tmp/generate_logs"))
-    p.add_argument("--quick", action="store_true", help="CPU smoke test: tiny shapes, vocab 1000, dynamo without Inductor")
+    p.add_argument(
+        "--quick", action="store_true", help="CPU smoke test: tiny shapes, vocab 1000, dynamo without Inductor"
+    )
     # child-only
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--shape", help=argparse.SUPPRESS)
@@ -300,7 +420,13 @@ def main() -> None:
 
     agree = []
     for shape in args.shapes:
-        base = {row["prompt"]: row["tokens"] for r in results if r["shape"] == shape and r["variant"] == "dense" for row in r["rows"] if row["tokens"]}
+        base = {
+            row["prompt"]: row["tokens"]
+            for r in results
+            if r["shape"] == shape and r["variant"] == "dense"
+            for row in r["rows"]
+            if row["tokens"]
+        }
         for r in results:
             if r["shape"] == shape and r["variant"] == "2:4":
                 for row in r["rows"]:
@@ -308,15 +434,19 @@ def main() -> None:
                         same = sum(a == b for a, b in zip(row["tokens"], base[row["prompt"]])) / len(row["tokens"])
                         agree.append(f"{shape} prompt {row['prompt']}: {same:.0%}")
     command = "python3 -m benchmarks.generate " + " ".join(sys.argv[1:])
-    header = (f"# `generate()` with a static cache and transformers' compilation: `python -m benchmarks.generate`, one {card}\n\n"
-              f"`{command}`\n\ntorch {torch.__version__}, transformers {transformers.__version__}; copy {bandwidth / 1e12:.2f} TB/s, "
-              f"bf16 matmul {matmul / 1e12:.1f} TFLOP/s (measured in this run). Layers: "
-              f"{', '.join(f'{s} {args.layers[s]}' for s in args.shapes)}; {args.new_tokens} new tokens; medians of {args.repeats}.\n\n"
-              "TTFT: `generate(max_new_tokens=1)` (prefill, run uncompiled by transformers); decode tok/s: batch x (N-1) / (t(N) - TTFT), "
-              "CompileConfig(fullgraph=True), mode reduce-overhead; x dense: same shape, same batch and prompt, this run. "
-              "floor tok/s: byte floor of a decode step (weights but the embedding, expected routed experts, filled KV cache) at the copy bandwidth.\n\n")
+    header = (
+        f"# `generate()` with a static cache and transformers' compilation: `python -m benchmarks.generate`, one {card}\n\n"
+        f"`{command}`\n\ntorch {torch.__version__}, transformers {transformers.__version__}; copy {bandwidth / 1e12:.2f} TB/s, "
+        f"bf16 matmul {matmul / 1e12:.1f} TFLOP/s (measured in this run). Layers: "
+        f"{', '.join(f'{s} {args.layers[s]}' for s in args.shapes)}; {args.new_tokens} new tokens; medians of {args.repeats}.\n\n"
+        "TTFT: `generate(max_new_tokens=1)` (prefill, run uncompiled by transformers); decode tok/s: batch x (N-1) / (t(N) - TTFT), "
+        "CompileConfig(fullgraph=True), mode reduce-overhead; x dense: same shape, same batch and prompt, this run. "
+        "floor tok/s: byte floor of a decode step (weights but the embedding, expected routed experts, filled KV cache) at the copy bandwidth.\n\n"
+    )
     notes = "\n\nGreedy tokens of 2:4 equal to dense (batch 1, first 16): " + (", ".join(agree) or "n/a")
-    notes += "\n\nTargets missed (2:4: decode >= 1.4x dense, prefill >= 1.0x):\n" + ("\n".join(f"- {m}" for m in misses) or "- none")
+    notes += "\n\nTargets missed (2:4: decode >= 1.4x dense, prefill >= 1.0x):\n" + (
+        "\n".join(f"- {m}" for m in misses) or "- none"
+    )
     print(text + notes)
     short = "h200" if "H200" in card else "h100" if "H100" in card else "cpu" if args.quick else "gpu"
     out = Path(args.out or Path(__file__).resolve().parent / "results" / f"generate_{short}.md")

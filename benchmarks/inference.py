@@ -54,19 +54,72 @@ from benchmarks.inference_models import (
 
 HEADS = dict(num_attention_heads=32, head_dim=128)
 SHAPES = {  # name -> (model_type, config fields): the real models' layer shapes
-    "mixtral": ("mixtral", dict(hidden_size=4096, intermediate_size=14336, num_local_experts=8, num_experts_per_tok=2, num_key_value_heads=8, **HEADS)),
-    "qwen3": ("qwen3_moe", dict(hidden_size=2048, moe_intermediate_size=768, intermediate_size=6144, num_experts=128, num_experts_per_tok=8,
-                                norm_topk_prob=True, num_key_value_heads=4, **HEADS)),
+    "mixtral": (
+        "mixtral",
+        dict(
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            num_key_value_heads=8,
+            **HEADS,
+        ),
+    ),
+    "qwen3": (
+        "qwen3_moe",
+        dict(
+            hidden_size=2048,
+            moe_intermediate_size=768,
+            intermediate_size=6144,
+            num_experts=128,
+            num_experts_per_tok=8,
+            norm_topk_prob=True,
+            num_key_value_heads=4,
+            **HEADS,
+        ),
+    ),
 }
 TINY = dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16)
 QUICK_SHAPES = {
-    "mixtral": ("mixtral", dict(hidden_size=64, intermediate_size=128, num_local_experts=8, num_experts_per_tok=2, **TINY)),
-    "qwen3": ("qwen3_moe", dict(hidden_size=64, moe_intermediate_size=32, intermediate_size=128, num_experts=16, num_experts_per_tok=4,
-                                norm_topk_prob=True, **TINY)),
+    "mixtral": (
+        "mixtral",
+        dict(hidden_size=64, intermediate_size=128, num_local_experts=8, num_experts_per_tok=2, **TINY),
+    ),
+    "qwen3": (
+        "qwen3_moe",
+        dict(
+            hidden_size=64,
+            moe_intermediate_size=32,
+            intermediate_size=128,
+            num_experts=16,
+            num_experts_per_tok=4,
+            norm_topk_prob=True,
+            **TINY,
+        ),
+    ),
 }
 VARIANTS = ("dense", "2:4", "experts-25%", "both")
-DENSE_OF = {"dense": "dense", "2:4": "dense", "experts-25%": "experts-25%", "both": "experts-25%"}  # the float32 reference
-COLUMNS = ["scope", "shape", "variant", "tokens", "us", "tokens/s", "x dense", "floor us", "of floor", "err", "err eager", "weights MB", "experts"]
+DENSE_OF = {
+    "dense": "dense",
+    "2:4": "dense",
+    "experts-25%": "experts-25%",
+    "both": "experts-25%",
+}  # the float32 reference
+COLUMNS = [
+    "scope",
+    "shape",
+    "variant",
+    "tokens",
+    "us",
+    "tokens/s",
+    "x dense",
+    "floor us",
+    "of floor",
+    "err",
+    "err eager",
+    "weights MB",
+    "experts",
+]
 
 
 # ---------------------------------------------------------------- measurement
@@ -137,10 +190,20 @@ class Setup:
         experts = [e for _, _, e in moe_blocks(dense)]
         self.expert_params = sum(p[0].numel() for p in (experts[0].gate_up_proj, experts[0].down_proj))
         embed = dense.get_input_embeddings().weight.numel()
-        self.other_params = sum(p.numel() for p in dense.parameters()) - embed - self.expert_params * sum(e.num_experts for e in experts)
+        self.other_params = (
+            sum(p.numel() for p in dense.parameters())
+            - embed
+            - self.expert_params * sum(e.num_experts for e in experts)
+        )
         g = torch.Generator(device=args.device).manual_seed(args.seed)
-        self.layer_in = {t: torch.randn(1, t, self.hidden, device=args.device, dtype=torch.bfloat16, generator=g) for t in args.all_tokens}
-        self.ids = {t: torch.randint(args.vocab, (t, 1) if t in args.tokens else (1, t), device=args.device, generator=g) for t in args.all_tokens}
+        self.layer_in = {
+            t: torch.randn(1, t, self.hidden, device=args.device, dtype=torch.bfloat16, generator=g)
+            for t in args.all_tokens
+        }
+        self.ids = {
+            t: torch.randint(args.vocab, (t, 1) if t in args.tokens else (1, t), device=args.device, generator=g)
+            for t in args.all_tokens
+        }
         self.references = {}  # base variant -> float32 copy, made on first use
 
     def reference(self, variant):
@@ -152,7 +215,9 @@ class Setup:
     def model_inputs(self, t):
         decode = t in self.args.tokens
         pos = self.args.cache_len - 1 if decode else 0
-        positions = torch.arange(pos, pos + self.ids[t].shape[1], device=self.args.device).expand_as(self.ids[t]).contiguous()
+        positions = (
+            torch.arange(pos, pos + self.ids[t].shape[1], device=self.args.device).expand_as(self.ids[t]).contiguous()
+        )
         return self.ids[t], positions
 
     def model_fn(self, model, t):
@@ -176,7 +241,11 @@ class Setup:
                 eager = block(x)
                 ref_experts = moe_blocks(self.reference(variant))[0][2]
                 ref = ref_experts(x.view(-1, self.hidden).float(), index, weights.float()).view(x.shape)
-            fn, inputs, weight_bytes = compiled(block, self.args.compile, decode, self.args.graphs), (x,), nbytes(experts[0])
+            fn, inputs, weight_bytes = (
+                compiled(block, self.args.compile, decode, self.args.graphs),
+                (x,),
+                nbytes(experts[0]),
+            )
             routing, other_bytes, other_flops = [(weights, index)], 0, 0
         else:
             step = self.model_fn(model, t)
@@ -196,15 +265,31 @@ class Setup:
         work = other_flops + 2 * t * self.top_k * self.expert_params * len(routing)
         eager_err = relerr(eager, ref)
         us, err = measure(fn, inputs, ref, timer)
-        return dict(us=us, floor=max(read / bw, work / flops) * 1e6, err=err, eager_err=eager_err, mb=weight_bytes / 2**20, experts=touched)
+        return dict(
+            us=us,
+            floor=max(read / bw, work / flops) * 1e6,
+            err=err,
+            eager_err=eager_err,
+            mb=weight_bytes / 2**20,
+            experts=touched,
+        )
 
 
 def cells(row: dict, dense: dict | None) -> list[str]:
     if "error" in row:
         return [f"error: {row['error']}"] + ["-"] * 8
     ratio = f"{dense['us'] / row['us']:.2f}" if dense and "us" in dense else "-"
-    return [f"{row['us']:.1f}", f"{row['tokens'] / row['us'] * 1e6:,.0f}", ratio, f"{row['floor']:.1f}", f"{row['floor'] / row['us']:.2f}",
-            f"{row['err']:.1e}", f"{row['eager_err']:.1e}", f"{row['mb']:,.1f}" if row["mb"] >= 100 else f"{row['mb']:.3g}", "/".join(map(str, row["experts"]))]
+    return [
+        f"{row['us']:.1f}",
+        f"{row['tokens'] / row['us'] * 1e6:,.0f}",
+        ratio,
+        f"{row['floor']:.1f}",
+        f"{row['floor'] / row['us']:.2f}",
+        f"{row['err']:.1e}",
+        f"{row['eager_err']:.1e}",
+        f"{row['mb']:,.1f}" if row["mb"] >= 100 else f"{row['mb']:.3g}",
+        "/".join(map(str, row["experts"])),
+    ]
 
 
 def table(rows) -> str:
@@ -212,7 +297,11 @@ def table(rows) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in rows:
         key = (r["scope"], r["shape"], r["tokens"])
-        lines.append("| " + " | ".join([*map(str, (r["scope"], r["shape"], r["variant"], r["tokens"])), *cells(r, dense.get(key))]) + " |")
+        lines.append(
+            "| "
+            + " | ".join([*map(str, (r["scope"], r["shape"], r["variant"], r["tokens"])), *cells(r, dense.get(key))])
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -221,15 +310,25 @@ def targets(rows, args) -> str:
     prefill >= 1.2x dense; every output within 1e-2 of the float32 masked dense model."""
     lines = []
     for name in args.shapes if "layer" in args.scope else []:
-        dense = {r["tokens"]: r for r in rows if (r["scope"], r["shape"], r["variant"]) == ("layer", name, "dense") and "us" in r}
-        sparse = {r["tokens"]: r for r in rows if (r["scope"], r["shape"], r["variant"]) == ("layer", name, "2:4") and "us" in r}
+        dense = {
+            r["tokens"]: r
+            for r in rows
+            if (r["scope"], r["shape"], r["variant"]) == ("layer", name, "dense") and "us" in r
+        }
+        sparse = {
+            r["tokens"]: r
+            for r in rows
+            if (r["scope"], r["shape"], r["variant"]) == ("layer", name, "2:4") and "us" in r
+        }
 
         def ratio(t):
             return f"{dense[t]['us'] / sparse[t]['us']:.2f}" if t in dense and t in sparse else "-"
 
         frac = "/".join(f"{sparse[t]['floor'] / sparse[t]['us']:.2f}" if t in sparse else "-" for t in args.tokens)
-        lines.append(f"- {name} layer, 2:4: decode x dense {'/'.join(map(ratio, args.tokens))} (target 1.5), of floor {frac} "
-                     f"(target 0.75); prefill x dense {ratio(args.prefill)} (target 1.2)")
+        lines.append(
+            f"- {name} layer, 2:4: decode x dense {'/'.join(map(ratio, args.tokens))} (target 1.5), of floor {frac} "
+            f"(target 0.75); prefill x dense {ratio(args.prefill)} (target 1.2)"
+        )
     if any("err" in r for r in rows):
         worst = {k: max(r[k] for r in rows if k in r) for k in ("err", "eager_err")}
         lines.append(f"- largest error of any row {worst['err']:.1e}, eager {worst['eager_err']:.1e} (target 1e-2)")
@@ -239,8 +338,13 @@ def targets(rows, args) -> str:
 def autotuned() -> str:
     """Configs the Triton autotuners of the sparse package chose in this run (key: N, K, BLOCK_M, ...)."""
     modules = [m for name, m in sorted(sys.modules.items()) if name.startswith("stun_lightning.sparse.")]
-    found = [f"- {m.__name__.rsplit('.', 1)[1]}.{name} {tuple(key)[:4]}: {config}" for m in modules for name, obj in vars(m).items()
-             if isinstance(getattr(obj, "cache", None), dict) and hasattr(obj, "configs") for key, config in obj.cache.items()]
+    found = [
+        f"- {m.__name__.rsplit('.', 1)[1]}.{name} {tuple(key)[:4]}: {config}"
+        for m in modules
+        for name, obj in vars(m).items()
+        if isinstance(getattr(obj, "cache", None), dict) and hasattr(obj, "configs")
+        for key, config in obj.cache.items()
+    ]
     return "Autotuned kernels:\n" + "\n".join(found) if found else "Autotuned kernels: none ran"
 
 
@@ -255,11 +359,22 @@ def parse_args(argv):
     p.add_argument("--vocab", type=int, default=1024)
     p.add_argument("--cache-len", type=int, default=512, help="static KV cache slots; decode writes the last one")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile every variant (default: on CUDA only)")
-    p.add_argument("--graphs", default="capture", choices=["capture", "trees"],
-                   help="decode CUDA graphs: one captured graph of the compiled call (default), or torch.compile's reduce-overhead trees")
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile every variant (default: on CUDA only)",
+    )
+    p.add_argument(
+        "--graphs",
+        default="capture",
+        choices=["capture", "trees"],
+        help="decode CUDA graphs: one captured graph of the compiled call (default), or torch.compile's reduce-overhead trees",
+    )
     p.add_argument("--quick", action="store_true", help="tiny shapes (hidden 64), a smoke test")
-    p.add_argument("--budget-s", type=float, default=390.0, help="rows not started after this many seconds are reported as skipped")
+    p.add_argument(
+        "--budget-s", type=float, default=390.0, help="rows not started after this many seconds are reported as skipped"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="also write the markdown to this file")
     args = p.parse_args(argv)
@@ -281,8 +396,10 @@ def main(argv=None) -> int:
     timer, started = make_timer(args.device), time.perf_counter()
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     bw, flops = measured_rates(args.device, timer)
-    head = (f"torch {torch.__version__}, transformers {transformers.__version__}, {device_name}; copy {bw / 1e12:.2f} TB/s, "
-            f"bf16 matmul {flops / 1e12:.1f} TFLOP/s (measured in this run); compile: {'yes' if args.compile else 'no (eager)'}")
+    head = (
+        f"torch {torch.__version__}, transformers {transformers.__version__}, {device_name}; copy {bw / 1e12:.2f} TB/s, "
+        f"bf16 matmul {flops / 1e12:.1f} TFLOP/s (measured in this run); compile: {'yes' if args.compile else 'no (eager)'}"
+    )
     print(head, flush=True)
     shapes = QUICK_SHAPES if args.quick else SHAPES
     setups, failures = {}, {}
@@ -319,10 +436,17 @@ def main(argv=None) -> int:
     notes = [
         head,
         "Rows: us per call (median); tokens/s = tokens per call / time; x dense = dense time / this time, same run. "
-        + (f"Decode rows ({', '.join(map(str, args.tokens))} tokens) ran under torch.compile, "
-           + ("captured in one CUDA graph and replayed (`--graphs capture`); " if args.graphs == "capture" else
-              "mode=\"reduce-overhead\" (CUDA-graph trees, `--graphs trees`); ")
-           + f"the prefill row ({args.prefill} tokens) under the default mode. L2 flushed between timed calls. " if args.compile else "Eager (no torch.compile). ")
+        + (
+            f"Decode rows ({', '.join(map(str, args.tokens))} tokens) ran under torch.compile, "
+            + (
+                "captured in one CUDA graph and replayed (`--graphs capture`); "
+                if args.graphs == "capture"
+                else 'mode="reduce-overhead" (CUDA-graph trees, `--graphs trees`); '
+            )
+            + f"the prefill row ({args.prefill} tokens) under the default mode. L2 flushed between timed calls. "
+            if args.compile
+            else "Eager (no torch.compile). "
+        )
         + f"`layer`: decoder layer 0's MoE block, input [1, tokens, hidden]. `model`: the "
         f"whole {args.layers}-layer model (vocab {args.vocab}); decode = a batch of `tokens` sequences, one token each, against a static "
         f"KV cache of {args.cache_len} slots (writes the last slot); prefill = one sequence, no cache.",

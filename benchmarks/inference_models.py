@@ -20,7 +20,9 @@ from stun_lightning.sparse.convert import expert_modules
 def build_model(shape: dict, layers: int, vocab: int, device: str, seed: int) -> torch.nn.Module:
     """Random bf16 causal LM with every expert matrix masked 2:4 by magnitude, ``grouped_mm`` experts."""
     model_type, fields = shape
-    config = AutoConfig.for_model(model_type, vocab_size=vocab, num_hidden_layers=layers, max_position_embeddings=4096, **fields)
+    config = AutoConfig.for_model(
+        model_type, vocab_size=vocab, num_hidden_layers=layers, max_position_embeddings=4096, **fields
+    )
     torch.manual_seed(seed)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa").to(device)
@@ -72,17 +74,20 @@ def moe_blocks(model) -> list[tuple]:
 
 def decode_step(model, cache, position: int):
     """One decode step on a static cache, rewinding the cache's write position first (so that it can repeat)."""
+
     def step(ids, positions):
         for layer in cache.layers:
             if layer.is_initialized:
                 layer.cumulative_length.fill_(position)
         return model(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True).logits
+
     return step
 
 
 def prefill_step(model):
     def step(ids, positions):
         return model(input_ids=ids, position_ids=positions, use_cache=False).logits
+
     return step
 
 
@@ -101,10 +106,13 @@ class RoutingRecorder:
                 return None
             weights, index = self.force[i]
             return out[0], weights.to(out[1].dtype), index
+
         return hook
 
     def __enter__(self):
-        self.handles = [router.register_forward_hook(self._hook(i)) for i, (_, router, _) in enumerate(moe_blocks(self.model))]
+        self.handles = [
+            router.register_forward_hook(self._hook(i)) for i, (_, router, _) in enumerate(moe_blocks(self.model))
+        ]
         return self
 
     def __exit__(self, *exc):

@@ -37,7 +37,15 @@ import transformers
 from transformers import AutoModelForCausalLM
 
 from benchmarks.cost_measurement import release_memory, timed
-from benchmarks.prune_cost_tables import CSV_FIELDS, MethodRow, Row, error_notes, method_table, phase_table, scaling_table
+from benchmarks.prune_cost_tables import (
+    CSV_FIELDS,
+    MethodRow,
+    Row,
+    error_notes,
+    method_table,
+    phase_table,
+    scaling_table,
+)
 from stun_lightning import StunRecipe, calibrate, moe_layers, prune
 from stun_lightning.adapters import decoder_layers
 from stun_lightning.tiny import tiny_config
@@ -47,28 +55,62 @@ from stun_lightning.tiny import tiny_config
 SHAPES = {
     "tiny": (
         "mixtral",
-        dict(hidden_size=64, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2,
-             num_attention_heads=4, num_key_value_heads=2, head_dim=16),
+        dict(
+            hidden_size=64,
+            intermediate_size=32,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+        ),
     ),
     "mixtral": (  # Mixtral-8x7B
         "mixtral",
-        dict(hidden_size=4096, intermediate_size=14336, num_local_experts=8, num_experts_per_tok=2,
-             num_attention_heads=32, num_key_value_heads=8, head_dim=128),
+        dict(
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=128,
+        ),
     ),
     "qwen3": (  # Qwen3-30B-A3B
         "qwen3_moe",
-        dict(hidden_size=2048, moe_intermediate_size=768, intermediate_size=6144, num_experts=128,
-             num_experts_per_tok=8, num_attention_heads=32, num_key_value_heads=4, head_dim=128),
+        dict(
+            hidden_size=2048,
+            moe_intermediate_size=768,
+            intermediate_size=6144,
+            num_experts=128,
+            num_experts_per_tok=8,
+            num_attention_heads=32,
+            num_key_value_heads=4,
+            head_dim=128,
+        ),
     ),
 }
 
 # Expert-count sweep: Qwen3-30B-like layers (tiny ones with --quick), top-k capped so that even
 # 8 experts at 50% expert sparsity keep at least top-k.
 SWEEP_DIMS = {
-    "qwen3": dict(hidden_size=2048, moe_intermediate_size=768, intermediate_size=6144,
-                  num_attention_heads=32, num_key_value_heads=4, head_dim=128),
-    "tiny": dict(hidden_size=64, moe_intermediate_size=32, intermediate_size=64,
-                 num_attention_heads=4, num_key_value_heads=2, head_dim=16),
+    "qwen3": dict(
+        hidden_size=2048,
+        moe_intermediate_size=768,
+        intermediate_size=6144,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        head_dim=128,
+    ),
+    "tiny": dict(
+        hidden_size=64,
+        moe_intermediate_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+    ),
 }
 
 EXPERT_METHODS = {  # label -> recipe fields of the structured phase
@@ -82,7 +124,9 @@ EXPERT_METHODS = {  # label -> recipe fields of the structured phase
 # ---------------------------------------------------------------- models
 
 
-def build_model(family: str, fields: dict, layers: int, seq_len: int, dtype: torch.dtype, device: torch.device, vocab: int = 1024):
+def build_model(
+    family: str, fields: dict, layers: int, seq_len: int, dtype: torch.dtype, device: torch.device, vocab: int = 1024
+):
     """A randomly initialised model on the CPU.
 
     Initialised on ``device`` and then moved to the CPU: random init of a Mixtral-sized layer takes
@@ -129,7 +173,10 @@ def phase_costs(shape: str, args, device: torch.device, dtype: torch.dtype) -> l
     family, fields = SHAPES[shape]
     start = time.perf_counter()
     model = build_model(family, fields, args.layers, args.seq_len, dtype, device)
-    print(f"  {shape}: built {args.layers} layer(s), {sum(p.numel() for p in model.parameters()) / 1e6:,.1f} M params, in {time.perf_counter() - start:.1f} s", flush=True)
+    print(
+        f"  {shape}: built {args.layers} layer(s), {sum(p.numel() for p in model.parameters()) / 1e6:,.1f} M params, in {time.perf_counter() - start:.1f} s",
+        flush=True,
+    )
     ids = calibration_ids(model.config.vocab_size, args.samples, args.seq_len)
     moe = moe_layers(model)[0]
     E, k = moe.num_experts, moe.top_k
@@ -138,21 +185,55 @@ def phase_costs(shape: str, args, device: torch.device, dtype: torch.dtype) -> l
         ("structured", "STUN router", dict(expert_method="stun", distance="router", sparsity=0.0)),
         ("structured", "STUN co-activation", dict(expert_method="stun", distance="coactivation", sparsity=0.0)),
         ("calibration", "routing + norms", None),
-        ("unstructured", f"Wanda {args.sparsity:.0%}", dict(expert_sparsity=0.0, sparsity=args.sparsity, metric="wanda")),
+        (
+            "unstructured",
+            f"Wanda {args.sparsity:.0%}",
+            dict(expert_sparsity=0.0, sparsity=args.sparsity, metric="wanda"),
+        ),
     ]
     rows = []
     for phase, method, recipe_fields in runs:
         work = copy.deepcopy(model)  # prune works in place
         if recipe_fields is None:
-            m, error = timed(device, calibrate, work, ids, collect=("routing", "norms"), device=device, batch_size=args.batch_size, progress=False)
+            m, error = timed(
+                device,
+                calibrate,
+                work,
+                ids,
+                collect=("routing", "norms"),
+                device=device,
+                batch_size=args.batch_size,
+                progress=False,
+            )
             passes, phase_s = (None, None) if error else (m.result.layer_passes, m.result.seconds)
         else:
-            recipe = StunRecipe(**{"expert_sparsity": args.expert_sparsity, **recipe_fields, "batch_size": args.batch_size})
+            recipe = StunRecipe(
+                **{"expert_sparsity": args.expert_sparsity, **recipe_fields, "batch_size": args.batch_size}
+            )
             m, error = timed(device, prune, work, recipe, calibration=ids, device=device, progress=False)
             passes, phase_s = (None, None) if error else (m.result.layer_passes.get(phase, 0), m.result.seconds[phase])
-        rows.append(Row("phase_cost", shape, E, k, args.layers, phase, method, passes, phase_s, m.seconds, m.gpu_peak, m.rss_growth, one_layer, error=error))
+        rows.append(
+            Row(
+                "phase_cost",
+                shape,
+                E,
+                k,
+                args.layers,
+                phase,
+                method,
+                passes,
+                phase_s,
+                m.seconds,
+                m.gpu_peak,
+                m.rss_growth,
+                one_layer,
+                error=error,
+            )
+        )
         del work, m
-        print(f"  {shape}: {phase} / {method}: {rows[-1].call_s:.2f} s{'  FAILED: ' + error if error else ''}", flush=True)
+        print(
+            f"  {shape}: {phase} / {method}: {rows[-1].call_s:.2f} s{'  FAILED: ' + error if error else ''}", flush=True
+        )
     del model
     return rows
 
@@ -163,17 +244,38 @@ def pass_scaling(args, device: torch.device, dtype: torch.dtype) -> list[Row]:
     rows = []
     for E in args.experts:
         k = min(8, max(1, E // 4))
-        model = build_model("qwen3_moe", dict(dims, num_experts=E, num_experts_per_tok=k), args.layers, args.seq_len, dtype, device)
+        model = build_model(
+            "qwen3_moe", dict(dims, num_experts=E, num_experts_per_tok=k), args.layers, args.seq_len, dtype, device
+        )
         ids = calibration_ids(model.config.vocab_size, args.samples, args.seq_len)
         naee = {s: naee_subsets(E, s) for s in (0.25, 0.5)}
         for label, recipe_fields in EXPERT_METHODS.items():
             work = copy.deepcopy(model)
-            recipe = StunRecipe(expert_sparsity=args.expert_sparsity, sparsity=0.0, batch_size=args.batch_size, **recipe_fields)
+            recipe = StunRecipe(
+                expert_sparsity=args.expert_sparsity, sparsity=0.0, batch_size=args.batch_size, **recipe_fields
+            )
             m, error = timed(device, prune, work, recipe, calibration=ids, device=device, progress=False)
-            passes, phase_s = (None, None) if error else (m.result.layer_passes.get("structured", 0), m.result.seconds["structured"])
-            rows.append(Row("expert_scaling", args.sweep_dims, E, k, args.layers, "structured", label, passes, phase_s, m.seconds, naee=naee, error=error))
+            passes, phase_s = (
+                (None, None) if error else (m.result.layer_passes.get("structured", 0), m.result.seconds["structured"])
+            )
+            rows.append(
+                Row(
+                    "expert_scaling",
+                    args.sweep_dims,
+                    E,
+                    k,
+                    args.layers,
+                    "structured",
+                    label,
+                    passes,
+                    phase_s,
+                    m.seconds,
+                    naee=naee,
+                    error=error,
+                )
+            )
             del work, m
-        failed = [r.method for r in rows[-len(EXPERT_METHODS):] if r.error]
+        failed = [r.method for r in rows[-len(EXPERT_METHODS) :] if r.error]
         print(f"  {E} experts done{'  FAILED: ' + ', '.join(failed) if failed else ''}", flush=True)
         del model
     return rows
@@ -201,8 +303,12 @@ def counted_calls(model, batches: int):
     counts = {"block": 0, "router": 0}
     handles = []
     for layer in moe_layers(model):
-        handles.append(layer.block.register_forward_pre_hook(lambda *a: counts.__setitem__("block", counts["block"] + 1)))
-        handles.append(layer.router.register_forward_pre_hook(lambda *a: counts.__setitem__("router", counts["router"] + 1)))
+        handles.append(
+            layer.block.register_forward_pre_hook(lambda *a: counts.__setitem__("block", counts["block"] + 1))
+        )
+        handles.append(
+            layer.router.register_forward_pre_hook(lambda *a: counts.__setitem__("router", counts["router"] + 1))
+        )
     try:
         yield counts
     finally:
@@ -221,15 +327,23 @@ def method_scaling(args, device: torch.device, dtype: torch.dtype) -> list[Metho
     rows = []
     for E in args.method_experts:
         k = min(8, max(1, E // 4))
-        model = build_model("qwen3_moe", dict(dims, num_experts=E, num_experts_per_tok=k), args.layers, args.seq_len, dtype, device)
+        model = build_model(
+            "qwen3_moe", dict(dims, num_experts=E, num_experts_per_tok=k), args.layers, args.seq_len, dtype, device
+        )
         ids = calibration_ids(model.config.vocab_size, args.samples, args.seq_len)
         keep = E - int(round(E * args.expert_sparsity))
         for label, (method, options) in FIELD_METHODS.items():
             work = copy.deepcopy(model)
             if method == "eep":
                 work.to(device)  # EEP scores whole-model forwards: the model lives on the device
-            recipe = StunRecipe(expert_sparsity=args.expert_sparsity, sparsity=0.0, batch_size=args.batch_size, layer_budget="uniform",
-                                expert_method=method, method_options=options)
+            recipe = StunRecipe(
+                expert_sparsity=args.expert_sparsity,
+                sparsity=0.0,
+                batch_size=args.batch_size,
+                layer_budget="uniform",
+                expert_method=method,
+                method_options=options,
+            )
             with counted_calls(work, batches) as counts:
                 m, error = timed(device, prune, work, recipe, calibration=ids, device=device, progress=False)
             note = ""
@@ -244,10 +358,25 @@ def method_scaling(args, device: torch.device, dtype: torch.dtype) -> list[Metho
             refused = note.startswith("refused")
             passes = None if error or refused else int(round(counts["block"]))
             phase_s = None if error or refused else m.result.seconds["structured"]
-            rows.append(MethodRow("method_scaling", args.sweep_dims, E, k, args.layers, "structured", label, passes, phase_s, m.seconds,
-                                  error=error, router_passes=None if error or refused else counts["router"], note=note))
+            rows.append(
+                MethodRow(
+                    "method_scaling",
+                    args.sweep_dims,
+                    E,
+                    k,
+                    args.layers,
+                    "structured",
+                    label,
+                    passes,
+                    phase_s,
+                    m.seconds,
+                    error=error,
+                    router_passes=None if error or refused else counts["router"],
+                    note=note,
+                )
+            )
             del work, m
-        failed = [r.method for r in rows[-len(FIELD_METHODS):] if r.error]
+        failed = [r.method for r in rows[-len(FIELD_METHODS) :] if r.error]
         print(f"  methods, {E} experts done{'  FAILED: ' + ', '.join(failed) if failed else ''}", flush=True)
         del model
     return rows
@@ -277,12 +406,21 @@ def device_name(device: torch.device) -> str:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="tiny shapes only (CPU smoke test, < 60 s on 2 cores)")
-    p.add_argument("--shapes", default=None, help=f"comma-separated, from {','.join(SHAPES)} (default: all; tiny with --quick)")
+    p.add_argument(
+        "--shapes", default=None, help=f"comma-separated, from {','.join(SHAPES)} (default: all; tiny with --quick)"
+    )
     p.add_argument("--experts", default="8,16,64,128", help="expert counts of the pass-count sweep")
-    p.add_argument("--sweep-dims", choices=list(SWEEP_DIMS), default=None, help="layer dims of the sweep (default: qwen3; tiny with --quick)")
+    p.add_argument(
+        "--sweep-dims",
+        choices=list(SWEEP_DIMS),
+        default=None,
+        help="layer dims of the sweep (default: qwen3; tiny with --quick)",
+    )
     p.add_argument("--samples", type=int, default=None, help="calibration sequences (default 16; 8 with --quick)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 512; 128 with --quick)")
     p.add_argument("--batch-size", type=int, default=8)
@@ -313,7 +451,9 @@ def main(argv=None) -> None:
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     print(f"torch {torch.__version__}, transformers {transformers.__version__}")
-    print(f"device: {device_name(device)}; model kept on CPU, layers run on {device}; dtype {str(dtype).removeprefix('torch.')}")
+    print(
+        f"device: {device_name(device)}; model kept on CPU, layers run on {device}; dtype {str(dtype).removeprefix('torch.')}"
+    )
     print(
         f"calibration: {args.samples} x {args.seq_len} tokens (batch {args.batch_size}); {args.layers} decoder layer(s) per model; "
         f"expert sparsity {args.expert_sparsity:.0%}, Wanda sparsity {args.sparsity:.0%}",
@@ -341,9 +481,13 @@ def main(argv=None) -> None:
             f"({args.sweep_dims} dims: hidden {dims['hidden_size']}, expert FFN {dims['moe_intermediate_size']})\n"
         )
         print(scaling_table(sweep, args.expert_sparsity))
-        print("\nNAEE enumerates C(E, E(1-s)) expert subsets per layer, each scored by the MoE block's output error on the calibration tokens (table below).")
+        print(
+            "\nNAEE enumerates C(E, E(1-s)) expert subsets per layer, each scored by the MoE block's output error on the calibration tokens (table below)."
+        )
     if methods:
-        print(f"\n## Forward passes of the field's expert-pruning methods versus expert count ({args.sweep_dims} dims)\n")
+        print(
+            f"\n## Forward passes of the field's expert-pruning methods versus expert count ({args.sweep_dims} dims)\n"
+        )
         print(method_table(methods, args.expert_sparsity))
         print(
             "\nMoE-block / router passes: forward calls of every MoE block / router over the calibration set, summed over layers, "

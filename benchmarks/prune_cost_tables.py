@@ -7,9 +7,26 @@ from dataclasses import dataclass, field
 import torch
 
 CSV_FIELDS = [
-    "table", "shape", "experts", "top_k", "layers", "phase", "method", "layer_passes",
-    "model_passes", "phase_s", "call_s", "gpu_peak_mib", "rss_growth_mib", "layer_mib", "peak_over_layer",
-    "naee_subsets_s25", "naee_subsets_s50", "error", "router_passes", "note",
+    "table",
+    "shape",
+    "experts",
+    "top_k",
+    "layers",
+    "phase",
+    "method",
+    "layer_passes",
+    "model_passes",
+    "phase_s",
+    "call_s",
+    "gpu_peak_mib",
+    "rss_growth_mib",
+    "layer_mib",
+    "peak_over_layer",
+    "naee_subsets_s25",
+    "naee_subsets_s50",
+    "error",
+    "router_passes",
+    "note",
 ]
 
 
@@ -44,17 +61,31 @@ class Row:
         peak = self.gpu_peak if self.gpu_peak is not None else self.rss_growth
         ratio = "n/a" if peak is None or not self.layer_bytes else f"{peak / self.layer_bytes:.2f}"
         return dict(
-            layer_passes=fmt(self.layer_passes, "d"), model_passes=fmt(self.model_passes, "g"),
-            phase_s=fmt(self.phase_s, ".3f"), call_s=f"{self.call_s:.3f}", gpu_peak_mib=mib(self.gpu_peak),
-            rss_growth_mib=mib(self.rss_growth), layer_mib=mib(self.layer_bytes), peak_over_layer=ratio,
+            layer_passes=fmt(self.layer_passes, "d"),
+            model_passes=fmt(self.model_passes, "g"),
+            phase_s=fmt(self.phase_s, ".3f"),
+            call_s=f"{self.call_s:.3f}",
+            gpu_peak_mib=mib(self.gpu_peak),
+            rss_growth_mib=mib(self.rss_growth),
+            layer_mib=mib(self.layer_bytes),
+            peak_over_layer=ratio,
         )
 
     def csv(self) -> dict:
         c = self.cells()
         return dict(
-            c, table=self.table, shape=self.shape, experts=self.experts, top_k=self.top_k, layers=self.layers,
-            phase=self.phase, method=self.method, phase_s="" if self.phase_s is None else f"{self.phase_s:.4f}",
-            naee_subsets_s25=self.naee.get(0.25, ""), naee_subsets_s50=self.naee.get(0.5, ""), error=self.error or "",
+            c,
+            table=self.table,
+            shape=self.shape,
+            experts=self.experts,
+            top_k=self.top_k,
+            layers=self.layers,
+            phase=self.phase,
+            method=self.method,
+            phase_s="" if self.phase_s is None else f"{self.phase_s:.4f}",
+            naee_subsets_s25=self.naee.get(0.25, ""),
+            naee_subsets_s50=self.naee.get(0.5, ""),
+            error=self.error or "",
         )
 
 
@@ -64,7 +95,9 @@ class MethodRow(Row):
     note: str = ""
 
     def csv(self) -> dict:
-        return dict(super().csv(), router_passes="" if self.router_passes is None else f"{self.router_passes:g}", note=self.note)
+        return dict(
+            super().csv(), router_passes="" if self.router_passes is None else f"{self.router_passes:g}", note=self.note
+        )
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:
@@ -76,24 +109,69 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
 
 def phase_table(rows: list[Row], device: torch.device) -> str:
     ratio = "GPU peak / layer" if device.type == "cuda" else "RSS growth / layer"
-    header = ["shape", "experts (top-k)", "phase", "method", "decoder-layer passes", "phase s", "call s", "peak GPU MiB",
-              "host RSS growth MiB", "one layer MiB", ratio]
+    header = [
+        "shape",
+        "experts (top-k)",
+        "phase",
+        "method",
+        "decoder-layer passes",
+        "phase s",
+        "call s",
+        "peak GPU MiB",
+        "host RSS growth MiB",
+        "one layer MiB",
+        ratio,
+    ]
     cells = [r.cells() for r in rows]
-    return markdown_table(header, [
-        [r.shape, f"{r.experts} ({r.top_k})", r.phase, r.method, c["layer_passes"], c["phase_s"], c["call_s"], c["gpu_peak_mib"],
-         c["rss_growth_mib"], c["layer_mib"], c["peak_over_layer"]]
-        for r, c in zip(rows, cells)
-    ])
+    return markdown_table(
+        header,
+        [
+            [
+                r.shape,
+                f"{r.experts} ({r.top_k})",
+                r.phase,
+                r.method,
+                c["layer_passes"],
+                c["phase_s"],
+                c["call_s"],
+                c["gpu_peak_mib"],
+                c["rss_growth_mib"],
+                c["layer_mib"],
+                c["peak_over_layer"],
+            ]
+            for r, c in zip(rows, cells)
+        ],
+    )
 
 
 def scaling_table(rows: list[Row], expert_sparsity: float) -> str:
-    header = ["experts", "top-k", "method", "decoder-layer passes", "passes over the model", f"structured s (at {expert_sparsity:.0%})",
-              "NAEE subsets per layer, 25%", "NAEE subsets per layer, 50%"]
+    header = [
+        "experts",
+        "top-k",
+        "method",
+        "decoder-layer passes",
+        "passes over the model",
+        f"structured s (at {expert_sparsity:.0%})",
+        "NAEE subsets per layer, 25%",
+        "NAEE subsets per layer, 50%",
+    ]
     cells = [r.cells() for r in rows]
-    return markdown_table(header, [
-        [r.experts, r.top_k, r.method, c["layer_passes"], c["model_passes"], c["phase_s"], r.naee[0.25], r.naee[0.5]]
-        for r, c in zip(rows, cells)
-    ])
+    return markdown_table(
+        header,
+        [
+            [
+                r.experts,
+                r.top_k,
+                r.method,
+                c["layer_passes"],
+                c["model_passes"],
+                c["phase_s"],
+                r.naee[0.25],
+                r.naee[0.5],
+            ]
+            for r, c in zip(rows, cells)
+        ],
+    )
 
 
 def error_notes(rows: list[Row]) -> str:
@@ -105,11 +183,30 @@ def error_notes(rows: list[Row]) -> str:
 
 
 def method_table(rows: list[MethodRow], expert_sparsity: float) -> str:
-    header = ["experts", "top-k", f"method (uniform budget, {expert_sparsity:.0%} of experts removed)", "MoE-block passes", "router passes",
-              "structured s", "call s", "note"]
+    header = [
+        "experts",
+        "top-k",
+        f"method (uniform budget, {expert_sparsity:.0%} of experts removed)",
+        "MoE-block passes",
+        "router passes",
+        "structured s",
+        "call s",
+        "note",
+    ]
     cells = [r.cells() for r in rows]
-    return markdown_table(header, [
-        [r.experts, r.top_k, r.method, "refused" if r.note.startswith("refused") else c["layer_passes"],
-         "n/a" if r.router_passes is None else f"{r.router_passes:,.0f}", c["phase_s"], c["call_s"], r.note]
-        for r, c in zip(rows, cells)
-    ])
+    return markdown_table(
+        header,
+        [
+            [
+                r.experts,
+                r.top_k,
+                r.method,
+                "refused" if r.note.startswith("refused") else c["layer_passes"],
+                "n/a" if r.router_passes is None else f"{r.router_passes:,.0f}",
+                c["phase_s"],
+                c["call_s"],
+                r.note,
+            ]
+            for r, c in zip(rows, cells)
+        ],
+    )

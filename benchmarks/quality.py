@@ -114,7 +114,9 @@ def score(model, ids: torch.Tensor, seq_len: int, batch_size: int, device) -> tu
     return nll, correct, count
 
 
-def evaluate(model, heldout: dict[str, torch.Tensor], seq_len: int, batch_size: int, device) -> tuple[dict[str, float], float]:
+def evaluate(
+    model, heldout: dict[str, torch.Tensor], seq_len: int, batch_size: int, device
+) -> tuple[dict[str, float], float]:
     ppl, correct, count = {}, 0, 0
     for domain, ids in heldout.items():
         nll, c, n = score(model, ids, seq_len, batch_size, device)
@@ -124,14 +126,18 @@ def evaluate(model, heldout: dict[str, torch.Tensor], seq_len: int, batch_size: 
     return ppl, correct / count
 
 
-def heldout_ids(tokenizer, source: str, data: Path, max_tokens: int | None, cache: Path | None = None) -> dict[str, torch.Tensor]:
+def heldout_ids(
+    tokenizer, source: str, data: Path, max_tokens: int | None, cache: Path | None = None
+) -> dict[str, torch.Tensor]:
     if cache is not None:  # train_reference.py's token cache: the same held-out splits, tokenized
         return {d: t.long()[:max_tokens] for d, t in torch.load(cache)["test"].items()}
     if source == "shipped":
         return {"mixed": token_stream(tokenizer, read_texts(heldout_path()))[:max_tokens]}
     missing = [str(data / f) for f in HELDOUT.values() if not (data / f).exists()]
     if missing:
-        raise FileNotFoundError(f"held-out files missing: {missing}; pass --data DIR (the data folder) or --heldout shipped")
+        raise FileNotFoundError(
+            f"held-out files missing: {missing}; pass --data DIR (the data folder) or --heldout shipped"
+        )
     return {d: token_stream(tokenizer, read_texts(data / f))[:max_tokens] for d, f in HELDOUT.items()}
 
 
@@ -145,7 +151,9 @@ def math_calibration(tokenizer, data: Path | None, n_samples: int, seq_len: int)
         return calibration_blocks(tokenizer, gsm8k, n_samples, seq_len, seed=0), str(gsm8k)
     # GSM8K answers carry calculator annotations (<<48/2=24>>) and a final "#### n": prose and code lines do not.
     lines = [line for line in read_texts(calibration_path())[0].splitlines() if "<<" in line or line.startswith("####")]
-    return calibration_blocks(tokenizer, None, n_samples, seq_len, seed=0, texts=["\n".join(lines)]), "GSM8K lines of the shipped calibration text"
+    return calibration_blocks(
+        tokenizer, None, n_samples, seq_len, seed=0, texts=["\n".join(lines)]
+    ), "GSM8K lines of the shipped calibration text"
 
 
 def distill(dense, student, report, args, teacher: bool) -> dict:
@@ -186,8 +194,15 @@ def distill(dense, student, report, args, teacher: bool) -> dict:
     data = StunDataModule(seq_len=128, batch_size=args.distill_batch, seed=0)
     losses = Losses()
     trainer = Trainer(
-        accelerator="gpu" if args.device.type == "cuda" else "cpu", devices=1, max_steps=args.distill_steps, limit_val_batches=0,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        accelerator="gpu" if args.device.type == "cuda" else "cpu",
+        devices=1,
+        max_steps=args.distill_steps,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
         callbacks=[FixedMasks(masks), losses],
     )
     start = time.perf_counter()
@@ -195,8 +210,15 @@ def distill(dense, student, report, args, teacher: bool) -> dict:
         trainer.fit(module, data)
     student.eval()
     if abs(measured_sparsity(student) - sparsity_before) > 1e-9:
-        raise RuntimeError(f"masks moved during distillation: {sparsity_before:.4f} -> {measured_sparsity(student):.4f}")
-    return {"steps": trainer.global_step, "fit_seconds": time.perf_counter() - start, "first": losses.first, "last": losses.last}
+        raise RuntimeError(
+            f"masks moved during distillation: {sparsity_before:.4f} -> {measured_sparsity(student):.4f}"
+        )
+    return {
+        "steps": trainer.global_step,
+        "fit_seconds": time.perf_counter() - start,
+        "first": losses.first,
+        "last": losses.last,
+    }
 
 
 def run_row(dense, row: Row, calibrations: dict[str, torch.Tensor], heldout, args) -> Result:
@@ -206,16 +228,29 @@ def run_row(dense, row: Row, calibrations: dict[str, torch.Tensor], heldout, arg
         return Result(row, ppl, acc, 0.0, 0.0, 0.0, "-", time.perf_counter() - start)
     calibration = calibrations[row.calibration]
     fields = dict(row.recipe)
-    if fields.get("expert_method") == "eep":  # fitness: LM loss of a few calibration windows (EEP's default is all of them)
+    if (
+        fields.get("expert_method") == "eep"
+    ):  # fitness: LM loss of a few calibration windows (EEP's default is all of them)
         fields["method_options"] = {**fields["method_options"], "fitness_ids": calibration[:EEP_FITNESS_WINDOWS]}
     ppls, accs, reports, extra = [], [], [], {}
     for seed in row.seeds:
         model = copy.deepcopy(dense)
-        recipe = StunRecipe(**fields, seed=seed, low_token_rule="magnitude", calibration_samples=len(calibration), calibration_seq_len=calibration.shape[1], batch_size=args.calib_batch)
+        recipe = StunRecipe(
+            **fields,
+            seed=seed,
+            low_token_rule="magnitude",
+            calibration_samples=len(calibration),
+            calibration_seq_len=calibration.shape[1],
+            batch_size=args.calib_batch,
+        )
         reports.append(prune(model, recipe, calibration=calibration, device=args.device, progress=False))
         if row.distill is not None:
             before, before_acc = evaluate(model, heldout, args.seq_len, args.batch_size, args.device)
-            extra = {"before": before, "before_acc": before_acc, **distill(dense, model, reports[-1], args, teacher=row.distill == "kd")}
+            extra = {
+                "before": before,
+                "before_acc": before_acc,
+                **distill(dense, model, reports[-1], args, teacher=row.distill == "kd"),
+            }
         p, a = evaluate(model, heldout, args.seq_len, args.batch_size, args.device)
         ppls.append(p)
         accs.append(a)
@@ -227,8 +262,15 @@ def run_row(dense, row: Row, calibrations: dict[str, torch.Tensor], heldout, arg
     after = " / ".join(" ".join(map(str, c)) for c in counts) if removed else "all"
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     return Result(
-        row, ppl, mean(accs), removed, mean([rep.expert_param_sparsity for rep in reports]), mean([rep.within_expert_sparsity for rep in reports]),
-        after, time.perf_counter() - start, extra,
+        row,
+        ppl,
+        mean(accs),
+        removed,
+        mean([rep.expert_param_sparsity for rep in reports]),
+        mean([rep.within_expert_sparsity for rep in reports]),
+        after,
+        time.perf_counter() - start,
+        extra,
     )
 
 
@@ -252,26 +294,66 @@ def model_name(spec: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", action="append", help="model folder (save_pretrained) or 'shipped'; repeatable (default: shipped)")
-    parser.add_argument("--quick", action="store_true", help="CPU-sized: 64 calibration windows, 8192 held-out tokens per domain")
+    parser.add_argument(
+        "--model", action="append", help="model folder (save_pretrained) or 'shipped'; repeatable (default: shipped)"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="CPU-sized: 64 calibration windows, 8192 held-out tokens per domain"
+    )
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    add_data_argument(parser, "the held-out splits (unless --cache or --heldout shipped); GSM8K train for the task rows (else the shipped text's GSM8K lines)")
+    add_data_argument(
+        parser,
+        "the held-out splits (unless --cache or --heldout shipped); GSM8K train for the task rows (else the shipped text's GSM8K lines)",
+    )
     parser.add_argument("--cache", type=Path, default=None, help="train_reference.py's token cache, instead of --data")
     parser.add_argument("--heldout", choices=("domains", "shipped"), default="domains")
-    parser.add_argument("--max-tokens", type=int, default=None, help="held-out tokens per domain (default: all; --quick: 8192)")
-    parser.add_argument("--calib-samples", type=int, default=None, help="calibration windows (default 128; --quick: 64)")
+    parser.add_argument(
+        "--max-tokens", type=int, default=None, help="held-out tokens per domain (default: all; --quick: 8192)"
+    )
+    parser.add_argument(
+        "--calib-samples", type=int, default=None, help="calibration windows (default 128; --quick: 64)"
+    )
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=None, help="evaluation windows per forward (default 64 on GPU, 8 on CPU)")
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="evaluation windows per forward (default 64 on GPU, 8 on CPU)"
+    )
     parser.add_argument("--calib-batch", type=int, default=16)
-    parser.add_argument("--stun-experts", type=float, default=0.25, help="fraction of experts STUN removes before the unstructured phase")
+    parser.add_argument(
+        "--stun-experts",
+        type=float,
+        default=0.25,
+        help="fraction of experts STUN removes before the unstructured phase",
+    )
     parser.add_argument("--investigate", action="store_true")
-    parser.add_argument("--only", default=",".join(FAMILIES), help=f"comma-separated row families among {','.join(FAMILIES)} (the dense row always runs)")
-    parser.add_argument("--distill-steps", type=int, default=None, help="optimizer steps of each distillation fit (default 300; --quick: 60)")
+    parser.add_argument(
+        "--only",
+        default=",".join(FAMILIES),
+        help=f"comma-separated row families among {','.join(FAMILIES)} (the dense row always runs)",
+    )
+    parser.add_argument(
+        "--distill-steps",
+        type=int,
+        default=None,
+        help="optimizer steps of each distillation fit (default 300; --quick: 60)",
+    )
     parser.add_argument("--distill-batch", type=int, default=8, help="windows of 128 tokens per distillation step")
-    parser.add_argument("--distill-lr", type=float, default=2e-4, help="peak AdamW lr of the distillation fits (warm-up 10%%, cosine to 10%%)")
+    parser.add_argument(
+        "--distill-lr",
+        type=float,
+        default=2e-4,
+        help="peak AdamW lr of the distillation fits (warm-up 10%%, cosine to 10%%)",
+    )
     parser.add_argument("--out", type=Path, default=Path("out/quality"))
-    parser.add_argument("--methods", default=None, help="comma-separated texts: only the rows whose method contains one of them (the dense row always runs)")
-    parser.add_argument("--cosine-only", action="store_true", help="print each model's expert weight cosine and stop (no rows, no data folder)")
+    parser.add_argument(
+        "--methods",
+        default=None,
+        help="comma-separated texts: only the rows whose method contains one of them (the dense row always runs)",
+    )
+    parser.add_argument(
+        "--cosine-only",
+        action="store_true",
+        help="print each model's expert weight cosine and stop (no rows, no data folder)",
+    )
     args = parser.parse_args(argv)
     families = tuple(f.strip() for f in args.only.split(",") if f.strip())
     unknown = sorted(set(families) - set(FAMILIES))
@@ -306,8 +388,10 @@ def main(argv: list[str] | None = None) -> None:
         name = model_name(spec)
         dense = load_model(spec, args.device)
         cosines = expert_cosines(dense)
-        title = (f"{name}: {sum(p.numel() for p in dense.parameters()) / 1e6:.1f} M parameters, held-out {args.heldout} "
-                 f"({', '.join(f'{d} {len(t)}' for d, t in heldout.items())} tokens), {n_calib} x {args.seq_len} calibration tokens, {args.device.type}")
+        title = (
+            f"{name}: {sum(p.numel() for p in dense.parameters()) / 1e6:.1f} M parameters, held-out {args.heldout} "
+            f"({', '.join(f'{d} {len(t)}' for d, t in heldout.items())} tokens), {n_calib} x {args.seq_len} calibration tokens, {args.device.type}"
+        )
         if "task" in families:
             title += f"; math calibration: {math_source}"
         if "distill" in families:
@@ -316,14 +400,21 @@ def main(argv: list[str] | None = None) -> None:
         for row in rows:
             results.append(run_row(dense, row, calibrations, heldout, args))
             r = results[-1]
-            print(f"[{name} {time.perf_counter() - start:5.0f}s] {row.group:<18} {row.method:<42} total {r.total_sparsity:6.1%} ppl "
-                  + " ".join(f"{d} {p:8.2f}" for d, p in r.ppl.items()) + f"  acc {r.accuracy:.3f}  ({r.seconds:.0f}s)", flush=True)
+            print(
+                f"[{name} {time.perf_counter() - start:5.0f}s] {row.group:<18} {row.method:<42} total {r.total_sparsity:6.1%} ppl "
+                + " ".join(f"{d} {p:8.2f}" for d, p in r.ppl.items())
+                + f"  acc {r.accuracy:.3f}  ({r.seconds:.0f}s)",
+                flush=True,
+            )
             # Written after every row, so a run stopped at a time limit keeps what it measured.
             text = report_text(results, title, args.stun_experts, cosines)
             (args.out / f"quality_{name}{suffix}.md").write_text(text)
             write_csv(results, args.out / f"quality_{name}{suffix}.csv", name)
         print("\n" + text, flush=True)
-        print(f"{name}: {len(rows)} rows in {time.perf_counter() - start:.0f}s; wrote {args.out}/quality_{name}{suffix}.md and .csv", flush=True)
+        print(
+            f"{name}: {len(rows)} rows in {time.perf_counter() - start:.0f}s; wrote {args.out}/quality_{name}{suffix}.md and .csv",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

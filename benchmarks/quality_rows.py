@@ -74,7 +74,12 @@ def method_rows() -> list[Row]:
             for method in EXPERT_METHODS:
                 seeds = RANDOM_SEEDS if method == "random" else (0,)
                 label = f"{method} (mean of {len(seeds)} seeds)" if len(seeds) > 1 else method
-                recipe = dict(expert_sparsity=frac, expert_method=method, layer_budget="uniform", method_options=method_options(method))
+                recipe = dict(
+                    expert_sparsity=frac,
+                    expert_method=method,
+                    layer_budget="uniform",
+                    method_options=method_options(method),
+                )
                 if second:
                     recipe.update(total_sparsity=METHODS_TOTAL, **UNSTRUCTURED["owl+wanda"])
                 rows.append(Row(group, label, recipe, seeds))
@@ -84,8 +89,17 @@ def method_rows() -> list[Row]:
 def task_rows() -> list[Row]:
     """Issue 11's task-specific row: prune for math (GSM8K train calibration), perplexity on every domain."""
     return [
-        Row(f"math-calibrated {TASK_FRACTION:.0%} experts", f"{method} (math calibration)",
-            dict(expert_sparsity=TASK_FRACTION, expert_method=method, layer_budget="uniform", method_options=method_options(method)), calibration="math")
+        Row(
+            f"math-calibrated {TASK_FRACTION:.0%} experts",
+            f"{method} (math calibration)",
+            dict(
+                expert_sparsity=TASK_FRACTION,
+                expert_method=method,
+                layer_budget="uniform",
+                method_options=method_options(method),
+            ),
+            calibration="math",
+        )
         for method in TASK_METHODS
     ]
 
@@ -96,7 +110,14 @@ def distill_rows(stun_experts: float) -> list[Row]:
     for total in DISTILL_TOTALS:
         recipe = dict(expert_sparsity=stun_experts, total_sparsity=total, **UNSTRUCTURED["owl+wanda"])
         for kind, label in (("kd", "expert-wise KD"), ("ce", "CE-only fine-tune (control)")):
-            rows.append(Row(f"distilled {total:.0%}", f"STUN {stun_experts:.0%} experts + owl+wanda, {label}", recipe, distill=kind))
+            rows.append(
+                Row(
+                    f"distilled {total:.0%}",
+                    f"STUN {stun_experts:.0%} experts + owl+wanda, {label}",
+                    recipe,
+                    distill=kind,
+                )
+            )
     return rows
 
 
@@ -113,13 +134,21 @@ def auto_rows() -> list[Row]:
         f"STUN {AUTO_EXPERTS:.0%} experts + owl+wanda": dict(expert_sparsity=AUTO_EXPERTS, **owl),
         f"frequency {AUTO_EXPERTS:.0%} uniform + owl+wanda": dict(**fixed, layer_budget="uniform", **owl),
         f"frequency {AUTO_EXPERTS:.0%} error_curve + owl+wanda": dict(**fixed, layer_budget="error_curve", **owl),
-        f"frequency {AUTO_EXPERTS:.0%} uniform + router_weighted merge + owl+wanda": dict(**fixed, layer_budget="uniform", expert_merge="router_weighted", **owl),
+        f"frequency {AUTO_EXPERTS:.0%} uniform + router_weighted merge + owl+wanda": dict(
+            **fixed, layer_budget="uniform", expert_merge="router_weighted", **owl
+        ),
         "auto (frequency) + wanda": dict(**block_error, expert_method="frequency", **UNSTRUCTURED["wanda"]),
         "auto (frequency) + owl+wanda": dict(**block_error, expert_method="frequency", **owl),
         "auto (reap) + owl+wanda": dict(**block_error, expert_method="reap", **owl),
-        "auto (model_loss) + owl+wanda": dict(expert_sparsity="auto", split_criterion="model_loss", expert_method="frequency", **owl),
+        "auto (model_loss) + owl+wanda": dict(
+            expert_sparsity="auto", split_criterion="model_loss", expert_method="frequency", **owl
+        ),
     }
-    return [Row(f"auto {total:.0%}", label, dict(total_sparsity=total, **fields)) for total in AUTO_TOTALS for label, fields in variants.items()]
+    return [
+        Row(f"auto {total:.0%}", label, dict(total_sparsity=total, **fields))
+        for total in AUTO_TOTALS
+        for label, fields in variants.items()
+    ]
 
 
 def build_rows(stun_experts: float, investigate: bool, families: tuple[str, ...] = FAMILIES) -> list[Row]:
@@ -151,19 +180,43 @@ def base_rows(stun_experts: float, investigate: bool) -> list[Row]:
             rows.append(Row(f"experts only {frac:.1%}", label, dict(expert_sparsity=frac, expert_method=method), seeds))
     for total in TOTALS:
         for name in ("owl+wanda", "moe_pruner"):
-            rows.append(Row(f"total {total:.0%}", f"{name} only", dict(expert_sparsity=0.0, total_sparsity=total, **UNSTRUCTURED[name])))
+            rows.append(
+                Row(
+                    f"total {total:.0%}",
+                    f"{name} only",
+                    dict(expert_sparsity=0.0, total_sparsity=total, **UNSTRUCTURED[name]),
+                )
+            )
             if total > stun_experts:
-                rows.append(Row(f"total {total:.0%}", f"STUN {stun_experts:.0%} experts + {name}", dict(expert_sparsity=stun_experts, total_sparsity=total, **UNSTRUCTURED[name])))
+                rows.append(
+                    Row(
+                        f"total {total:.0%}",
+                        f"STUN {stun_experts:.0%} experts + {name}",
+                        dict(expert_sparsity=stun_experts, total_sparsity=total, **UNSTRUCTURED[name]),
+                    )
+                )
     for name in ("wanda", "moe_pruner"):
-        rows.append(Row("STUN then 2:4", f"STUN {stun_experts:.0%} experts + {name} 2:4", dict(expert_sparsity=stun_experts, pattern="2:4", **UNSTRUCTURED[name])))
+        rows.append(
+            Row(
+                "STUN then 2:4",
+                f"STUN {stun_experts:.0%} experts + {name} 2:4",
+                dict(expert_sparsity=stun_experts, pattern="2:4", **UNSTRUCTURED[name]),
+            )
+        )
     if investigate:
         owl = UNSTRUCTURED["owl+wanda"]
         for total in (0.6, 0.7, 0.8):
             group = f"investigate {total:.0%}"
             variants = {
-                f"STUN {stun_experts:.0%} uniform per layer + owl+wanda": dict(expert_sparsity=stun_experts, layer_budget="uniform"),
-                f"STUN {stun_experts:.0%} co-activation + owl+wanda": dict(expert_sparsity=stun_experts, distance="coactivation"),
-                f"frequency {stun_experts:.0%} experts + owl+wanda": dict(expert_sparsity=stun_experts, expert_method="frequency"),
+                f"STUN {stun_experts:.0%} uniform per layer + owl+wanda": dict(
+                    expert_sparsity=stun_experts, layer_budget="uniform"
+                ),
+                f"STUN {stun_experts:.0%} co-activation + owl+wanda": dict(
+                    expert_sparsity=stun_experts, distance="coactivation"
+                ),
+                f"frequency {stun_experts:.0%} experts + owl+wanda": dict(
+                    expert_sparsity=stun_experts, expert_method="frequency"
+                ),
                 "STUN 12.5% experts + owl+wanda": dict(expert_sparsity=0.125),
                 "STUN 50% experts + owl+wanda": dict(expert_sparsity=0.5),
             }

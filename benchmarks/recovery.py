@@ -33,8 +33,12 @@ from stun_lightning.expert_masks import masks_from_zeros, measured_sparsity
 from stun_lightning.tiny import load_tokenizer
 
 RECIPES = {
-    "50% total": dict(expert_sparsity=0.25, layer_budget="uniform", metric="wanda", allocation="owl", total_sparsity=0.5),
-    "70% total": dict(expert_sparsity=0.25, layer_budget="uniform", metric="wanda", allocation="owl", total_sparsity=0.7),
+    "50% total": dict(
+        expert_sparsity=0.25, layer_budget="uniform", metric="wanda", allocation="owl", total_sparsity=0.5
+    ),
+    "70% total": dict(
+        expert_sparsity=0.25, layer_budget="uniform", metric="wanda", allocation="owl", total_sparsity=0.7
+    ),
     "2:4": dict(expert_sparsity=0.25, layer_budget="uniform", metric="wanda", pattern="2:4", sparsity=0.5),
 }
 
@@ -49,15 +53,27 @@ def fit(dense, student, report, loss: str, args) -> dict:
 
     seed_everything(0, verbose=False)
     module = StunDistillModule(
-        student=student, teacher=copy.deepcopy(dense), expert_map=kept_from_removed(dense, report.removed_experts),
-        teacher_dtype="bfloat16" if args.device.type == "cuda" else None, loss=loss, lr=args.lr,
-        warmup_steps=max(1, args.steps // 10), min_lr_ratio=0.1,
+        student=student,
+        teacher=copy.deepcopy(dense),
+        expert_map=kept_from_removed(dense, report.removed_experts),
+        teacher_dtype="bfloat16" if args.device.type == "cuda" else None,
+        loss=loss,
+        lr=args.lr,
+        warmup_steps=max(1, args.steps // 10),
+        min_lr_ratio=0.1,
     )
     data = StunDataModule(seq_len=args.seq_len, batch_size=args.batch, seed=0)
     trainer = Trainer(
-        accelerator="gpu" if args.device.type == "cuda" else "cpu", devices=1, max_steps=args.steps, limit_val_batches=0,
+        accelerator="gpu" if args.device.type == "cuda" else "cpu",
+        devices=1,
+        max_steps=args.steps,
+        limit_val_batches=0,
         precision="bf16-mixed" if args.device.type == "cuda" else "32-true",
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
         callbacks=[FixedMasks(masks)],
     )
     if args.device.type == "cuda":
@@ -68,7 +84,11 @@ def fit(dense, student, report, loss: str, args) -> dict:
     seconds = time.perf_counter() - start
     student.eval()
     peak = torch.cuda.max_memory_allocated() / 2**30 if args.device.type == "cuda" else float("nan")
-    return {"tokens_per_s": trainer.global_step * args.batch * args.seq_len / seconds, "peak_gib": peak, "seconds": seconds}
+    return {
+        "tokens_per_s": trainer.global_step * args.batch * args.seq_len / seconds,
+        "peak_gib": peak,
+        "seconds": seconds,
+    }
 
 
 def geomean(ppl: dict[str, float]) -> float:
@@ -87,14 +107,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--losses", default=",".join(RECOVERY_LOSSES), help="comma-separated recovery options")
     parser.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated: " + ", ".join(RECIPES))
     parser.add_argument("--heldout-tokens", type=int, default=None, help="first tokens of each held-out split")
-    parser.add_argument("--quick", action="store_true", help="CPU smoke size: 30 steps of 4 x 64 tokens, 8k held-out tokens per domain")
+    parser.add_argument(
+        "--quick", action="store_true", help="CPU smoke size: 30 steps of 4 x 64 tokens, 8k held-out tokens per domain"
+    )
     parser.add_argument("--out", type=Path, default=None, help="write the markdown table here")
     args = parser.parse_args(argv)
     losses = args.losses.split(",")
     recipes = args.recipes.split(",")
     bad = [x for x in losses if x not in RECOVERY_LOSSES] + [x for x in recipes if x not in RECIPES]
     if bad:
-        print(f"error: unknown {bad}; --losses from {', '.join(RECOVERY_LOSSES)}, --recipes from {', '.join(RECIPES)}", file=sys.stderr)
+        print(
+            f"error: unknown {bad}; --losses from {', '.join(RECOVERY_LOSSES)}, --recipes from {', '.join(RECIPES)}",
+            file=sys.stderr,
+        )
         raise SystemExit(2)
     if args.quick:
         args.steps, args.batch, args.seq_len, args.heldout_tokens = 30, 4, 64, args.heldout_tokens or 8192
@@ -117,8 +142,18 @@ def main(argv: list[str] | None = None) -> None:
     ]
     for name in recipes:
         pruned = copy.deepcopy(dense)
-        report = prune(pruned, StunRecipe(**RECIPES[name], low_token_rule="magnitude", calibration_samples=len(calibration), calibration_seq_len=256),
-                       calibration=calibration, device=args.device, progress=False)
+        report = prune(
+            pruned,
+            StunRecipe(
+                **RECIPES[name],
+                low_token_rule="magnitude",
+                calibration_samples=len(calibration),
+                calibration_seq_len=256,
+            ),
+            calibration=calibration,
+            device=args.device,
+            progress=False,
+        )
         before, _ = evaluate(pruned, heldout, 256, 8, args.device)
         sparsity = report.expert_param_sparsity
         for loss in losses:

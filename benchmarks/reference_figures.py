@@ -35,7 +35,11 @@ def routing_figures(model, tests: dict[str, torch.Tensor], device) -> dict:
         freqs[domain] = per_half[2]
     layers = sorted(next(iter(freqs.values())))
     names = list(tests)
-    pairs = {f"{a}-{b}": {i: tv(freqs[a][i], freqs[b][i]) for i in layers} for k, a in enumerate(names) for b in names[k + 1 :]}
+    pairs = {
+        f"{a}-{b}": {i: tv(freqs[a][i], freqs[b][i]) for i in layers}
+        for k, a in enumerate(names)
+        for b in names[k + 1 :]
+    }
     mean = lambda d: sum(d.values()) / len(d)  # noqa: E731
     return {
         "frequency": {d: {str(i): [round(float(x), 5) for x in f[i]] for i in layers} for d, f in freqs.items()},
@@ -51,7 +55,11 @@ def quality_figures(model, tests: dict[str, torch.Tensor], device, max_tokens: i
     for domain, ids in tests.items():
         ids = ids[:max_tokens].long()
         kw = dict(seq_len=EVAL_SEQ_LEN, batch_size=32, device=device, progress=False)
-        out[domain] = {"perplexity": round(perplexity(model, ids, **kw), 4), "accuracy": round(next_token_accuracy(model, ids, **kw), 4), "tokens": len(ids)}
+        out[domain] = {
+            "perplexity": round(perplexity(model, ids, **kw), 4),
+            "accuracy": round(next_token_accuracy(model, ids, **kw), 4),
+            "tokens": len(ids),
+        }
     return out
 
 

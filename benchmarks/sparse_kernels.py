@@ -23,7 +23,10 @@ import torch
 
 from benchmarks.device_rates import measured_rates, no_cuda
 
-SHAPES = {"mixtral": dict(hidden=4096, ffn=14336, experts=8, top_k=2), "qwen3": dict(hidden=2048, ffn=768, experts=128, top_k=8)}
+SHAPES = {
+    "mixtral": dict(hidden=4096, ffn=14336, experts=8, top_k=2),
+    "qwen3": dict(hidden=2048, ffn=768, experts=128, top_k=8),
+}
 
 
 def graphed_us(fn) -> float:
@@ -47,7 +50,9 @@ def random_routing(experts: int, top_k: int, tokens: int) -> torch.Tensor:
     return torch.stack([torch.randperm(experts, device="cuda")[:top_k] for _ in range(tokens)])
 
 
-def dense_grouped_inputs(a: torch.Tensor, index: torch.Tensor, experts: int, rows_per_a: int) -> tuple[torch.Tensor, torch.Tensor]:
+def dense_grouped_inputs(
+    a: torch.Tensor, index: torch.Tensor, experts: int, rows_per_a: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """What ``torch._grouped_mm`` (the dense kernel of transformers' grouped_mm experts) takes for
     the pairs of ``index``: the rows of ``a`` sorted by expert and each expert's end offset."""
     flat = index.reshape(-1)
@@ -65,8 +70,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--tokens", nargs="+", type=int, default=[1, 8, 32, 2048])
-    parser.add_argument("--kernels", nargs="+", default=["mma", "tile", "wgmma", "decode", "tensor"],
-                        choices=["mma", "tile", "wgmma", "decode", "tensor"])
+    parser.add_argument(
+        "--kernels",
+        nargs="+",
+        default=["mma", "tile", "wgmma", "decode", "tensor"],
+        choices=["mma", "tile", "wgmma", "decode", "tensor"],
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     if no_cuda("benchmarks.sparse_kernels"):
@@ -82,19 +91,29 @@ def main(argv=None) -> int:
 
     torch.manual_seed(0)
     # the sparse tensor-core kernel's launch shapes (template warps x unroll, CTAs per SM before split-K)
-    MMA_LAUNCHES = [dict(warps=w, unroll=u, ctas_per_sm=c) for w, u, c in
-                    ((4, 4, 4), (4, 8, 4), (2, 4, 8), (2, 8, 8), (4, 8, 16), (8, 8, 4))]
+    MMA_LAUNCHES = [
+        dict(warps=w, unroll=u, ctas_per_sm=c)
+        for w, u, c in ((4, 4, 4), (4, 8, 4), (2, 4, 8), (2, 8, 8), (4, 8, 16), (8, 8, 4))
+    ]
     # the prefill tile kernel's tile heights and pipeline depths
     TILE_LAUNCHES = ((128, 3), (128, 4), (128, 5), (256, 3), (256, 4))
     # the Hopper prefill kernel's tile heights, pipeline depths and CTAs per multiprocessor
     # (and blocks of pairs per group of CTAs: 0 = grid order)
-    WGMMA_LAUNCHES = [dict(rows=r, stages=st, ctas=c, consumers=0, group=gr) for r, st, c, gr in ((128, 3, 2, 0), (256, 5, 1, 0))]
+    WGMMA_LAUNCHES = [
+        dict(rows=r, stages=st, ctas=c, consumers=0, group=gr) for r, st, c, gr in ((128, 3, 2, 0), (256, 5, 1, 0))
+    ]
     # ... and its warp-specialized form (2 consumer warpgroups)
-    WGMMA_LAUNCHES += [dict(rows=r, stages=st, consumers=2, group=gr) for r, st, gr in ((256, 4, 0), (256, 4, 4), (256, 3, 0), (256, 5, 0))]
+    WGMMA_LAUNCHES += [
+        dict(rows=r, stages=st, consumers=2, group=gr)
+        for r, st, gr in ((256, 4, 0), (256, 4, 4), (256, 3, 0), (256, 5, 0))
+    ]
     bw, flops = measured_rates("cuda")
-    lines = [f"{torch.cuda.get_device_name()}, torch {torch.__version__}; copy {bw / 1e12:.2f} TB/s, bf16 matmul {flops / 1e12:.0f} TFLOP/s", "",
-             "| shape | matrix | T | experts | kernel | config | us | 2:4 floor | of floor | dense grouped_mm | x dense | err |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"{torch.cuda.get_device_name()}, torch {torch.__version__}; copy {bw / 1e12:.2f} TB/s, bf16 matmul {flops / 1e12:.0f} TFLOP/s",
+        "",
+        "| shape | matrix | T | experts | kernel | config | us | 2:4 floor | of floor | dense grouped_mm | x dense | err |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     print("\n".join(lines), flush=True)
     best = {}
     for name in args.shapes:
@@ -106,7 +125,9 @@ def main(argv=None) -> int:
             for tokens in args.tokens:
                 idx = random_routing(s["experts"], s["top_k"], tokens)
                 rows_per_a = s["top_k"] if matrix == "gate_up" else 1
-                a = torch.randn(tokens * (1 if matrix == "gate_up" else s["top_k"]), k, device="cuda", dtype=torch.bfloat16)
+                a = torch.randn(
+                    tokens * (1 if matrix == "gate_up" else s["top_k"]), k, device="cuda", dtype=torch.bfloat16
+                )
                 n_pairs = tokens * s["top_k"]
                 touched = idx.unique().numel()
                 floor = max(touched * compressed_nbytes(n, k) / bw, 2 * n_pairs * n * k / flops) * 1e6
@@ -135,14 +156,20 @@ def main(argv=None) -> int:
                     for block_m in (64, 128):
                         ids_m, be_m = align_pairs(idx, s["experts"], block_m)
                         candidates += [("tensor", c, block_m, ids_m, be_m) for c in PREFILL_CONFIGS]
-                    candidates += [("tile", dict(rows=r, stages=st), 128, ids_m, be_m) for r, st in TILE_LAUNCHES if n % r == 0]
+                    candidates += [
+                        ("tile", dict(rows=r, stages=st), 128, ids_m, be_m) for r, st in TILE_LAUNCHES if n % r == 0
+                    ]
                     if torch.cuda.get_device_capability() == (9, 0):
                         candidates += [("wgmma", c, 128, ids_m, be_m) for c in WGMMA_LAUNCHES if n % c["rows"] == 0]
                 for kind, config, block_m, ids_c, be_c in [c for c in candidates if c[0] in args.kernels]:
                     if kind in ("mma", "tile", "wgmma"):
                         label = f"BM{block_m} " + " ".join(f"{key}={v}" for key, v in config.items())
                     else:
-                        label = f"BM{block_m} " + " ".join(f"{key}={v}" for key, v in config.kwargs.items()) + f" w{config.num_warps} s{config.num_stages}"
+                        label = (
+                            f"BM{block_m} "
+                            + " ".join(f"{key}={v}" for key, v in config.kwargs.items())
+                            + f" w{config.num_warps} s{config.num_stages}"
+                        )
                     try:
                         if kind == "mma":
                             fn = lambda: cuda_mma.mma_sp_grouped_mm(a, values, meta, ids_c, be_c, rows_per_a, **config)  # noqa: E731
@@ -151,25 +178,45 @@ def main(argv=None) -> int:
                         elif kind == "wgmma":
                             fn = lambda: cuda_mma.wgmma_grouped_mm(a, values, meta, ids_c, be_c, rows_per_a, **config)  # noqa: E731
                         elif kind == "decode":
-                            fn = lambda: launch_decode(a, values, meta, ids_c, be_c, rows_per_a, block_m, bucket, config=config)  # noqa: E731
+                            fn = lambda: launch_decode(
+                                a, values, meta, ids_c, be_c, rows_per_a, block_m, bucket, config=config
+                            )  # noqa: E731
                         else:
-                            fn = lambda: launch_grouped_mm(a, values, meta, ids_c, be_c, rows_per_a, block_m, config=config)  # noqa: E731
+                            fn = lambda: launch_grouped_mm(
+                                a, values, meta, ids_c, be_c, rows_per_a, block_m, config=config
+                            )  # noqa: E731
                         out = fn().float()
                         err = ((out - ref).norm() / ref.norm()).item()
-                        us = graphed_us(fn) if tokens <= 64 else do_bench(fn, warmup=10, rep=50, return_mode="median") * 1e3
+                        us = (
+                            graphed_us(fn)
+                            if tokens <= 64
+                            else do_bench(fn, warmup=10, rep=50, return_mode="median") * 1e3
+                        )
                     except Exception as exc:  # noqa: BLE001
-                        print(f"| {name} | {matrix} | {tokens} | {touched} | {kind} | {label} | FAILED {type(exc).__name__}: {str(exc)[:200]} |", flush=True)
+                        print(
+                            f"| {name} | {matrix} | {tokens} | {touched} | {kind} | {label} | FAILED {type(exc).__name__}: {str(exc)[:200]} |",
+                            flush=True,
+                        )
                         continue
-                    line = (f"| {name} | {matrix} | {tokens} | {touched} | {kind} | {label} | {us:.1f} | {floor:.1f} | {floor / us:.2f} | "
-                            f"{dense_us:.1f} | {dense_us / us:.2f} | {err:.1e} |")
+                    line = (
+                        f"| {name} | {matrix} | {tokens} | {touched} | {kind} | {label} | {us:.1f} | {floor:.1f} | {floor / us:.2f} | "
+                        f"{dense_us:.1f} | {dense_us / us:.2f} | {err:.1e} |"
+                    )
                     print(line, flush=True)
                     lines.append(line)
                     key = (name, matrix, tokens, kind)
                     if key not in best or us < best[key][0]:
                         best[key] = (us, label, floor, dense_us)
-    summary = ["", "Best per kernel:", "| shape | matrix | T | kernel | best config | us | of floor | x dense |", "|---|---|---|---|---|---|---|---|"]
+    summary = [
+        "",
+        "Best per kernel:",
+        "| shape | matrix | T | kernel | best config | us | of floor | x dense |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for (name, matrix, tokens, kind), (us, label, floor, dense_us) in best.items():
-        summary.append(f"| {name} | {matrix} | {tokens} | {kind} | {label} | {us:.1f} | {floor / us:.2f} | {dense_us / us:.2f} |")
+        summary.append(
+            f"| {name} | {matrix} | {tokens} | {kind} | {label} | {us:.1f} | {floor / us:.2f} | {dense_us / us:.2f} |"
+        )
     print("\n".join(summary), flush=True)
     if args.out:
         with open(args.out, "w") as fh:

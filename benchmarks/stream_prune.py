@@ -24,8 +24,26 @@ import torch
 
 PRESETS = {
     # Qwen3-235B-A22B: hidden 4096, 128 experts of width 1536, top-8 (64 heads, 4 KV heads, head 128)
-    "qwen3-235b": dict(hidden_size=4096, moe_intermediate_size=1536, num_experts=128, num_experts_per_tok=8, num_attention_heads=64, num_key_value_heads=4, head_dim=128, vocab_size=151936),
-    "cpu": dict(hidden_size=512, moe_intermediate_size=256, num_experts=32, num_experts_per_tok=4, num_attention_heads=8, num_key_value_heads=2, head_dim=64, vocab_size=8192),
+    "qwen3-235b": dict(
+        hidden_size=4096,
+        moe_intermediate_size=1536,
+        num_experts=128,
+        num_experts_per_tok=8,
+        num_attention_heads=64,
+        num_key_value_heads=4,
+        head_dim=128,
+        vocab_size=151936,
+    ),
+    "cpu": dict(
+        hidden_size=512,
+        moe_intermediate_size=256,
+        num_experts=32,
+        num_experts_per_tok=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=64,
+        vocab_size=8192,
+    ),
 }
 
 
@@ -37,7 +55,9 @@ def build_checkpoint(out: Path, layers: int, dtype: torch.dtype, **shape) -> int
     from stun_lightning.stream import _Layout, layer_to_checkpoint
     from stun_lightning.tiny import load_tokenizer
 
-    config = Qwen3MoeConfig(num_hidden_layers=layers, intermediate_size=shape["moe_intermediate_size"], tie_word_embeddings=False, **shape)
+    config = Qwen3MoeConfig(
+        num_hidden_layers=layers, intermediate_size=shape["moe_intermediate_size"], tie_word_embeddings=False, **shape
+    )
     config.dtype = dtype
     with torch.device("meta"):
         model = Qwen3MoeForCausalLM(config)
@@ -65,7 +85,9 @@ def build_checkpoint(out: Path, layers: int, dtype: torch.dtype, **shape) -> int
     save_file(rest, str(out / name), metadata={"format": "pt"})
     weight_map.update({k: name for k in rest})
     total += sum(t.numel() * t.element_size() for t in rest.values())
-    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+    )
     config.save_pretrained(out)
     load_tokenizer().save_pretrained(out)
     return total
@@ -102,7 +124,9 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--samples", type=int, default=16, help="calibration windows of 128 tokens")
-    parser.add_argument("--skip-memory", action="store_true", help="do not run the in-memory path (model larger than RAM)")
+    parser.add_argument(
+        "--skip-memory", action="store_true", help="do not run the in-memory path (model larger than RAM)"
+    )
     parser.add_argument("--workdir", help="where the checkpoint and outputs go (default: a temp dir)")
     parser.add_argument("--child", nargs=3, metavar=("MODE", "MODEL", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -114,14 +138,30 @@ def main(argv=None) -> int:
     rows = []
     for mode in ["imports only", "stream"] + ([] if args.skip_memory else ["memory"]):
         before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-        cmd = [sys.executable, "-m", "benchmarks.stream_prune", "--device", args.device, "--samples", str(args.samples), "--child", mode, str(work / "model"), str(work / f"out-{mode}")]
+        cmd = [
+            sys.executable,
+            "-m",
+            "benchmarks.stream_prune",
+            "--device",
+            args.device,
+            "--samples",
+            str(args.samples),
+            "--child",
+            mode,
+            str(work / "model"),
+            str(work / f"out-{mode}"),
+        ]
         done = subprocess.run(cmd, capture_output=True, text=True, check=True)
         rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # KiB on Linux
         result = json.loads(done.stdout.strip().splitlines()[-1])
         # ru_maxrss of children is the max over all of them: rows run in increasing order of memory
-        rows.append((mode, rss if rss > before * 1024 else float("nan"), result["gpu_bytes"], result["seconds"] / args.layers))
+        rows.append(
+            (mode, rss if rss > before * 1024 else float("nan"), result["gpu_bytes"], result["seconds"] / args.layers)
+        )
     gib = 2**30
-    print(f"\nmodel: {args.preset}-shaped, {args.layers} layers, {args.dtype}, {size / gib:.2f} GiB on disk (~{size / args.layers / gib:.2f} GiB per decoder layer); device {args.device}; {torch.__version__}\n")
+    print(
+        f"\nmodel: {args.preset}-shaped, {args.layers} layers, {args.dtype}, {size / gib:.2f} GiB on disk (~{size / args.layers / gib:.2f} GiB per decoder layer); device {args.device}; {torch.__version__}\n"
+    )
     print("| path | peak host RSS (GiB) | RSS / model size | peak GPU memory (GiB) | s / layer |")
     print("|---|---|---|---|---|")
     for mode, rss, gpu, spl in rows:

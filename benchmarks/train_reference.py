@@ -87,18 +87,35 @@ class Preset:
 _SMALL = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32)
 _MEDIUM = dict(hidden_size=192, num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=2, head_dim=32)
 PRESETS = {
-    "mixtral_8x2": Preset("mixtral", dict(_SMALL, num_local_experts=8, num_experts_per_tok=2, intermediate_size=256), steps=2500, lr=3e-3),
+    "mixtral_8x2": Preset(
+        "mixtral", dict(_SMALL, num_local_experts=8, num_experts_per_tok=2, intermediate_size=256), steps=2500, lr=3e-3
+    ),
     "qwen3_moe_32x4": Preset(
         "qwen3_moe",
-        dict(_MEDIUM, num_experts=32, num_experts_per_tok=4, moe_intermediate_size=96, intermediate_size=384, norm_topk_prob=True),
+        dict(
+            _MEDIUM,
+            num_experts=32,
+            num_experts_per_tok=4,
+            moe_intermediate_size=96,
+            intermediate_size=384,
+            norm_topk_prob=True,
+        ),
         steps=2500,
         lr=2e-3,
     ),
     "mixtral_8x2_upcycled_small": Preset(
-        "mixtral", dict(_SMALL, num_local_experts=8, num_experts_per_tok=2, intermediate_size=256), steps=1500, lr=3e-3, dense_steps=1000
+        "mixtral",
+        dict(_SMALL, num_local_experts=8, num_experts_per_tok=2, intermediate_size=256),
+        steps=1500,
+        lr=3e-3,
+        dense_steps=1000,
     ),
     "mixtral_8x2_upcycled": Preset(
-        "mixtral", dict(_MEDIUM, num_local_experts=8, num_experts_per_tok=2, intermediate_size=384), steps=1500, lr=2e-3, dense_steps=1000
+        "mixtral",
+        dict(_MEDIUM, num_local_experts=8, num_experts_per_tok=2, intermediate_size=384),
+        steps=1500,
+        lr=2e-3,
+        dense_steps=1000,
     ),
 }
 
@@ -113,7 +130,9 @@ def prepare_tokens(data: Path) -> dict:
     tokenizer = load_tokenizer()
     out = {"train": {}, "test": {}}
     for domain, (train_files, test_file) in DOMAINS.items():
-        out["train"][domain] = token_stream(tokenizer, [t for f in train_files for t in read_texts(data / f)]).to(torch.int16)
+        out["train"][domain] = token_stream(tokenizer, [t for f in train_files for t in read_texts(data / f)]).to(
+            torch.int16
+        )
         out["test"][domain] = token_stream(tokenizer, read_texts(data / test_file)).to(torch.int16)
     return out
 
@@ -204,10 +223,14 @@ def balance_loss(router_logits: tuple[torch.Tensor, ...], top_k: int) -> torch.T
         probs = logits.float().softmax(-1)
         n_tokens, n_experts = probs.shape
         chosen = probs.topk(top_k, dim=-1).indices.reshape(-1)
-        frac = torch.zeros(n_experts, device=probs.device).index_add_(0, chosen, torch.ones_like(chosen, dtype=torch.float)) / n_tokens
+        frac = (
+            torch.zeros(n_experts, device=probs.device).index_add_(
+                0, chosen, torch.ones_like(chosen, dtype=torch.float)
+            )
+            / n_tokens
+        )
         losses.append(n_experts * (frac * probs.mean(0)).sum())
     return torch.stack(losses).mean()
-
 
 
 def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
@@ -229,18 +252,24 @@ class PhaseLog:
     history: list = field(default_factory=list)
 
 
-def train_phase(model, sampler, preset: Preset, steps: int, name: str, device, deadline: float | None, compile: bool) -> PhaseLog:
+def train_phase(
+    model, sampler, preset: Preset, steps: int, name: str, device, deadline: float | None, compile: bool
+) -> PhaseLog:
     log = PhaseLog(name, steps)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=preset.lr, betas=(0.9, 0.95), fused=device.type == "cuda",
+        lr=preset.lr,
+        betas=(0.9, 0.95),
+        fused=device.type == "cuda",
     )
     step_fn = torch.compile(model) if compile else model
     n_experts = next(iter(model.model.layers)).mlp.experts.gate_up_proj.shape[0]
     model.train()
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    amp = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    )
     start = time.perf_counter()
     loss_sum = aux_sum = 0.0
     n_sum, step = 0, 0
@@ -251,7 +280,11 @@ def train_phase(model, sampler, preset: Preset, steps: int, name: str, device, d
         with amp:
             out = step_fn(input_ids=batch, labels=batch)
             balanced = model.config.output_router_logits and model.config.num_experts_per_tok < n_experts
-            aux = balance_loss(out.router_logits, model.config.num_experts_per_tok) if balanced else torch.zeros((), device=device)
+            aux = (
+                balance_loss(out.router_logits, model.config.num_experts_per_tok)
+                if balanced
+                else torch.zeros((), device=device)
+            )
         (out.loss + preset.aux_coef * aux).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -266,12 +299,24 @@ def train_phase(model, sampler, preset: Preset, steps: int, name: str, device, d
             per_step = (time.perf_counter() - start) / PROBE
             fit = PROBE + int((deadline - time.perf_counter()) / per_step)
             if fit < steps:
-                print(f"{name}: {per_step * 1e3:.0f} ms/step, lowering steps {steps} -> {fit} to fit the time budget", flush=True)
+                print(
+                    f"{name}: {per_step * 1e3:.0f} ms/step, lowering steps {steps} -> {fit} to fit the time budget",
+                    flush=True,
+                )
                 steps = max(fit, PROBE + 1)
         if step % 100 == 0 or step == steps:
-            row = dict(step=step, loss=loss_sum / n_sum, aux_loss=aux_sum / n_sum, lr=opt.param_groups[0]["lr"], seconds=time.perf_counter() - start)
+            row = dict(
+                step=step,
+                loss=loss_sum / n_sum,
+                aux_loss=aux_sum / n_sum,
+                lr=opt.param_groups[0]["lr"],
+                seconds=time.perf_counter() - start,
+            )
             log.history.append(row)
-            print(f"{name} step {step}/{steps} loss {row['loss']:.4f} aux {row['aux_loss']:.4f} lr {row['lr']:.2e} {row['seconds']:.0f}s", flush=True)
+            print(
+                f"{name} step {step}/{steps} loss {row['loss']:.4f} aux {row['aux_loss']:.4f} lr {row['lr']:.2e} {row['seconds']:.0f}s",
+                flush=True,
+            )
             log.final_loss, log.final_aux_loss = row["loss"], row["aux_loss"]
             loss_sum = aux_sum = 0.0
             n_sum = 0
@@ -325,7 +370,10 @@ def main(argv: list[str] | None = None) -> None:
     sampler = WindowSampler(tokens["train"], preset.seq_len, preset.batch_size, args.seed)
     impl = pick_experts_impl(preset, sampler, device)
     args.out.mkdir(parents=True, exist_ok=True)
-    figures: dict = {"preset": args.model, "command": " ".join(["python", "-m", "benchmarks.train_reference", *(argv or sys.argv[1:])])}
+    figures: dict = {
+        "preset": args.model,
+        "command": " ".join(["python", "-m", "benchmarks.train_reference", *(argv or sys.argv[1:])]),
+    }
     phases = []
 
     torch.manual_seed(args.seed)
@@ -333,7 +381,9 @@ def main(argv: list[str] | None = None) -> None:
         dense_fields = {"num_local_experts": 1, "num_experts_per_tok": 1, "output_router_logits": False}
         dense = AutoModelForCausalLM.from_config(build_config(preset, impl, **dense_fields)).to(device)
         # The dense phase gets its share of the budget in proportion to its planned steps (MoE steps cost ~1.5x).
-        dense_deadline = None if deadline is None else start + args.time_budget * dense_steps / (dense_steps + 1.5 * steps)
+        dense_deadline = (
+            None if deadline is None else start + args.time_budget * dense_steps / (dense_steps + 1.5 * steps)
+        )
         phases.append(train_phase(dense, sampler, preset, dense_steps, "dense", device, dense_deadline, args.compile))
         figures["dense_quality"] = quality_figures(dense, tokens["test"], device, args.eval_tokens)
         model = upcycle(dense, build_config(preset, impl), args.seed + 1, preset.upcycle_noise)
@@ -365,7 +415,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     (args.out / "figures.json").write_text(json.dumps(figures, indent=1))
     print(json.dumps({k: figures[k] for k in ("preset", "parameters", "train_seconds", "quality")}, indent=1))
-    print(json.dumps(figures["routing"]["tv_between_domains_mean"]), json.dumps(figures["routing"]["tv_within_domain_halves_mean"]))
+    print(
+        json.dumps(figures["routing"]["tv_between_domains_mean"]),
+        json.dumps(figures["routing"]["tv_within_domain_halves_mean"]),
+    )
 
 
 if __name__ == "__main__":

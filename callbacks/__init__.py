@@ -20,4 +20,12 @@ from .fixed_masks import FixedMasks
 from .strategy_checks import FSDP2Strategy
 from .stun_callback import StunCallback
 
-__all__ = ["FSDP2Strategy", "FixedMasks", "SparsitySchedule", "StunCallback", "StunDataModule", "StunDistillModule", "merge_lora"]
+__all__ = [
+    "FSDP2Strategy",
+    "FixedMasks",
+    "SparsitySchedule",
+    "StunCallback",
+    "StunDataModule",
+    "StunDistillModule",
+    "merge_lora",
+]

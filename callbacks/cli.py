@@ -72,7 +72,9 @@ class StunLightningCLI(LightningCLI):
     def fit(self, model, ckpt_path=None, **kwargs) -> None:
         if isinstance(self.trainer.strategy, ModelParallelStrategy):
             set_nccl_env()  # before the launcher starts the other processes
-            if ckpt_path is not None and Path(str(ckpt_path)).exists():  # known at setup: expert sets rebuilt before sharding
+            if (
+                ckpt_path is not None and Path(str(ckpt_path)).exists()
+            ):  # known at setup: expert sets rebuilt before sharding
                 self.trainer.ckpt_path, ckpt_path = ckpt_path, None
         self.trainer.fit(model, ckpt_path=ckpt_path, **kwargs)
 

@@ -140,7 +140,14 @@ class StunDataModule(LightningDataModule):
             kwargs = dict(self.load_kwargs)
             if self.data_files is not None:
                 kwargs["data_files"] = self.data_files
-            return load_hub_dataset(self.dataset, split=split, text_field=self.text_field, n_docs=self.max_docs, subset=self.subset, **kwargs)
+            return load_hub_dataset(
+                self.dataset,
+                split=split,
+                text_field=self.text_field,
+                n_docs=self.max_docs,
+                subset=self.subset,
+                **kwargs,
+            )
         return read_texts(path if path is not None else calibration_path())
 
     def setup(self, stage: str | None = None) -> None:
@@ -184,11 +191,18 @@ class StunDataModule(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         ds = BlockDataset(self.train_blocks)
-        return DataLoader(ds, batch_size=self.batch_size, sampler=EpochSeededSampler(len(ds), self.seed, self.shuffle), num_workers=self.num_workers)
+        return DataLoader(
+            ds,
+            batch_size=self.batch_size,
+            sampler=EpochSeededSampler(len(ds), self.seed, self.shuffle),
+            num_workers=self.num_workers,
+        )
 
     def val_dataloader(self) -> DataLoader:
         if self.val_blocks is None or len(self.val_blocks) == 0:
-            raise ValueError(f"the validation split has no block of seq_len={self.seq_len}: pass val= files or raise val_fraction")
+            raise ValueError(
+                f"the validation split has no block of seq_len={self.seq_len}: pass val= files or raise val_fraction"
+            )
         return DataLoader(BlockDataset(self.val_blocks), batch_size=self.batch_size, num_workers=self.num_workers)
 
 

@@ -69,6 +69,7 @@ from .model_spec import DTYPES, load_causal_lm
 from .strategy_checks import data_parallel_mesh
 from .stun_callback import StunCallback
 
+
 class StunDistillModule(LightningModule):
     """Causal-LM fine-tuning of a (to be) pruned MoE student, optionally distilled from its original.
 
@@ -142,9 +143,15 @@ class StunDistillModule(LightningModule):
         self.loss_term = check_recovery_loss(loss)
         self.loss = loss
         if lora_rank < 0 or (lora_rank and lora):
-            raise ValueError(f"lora_rank must be >= 0 and not given together with lora=, got lora_rank={lora_rank}, lora={lora}")
+            raise ValueError(
+                f"lora_rank must be >= 0 and not given together with lora=, got lora_rank={lora_rank}, lora={lora}"
+            )
         if lora_rank:
-            lora = {"r": lora_rank, "lora_alpha": 2 * lora_rank, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+            lora = {
+                "r": lora_rank,
+                "lora_alpha": 2 * lora_rank,
+                "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+            }
         if loss == "router_kd" and lora:
             raise ValueError("loss='router_kd' trains the routers only; drop lora / lora_rank")
         self.save_hyperparameters(ignore=["student", "teacher"] if isinstance(student, nn.Module) else ["teacher"])
@@ -164,7 +171,9 @@ class StunDistillModule(LightningModule):
         self.teacher_device = teacher_device
         self.lambda_init_step = lambda_init_step
         if lora_experts and not lora:
-            raise ValueError("lora_experts=True needs the LoRA settings too: pass lora={'r': 16, 'target_modules': [...]}")
+            raise ValueError(
+                "lora_experts=True needs the LoRA settings too: pass lora={'r': 16, 'target_modules': [...]}"
+            )
         self.lora = with_expert_targets(lora, self.student) if lora_experts else lora
         # lambda lives in the checkpoint so a resumed fit keeps the value of the first step
         if loss == "ce":
@@ -196,14 +205,18 @@ class StunDistillModule(LightningModule):
             try:
                 from peft import LoraConfig, get_peft_model
             except ImportError:
-                raise ImportError("LoRA recovery needs peft: pip install 'stun-lightning[lora]' (or pip install peft)") from None
+                raise ImportError(
+                    "LoRA recovery needs peft: pip install 'stun-lightning[lora]' (or pip install peft)"
+                ) from None
 
             # peft's ParamWrappers around mlp.experts are looked through by stun_lightning.adapters
             self.student = get_peft_model(self.student, LoraConfig(**self.lora))
 
     def _shard(self, mesh) -> None:
         if self.lora:
-            raise ValueError("StunDistillModule(lora=...) is not supported with FSDP2 (ModelParallelStrategy); use strategy='ddp' for LoRA")
+            raise ValueError(
+                "StunDistillModule(lora=...) is not supported with FSDP2 (ModelParallelStrategy); use strategy='ddp' for LoRA"
+            )
         dp = data_parallel_mesh(mesh)
         device = self.trainer.strategy.root_device
         models = [self.student] + ([self.teacher] if self.teacher is not None and self.teacher_device is None else [])
@@ -278,7 +291,9 @@ class StunDistillModule(LightningModule):
         t_dev = self.device if is_sharded(self.teacher) else next(self.teacher.parameters()).device
         mask = batch.get("attention_mask")
         with torch.inference_mode():
-            out = self.teacher(input_ids=batch["input_ids"].to(t_dev), attention_mask=None if mask is None else mask.to(t_dev))
+            out = self.teacher(
+                input_ids=batch["input_ids"].to(t_dev), attention_mask=None if mask is None else mask.to(t_dev)
+            )
         if is_sharded(self.teacher):
             reshard(self.teacher)  # no backward will free the root's gathered weights
         return out
@@ -308,7 +323,11 @@ class StunDistillModule(LightningModule):
             if t_out is None:
                 t_out = self._teacher_forward(batch)
             if want_expert:
-                expert = self._in_forward.loss(ce.device) if self._in_forward is not None else expert_mse(s_cap, t_cap, self.expert_map)
+                expert = (
+                    self._in_forward.loss(ce.device)
+                    if self._in_forward is not None
+                    else expert_mse(s_cap, t_cap, self.expert_map)
+                )
             if want_kl:
                 kl = logit_kl(out.logits, t_out.logits, self.weights.temperature)
             if want_block:
@@ -323,7 +342,16 @@ class StunDistillModule(LightningModule):
                 if lam is not None:
                     self.expert_lambda.fill_(lam)
         lam = float(self.expert_lambda)
-        losses = combine(self.weights, None if math.isnan(lam) else lam, ce, expert, kl, block, router, primary=self.loss_term or "expert")
+        losses = combine(
+            self.weights,
+            None if math.isnan(lam) else lam,
+            ce,
+            expert,
+            kl,
+            block,
+            router,
+            primary=self.loss_term or "expert",
+        )
         if self._captures is not None:  # records of a step with no distillation term
             for c in self._captures:
                 c.clear()
@@ -352,7 +380,9 @@ class StunDistillModule(LightningModule):
         self._val_tokens += ids[:, 1:].numel()
         if self._teacher_val_nll is not None and next(self.teacher.parameters()).device.type != "meta":
             t_logits = self._teacher_forward({"input_ids": ids}).logits.to(logits.device)
-            self._teacher_val_nll += F.cross_entropy(t_logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum").double()
+            self._teacher_val_nll += F.cross_entropy(
+                t_logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum"
+            ).double()
 
     def on_validation_epoch_end(self) -> None:
         nll = self.trainer.strategy.reduce(self._val_nll, reduce_op="sum")

@@ -33,7 +33,9 @@ def log_report(trainer: Trainer, report: PruneReport) -> None:
         metrics[f"stun/layer_{i}/experts"] = float(report.experts_after[i])
     for logger in trainer.loggers:
         logger.log_metrics(metrics, step=trainer.global_step)
-        logger.log_hyperparams({"stun_removed_experts": json.dumps({str(k): v for k, v in report.removed_experts.items()})})
+        logger.log_hyperparams(
+            {"stun_removed_experts": json.dumps({str(k): v for k, v in report.removed_experts.items()})}
+        )
         logger.save()
     log_dir = trainer.log_dir if trainer.loggers else None  # a broadcast: every rank asks
     if trainer.is_global_zero and log_dir:
@@ -44,10 +46,19 @@ def log_report(trainer: Trainer, report: PruneReport) -> None:
     rank_zero_info("StunCallback report:\n" + report.to_markdown())
 
 
-def save_final_model(trainer: Trainer, model: nn.Module, save_dir: str, report: PruneReport, overwrite: bool = False) -> None:
+def save_final_model(
+    trainer: Trainer, model: nn.Module, save_dir: str, report: PruneReport, overwrite: bool = False
+) -> None:
     """``save_pruned`` the model to ``save_dir`` from rank 0 (every rank must call this)."""
     state = gather_state_dict(model, keep=trainer.is_global_zero) if is_sharded(model) else None
     if trainer.is_global_zero:
         tokenizer = getattr(trainer.datamodule, "tokenizer", None) if trainer.datamodule is not None else None
-        save_pruned(model, save_dir, tokenizer=tokenizer, overwrite=overwrite, extra_files={"stun_report.json": report.to_json()}, state_dict=state)
+        save_pruned(
+            model,
+            save_dir,
+            tokenizer=tokenizer,
+            overwrite=overwrite,
+            extra_files={"stun_report.json": report.to_json()},
+            state_dict=state,
+        )
     trainer.strategy.barrier("stun_save_final_model")

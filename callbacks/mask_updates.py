@@ -59,8 +59,14 @@ def window_statistics(
     return stats
 
 
-def masks_at(model: nn.Module, target: float, recipe: StunRecipe, stats: dict | None, previous: ExpertMasks | None,
-             original_experts: dict[int, int] | None = None) -> MaskUpdate:
+def masks_at(
+    model: nn.Module,
+    target: float,
+    recipe: StunRecipe,
+    stats: dict | None,
+    previous: ExpertMasks | None,
+    original_experts: dict[int, int] | None = None,
+) -> MaskUpdate:
     """Keep-masks of the surviving experts at ``target`` with the recipe's metric, pattern and
     allocation (``original_experts``: expert counts before the structured phase)."""
     return compute_masks(model, target, recipe, stats, previous=previous, original_experts=original_experts)

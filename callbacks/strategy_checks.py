@@ -37,7 +37,12 @@ class FSDP2Strategy(ModelParallelStrategy):
 
     def __init__(self, save_distributed_checkpoint: bool = True, **kwargs) -> None:
         set_nccl_env()  # before the launcher starts the other processes: they inherit it
-        super().__init__(data_parallel_size="auto", tensor_parallel_size=1, save_distributed_checkpoint=save_distributed_checkpoint, **kwargs)
+        super().__init__(
+            data_parallel_size="auto",
+            tensor_parallel_size=1,
+            save_distributed_checkpoint=save_distributed_checkpoint,
+            **kwargs,
+        )
 
     def setup_environment(self) -> None:
         if self._data_parallel_size == "auto":

@@ -43,7 +43,13 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from stun_lightning.activation_stats import ActivationStats
-from stun_lightning.expert_masks import ExpertMasks, apply_masks, mask_gradients, mask_optimizer_state, measured_sparsity
+from stun_lightning.expert_masks import (
+    ExpertMasks,
+    apply_masks,
+    mask_gradients,
+    mask_optimizer_state,
+    measured_sparsity,
+)
 from stun_lightning.patterns import InvalidSparsityError
 from stun_lightning.metrics import get_metric
 from stun_lightning.recipe import StunRecipe
@@ -177,10 +183,16 @@ class StunCallback(Callback):
         """Config errors that need no model: raised before any work."""
         needs_stats = self._uses_stats
         check_training_schedule(
-            self.schedule, pattern=self.recipe.pattern, needs_stats=needs_stats, stats_steps=self.stats_steps, max_steps=trainer.max_steps
+            self.schedule,
+            pattern=self.recipe.pattern,
+            needs_stats=needs_stats,
+            stats_steps=self.stats_steps,
+            max_steps=trainer.max_steps,
         )
         if self.save_dir and Path(self.save_dir).exists() and not self.overwrite:
-            raise FileExistsError(f"save_dir {self.save_dir} already exists; choose another path or pass overwrite=True")
+            raise FileExistsError(
+                f"save_dir {self.save_dir} already exists; choose another path or pass overwrite=True"
+            )
         check_strategy(trainer)
 
     def _final_sparsity(self, model: nn.Module) -> float:
@@ -244,7 +256,11 @@ class StunCallback(Callback):
     # ------------------------------------------------------------------ unstructured phase
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        total = int(trainer.max_steps) if trainer.max_steps and trainer.max_steps > 0 else int(trainer.estimated_stepping_batches)
+        total = (
+            int(trainer.max_steps)
+            if trainer.max_steps and trainer.max_steps > 0
+            else int(trainer.estimated_stepping_batches)
+        )
         model = self.target(pl_module)
         final = self._final_sparsity(model)
         end = self.schedule.end_step if self.schedule.end_step is not None else total
@@ -266,7 +282,11 @@ class StunCallback(Callback):
             apply_masks(model, self.masks)
             self._mask_state(trainer, model)
         self._seen_step = trainer.global_step
-        if self.recipe.prunes_weights and self._resolved.is_update_step(trainer.global_step) and trainer.global_step > self.last_update_step:
+        if (
+            self.recipe.prunes_weights
+            and self._resolved.is_update_step(trainer.global_step)
+            and trainer.global_step > self.last_update_step
+        ):
             if self._resolved.sparsity_at(trainer.global_step) == 0 or not self._uses_stats:
                 self._update(trainer, pl_module, trainer.global_step)
 
@@ -326,7 +346,14 @@ class StunCallback(Callback):
             across_ranks = lambda t: trainer.strategy.reduce(t.to(trainer.strategy.root_device), reduce_op="sum").cpu()  # noqa: E731
         stats = window_statistics(self._stats, self._uses_stats and target > 0, self.recipe.metric, step, across_ranks)
         if target > 0:
-            update = masks_at(model, target, self.recipe, stats, previous=self.masks or None, original_experts=self.dense_expert_counts)
+            update = masks_at(
+                model,
+                target,
+                self.recipe,
+                stats,
+                previous=self.masks or None,
+                original_experts=self.dense_expert_counts,
+            )
             self.masks = update.masks
             self.layer_targets = update.layer_targets
             self.low_token_experts = update.low_token_experts

@@ -1,10 +1,17 @@
 """stun-lightning: structured-then-unstructured (STUN) pruning of Mixture-of-Experts language models.
 
-    from stun_lightning import prune, StunRecipe
-    report = prune(model, StunRecipe(expert_sparsity=0.25, sparsity=0.5), calibration=token_ids)
+from stun_lightning import prune, StunRecipe
+report = prune(model, StunRecipe(expert_sparsity=0.25, sparsity=0.5), calibration=token_ids)
 """
 
-from .adapters import MoEAdapter, UnsupportedModelError, get_adapter, moe_layers, register_adapter, supported_model_types
+from .adapters import (
+    MoEAdapter,
+    UnsupportedModelError,
+    get_adapter,
+    moe_layers,
+    register_adapter,
+    supported_model_types,
+)
 from .calibration import CalibrationStats, LayerStats, calibrate
 from .prune import prune
 from .stream import prune_streaming
@@ -25,6 +32,7 @@ def __getattr__(name):
 
         return export
     raise AttributeError(f"module 'stun_lightning' has no attribute {name!r}")
+
 
 __version__ = "0.1.0"
 

@@ -50,12 +50,22 @@ class LayerStats:
     top_k: int
     tokens: int = 0
     expert_tokens: torch.Tensor | None = field(default=None, metadata=_SUMMED)  # [E] routed tokens
-    gate_sum: torch.Tensor | None = field(default=None, metadata=_SUMMED)  # [E] sum of gate values (router-weighted frequency)
-    coactivation: torch.Tensor | None = field(default=None, metadata=_SUMMED)  # [E, E] tokens routed to both i and j (diag = counts)
+    gate_sum: torch.Tensor | None = field(
+        default=None, metadata=_SUMMED
+    )  # [E] sum of gate values (router-weighted frequency)
+    coactivation: torch.Tensor | None = field(
+        default=None, metadata=_SUMMED
+    )  # [E, E] tokens routed to both i and j (diag = counts)
     router_logit_sum: torch.Tensor | None = field(default=None, metadata=_SUMMED)  # [E]
-    saliency_sum: torch.Tensor | None = field(default=None, metadata=_SUMMED)  # [E] sum over routed tokens of gate * ||expert output||_2
-    output_norm_sum: torch.Tensor | None = field(default=None, metadata=_SUMMED)  # [E] sum over routed tokens of ||expert output||_2 (EAN)
-    input_sq: dict[str, torch.Tensor] = field(default_factory=dict, metadata=_SUMMED)  # "gate_up_proj" / "down_proj" -> [E, in]
+    saliency_sum: torch.Tensor | None = field(
+        default=None, metadata=_SUMMED
+    )  # [E] sum over routed tokens of gate * ||expert output||_2
+    output_norm_sum: torch.Tensor | None = field(
+        default=None, metadata=_SUMMED
+    )  # [E] sum over routed tokens of ||expert output||_2 (EAN)
+    input_sq: dict[str, torch.Tensor] = field(
+        default_factory=dict, metadata=_SUMMED
+    )  # "gate_up_proj" / "down_proj" -> [E, in]
     input_sq_gated: dict[str, torch.Tensor] = field(default_factory=dict, metadata=_SUMMED)
     block_inputs: list[torch.Tensor] = field(default_factory=list)
     block_outputs: list[torch.Tensor] = field(default_factory=list)
@@ -272,7 +282,9 @@ class _MoECollector:
         onehot = onehot[:, :E]
         s.expert_tokens += onehot.sum(0).long().to(s.expert_tokens.device)
         s.coactivation += (onehot.t() @ onehot).to(s.coactivation.device)
-        s.gate_sum.index_add_(0, index[valid].long().to(s.gate_sum.device), weights[valid].double().to(s.gate_sum.device))
+        s.gate_sum.index_add_(
+            0, index[valid].long().to(s.gate_sum.device), weights[valid].double().to(s.gate_sum.device)
+        )
         if SALIENCY in self.collect:
             for e in torch.unique(index[valid]).tolist():
                 tok, pos = torch.where(index == e)
@@ -369,7 +381,9 @@ def calibrate(
             before ``on_layer`` sees them. ``layer_passes`` and ``seconds`` stay this process's own.
     """
     if input_ids.numel() == 0:
-        raise ValueError(f"calibration token ids are empty (shape {tuple(input_ids.shape)}); pass a non-empty [N, L] tensor of the task's text")
+        raise ValueError(
+            f"calibration token ids are empty (shape {tuple(input_ids.shape)}); pass a non-empty [N, L] tensor of the task's text"
+        )
     start = time.perf_counter()
     partition = partition if partition is not None else _PARTITION.get()
     total_tokens = int(input_ids.numel())

@@ -35,7 +35,16 @@ from .recipe import StunRecipe, field_choices
 #: router clustering at every total and OWL+Wanda alone was best at 50-70%
 #: (benchmarks/results/quality_auto_h100.md); on the upcycled shipped model removal pays
 #: (quality_auto_cpu.md). ``auto`` tries both, zero removals included.
-DEFAULT_RECIPE = dict(expert_sparsity="auto", expert_method="frequency", total_sparsity=0.55, allocation="owl", metric="wanda", calibration_samples=64, calibration_seq_len=256)
+DEFAULT_RECIPE = dict(
+    expert_sparsity="auto",
+    expert_method="frequency",
+    total_sparsity=0.55,
+    allocation="owl",
+    metric="wanda",
+    calibration_samples=64,
+    calibration_seq_len=256,
+)
+
 
 def fraction_or_auto(text: str) -> float | str:
     """``--expert-sparsity``: a fraction, or ``auto`` (the split chosen per layer for --total-sparsity)."""
@@ -49,8 +58,20 @@ def fraction_or_auto(text: str) -> float | str:
 
 #: recipe fields settable by a ``prune`` flag (``--expert-sparsity`` ...), overriding --recipe
 RECIPE_FLAGS = {
-    "expert_sparsity": fraction_or_auto, "sparsity": float, "total_sparsity": float, "expert_method": str, "layer_budget": str, "expert_merge": str, "split_criterion": str, "distance": str,
-    "metric": str, "allocation": str, "pattern": str, "calibration_samples": int, "calibration_seq_len": int, "seed": int,
+    "expert_sparsity": fraction_or_auto,
+    "sparsity": float,
+    "total_sparsity": float,
+    "expert_method": str,
+    "layer_budget": str,
+    "expert_merge": str,
+    "split_criterion": str,
+    "distance": str,
+    "metric": str,
+    "allocation": str,
+    "pattern": str,
+    "calibration_samples": int,
+    "calibration_seq_len": int,
+    "seed": int,
 }
 
 
@@ -59,16 +80,22 @@ class UsageError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="stun-lightning", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="stun-lightning", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prune", help="prune a MoE model (default: the embedded tiny model)")
-    p.add_argument("--model", help="saved model directory or Hugging Face hub id (default: the embedded trained reference MoE)")
+    p.add_argument(
+        "--model", help="saved model directory or Hugging Face hub id (default: the embedded trained reference MoE)"
+    )
     p.add_argument("--tokenizer", help="tokenizer path or hub id (default: the model's, or the shipped one)")
     p.add_argument("--recipe", help="YAML recipe (see configs/); flags below override its fields")
     p.add_argument("--calib", help="calibration text: .txt, .jsonl or a directory (default: shipped mix)")
     p.add_argument("--eval-data", help="held-out text for perplexity (default: shipped held-out mix)")
-    p.add_argument("--eval-tokens", type=int, default=16384, help="tokens of held-out text to score (0 = skip perplexity)")
+    p.add_argument(
+        "--eval-tokens", type=int, default=16384, help="tokens of held-out text to score (0 = skip perplexity)"
+    )
     p.add_argument("--out", help="write the pruned model here (temp dir, renamed at the end)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     p.add_argument("--device", help="where calibration runs, one layer at a time (default: cuda if available)")
@@ -79,13 +106,33 @@ def build_parser() -> argparse.ArgumentParser:
         allowed = choices.get(name) or (["unstructured", "N:M"] if name == "pattern" else None)
         text = f"recipe field {name}" + (", 0 < N < M (2:4 for the sparse kernels)" if name == "pattern" else "")
         text += " (a fraction, or auto: the split per layer for --total-sparsity)" if name == "expert_sparsity" else ""
-        p.add_argument(f"--{flag}", type=kind, metavar="{" + ",".join(allowed) + "}" if allowed else None, help=f"{text}; without --recipe: {default}")
-    p.add_argument("--stream", action="store_true", help="read one decoder layer at a time from the safetensors shards and write the output as it goes (chosen automatically when the model is larger than free host memory; no perplexity)")
-    p.add_argument("--resume", action="store_true", help="with --stream: continue a killed run from what its .<out>.stream directory holds")
+        p.add_argument(
+            f"--{flag}",
+            type=kind,
+            metavar="{" + ",".join(allowed) + "}" if allowed else None,
+            help=f"{text}; without --recipe: {default}",
+        )
+    p.add_argument(
+        "--stream",
+        action="store_true",
+        help="read one decoder layer at a time from the safetensors shards and write the output as it goes (chosen automatically when the model is larger than free host memory; no perplexity)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="with --stream: continue a killed run from what its .<out>.stream directory holds",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--plot", action="store_true", help="with --out: also write the pictures of `stun-lightning report` into OUT/report/")
+    p.add_argument(
+        "--plot",
+        action="store_true",
+        help="with --out: also write the pictures of `stun-lightning report` into OUT/report/",
+    )
 
-    r = sub.add_parser("report", help="pictures of what pruning did (PNGs + one self-contained HTML page) from a `prune --out` directory")
+    r = sub.add_parser(
+        "report",
+        help="pictures of what pruning did (PNGs + one self-contained HTML page) from a `prune --out` directory",
+    )
     r.add_argument("model_dir", metavar="DIR", help="directory written by `stun-lightning prune --out`")
     r.add_argument("--out", help="write the pictures here (default: DIR/report)")
 
@@ -98,24 +145,40 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-tokens", type=int)
     e.add_argument("--device")
     e.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
-    e.add_argument("--tasks", help="lm-evaluation-harness tasks, comma-separated: shipped offline ones (stun_gsm8k, stun_wikitext2, stun_cloze), --include-path ones, or lm-eval's (hub data)")
+    e.add_argument(
+        "--tasks",
+        help="lm-evaluation-harness tasks, comma-separated: shipped offline ones (stun_gsm8k, stun_wikitext2, stun_cloze), --include-path ones, or lm-eval's (hub data)",
+    )
     e.add_argument("--include-path", help="folder of your own lm-eval task YAMLs")
     e.add_argument("--limit", type=float, help="documents per task (fraction if < 1), as lm-eval's --limit")
     e.add_argument("--num-fewshot", type=int, help="few-shot examples (default: each task's own)")
     e.add_argument("--batch-size", type=int, default=1)
     e.add_argument("--baseline", help="also score this model (e.g. the dense one) and print its column beside")
-    e.add_argument("--output", help="write the results as JSON here (inside a model directory: eval_results.json is shown on its model card)")
+    e.add_argument(
+        "--output",
+        help="write the results as JSON here (inside a model directory: eval_results.json is shown on its model card)",
+    )
 
-    x = sub.add_parser("export", help="write a pruned model as hf (dense, zeros kept), sparse (2:4 compressed) or aoti (compiled decode step)")
+    x = sub.add_parser(
+        "export",
+        help="write a pruned model as hf (dense, zeros kept), sparse (2:4 compressed) or aoti (compiled decode step)",
+    )
     x.add_argument("--model", required=True, help="pruned model directory (from `prune --out`) or a sparse export")
-    x.add_argument("--format", required=True, choices=["hf", "sparse", "aoti"], help="hf: plain transformers directory; sparse: 2:4 values + metadata; aoti: AOTInductor package")
+    x.add_argument(
+        "--format",
+        required=True,
+        choices=["hf", "sparse", "aoti"],
+        help="hf: plain transformers directory; sparse: 2:4 values + metadata; aoti: AOTInductor package",
+    )
     x.add_argument("--out", required=True, help="write here (temp dir, renamed at the end)")
     x.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     x.add_argument("--device", help="aoti: compile for this device (default: cuda if available)")
     x.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast the weights before exporting")
     x.add_argument("--max-cache-len", type=int, default=256, help="aoti: static KV-cache length of the decode step")
 
-    sub.add_parser("fit", help="prune and fine-tune with Lightning (args go to stun_lightning.callbacks.cli)", add_help=False)
+    sub.add_parser(
+        "fit", help="prune and fine-tune with Lightning (args go to stun_lightning.callbacks.cli)", add_help=False
+    )
     sub.add_parser("validate", help="validate a fit recipe's model with Lightning", add_help=False)
     return parser
 
@@ -129,7 +192,11 @@ def load_model_and_tokenizer(model_spec: str | None, tokenizer_spec: str | None,
         from .reference import load_reference_model
 
         model, tokenizer = load_reference_model(dtype=torch_dtype or torch.float32)
-        return model, tokenizer, "embedded reference MoE (Mixtral-style, 4 layers, 8 experts top-2, trained on prose/math/code)"
+        return (
+            model,
+            tokenizer,
+            "embedded reference MoE (Mixtral-style, 4 layers, 8 experts top-2, trained on prose/math/code)",
+        )
     path = Path(model_spec)
     if path.exists():
         from .serialization import load_pruned
@@ -143,7 +210,9 @@ def load_model_and_tokenizer(model_spec: str | None, tokenizer_spec: str | None,
         try:
             model = AutoModelForCausalLM.from_pretrained(model_spec, dtype=torch_dtype)
         except OSError as err:
-            raise FileNotFoundError(f"cannot load {model_spec!r} from a local directory or the Hugging Face hub: {err}") from err
+            raise FileNotFoundError(
+                f"cannot load {model_spec!r} from a local directory or the Hugging Face hub: {err}"
+            ) from err
     tokenizer = None
     for candidate in (tokenizer_spec, model_spec):
         if candidate is None:
@@ -159,15 +228,17 @@ def load_model_and_tokenizer(model_spec: str | None, tokenizer_spec: str | None,
     return model.eval(), tokenizer, model_spec
 
 
-#: without ``--recipe``, a ``--sparsity`` inside experts or an N:M ``--pattern`` fixes the split
-#: (``auto`` needs a total and unstructured masks): 25% of experts, the same count per layer
-FIXED_SPLIT = dict(expert_sparsity=0.25, layer_budget="uniform", total_sparsity=None)
+#: without ``--recipe``, ``--stream`` (no trial prunes of streamed layers), a ``--sparsity`` inside
+#: experts or an N:M ``--pattern`` (``auto`` needs a total over unstructured masks) fix the split:
+#: 25% of experts, the same count per layer, the rest of the 55% inside the survivors
+FIXED_SPLIT = dict(expert_sparsity=0.25, layer_budget="uniform")
 
 
 def recipe_from_args(args) -> StunRecipe:
     data = dict(DEFAULT_RECIPE) if args.recipe is None else StunRecipe.from_yaml(args.recipe).to_dict()
-    if args.recipe is None and (args.sparsity is not None or (args.pattern or "unstructured") != "unstructured"):
-        data.update(FIXED_SPLIT)
+    inner = args.sparsity is not None or (args.pattern or "unstructured") != "unstructured"
+    if args.recipe is None and (inner or getattr(args, "stream", False)):
+        data.update(FIXED_SPLIT, **({"total_sparsity": None} if inner else {}))
     for field in RECIPE_FLAGS:
         value = getattr(args, field)
         if value is not None:
@@ -209,13 +280,22 @@ def run_prune(args) -> int:
     start = time.perf_counter()
     model, tokenizer, name = load_model_and_tokenizer(args.model, args.tokenizer, args.dtype)
     check_recipe(model, recipe)
-    calibration = calibration_blocks(tokenizer, args.calib, recipe.calibration_samples, recipe.calibration_seq_len, recipe.seed)
+    calibration = calibration_blocks(
+        tokenizer, args.calib, recipe.calibration_samples, recipe.calibration_seq_len, recipe.seed
+    )
 
     def ppl():
         if not args.eval_tokens:
             return None
         # scored where the model lives (pruning moves one layer at a time to `device` and back)
-        return perplexity(model, tokenizer, args.eval_data, seq_len=recipe.calibration_seq_len, max_tokens=args.eval_tokens, progress=progress)
+        return perplexity(
+            model,
+            tokenizer,
+            args.eval_data,
+            seq_len=recipe.calibration_seq_len,
+            max_tokens=args.eval_tokens,
+            progress=progress,
+        )
 
     ppl_before = ppl()
     if args.plot and out is None:
@@ -229,7 +309,13 @@ def run_prune(args) -> int:
     print(f"\nstun-lightning prune: {name}\n")
     print(report.to_markdown())
     if out is not None:
-        save_pruned(model, out, tokenizer=tokenizer, overwrite=args.overwrite, extra_files={"stun_report.json": report.to_json(), "stun_recipe.yaml": _yaml(recipe)})
+        save_pruned(
+            model,
+            out,
+            tokenizer=tokenizer,
+            overwrite=args.overwrite,
+            extra_files={"stun_report.json": report.to_json(), "stun_recipe.yaml": _yaml(recipe)},
+        )
         print(f"\nsaved to {out}")
         if args.plot:
             from .figures import write_report
@@ -276,11 +362,22 @@ def _run_prune_streaming(args, recipe: StunRecipe, out: Path | None, device: str
         tokenizer = load_tokenizer(args.tokenizer or directory)
     except (OSError, ValueError) as err:
         raise UsageError(f"no tokenizer found with {args.model}; pass --tokenizer PATH_OR_HUB_ID ({err})") from err
-    calibration = calibration_blocks(tokenizer, args.calib, recipe.calibration_samples, recipe.calibration_seq_len, recipe.seed)
+    calibration = calibration_blocks(
+        tokenizer, args.calib, recipe.calibration_samples, recipe.calibration_seq_len, recipe.seed
+    )
     dtype = getattr(torch, args.dtype) if args.dtype else None
     report = prune_streaming(
-        directory, out, recipe, calibration, tokenizer=tokenizer, device=device, torch_dtype=dtype,
-        progress=progress, resume=args.resume, overwrite=args.overwrite, extra_files={"stun_recipe.yaml": _yaml(recipe)},
+        directory,
+        out,
+        recipe,
+        calibration,
+        tokenizer=tokenizer,
+        device=device,
+        torch_dtype=dtype,
+        progress=progress,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        extra_files={"stun_recipe.yaml": _yaml(recipe)},
     )
     report.seconds["total"] = time.perf_counter() - start
     print(f"\nstun-lightning prune --stream: {args.model}\n")
@@ -308,7 +405,18 @@ def run_eval(args) -> int:
     kwargs = dict(seq_len=args.seq_len, stride=args.stride, max_tokens=args.max_tokens)
     value = perplexity(model, tokenizer, args.data, **kwargs)
     accuracy = next_token_accuracy(model, tokenizer, args.data, **kwargs)
-    print(json.dumps({"model": str(name), "data": args.data or "shipped held-out mix", "perplexity": value, "next_token_accuracy": accuracy, **kwargs}, indent=2))
+    print(
+        json.dumps(
+            {
+                "model": str(name),
+                "data": args.data or "shipped held-out mix",
+                "perplexity": value,
+                "next_token_accuracy": accuracy,
+                **kwargs,
+            },
+            indent=2,
+        )
+    )
     return 0
 
 
@@ -334,7 +442,9 @@ def run_eval_tasks(args) -> int:
     print(f"\nstun-lightning eval: {name}" + (f" (baseline: {args.baseline})" if baseline else "") + "\n")
     print(results_table(results, baseline))
     if args.output:
-        payload = {"model": str(name), "tasks": results, "limit": limit} | ({"baseline": {"model": args.baseline, "tasks": baseline}} if baseline else {})
+        payload = {"model": str(name), "tasks": results, "limit": limit} | (
+            {"baseline": {"model": args.baseline, "tasks": baseline}} if baseline else {}
+        )
         out = Path(args.output)
         tmp = out.with_name(f".{out.name}.tmp")
         tmp.write_text(json.dumps(payload, indent=2))
@@ -348,7 +458,15 @@ def run_export(args) -> int:
     if args.max_cache_len < 1:
         raise UsageError(f"--max-cache-len must be positive, got {args.max_cache_len}")
     device = default_device(args.device) if args.format == "aoti" else args.device
-    out = export_directory(args.model, args.out, args.format, overwrite=args.overwrite, device=device, torch_dtype=getattr(torch, args.dtype) if args.dtype else None, max_cache_len=args.max_cache_len)
+    out = export_directory(
+        args.model,
+        args.out,
+        args.format,
+        overwrite=args.overwrite,
+        device=device,
+        torch_dtype=getattr(torch, args.dtype) if args.dtype else None,
+        max_cache_len=args.max_cache_len,
+    )
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"stun-lightning export: {args.format} -> {out} ({size / 2**20:.1f} MiB on disk)")
     return 0

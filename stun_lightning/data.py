@@ -94,7 +94,9 @@ def load_hub_dataset(
     columns = ds.column_names if ds.column_names is not None else list(next(iter(ds)).keys())
     missing = [f for f in fields if f not in columns]
     if missing:
-        raise KeyError(f"dataset {name!r} split {split!r} has no field(s) {missing}; its fields are {columns}: pass text_field=")
+        raise KeyError(
+            f"dataset {name!r} split {split!r} has no field(s) {missing}; its fields are {columns}: pass text_field="
+        )
     docs = []
     for row in ds:
         if n_docs is not None and len(docs) >= n_docs:

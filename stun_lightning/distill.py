@@ -133,18 +133,23 @@ def check_expert_map(student: nn.Module, teacher: nn.Module, expert_map: dict[in
     for i, n in s_layers.items():
         kept = expert_map.get(i)
         if kept is None or len(kept) != n:
-            problems.append(f"layer {i}: student has {n} experts, expert map lists {None if kept is None else len(kept)}")
+            problems.append(
+                f"layer {i}: student has {n} experts, expert map lists {None if kept is None else len(kept)}"
+            )
         elif i in t_layers and (min(kept) < 0 or max(kept) >= t_layers[i]):
             problems.append(f"layer {i}: expert map {kept} outside the teacher's 0..{t_layers[i] - 1}")
     if problems:
         raise ValueError(
             "student and teacher do not match under the expert map (pass the kept original indices per layer, "
-            "e.g. from StunCallback.kept_experts or kept_from_removed(report.removed_experts)):\n  " + "\n  ".join(problems)
+            "e.g. from StunCallback.kept_experts or kept_from_removed(report.removed_experts)):\n  "
+            + "\n  ".join(problems)
         )
 
 
 @torch.inference_mode()
-def _teacher_expert_outputs(teacher_layers: dict[int, MoELayer], records: dict[int, CapturedLayer], expert_map: dict[int, list[int]]):
+def _teacher_expert_outputs(
+    teacher_layers: dict[int, MoELayer], records: dict[int, CapturedLayer], expert_map: dict[int, list[int]]
+):
     out = {}
     for i, rec in records.items():
         layer = teacher_layers[i]
@@ -191,7 +196,10 @@ def expert_mse(
     """``sum_layers sum_surviving experts MSE(student expert j, teacher expert expert_map[i][j])`` on the
     tokens the teacher routes to the original expert (fp32; experts with no such token add nothing)."""
     # inference tensors cannot be saved for backward: clone the targets outside inference mode
-    targets = {k: (tok.clone(), y.clone()) for k, (tok, y) in _teacher_expert_outputs(teacher.layers, teacher.records, expert_map).items()}
+    targets = {
+        k: (tok.clone(), y.clone())
+        for k, (tok, y) in _teacher_expert_outputs(teacher.layers, teacher.records, expert_map).items()
+    }
     total = None
     with lora_adapted(student.layers.values()):  # a LoRA-wrapped student is compared through its adapted weights
         for (i, j), (tok, target) in targets.items():
@@ -258,7 +266,9 @@ def block_mse(student: MoECapture, teacher: MoECapture) -> torch.Tensor:
     return torch.stack(terms).sum()
 
 
-def router_kl(student: MoECapture, teacher: MoECapture, expert_map: dict[int, list[int]], temperature: float = 1.0) -> torch.Tensor:
+def router_kl(
+    student: MoECapture, teacher: MoECapture, expert_map: dict[int, list[int]], temperature: float = 1.0
+) -> torch.Tensor:
     """Router distillation: sum over MoE layers of ``T^2 * KL(teacher routing || student routing)``, mean per token.
 
     The teacher's routing distribution is the softmax of its router logits restricted to the experts
@@ -276,7 +286,10 @@ def router_kl(student: MoECapture, teacher: MoECapture, expert_map: dict[int, li
         s = rec.router_logits.float() / temperature
         kept = torch.as_tensor(expert_map[i], device=t.device)
         t = t.clone().index_select(-1, kept).to(s.device).float() / temperature
-        terms.append(F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="batchmean") * temperature**2)
+        terms.append(
+            F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="batchmean")
+            * temperature**2
+        )
     return torch.stack(terms).sum()
 
 
@@ -284,7 +297,9 @@ def logit_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tempera
     """``T^2 * KL(teacher || student)`` of the temperature-softened next-token distributions, mean per token."""
     t = teacher_logits.clone().to(student_logits.device).float() / temperature
     s = student_logits.float() / temperature
-    kl = F.kl_div(F.log_softmax(s, -1).flatten(0, -2), F.log_softmax(t, -1).flatten(0, -2), log_target=True, reduction="batchmean")
+    kl = F.kl_div(
+        F.log_softmax(s, -1).flatten(0, -2), F.log_softmax(t, -1).flatten(0, -2), log_target=True, reduction="batchmean"
+    )
     return kl * temperature**2
 
 
@@ -335,7 +350,13 @@ class DistillLosses:
     terms: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-RECOVERY_LOSSES = {"ce": None, "logit_kd": "logit_kl", "expert_kd": "expert", "block_kd": "block", "router_kd": "router"}
+RECOVERY_LOSSES = {
+    "ce": None,
+    "logit_kd": "logit_kl",
+    "expert_kd": "expert",
+    "block_kd": "block",
+    "router_kd": "router",
+}
 """Recovery options: the name of each and the loss term it adds to the cross-entropy (its lambda)."""
 
 
@@ -347,7 +368,14 @@ def check_recovery_loss(loss: str) -> str | None:
 
 
 def combine(
-    weights: DistillWeights, expert_lambda: float | None, ce: torch.Tensor, expert=None, kl=None, block=None, router=None, primary: str = "expert"
+    weights: DistillWeights,
+    expert_lambda: float | None,
+    ce: torch.Tensor,
+    expert=None,
+    kl=None,
+    block=None,
+    router=None,
+    primary: str = "expert",
 ) -> DistillLosses:
     """``ce_w * CE + lambda * L_primary + sum w * L_other`` with every term reported.
 

@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from .calibration import _PARTITION, CalibrationStats, LayerStats, calibrate
 
+
 def is_distributed(group=None) -> bool:
     """Whether a process group of more than one rank is initialised."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
@@ -71,7 +72,10 @@ def all_reduce_layer_stats(stats: LayerStats, group=None, keep_block_io: int = 0
         else:
             getattr(stats, name)[key] = reduced[i]
     if keep_block_io > 0:
-        local = (torch.cat(stats.block_inputs) if stats.block_inputs else None, torch.cat(stats.block_outputs) if stats.block_outputs else None)
+        local = (
+            torch.cat(stats.block_inputs) if stats.block_inputs else None,
+            torch.cat(stats.block_outputs) if stats.block_outputs else None,
+        )
         gathered: list[Any] = [None] * dist.get_world_size(group)
         dist.all_gather_object(gathered, local, group=group)
         xs = [x for x, _ in gathered if x is not None]
@@ -91,7 +95,15 @@ class RankPartition:
     def local(self, input_ids: torch.Tensor) -> torch.Tensor:
         world, rank = dist.get_world_size(self.group), dist.get_rank(self.group)
         # every rank sees the same check results, so all raise together instead of hanging
-        sig = torch.tensor([input_ids.shape[0], input_ids.numel(), int(input_ids.long().sum()), int((input_ids.long() * 31 + 7).square().sum() % (2**31))], dtype=torch.long)
+        sig = torch.tensor(
+            [
+                input_ids.shape[0],
+                input_ids.numel(),
+                int(input_ids.long().sum()),
+                int((input_ids.long() * 31 + 7).square().sum() % (2**31)),
+            ],
+            dtype=torch.long,
+        )
         sig = sig.to(_comm_device(self.group))  # NCCL gathers CUDA tensors only, into CUDA tensors
         sigs = [torch.zeros_like(sig) for _ in range(world)]
         dist.all_gather(sigs, sig, group=self.group)
@@ -143,4 +155,11 @@ def broadcast_object(obj: Any, src: int = 0, group=None) -> Any:
     return box[0]
 
 
-__all__ = ["RankPartition", "all_reduce_layer_stats", "broadcast_object", "calibrate_distributed", "calibration_across_ranks", "is_distributed"]
+__all__ = [
+    "RankPartition",
+    "all_reduce_layer_stats",
+    "broadcast_object",
+    "calibrate_distributed",
+    "calibration_across_ranks",
+    "is_distributed",
+]

@@ -35,7 +35,6 @@ from .adapters import EXPERT_MATRICES, MoELayer, moe_layers
 from .sharding import count_nonzero, is_sharded, local_mask, local_view
 
 
-
 def _key(layer_index: int, matrix: str) -> str:
     return f"{layer_index}.{matrix}"
 
@@ -117,7 +116,8 @@ class ExpertMasks:
 
     def equal(self, other: "ExpertMasks") -> bool:
         return self._packed.keys() == other._packed.keys() and all(
-            a[1] == b[1] and torch.equal(a[0], b[0]) for a, b in ((self._packed[k], other._packed[k]) for k in self._packed)
+            a[1] == b[1] and torch.equal(a[0], b[0])
+            for a, b in ((self._packed[k], other._packed[k]) for k in self._packed)
         )
 
     def state_dict(self) -> dict[str, dict]:

@@ -38,7 +38,9 @@ AOTI_PACKAGE = "model.pt2"
 def _check_out(out: str | os.PathLike, overwrite: bool) -> Path:
     out = Path(out)
     if out.exists() and not overwrite:
-        raise FileExistsError(f"output directory {out} already exists; choose another path or pass overwrite=True (--overwrite)")
+        raise FileExistsError(
+            f"output directory {out} already exists; choose another path or pass overwrite=True (--overwrite)"
+        )
     return out
 
 
@@ -46,7 +48,17 @@ def _any_sparse(model: nn.Module) -> bool:
     return any(is_sparse24(experts) or is_mixed(experts) for _, experts, _ in expert_modules(model))
 
 
-def export(model: nn.Module, out: str | os.PathLike, format: str = "hf", *, tokenizer=None, overwrite: bool = False, max_cache_len: int = 256, batch_size: int = 1, extra_files: dict[str, str] | None = None) -> Path:
+def export(
+    model: nn.Module,
+    out: str | os.PathLike,
+    format: str = "hf",
+    *,
+    tokenizer=None,
+    overwrite: bool = False,
+    max_cache_len: int = 256,
+    batch_size: int = 1,
+    extra_files: dict[str, str] | None = None,
+) -> Path:
     """Write ``model`` to directory ``out`` in ``format`` (``"hf"``, ``"sparse"`` or ``"aoti"``).
 
     ``extra_files``: text files written beside (``export_directory`` carries the source's pruning
@@ -69,19 +81,38 @@ def export(model: nn.Module, out: str | os.PathLike, format: str = "hf", *, toke
             sparsify(model)
     was_dense = not is_sparsified(model)
     if format == "aoti" and not was_dense and not all(is_sparse24(e) for _, e, _ in expert_modules(model)):
-        raise ValueError('format="aoti" packages 2:4 experts only (the bitmap ops run from Python); export format="sparse" instead')
+        raise ValueError(
+            'format="aoti" packages 2:4 experts only (the bitmap ops run from Python); export format="sparse" instead'
+        )
     # checks every layer before converting any; the AOTInductor package holds the 2:4 kernels only
     sparsify(model, SparsifyConfig(formats=("2:4",)) if format == "aoti" else None)
     try:
         if format == "sparse":
             return save_sparse(model, out, tokenizer=tokenizer, overwrite=overwrite, extra_files=extra_files)
-        return _export_aoti(model, out, tokenizer=tokenizer, overwrite=overwrite, max_cache_len=max_cache_len, batch_size=batch_size, extra_files=extra_files)
+        return _export_aoti(
+            model,
+            out,
+            tokenizer=tokenizer,
+            overwrite=overwrite,
+            max_cache_len=max_cache_len,
+            batch_size=batch_size,
+            extra_files=extra_files,
+        )
     finally:
         if was_dense:
             densify(model)
 
 
-def _export_aoti(model: nn.Module, out: Path, *, tokenizer, overwrite: bool, max_cache_len: int, batch_size: int, extra_files: dict[str, str] | None = None) -> Path:
+def _export_aoti(
+    model: nn.Module,
+    out: Path,
+    *,
+    tokenizer,
+    overwrite: bool,
+    max_cache_len: int,
+    batch_size: int,
+    extra_files: dict[str, str] | None = None,
+) -> Path:
     from transformers.integrations.executorch import TorchExportableModuleForDecoderOnlyLM
 
     device = next(model.parameters()).device
@@ -93,7 +124,9 @@ def _export_aoti(model: nn.Module, out: Path, *, tokenizer, overwrite: bool, max
     if missing_head_dim:  # transformers < 5.23 sizes the cache from config.head_dim without a fallback
         config.head_dim = config.hidden_size // config.num_attention_heads
     try:
-        wrapper = TorchExportableModuleForDecoderOnlyLM(model, batch_size=batch_size, max_cache_len=max_cache_len, device=device)
+        wrapper = TorchExportableModuleForDecoderOnlyLM(
+            model, batch_size=batch_size, max_cache_len=max_cache_len, device=device
+        )
         example = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
         from .sparse import cuda_mma
         from .sparse.experts import tracing_for_aoti
@@ -153,7 +186,9 @@ class AotiDecoder:
         return tokens
 
 
-def load_exported(path: str | os.PathLike, device: str | torch.device | None = None, torch_dtype: torch.dtype | None = None):
+def load_exported(
+    path: str | os.PathLike, device: str | torch.device | None = None, torch_dtype: torch.dtype | None = None
+):
     """Load any export: a sparse model, an :class:`AotiDecoder`, or a (dense) pruned model."""
     path = Path(path)
     if not path.is_dir():
@@ -165,7 +200,16 @@ def load_exported(path: str | os.PathLike, device: str | torch.device | None = N
     return load_pruned(path, torch_dtype=torch_dtype, device=device or "cpu")
 
 
-def export_directory(model_dir: str | os.PathLike, out: str | os.PathLike, format: str, *, overwrite: bool = False, device: str | None = None, torch_dtype: torch.dtype | None = None, max_cache_len: int = 256) -> Path:
+def export_directory(
+    model_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    format: str,
+    *,
+    overwrite: bool = False,
+    device: str | None = None,
+    torch_dtype: torch.dtype | None = None,
+    max_cache_len: int = 256,
+) -> Path:
     """Load a saved (pruned or sparse) model directory and :func:`export` it; every check comes first."""
     if format not in FORMATS:
         raise ValueError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
@@ -173,7 +217,9 @@ def export_directory(model_dir: str | os.PathLike, out: str | os.PathLike, forma
     if not (model_dir / "config.json").exists():
         raise FileNotFoundError(f"model directory {model_dir} does not exist or has no config.json")
     if (model_dir / AOTI_MANIFEST).exists():
-        raise ValueError(f"{model_dir} is already an AOTInductor package; export from the pruned or sparse directory it was made from")
+        raise ValueError(
+            f"{model_dir} is already an AOTInductor package; export from the pruned or sparse directory it was made from"
+        )
     _check_out(out, overwrite)
     model = load_exported(model_dir, torch_dtype=torch_dtype)
     tokenizer = None
@@ -186,4 +232,6 @@ def export_directory(model_dir: str | os.PathLike, out: str | os.PathLike, forma
     from .model_card import PROVENANCE
 
     carried = {name: (model_dir / name).read_text() for name in PROVENANCE if (model_dir / name).exists()}
-    return export(model, out, format, tokenizer=tokenizer, overwrite=overwrite, max_cache_len=max_cache_len, extra_files=carried)
+    return export(
+        model, out, format, tokenizer=tokenizer, overwrite=overwrite, max_cache_len=max_cache_len, extra_files=carried
+    )

@@ -26,11 +26,21 @@ from .adapters import moe_layers
 from .sharding import count_nonzero
 
 
-def routing_frequency(model: nn.Module, calibration: torch.Tensor, *, batch_size: int = 8, device=None, progress: bool = False) -> dict[int, list[float]]:
+def routing_frequency(
+    model: nn.Module, calibration: torch.Tensor, *, batch_size: int = 8, device=None, progress: bool = False
+) -> dict[int, list[float]]:
     """Fraction of routed slots per expert of every MoE layer (current indices), on ``calibration``."""
     from .calibration import ROUTING, calibrate
 
-    stats = calibrate(model, calibration, collect=(ROUTING,), batch_size=batch_size, device=device, progress=progress, desc="routing frequency")
+    stats = calibrate(
+        model,
+        calibration,
+        collect=(ROUTING,),
+        batch_size=batch_size,
+        device=device,
+        progress=progress,
+        desc="routing frequency",
+    )
     return {layer.index: stats[layer.index].frequency().tolist() for layer in moe_layers(model)}
 
 
@@ -47,7 +57,9 @@ def expert_sparsity(model: nn.Module) -> dict[int, list[float]]:
     return out
 
 
-def stun_distances(model: nn.Module, recipe, calibration: torch.Tensor | None, *, device=None) -> dict[int, list[list[float]]]:
+def stun_distances(
+    model: nn.Module, recipe, calibration: torch.Tensor | None, *, device=None
+) -> dict[int, list[list[float]]]:
     """STUN's distance table per layer, as its structured phase computes it (diagonal: None)."""
     from .methods.stun import expert_distances
 
@@ -56,16 +68,26 @@ def stun_distances(model: nn.Module, recipe, calibration: torch.Tensor | None, *
     if opts.get("distance", "router") != "router":
         from .calibration import ROUTING, calibrate
 
-        stats = calibrate(model, calibration, collect=(ROUTING,), batch_size=recipe.batch_size, device=device, progress=False)
+        stats = calibrate(
+            model, calibration, collect=(ROUTING,), batch_size=recipe.batch_size, device=device, progress=False
+        )
         coactivation = {layer.index: stats[layer.index].coactivation for layer in moe_layers(model)}
     out = {}
     for layer in moe_layers(model):
-        d = expert_distances(layer.router_weight, coactivation.get(layer.index), opts.get("distance", "router"), opts.get("divide_by_norm", True), opts.get("mix_weight", 1.0))
+        d = expert_distances(
+            layer.router_weight,
+            coactivation.get(layer.index),
+            opts.get("distance", "router"),
+            opts.get("divide_by_norm", True),
+            opts.get("mix_weight", 1.0),
+        )
         out[layer.index] = [[float(v) if torch.isfinite(v) else None for v in row] for row in d]
     return out
 
 
-def to_original(values: dict[int, list[float]], removed: dict[int, list[int]], experts_before: dict[int, int], fill=None) -> dict[int, list]:
+def to_original(
+    values: dict[int, list[float]], removed: dict[int, list[int]], experts_before: dict[int, int], fill=None
+) -> dict[int, list]:
     """Per-expert values of a pruned model spread back to original indices (``fill`` where removed)."""
     out = {}
     for i, row in values.items():
@@ -80,6 +102,7 @@ def to_original(values: dict[int, list[float]], removed: dict[int, list[int]], e
 
 # --- report -> picture data -------------------------------------------------------------------------
 
+
 def _layers(d: dict) -> list[str]:
     return sorted(d, key=int)
 
@@ -89,17 +112,36 @@ def figure_data(report: dict, evals: dict | None = None) -> dict[str, dict]:
     figs = report.get("figures") or {}
     layers = _layers(report["experts_before"])
     out = {
-        "experts_per_layer": {"layers": [int(i) for i in layers], "before": [report["experts_before"][i] for i in layers], "after": [report["experts_after"][i] for i in layers]},
-        "sparsity_per_layer": {"layers": [int(i) for i in layers], "sparsity": [report["layer_sparsity"][i] for i in layers], "target": [report.get("layer_target_sparsity", {}).get(i) for i in layers]},
+        "experts_per_layer": {
+            "layers": [int(i) for i in layers],
+            "before": [report["experts_before"][i] for i in layers],
+            "after": [report["experts_after"][i] for i in layers],
+        },
+        "sparsity_per_layer": {
+            "layers": [int(i) for i in layers],
+            "sparsity": [report["layer_sparsity"][i] for i in layers],
+            "target": [report.get("layer_target_sparsity", {}).get(i) for i in layers],
+        },
     }
     if figs.get("expert_sparsity"):
-        out["sparsity_per_expert"] = {"layers": [int(i) for i in layers], "matrix": [figs["expert_sparsity"][i] for i in layers]}
+        out["sparsity_per_expert"] = {
+            "layers": [int(i) for i in layers],
+            "matrix": [figs["expert_sparsity"][i] for i in layers],
+        }
     if figs.get("routing_before") and figs.get("routing_after"):
-        out["routing_frequency"] = {"layers": [int(i) for i in layers], "before": [figs["routing_before"][i] for i in layers], "after": [figs["routing_after"][i] for i in layers]}
+        out["routing_frequency"] = {
+            "layers": [int(i) for i in layers],
+            "before": [figs["routing_before"][i] for i in layers],
+            "after": [figs["routing_after"][i] for i in layers],
+        }
     if figs.get("distances"):
         out["expert_distances"] = {
-            "layers": [int(i) for i in layers], "matrices": [figs["distances"][i] for i in layers],
-            "survivors": [[e for e in range(report["experts_before"][i]) if e not in report.get("removed_experts", {}).get(i, [])] for i in layers],
+            "layers": [int(i) for i in layers],
+            "matrices": [figs["distances"][i] for i in layers],
+            "survivors": [
+                [e for e in range(report["experts_before"][i]) if e not in report.get("removed_experts", {}).get(i, [])]
+                for i in layers
+            ],
         }
     quality = {"perplexity": dict(report["perplexity"])} if report.get("perplexity") else {}
     if evals and evals.get("baseline"):
@@ -115,6 +157,7 @@ def figure_data(report: dict, evals: dict | None = None) -> dict[str, dict]:
 
 # --- drawing -----------------------------------------------------------------------------------------
 
+
 def _plot(name: str, data: dict):
     import matplotlib
 
@@ -129,7 +172,9 @@ def _plot(name: str, data: dict):
         ax.bar(x + 0.2, data["after"], 0.4, label="after", color="#1f77b4")
         for xi, v in zip(x, data["after"]):
             ax.text(xi + 0.2, v, str(v), ha="center", va="bottom", fontsize=8)
-        ax.set(xticks=x, xticklabels=data["layers"], xlabel="MoE layer", ylabel="experts", title="Experts kept per layer")
+        ax.set(
+            xticks=x, xticklabels=data["layers"], xlabel="MoE layer", ylabel="experts", title="Experts kept per layer"
+        )
         ax.set_ylim(0, max(data["before"]) * 1.15)
         ax.legend(loc="lower right")
     elif name == "sparsity_per_layer":
@@ -139,14 +184,29 @@ def _plot(name: str, data: dict):
         targets = [t for t in data["target"] if t is not None]
         if len(targets) == len(x):
             ax.plot(x, [100 * t for t in data["target"]], "k_", markersize=20, label="within-expert target")
-        ax.set(xticks=x, xticklabels=data["layers"], xlabel="MoE layer", ylabel="% of original expert params", title="Sparsity per layer (removed experts count as zeros)", ylim=(0, 100))
+        ax.set(
+            xticks=x,
+            xticklabels=data["layers"],
+            xlabel="MoE layer",
+            ylabel="% of original expert params",
+            title="Sparsity per layer (removed experts count as zeros)",
+            ylim=(0, 100),
+        )
         ax.legend(loc="lower right")
     elif name in ("sparsity_per_expert", "routing_frequency"):
-        panels = [("sparsity (%)", data["matrix"])] if name == "sparsity_per_expert" else [("before", data["before"]), ("after", data["after"])]
-        fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels) + 1, 3.4), squeeze=False, layout="constrained")
+        panels = (
+            [("sparsity (%)", data["matrix"])]
+            if name == "sparsity_per_expert"
+            else [("before", data["before"]), ("after", data["after"])]
+        )
+        fig, axes = plt.subplots(
+            1, len(panels), figsize=(4.2 * len(panels) + 1, 3.4), squeeze=False, layout="constrained"
+        )
         width = max(len(r) for _, m in panels for r in m)
         scale = 100 if name == "sparsity_per_expert" else 1
-        vmax = 100 if name == "sparsity_per_expert" else max(v for _, m in panels for r in m for v in r if v is not None)
+        vmax = (
+            100 if name == "sparsity_per_expert" else max(v for _, m in panels for r in m for v in r if v is not None)
+        )
         for ax, (label, matrix) in zip(axes[0], panels):
             arr = np.full((len(matrix), width), np.nan)
             for r, row in enumerate(matrix):
@@ -156,10 +216,21 @@ def _plot(name: str, data: dict):
                 for c in range(arr.shape[1]):
                     if np.isnan(arr[r, c]):
                         ax.text(c, r, "x", ha="center", va="center", color="#888888", fontsize=8)
-            ax.set(xlabel="expert (original index)", ylabel="MoE layer", yticks=range(len(data["layers"])), yticklabels=data["layers"], xticks=range(width), title=label)
+            ax.set(
+                xlabel="expert (original index)",
+                ylabel="MoE layer",
+                yticks=range(len(data["layers"])),
+                yticklabels=data["layers"],
+                xticks=range(width),
+                title=label,
+            )
             ax.set_facecolor("#f0f0f0")
         fig.colorbar(im, ax=axes[0].tolist(), shrink=0.85)
-        fig.suptitle("Sparsity per expert (x: removed)" if name == "sparsity_per_expert" else "Routing frequency per expert (fraction of routed slots; x: removed)")
+        fig.suptitle(
+            "Sparsity per expert (x: removed)"
+            if name == "sparsity_per_expert"
+            else "Routing frequency per expert (fraction of routed slots; x: removed)"
+        )
     elif name == "expert_distances":
         n = len(data["layers"])
         fig, axes = plt.subplots(1, n, figsize=(3.2 * n + 1, 3.4), squeeze=False, layout="constrained")
@@ -167,14 +238,18 @@ def _plot(name: str, data: dict):
             arr = np.array([[np.nan if v is None else v for v in row] for row in matrix], dtype=float)
             im = ax.imshow(arr, cmap="magma_r", aspect="equal")
             for e in keep:
-                ax.add_patch(matplotlib.patches.Rectangle((e - 0.5, -0.5), 1, len(arr), fill=False, edgecolor="#00c853", lw=1.5))
+                ax.add_patch(
+                    matplotlib.patches.Rectangle((e - 0.5, -0.5), 1, len(arr), fill=False, edgecolor="#00c853", lw=1.5)
+                )
             ax.set(title=f"layer {layer}", xticks=range(len(arr)), yticks=range(len(arr)), xlabel="expert")
             ax.set_xticklabels([f"{e}*" if e in keep else str(e) for e in range(len(arr))], fontsize=7)
             fig.colorbar(im, ax=ax, shrink=0.7)
         fig.suptitle("STUN expert distances (green columns, *: survivors)")
     elif name == "quality":
         names = list(data)
-        fig, axes = plt.subplots(1, len(names), figsize=(2.8 * len(names) + 0.5, 3.2), squeeze=False, layout="constrained")
+        fig, axes = plt.subplots(
+            1, len(names), figsize=(2.8 * len(names) + 0.5, 3.2), squeeze=False, layout="constrained"
+        )
         for ax, key in zip(axes[0], names):
             values = [data[key]["before"], data[key]["after"]]
             ax.bar(["before", "after"], values, color=["#bbbbbb", "#1f77b4"])
@@ -190,8 +265,12 @@ def _plot(name: str, data: dict):
 
 
 TITLES = {
-    "experts_per_layer": "Experts kept per layer", "sparsity_per_layer": "Sparsity per layer", "sparsity_per_expert": "Sparsity per expert",
-    "routing_frequency": "Routing frequency before / after", "expert_distances": "STUN expert distance matrix", "quality": "Perplexity / accuracy before and after",
+    "experts_per_layer": "Experts kept per layer",
+    "sparsity_per_layer": "Sparsity per layer",
+    "sparsity_per_expert": "Sparsity per expert",
+    "routing_frequency": "Routing frequency before / after",
+    "expert_distances": "STUN expert distance matrix",
+    "quality": "Perplexity / accuracy before and after",
 }
 
 
@@ -206,7 +285,9 @@ def write_report(model_dir: str | Path, out_dir: str | Path | None = None) -> di
     model_dir = Path(model_dir)
     report_file = model_dir / "stun_report.json"
     if not report_file.exists():
-        raise FileNotFoundError(f"{report_file} does not exist; pass a directory written by `stun-lightning prune --out DIR`")
+        raise FileNotFoundError(
+            f"{report_file} does not exist; pass a directory written by `stun-lightning prune --out DIR`"
+        )
     try:
         import matplotlib  # noqa: F401
     except ImportError as err:
@@ -214,7 +295,11 @@ def write_report(model_dir: str | Path, out_dir: str | Path | None = None) -> di
     import matplotlib.pyplot as plt
 
     report = json.loads(report_file.read_text())
-    evals = json.loads((model_dir / "eval_results.json").read_text()) if (model_dir / "eval_results.json").exists() else None
+    evals = (
+        json.loads((model_dir / "eval_results.json").read_text())
+        if (model_dir / "eval_results.json").exists()
+        else None
+    )
     data = figure_data(report, evals)
     with atomic_dir(out_dir or model_dir / "report", overwrite=True) as tmp:
         sections = []
@@ -223,7 +308,9 @@ def write_report(model_dir: str | Path, out_dir: str | Path | None = None) -> di
             fig.savefig(tmp / f"{name}.png", dpi=110)
             plt.close(fig)
             png = base64.b64encode((tmp / f"{name}.png").read_bytes()).decode()
-            sections.append(f'<h2>{html.escape(TITLES[name])}</h2>\n<img alt="{name}" src="data:image/png;base64,{png}">')
+            sections.append(
+                f'<h2>{html.escape(TITLES[name])}</h2>\n<img alt="{name}" src="data:image/png;base64,{png}">'
+            )
         (tmp / "figures.json").write_text(json.dumps(data, indent=1))
         title = html.escape(f"stun-lightning report: {report.get('base_model') or model_dir.name}")
         (tmp / "report.html").write_text(

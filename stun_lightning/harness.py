@@ -57,8 +57,14 @@ def _task_manager(tasks: list[str], include_path: str | None, local_dir: Path):
     manager = TaskManager(include_path=paths, include_defaults=True)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
-        hint = f" or in --include-path {include_path}" if include_path else "; pass --include-path DIR for your own task YAMLs"
-        raise ValueError(f"unknown lm-eval task(s) {', '.join(unknown)}: not shipped ({', '.join(shipped_task_names())}), not in lm-eval's catalogue{hint}")
+        hint = (
+            f" or in --include-path {include_path}"
+            if include_path
+            else "; pass --include-path DIR for your own task YAMLs"
+        )
+        raise ValueError(
+            f"unknown lm-eval task(s) {', '.join(unknown)}: not shipped ({', '.join(shipped_task_names())}), not in lm-eval's catalogue{hint}"
+        )
     return manager
 
 
@@ -95,12 +101,28 @@ def evaluate_tasks(
         device = str(model.get_input_embeddings().weight.device)
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
         out = lm_eval.simple_evaluate(
-            model=lm, tasks=list(tasks), task_manager=manager, limit=limit, num_fewshot=num_fewshot,
-            log_samples=False, bootstrap_iters=0, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-            fewshot_random_seed=seed, verbosity="ERROR",
+            model=lm,
+            tasks=list(tasks),
+            task_manager=manager,
+            limit=limit,
+            num_fewshot=num_fewshot,
+            log_samples=False,
+            bootstrap_iters=0,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+            verbosity="ERROR",
         )
     return {
-        task: {k: float(v) for k, v in metrics.items() if k not in _HIDDEN and isinstance(v, (int, float)) and not k.endswith("_stderr,none") and "_stderr," not in k}
+        task: {
+            k: float(v)
+            for k, v in metrics.items()
+            if k not in _HIDDEN
+            and isinstance(v, (int, float))
+            and not k.endswith("_stderr,none")
+            and "_stderr," not in k
+        }
         for task, metrics in out["results"].items()
     }
 
@@ -111,7 +133,11 @@ def results_table(results: dict[str, dict[str, float]], baseline: dict[str, dict
     lines = [head, "|---|---|---|---|" if baseline is not None else "|---|---|---|"]
     for task in sorted(results):
         for metric, value in sorted(results[task].items()):
-            cells = [task, metric] + ([_fmt(baseline.get(task, {}).get(metric))] if baseline is not None else []) + [_fmt(value)]
+            cells = (
+                [task, metric]
+                + ([_fmt(baseline.get(task, {}).get(metric))] if baseline is not None else [])
+                + [_fmt(value)]
+            )
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -29,7 +29,10 @@ def merge_lora(model: nn.Module) -> nn.Module:
     """
     if not hasattr(model, "merge_and_unload"):
         raise TypeError(f"{type(model).__name__} is not a peft model (no merge_and_unload); nothing to merge")
-    was_zero = {layer.index: {n: getattr(layer.experts, n) == 0 for n in ("gate_up_proj", "down_proj")} for layer in moe_layers(model)}
+    was_zero = {
+        layer.index: {n: getattr(layer.experts, n) == 0 for n in ("gate_up_proj", "down_proj")}
+        for layer in moe_layers(model)
+    }
     merged = model.merge_and_unload()
     for layer in moe_layers(merged):
         for name, zero in was_zero[layer.index].items():

@@ -46,7 +46,9 @@ def merge_mass(stats, merge: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def merge_into_survivors(model: nn.Module, keep: Mapping[int, list[int]], mass: Mapping[int, torch.Tensor]) -> dict[int, dict[int, int]]:
+def merge_into_survivors(
+    model: nn.Module, keep: Mapping[int, list[int]], mass: Mapping[int, torch.Tensor]
+) -> dict[int, dict[int, int]]:
     """Merge every expert not in ``keep[i]`` into its nearest survivor, in place (nothing is removed:
     the surgery does that next). Returns ``{layer: {removed: survivor}}``."""
     merged = {}

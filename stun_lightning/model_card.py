@@ -39,21 +39,34 @@ def model_card(directory: str | Path, name: str | None = None) -> str:
     config = _read_json(d / "config.json")
     report = _read_json(d / "stun_report.json")
     evals = _read_json(d / "eval_results.json")
-    recipe = report.get("recipe") or (yaml.safe_load((d / "stun_recipe.yaml").read_text()) if (d / "stun_recipe.yaml").exists() else {})
+    recipe = report.get("recipe") or (
+        yaml.safe_load((d / "stun_recipe.yaml").read_text()) if (d / "stun_recipe.yaml").exists() else {}
+    )
     base = report.get("base_model")
     sparse = "stun_sparse" in config or (d / "stun_aoti.json").exists()
-    tags = ["stun-lightning", "moe", "pruned", "mixture-of-experts"] + ([config["model_type"]] if config.get("model_type") else [])
+    tags = ["stun-lightning", "moe", "pruned", "mixture-of-experts"] + (
+        [config["model_type"]] if config.get("model_type") else []
+    )
     front = {"library_name": "transformers", "tags": tags} | ({"base_model": base} if _is_hub_id(base) else {})
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", ""]
     title = f"{base} pruned with stun-lightning" if base else "MoE model pruned with stun-lightning"
-    lines += [f"# {title}", "", "Mixture-of-Experts model pruned with [stun-lightning](https://github.com/) (STUN: remove experts, then mask weights inside the survivors).", ""]
+    lines += [
+        f"# {title}",
+        "",
+        "Mixture-of-Experts model pruned with [stun-lightning](https://github.com/) (STUN: remove experts, then mask weights inside the survivors).",
+        "",
+    ]
     if base:
         lines += [f"Base model: `{base}`.", ""]
     if recipe:
         lines += ["## Recipe", "", "```yaml", yaml.safe_dump(recipe, sort_keys=False).strip(), "```", ""]
     if report:
         lines += ["## Sparsity", "", "| quantity | value |", "|---|---|"]
-        for key, label in (("expert_param_sparsity", "sparsity over expert parameters (STUN)"), ("within_expert_sparsity", "sparsity inside kept experts"), ("model_sparsity", "sparsity over the whole model")):
+        for key, label in (
+            ("expert_param_sparsity", "sparsity over expert parameters (STUN)"),
+            ("within_expert_sparsity", "sparsity inside kept experts"),
+            ("model_sparsity", "sparsity over the whole model"),
+        ):
             if key in report:
                 lines.append(f"| {label} | {report[key]:.2%} |")
         if report.get("experts_after"):
@@ -62,18 +75,38 @@ def model_card(directory: str | Path, name: str | None = None) -> str:
             lines.append(f"| experts per layer | {' '.join(str(after[k]) for k in sorted(after, key=int))} |")
         lines.append("")
     results = [(f"perplexity {k}", v) for k, v in (report.get("perplexity") or {}).items() if v is not None]
-    results += [(f"{task} {metric}", v) for task, metrics in (evals.get("tasks") or {}).items() for metric, v in metrics.items()]
+    results += [
+        (f"{task} {metric}", v) for task, metrics in (evals.get("tasks") or {}).items() for metric, v in metrics.items()
+    ]
     if results:
-        lines += ["## Evaluation", "", "| benchmark | value |", "|---|---|"] + [f"| {k} | {v:.4f} |" for k, v in results] + [""]
+        lines += (
+            ["## Evaluation", "", "| benchmark | value |", "|---|---|"]
+            + [f"| {k} | {v:.4f} |" for k, v in results]
+            + [""]
+        )
     lines += ["## How to load", "", "```python"]
     if (d / "stun_aoti.json").exists():
-        lines += ["from pathlib import Path", "from stun_lightning.export import AotiDecoder", f'decoder = AotiDecoder(Path("{name}"))  # AOTInductor decode step']
+        lines += [
+            "from pathlib import Path",
+            "from stun_lightning.export import AotiDecoder",
+            f'decoder = AotiDecoder(Path("{name}"))  # AOTInductor decode step',
+        ]
     elif sparse:
-        lines += ["from stun_lightning.sparse import load_sparse", f'model = load_sparse("{name}")  # compressed experts (2:4 or bitmap)']
+        lines += [
+            "from stun_lightning.sparse import load_sparse",
+            f'model = load_sparse("{name}")  # compressed experts (2:4 or bitmap)',
+        ]
     elif config.get("stun_num_experts_per_layer"):
-        lines += ["from stun_lightning import load_pruned", f'model = load_pruned("{name}")  # expert counts differ per layer']
+        lines += [
+            "from stun_lightning import load_pruned",
+            f'model = load_pruned("{name}")  # expert counts differ per layer',
+        ]
     else:
-        lines += ["from transformers import AutoModelForCausalLM", f'model = AutoModelForCausalLM.from_pretrained("{name}")', "# or: stun_lightning.load_pruned(...)"]
+        lines += [
+            "from transformers import AutoModelForCausalLM",
+            f'model = AutoModelForCausalLM.from_pretrained("{name}")',
+            "# or: stun_lightning.load_pruned(...)",
+        ]
     lines += ["```", ""]
     return "\n".join(lines)
 

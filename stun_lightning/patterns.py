@@ -19,6 +19,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
+
 class InvalidSparsityError(ValueError):
     pass
 
@@ -84,7 +85,9 @@ def outlier_ratio(scores: Callable[[], Iterable[torch.Tensor]], threshold: float
     return above / max(1, total)
 
 
-def owl_allocation(ratios: Mapping[int, float], sizes: Mapping[int, int], target: float, lam: float = 0.08) -> dict[int, float]:
+def owl_allocation(
+    ratios: Mapping[int, float], sizes: Mapping[int, int], target: float, lam: float = 0.08
+) -> dict[int, float]:
     """Layer sparsities from outlier ratios whose size-weighted mean is exactly ``target``."""
     check_sparsity(target, "target sparsity")
     keys = list(ratios)
@@ -136,7 +139,9 @@ def whole_layer_allocation(
     check_sparsity(within, "within-expert sparsity")
     keys = list(kept_sizes)
     kept = torch.tensor([kept_sizes[k] for k in keys], dtype=torch.float64)
-    orig = torch.tensor([kept_sizes[k] * original_experts.get(k, kept_experts[k]) / kept_experts[k] for k in keys], dtype=torch.float64)
+    orig = torch.tensor(
+        [kept_sizes[k] * original_experts.get(k, kept_experts[k]) / kept_experts[k] for k in keys], dtype=torch.float64
+    )
     original_sizes = {k: float(v) for k, v in zip(keys, orig)}
     total = 1.0 - (1.0 - within) * float(kept.sum() / orig.sum())
     if ratios is not None:
@@ -163,7 +168,9 @@ def layer_targets(
     sizes = {layer.index: sum(w.numel() for w in layer.expert_matrices().values()) for layer in layers}
     if base == "layer":
         if original_experts is None:
-            raise ValueError("allocation_base='layer' needs original_experts (each layer's expert count before expert removal)")
+            raise ValueError(
+                "allocation_base='layer' needs original_experts (each layer's expert count before expert removal)"
+            )
         counts = {layer.index: layer.num_experts for layer in layers}
         return whole_layer_allocation(sizes, counts, original_experts, within, ratios, lam)
     target = nm[0] / nm[1] if nm else within

@@ -20,7 +20,12 @@ def check_recipe(model: nn.Module, recipe: StunRecipe) -> tuple[int, dict[int, i
     recipe.validate()
     plan = plan_expert_counts(model, recipe)
     check_pattern_shapes(model, recipe.pattern, recipe.prune_dense)
-    if plan[1] is None and not recipe.auto_split and recipe.layer_budget != "error_curve" and not get_expert_method(recipe.expert_method).supports_global:
+    if (
+        plan[1] is None
+        and not recipe.auto_split
+        and recipe.layer_budget != "error_curve"
+        and not get_expert_method(recipe.expert_method).supports_global
+    ):
         raise ValueError(f"method {recipe.expert_method!r} needs layer_budget='uniform'")
     return plan
 
@@ -54,7 +59,9 @@ def prune(
             raise ValueError("this recipe needs calibration data: pass calibration=token ids [N, L] or tokenizer=...")
         from .data import calibration_blocks
 
-        calibration = calibration_blocks(tokenizer, None, recipe.calibration_samples, recipe.calibration_seq_len, recipe.seed)
+        calibration = calibration_blocks(
+            tokenizer, None, recipe.calibration_samples, recipe.calibration_seq_len, recipe.seed
+        )
 
     before = ModelCensus.of(model)
     seconds, passes, removed, split = {}, {}, {}, {}
@@ -63,25 +70,33 @@ def prune(
         from . import figures as fig
 
         if calibration is not None:
-            figures["routing_before"] = fig.routing_frequency(model, calibration, batch_size=recipe.batch_size, device=device)
+            figures["routing_before"] = fig.routing_frequency(
+                model, calibration, batch_size=recipe.batch_size, device=device
+            )
         if recipe.removes_experts and not recipe.auto_split and recipe.expert_method == "stun":
             figures["distances"] = fig.stun_distances(model, recipe, calibration, device=device)
 
     # Structured phase.
     if recipe.removes_experts:
         start = time.perf_counter()
-        selection = run_selection(model, recipe, calibration, plan=(keep_total, per_layer, min_keep), device=device, progress=progress)
+        selection = run_selection(
+            model, recipe, calibration, plan=(keep_total, per_layer, min_keep), device=device, progress=progress
+        )
         if selection.layer_passes:
             passes["structured"] = selection.layer_passes
         split = selection.split or {}
-        removed = apply_expert_sets(model, selection.keep, lower_top_k=recipe.lower_top_k, merge_mass=selection.merge_mass)
+        removed = apply_expert_sets(
+            model, selection.keep, lower_top_k=recipe.lower_top_k, merge_mass=selection.merge_mass
+        )
         seconds["structured"] = time.perf_counter() - start
 
     # Unstructured phase.
     targets, low_tokens = {}, {}
     if recipe.prunes_weights:
         start = time.perf_counter()
-        targets, low_tokens, n_passes = mask_survivors(model, recipe, before, calibration, device=device, progress=progress)
+        targets, low_tokens, n_passes = mask_survivors(
+            model, recipe, before, calibration, device=device, progress=progress
+        )
         passes["unstructured"] = n_passes
         seconds["unstructured"] = time.perf_counter() - start
 

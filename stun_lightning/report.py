@@ -92,13 +92,15 @@ class PruneReport:
     perplexity: dict[str, float] = field(default_factory=dict)
     base_model: str = ""  # what was pruned (hub id or path), for the model card
     expert_split: dict = field(default_factory=dict)  # expert_sparsity="auto": what stun_lightning.split chose
-    figures: dict = field(default_factory=dict)  # data behind `stun-lightning report`'s pictures (stun_lightning.figures)
+    figures: dict = field(
+        default_factory=dict
+    )  # data behind `stun-lightning report`'s pictures (stun_lightning.figures)
 
     @classmethod
-    def compare(cls, before: ModelCensus, after: ModelCensus, recipe: dict, removed: dict[int, list[int]], **extra) -> "PruneReport":
-        layer_sparsity = {
-            i: 1.0 - after.experts[i].nonzero / before.experts[i].total for i in before.experts
-        }
+    def compare(
+        cls, before: ModelCensus, after: ModelCensus, recipe: dict, removed: dict[int, list[int]], **extra
+    ) -> "PruneReport":
+        layer_sparsity = {i: 1.0 - after.experts[i].nonzero / before.experts[i].total for i in before.experts}
         kept_total = after.expert_total
         return cls(
             recipe=recipe,
@@ -141,10 +143,20 @@ class PruneReport:
             rows.append((f"{label}: experts removed per layer", " ".join(str(removed[i]) for i in sorted(removed))))
             if "within" in self.expert_split:
                 within = self.expert_split["within"]
-                rows.append(("auto split: survivor sparsity at the common target", " ".join(f"{within[i]:.1%}" for i in sorted(within))))
+                rows.append(
+                    (
+                        "auto split: survivor sparsity at the common target",
+                        " ".join(f"{within[i]:.1%}" for i in sorted(within)),
+                    )
+                )
             if "losses" in self.expert_split:
                 losses = self.expert_split["losses"]
-                rows.append(("auto split: held-out loss by removal fraction", " ".join(f"{f:g}: {loss:.4f}" for f, loss in losses.items())))
+                rows.append(
+                    (
+                        "auto split: held-out loss by removal fraction",
+                        " ".join(f"{f:g}: {loss:.4f}" for f, loss in losses.items()),
+                    )
+                )
         if self.low_token_experts:
             rows.append(("experts with too few calibration tokens", json.dumps(self.low_token_experts)))
         return rows

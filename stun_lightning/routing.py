@@ -24,7 +24,9 @@ from .adapters import MoELayer, moe_layers
 
 _ORIGINAL_LINEAR = F.linear
 _patches = 0  # nesting depth of active masks (F.linear is restored when it returns to 0)
-_running: list[tuple[tuple[int, ...], Sequence[int]]] = []  # (router weight shape, experts to mask) per router now running
+_running: list[
+    tuple[tuple[int, ...], Sequence[int]]
+] = []  # (router weight shape, experts to mask) per router now running
 
 
 def _masked_linear(input, weight, bias=None):
@@ -38,7 +40,9 @@ def _masked_linear(input, weight, bias=None):
 
 
 @contextlib.contextmanager
-def router_logits_forced_to_minus_inf(model_or_layers: nn.Module | Sequence[MoELayer], drop: Mapping[int, Sequence[int]]) -> Iterator[None]:
+def router_logits_forced_to_minus_inf(
+    model_or_layers: nn.Module | Sequence[MoELayer], drop: Mapping[int, Sequence[int]]
+) -> Iterator[None]:
     """Within the block, the experts ``drop[i]`` of MoE layer i get router logit ``-inf``.
 
     ``drop`` is read each time a router runs, so a caller may change it inside the block (NAEE
@@ -49,6 +53,7 @@ def router_logits_forced_to_minus_inf(model_or_layers: nn.Module | Sequence[MoEL
     layers = moe_layers(model_or_layers) if isinstance(model_or_layers, nn.Module) else list(model_or_layers)
     handles = []
     for layer in layers:
+
         def enter(module, args, index=layer.index):
             _running.append((tuple(module.weight.shape), drop.get(index, ())))
 

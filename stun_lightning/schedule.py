@@ -74,7 +74,9 @@ class SparsitySchedule:
 
     def _require_resolved(self) -> tuple[float, int]:
         if self.final is None or self.end_step is None:
-            raise InvalidScheduleError("schedule has no final sparsity or end_step yet: call .resolved(final, end_step)")
+            raise InvalidScheduleError(
+                "schedule has no final sparsity or end_step yet: call .resolved(final, end_step)"
+            )
         return self.final, self.end_step
 
     def sparsity_at(self, step: int) -> float:
@@ -142,9 +144,13 @@ def check_training_schedule(
     if stats_steps < 1:
         raise InvalidScheduleError(f"stats_steps must be >= 1, got {stats_steps}")
     if parse_pattern(pattern) is not None and schedule.kind != "one_shot":
-        raise InvalidScheduleError(f"pattern {pattern} fixes the sparsity at N/M and cannot ramp: use SparsitySchedule(kind='one_shot')")
+        raise InvalidScheduleError(
+            f"pattern {pattern} fixes the sparsity at N/M and cannot ramp: use SparsitySchedule(kind='one_shot')"
+        )
     if needs_stats:
-        ramps_from_zero = schedule.kind != "one_shot" and schedule.initial == 0 and schedule.end_step != schedule.start_step
+        ramps_from_zero = (
+            schedule.kind != "one_shot" and schedule.initial == 0 and schedule.end_step != schedule.start_step
+        )
         if schedule.start_step < stats_steps and not ramps_from_zero:
             raise InvalidScheduleError(
                 f"the metric needs activation statistics from forward hooks on training batches, but the first mask "

@@ -31,7 +31,9 @@ def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> tu
     """Check ``out_dir`` can be written and return ``(final, temporary)`` sibling paths."""
     final = Path(out_dir)
     if final.exists() and not overwrite:
-        raise FileExistsError(f"output directory {final} already exists; choose another path or pass overwrite=True (--overwrite)")
+        raise FileExistsError(
+            f"output directory {final} already exists; choose another path or pass overwrite=True (--overwrite)"
+        )
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     return final, tmp
@@ -53,7 +55,9 @@ def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[
 
 
 @contextmanager
-def atomic_output(out_dir: str | os.PathLike, overwrite: bool = False, tokenizer=None, extra_files: dict[str, str] | None = None) -> Iterator[Path]:
+def atomic_output(
+    out_dir: str | os.PathLike, overwrite: bool = False, tokenizer=None, extra_files: dict[str, str] | None = None
+) -> Iterator[Path]:
     """:func:`atomic_dir` for a model directory: the tokenizer and extra text files are written last,
     beside what the block wrote, then the model card ``README.md`` (:mod:`stun_lightning.model_card`)
     unless the block or ``extra_files`` wrote one."""
@@ -87,7 +91,12 @@ def save_pruned(
     return Path(out_dir)
 
 
-def load_pruned(path: str | os.PathLike, torch_dtype: torch.dtype | None = None, device: str | torch.device = "cpu", **config_overrides) -> nn.Module:
+def load_pruned(
+    path: str | os.PathLike,
+    torch_dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    **config_overrides,
+) -> nn.Module:
     """Load a model saved by :func:`save_pruned` (uniform or per-layer expert counts).
 
     Uniform counts go through ``AutoModelForCausalLM.from_pretrained``. Per-layer counts: the model
@@ -99,7 +108,9 @@ def load_pruned(path: str | os.PathLike, torch_dtype: torch.dtype | None = None,
 
     path = Path(path)
     if not (path / "config.json").exists():
-        raise FileNotFoundError(f"{path} has no config.json: not a saved model directory (save one with stun_lightning.save_pruned)")
+        raise FileNotFoundError(
+            f"{path} has no config.json: not a saved model directory (save one with stun_lightning.save_pruned)"
+        )
     config = AutoConfig.from_pretrained(path, **config_overrides)
     model_cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     counts = recorded_expert_counts(config)
@@ -110,8 +121,12 @@ def load_pruned(path: str | os.PathLike, torch_dtype: torch.dtype | None = None,
     try:
         model, info = model_cls.from_pretrained(path, config=config, dtype=torch_dtype, output_loading_info=True)
     except RuntimeError as err:  # transformers' checkpoint conversion refuses incomplete expert sets
-        raise IncompleteCheckpointError(f"checkpoint {path} does not match its config (experts missing?): {err}") from err
-    bad = {k: sorted(v)[:8] for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+        raise IncompleteCheckpointError(
+            f"checkpoint {path} does not match its config (experts missing?): {err}"
+        ) from err
+    bad = {
+        k: sorted(v)[:8] for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v
+    }
     if bad:
         raise IncompleteCheckpointError(
             f"checkpoint {path} does not match its config: {bad}; refusing to load with re-initialised or dropped tensors"

@@ -69,7 +69,9 @@ def local_mask(mask: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
                 out = chunks[i] if i < len(chunks) else out.narrow(placement.dim, 0, 0)
         out = out.to(local.device)
     else:  # other placements (strided shards of FSDP + TP): DTensor's own slicing, src_data_rank=None: no broadcast
-        out = distribute_tensor(mask.to(local.device), param.device_mesh, param.placements, src_data_rank=None).to_local()
+        out = distribute_tensor(
+            mask.to(local.device), param.device_mesh, param.placements, src_data_rank=None
+        ).to_local()
     if out.shape != local.shape:
         raise RuntimeError(f"local mask {tuple(out.shape)} does not match the local shard {tuple(local.shape)}")
     return out
@@ -105,13 +107,17 @@ def no_split_blocks(model: nn.Module) -> list[nn.Module]:
     return layers
 
 
-def shard_decoder_layers(model: nn.Module, mesh, *, layers: list[nn.Module] | None = None, reshard_after_forward: bool = True, mp_policy=None) -> nn.Module:
+def shard_decoder_layers(
+    model: nn.Module, mesh, *, layers: list[nn.Module] | None = None, reshard_after_forward: bool = True, mp_policy=None
+) -> nn.Module:
     """``fully_shard`` every decoder layer of ``model`` over the 1-D ``mesh``, then the root (which
     takes the embeddings, final norm and head). Returns ``model``, sharded in place."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     if mesh.ndim != 1:
-        raise ValueError(f"shard_decoder_layers needs a 1-D device mesh, got {mesh.ndim}-D {mesh}; pass the data-parallel sub-mesh (mesh['data_parallel'])")
+        raise ValueError(
+            f"shard_decoder_layers needs a 1-D device mesh, got {mesh.ndim}-D {mesh}; pass the data-parallel sub-mesh (mesh['data_parallel'])"
+        )
     kwargs = {"mesh": mesh, "mp_policy": mp_policy or MixedPrecisionPolicy()}
     for layer in layers if layers is not None else no_split_blocks(model):
         fully_shard(layer, reshard_after_forward=reshard_after_forward, **kwargs)
@@ -134,7 +140,9 @@ def has_meta(model: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def materialize(model: nn.Module, device: torch.device | str, init: Callable[[nn.Module], None] | None = None) -> nn.Module:
+def materialize(
+    model: nn.Module, device: torch.device | str, init: Callable[[nn.Module], None] | None = None
+) -> nn.Module:
     """Give a model built on ``torch.device("meta")`` (and sharded: each rank allocates only its shard)
     storage on ``device``, then initialise it with ``init(model)`` (default: transformers'
     ``init_weights``, which also recomputes non-persistent buffers such as rotary frequencies; a

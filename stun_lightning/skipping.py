@@ -50,13 +50,16 @@ def _check_top2(layers: list[MoELayer]) -> None:
 
 
 @torch.no_grad()
-def skipping_betas(model: nn.Module, input_ids: torch.Tensor, *, batch_size: int = 8, device=None, progress: bool = False) -> dict[int, float]:
+def skipping_betas(
+    model: nn.Module, input_ids: torch.Tensor, *, batch_size: int = 8, device=None, progress: bool = False
+) -> dict[int, float]:
     """beta_l = median over calibration tokens of w_2nd / w_1st, per MoE layer (one routing pass)."""
     layers = moe_layers(model)
     _check_top2(layers)
     ratios: dict[int, list[torch.Tensor]] = {layer.index: [] for layer in layers}
     handles = []
     for layer in layers:
+
         def hook(module, args, index=layer.index):
             w = args[2].detach().float()
             hi, lo = w.max(dim=-1).values, w.min(dim=-1).values
@@ -64,7 +67,15 @@ def skipping_betas(model: nn.Module, input_ids: torch.Tensor, *, batch_size: int
 
         handles.append(layer.experts.register_forward_pre_hook(hook))
     try:
-        calibrate(model, input_ids, collect=(ROUTING,), batch_size=batch_size, device=device, progress=progress, desc="skipping betas")
+        calibrate(
+            model,
+            input_ids,
+            collect=(ROUTING,),
+            batch_size=batch_size,
+            device=device,
+            progress=progress,
+            desc="skipping betas",
+        )
     finally:
         for h in handles:
             h.remove()
@@ -110,7 +121,9 @@ def _check_sentinel(layer: MoELayer) -> None:
     x = torch.zeros(1, hidden, dtype=p.dtype, device=p.device)
     try:
         with torch.no_grad():
-            experts(x, torch.tensor([[0, E]], device=p.device), torch.tensor([[1.0, 0.0]], dtype=p.dtype, device=p.device))
+            experts(
+                x, torch.tensor([[0, E]], device=p.device), torch.tensor([[1.0, 0.0]], dtype=p.dtype, device=p.device)
+            )
     except (RuntimeError, IndexError) as err:
         raise SkippingUnsupportedError(
             f"{type(experts).__name__} cannot skip a routed slot: its forward rejects the empty-slot index {E} ({err}). "
@@ -126,7 +139,9 @@ def enable_dynamic_skipping(model: nn.Module, betas: Mapping[int, float] | None 
     if betas is None:
         recorded = getattr(model.config, BETAS_FIELD, None)
         if not recorded:
-            raise ValueError(f"no betas given and none recorded in config.{BETAS_FIELD}: compute them with skipping_betas(model, calibration_ids)")
+            raise ValueError(
+                f"no betas given and none recorded in config.{BETAS_FIELD}: compute them with skipping_betas(model, calibration_ids)"
+            )
         betas = {int(k): float(v) for k, v in recorded.items()}
     missing = [layer.index for layer in layers if layer.index not in betas]
     if missing:
@@ -144,7 +159,11 @@ def enable_dynamic_skipping(model: nn.Module, betas: Mapping[int, float] | None 
             w_hi, w_lo = w.max(dim=-1).values, w.min(dim=-1).values
             skip = (w_lo < beta * w_hi)[:, None]
             slot = torch.zeros_like(experts, dtype=torch.bool).scatter_(1, second, True) & skip
-            new_weights = torch.where(slot, torch.zeros_like(weights), weights + torch.where(skip & ~slot, (w_lo[:, None]).to(weights.dtype), 0))
+            new_weights = torch.where(
+                slot,
+                torch.zeros_like(weights),
+                weights + torch.where(skip & ~slot, (w_lo[:, None]).to(weights.dtype), 0),
+            )
             new_experts = torch.where(slot, torch.full_like(experts, E), experts)
             handle.routed[index] += int(experts.numel())
             handle.skipped[index] += int(slot.sum())

@@ -80,13 +80,19 @@ class SplitPlan:
     keep: dict[int, list[int]]
     removed: dict[int, int]  # experts removed per layer
     within: dict[int, float]  # sparsity inside the survivors per layer
-    errors: dict[int, dict[int, float]] = field(default_factory=dict)  # block_error: layer -> {experts removed: relative block-output error}
+    errors: dict[int, dict[int, float]] = field(
+        default_factory=dict
+    )  # block_error: layer -> {experts removed: relative block-output error}
     layer_passes: int = 0
     block_evaluations: int = 0
-    candidates: dict[int, dict[int, list[int]]] = field(default_factory=dict, repr=False)  # block_error: layer -> {r: kept}
+    candidates: dict[int, dict[int, list[int]]] = field(
+        default_factory=dict, repr=False
+    )  # block_error: layer -> {r: kept}
     criterion: str = "block_error"
     losses: dict[float, float] = field(default_factory=dict)  # model_loss: removal fraction -> held-out NLL
-    tried: dict[float, dict[int, int]] = field(default_factory=dict)  # model_loss: removal fraction -> experts removed per layer
+    tried: dict[float, dict[int, int]] = field(
+        default_factory=dict
+    )  # model_loss: removal fraction -> experts removed per layer
     held_out_blocks: int = 0
 
     def to_dict(self) -> dict:
@@ -98,10 +104,16 @@ class SplitPlan:
             "within": {i: round(s, 6) for i, s in self.within.items()},
         }
         if self.criterion == "model_loss":
-            record.update(losses={f: round(v, 6) for f, v in self.losses.items()}, candidates={f: dict(r) for f, r in self.tried.items()},
-                          held_out_blocks=self.held_out_blocks)
+            record.update(
+                losses={f: round(v, 6) for f, v in self.losses.items()},
+                candidates={f: dict(r) for f, r in self.tried.items()},
+                held_out_blocks=self.held_out_blocks,
+            )
         else:
-            record.update(errors={i: {r: round(e, 6) for r, e in c.items()} for i, c in self.errors.items()}, block_evaluations=self.block_evaluations)
+            record.update(
+                errors={i: {r: round(e, 6) for r, e in c.items()} for i, c in self.errors.items()},
+                block_evaluations=self.block_evaluations,
+            )
         return record
 
 
@@ -118,7 +130,9 @@ def group_counts(model: nn.Module) -> tuple[int, int]:
     return n_group, topk_group
 
 
-def candidate_removals(num_experts: int, min_keep: int, n_group: int = 1, topk_group: int = 1, top_k: int = 1) -> dict[float, int]:
+def candidate_removals(
+    num_experts: int, min_keep: int, n_group: int = 1, topk_group: int = 1, top_k: int = 1
+) -> dict[float, int]:
     """``{fraction: experts removed}`` for the feasible fractions of :data:`REMOVAL_FRACTIONS`.
 
     With ``n_group > 1`` counts are multiples of ``n_group`` (groups stay equal) and each group keeps
@@ -214,7 +228,9 @@ def error_curves(
         todo = {i: k for i, k in per_layer.items() if layer_count(layers, i) - k not in candidates[i]}
         if not todo:
             continue
-        selection = select_at_counts(model, unmerged, calibration, per_layer, min_keep, device=device, progress=progress)
+        selection = select_at_counts(
+            model, unmerged, calibration, per_layer, min_keep, device=device, progress=progress
+        )
         passes += selection.layer_passes
         for i, k in todo.items():
             candidates[i][layer_count(layers, i) - k] = selection.keep[i]
@@ -226,15 +242,24 @@ def error_curves(
         nonlocal evaluations
         if moe is None:
             return False
-        errors[i] = layer_error_curve(moe, stats.block_inputs, stats.block_outputs, candidates[i], sparsity_of, recipe, stats)
+        errors[i] = layer_error_curve(
+            moe, stats.block_inputs, stats.block_outputs, candidates[i], sparsity_of, recipe, stats
+        )
         evaluations += len(candidates[i]) * len(stats.block_inputs)
         stats.block_inputs.clear()
         stats.block_outputs.clear()
         return False
 
     stats = calibrate(
-        model, calibration, collect=get_metric(recipe.metric).collect(), batch_size=recipe.batch_size, device=device, on_layer=on_layer,
-        keep_block_io=min(MAX_TOKENS, calibration.numel()), progress=progress, desc="expert error curves",
+        model,
+        calibration,
+        collect=get_metric(recipe.metric).collect(),
+        batch_size=recipe.batch_size,
+        device=device,
+        on_layer=on_layer,
+        keep_block_io=min(MAX_TOKENS, calibration.numel()),
+        progress=progress,
+        desc="expert error curves",
     )
     return candidates, errors, passes + stats.layer_passes, evaluations
 
@@ -250,20 +275,31 @@ def select_at_counts(
     progress: bool = False,
 ) -> ExpertSelection:
     """The recipe's expert selection (and merge mass) keeping ``per_layer[i]`` experts in layer ``i``."""
-    fixed = dataclasses.replace(recipe, expert_sparsity=0.25, layer_budget="uniform")  # a fraction: the counts are given
-    return run_selection(model, fixed, calibration, plan=(sum(per_layer.values()), per_layer, min_keep), device=device, progress=progress)
+    fixed = dataclasses.replace(
+        recipe, expert_sparsity=0.25, layer_budget="uniform"
+    )  # a fraction: the counts are given
+    return run_selection(
+        model, fixed, calibration, plan=(sum(per_layer.values()), per_layer, min_keep), device=device, progress=progress
+    )
 
 
 def _removals(model: nn.Module, min_keep: dict[int, int]) -> dict[int, dict[float, int]]:
     n_group, topk_group = group_counts(model)
-    return {layer.index: candidate_removals(layer.num_experts, min_keep[layer.index], n_group, topk_group, layer.top_k) for layer in moe_layers(model)}
+    return {
+        layer.index: candidate_removals(layer.num_experts, min_keep[layer.index], n_group, topk_group, layer.top_k)
+        for layer in moe_layers(model)
+    }
 
 
 def _removals_within_target(model: nn.Module, target: float, min_keep: dict[int, int]) -> dict[int, dict[float, int]]:
     # a removal that alone exceeds the target is not a candidate
     layers = moe_layers(model)
     return {
-        i: {f: r for f, r in found.items() if survivor_sparsity(target, layer_count(layers, i), layer_count(layers, i) - r) >= 0}
+        i: {
+            f: r
+            for f, r in found.items()
+            if survivor_sparsity(target, layer_count(layers, i), layer_count(layers, i) - r) >= 0
+        }
         for i, found in _removals(model, min_keep).items()
     }
 
@@ -283,14 +319,18 @@ def choose_split(
 ) -> SplitPlan:
     """Expert removals per layer for ``recipe.total_sparsity`` by ``recipe.split_criterion`` (see the
     module docstring). Nothing is removed from ``model``."""
-    return CRITERIA[recipe.split_criterion](model, recipe, calibration, min_keep=min_keep, device=device, progress=progress)
+    return CRITERIA[recipe.split_criterion](
+        model, recipe, calibration, min_keep=min_keep, device=device, progress=progress
+    )
 
 
 def held_out_blocks(calibration: torch.Tensor, fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(statistics blocks, held-out blocks) of calibration ids ``[N, L]``: the last
     ``max(1, int(N * fraction))`` blocks are held out."""
     if calibration is None:
-        raise ValueError("split_criterion='model_loss' scores candidates on held-out calibration blocks: pass calibration token ids [N, L]")
+        raise ValueError(
+            "split_criterion='model_loss' scores candidates on held-out calibration blocks: pass calibration token ids [N, L]"
+        )
     n = calibration.shape[0]
     held = max(1, int(n * fraction))
     if held >= n:
@@ -305,9 +345,16 @@ def trial_copy(model: nn.Module, prune_dense: bool = False) -> nn.Module:
     """A copy of ``model`` that owns its experts' and routers' tensors (and with ``prune_dense`` the
     weights of every dense linear) and shares every other tensor with ``model``: surgery and masks
     on the copy leave ``model`` as it is, for one extra copy of the expert weights."""
-    owned = {id(t) for layer in moe_layers(model) for module in (layer.experts, layer.router) for t in itertools.chain(module.parameters(), module.buffers())}
+    owned = {
+        id(t)
+        for layer in moe_layers(model)
+        for module in (layer.experts, layer.router)
+        for t in itertools.chain(module.parameters(), module.buffers())
+    }
     if prune_dense:
-        owned |= {id(linear.weight) for decoder_layer in decoder_layers(model) for _, linear in dense_linears(decoder_layer)}
+        owned |= {
+            id(linear.weight) for decoder_layer in decoder_layers(model) for _, linear in dense_linears(decoder_layer)
+        }
     shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers()) if id(t) not in owned}
     return copy.deepcopy(model, shared)
 
@@ -369,7 +416,9 @@ def choose_split_by_loss(
     for f, counts in candidates.items():
         if any(counts.values()):
             per_layer = {layer.index: layer.num_experts - counts[layer.index] for layer in layers}
-            selection = select_at_counts(model, recipe, statistics, per_layer, min_keep, device=device, progress=progress)
+            selection = select_at_counts(
+                model, recipe, statistics, per_layer, min_keep, device=device, progress=progress
+            )
         else:
             selection = ExpertSelection({layer.index: list(range(layer.num_experts)) for layer in layers})
         losses[f], spent = candidate_loss(model, recipe, selection, statistics, held_out, device=device)
@@ -379,8 +428,15 @@ def choose_split_by_loss(
             break
     best = min(losses, key=lambda f: (losses[f], sum(tried[f].values())))
     return SplitPlan(
-        target, keeps[best], dict(tried[best]), _within(target, layers, keeps[best]), layer_passes=passes,
-        criterion="model_loss", losses=losses, tried=tried, held_out_blocks=held_out.shape[0],
+        target,
+        keeps[best],
+        dict(tried[best]),
+        _within(target, layers, keeps[best]),
+        layer_passes=passes,
+        criterion="model_loss",
+        losses=losses,
+        tried=tried,
+        held_out_blocks=held_out.shape[0],
     )
 
 
@@ -468,11 +524,22 @@ def choose_budgets(
     if recipe.total_sparsity is not None:
         within = max(0.0, 1.0 - (1.0 - recipe.total_sparsity) * sum(layer.num_experts for layer in layers) / keep_total)
     _, errors, passes, evaluations = error_curves(
-        model, recipe, calibration, _removals(model, min_keep), min_keep, lambda orig, kept: within, device=device, progress=progress
+        model,
+        recipe,
+        calibration,
+        _removals(model, min_keep),
+        min_keep,
+        lambda orig, kept: within,
+        device=device,
+        progress=progress,
     )
     removed = allocate_removals(errors, total, group_counts(model)[0])
-    record = {"budget": "error_curve", "removed": removed, "errors": {i: {r: round(e, 6) for r, e in c.items()} for i, c in errors.items()},
-              "block_evaluations": evaluations}
+    record = {
+        "budget": "error_curve",
+        "removed": removed,
+        "errors": {i: {r: round(e, 6) for r, e in c.items()} for i, c in errors.items()},
+        "block_evaluations": evaluations,
+    }
     return {layer.index: layer.num_experts - removed[layer.index] for layer in layers}, record, passes
 
 
@@ -481,7 +548,23 @@ def layer_count(layers: list[MoELayer], index: int) -> int:
 
 
 __all__ = [
-    "CRITERIA", "MAX_TOKENS", "REMOVAL_FRACTIONS", "SplitPlan", "allocate_removals", "block_output", "candidate_loss", "candidate_removals", "choose_budgets",
-    "choose_split", "choose_split_by_block_error", "choose_split_by_loss", "error_curves", "held_out_blocks", "layer_error_curve",
-    "select_at_counts", "survivor_sparsity", "trial_copy", "uniform_candidates",
+    "CRITERIA",
+    "MAX_TOKENS",
+    "REMOVAL_FRACTIONS",
+    "SplitPlan",
+    "allocate_removals",
+    "block_output",
+    "candidate_loss",
+    "candidate_removals",
+    "choose_budgets",
+    "choose_split",
+    "choose_split_by_block_error",
+    "choose_split_by_loss",
+    "error_curves",
+    "held_out_blocks",
+    "layer_error_curve",
+    "select_at_counts",
+    "survivor_sparsity",
+    "trial_copy",
+    "uniform_candidates",
 ]

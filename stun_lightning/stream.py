@@ -81,7 +81,9 @@ class ShardReader:
             single = directory / "model.safetensors"
             self.files = {k: single for k in self._open(single).keys()}
         else:
-            raise FileNotFoundError(f"{directory} has no model.safetensors or model.safetensors.index.json: streaming needs safetensors weights")
+            raise FileNotFoundError(
+                f"{directory} has no model.safetensors or model.safetensors.index.json: streaming needs safetensors weights"
+            )
         self.reads = 0
 
     @classmethod
@@ -100,7 +102,9 @@ class ShardReader:
         try:
             return safe_open(str(file), framework="pt")
         except Exception as err:
-            raise CorruptShardError(f"cannot read shard {file} ({err}); the file is truncated or corrupt: download it again") from err
+            raise CorruptShardError(
+                f"cannot read shard {file} ({err}); the file is truncated or corrupt: download it again"
+            ) from err
 
     def keys(self, prefix: str = "") -> list[str]:
         return [k for k in self.files if k.startswith(prefix)]
@@ -112,7 +116,9 @@ class ShardReader:
         except CorruptShardError:
             raise
         except Exception as err:
-            raise CorruptShardError(f"cannot read {key} from shard {file} ({err}); the file is truncated or corrupt: download it again") from err
+            raise CorruptShardError(
+                f"cannot read {key} from shard {file} ({err}); the file is truncated or corrupt: download it again"
+            ) from err
         self.reads += 1
         return tensor
 
@@ -135,19 +141,23 @@ def read_layer(reader: ShardReader, prefix: str) -> tuple[dict[str, torch.Tensor
     """Layer tensors under ``prefix`` with the model's names (per-expert matrices fused as transformers loads them)."""
     layout, plain, experts = _Layout(), {}, {}
     for key in reader.keys(prefix):
-        local = key[len(prefix):]
+        local = key[len(prefix) :]
         if local.startswith("block_sparse_moe."):
             layout.mixtral = True
-            local = "mlp." + local[len("block_sparse_moe."):]
+            local = "mlp." + local[len("block_sparse_moe.") :]
         m = _PER_EXPERT.match(local)
         if m:
             layout.per_expert = True
-            experts.setdefault(m.group(1), {}).setdefault(int(m.group(2)), {})[_MIXTRAL_NAMES.get(m.group(3), m.group(3))] = key
+            experts.setdefault(m.group(1), {}).setdefault(int(m.group(2)), {})[
+                _MIXTRAL_NAMES.get(m.group(3), m.group(3))
+            ] = key
         else:
             plain[local] = reader.get(key)
     for base, per in experts.items():
         order = sorted(per)
-        plain[f"{base}.gate_up_proj"] = torch.stack([torch.cat([reader.get(per[e]["gate_proj"]), reader.get(per[e]["up_proj"])]) for e in order])
+        plain[f"{base}.gate_up_proj"] = torch.stack(
+            [torch.cat([reader.get(per[e]["gate_proj"]), reader.get(per[e]["up_proj"])]) for e in order]
+        )
         plain[f"{base}.down_proj"] = torch.stack([reader.get(per[e]["down_proj"]) for e in order])
     return plain, layout
 
@@ -235,7 +245,9 @@ class StreamSource:
             if t.shape != target.shape and i in self.keep and t.shape[1:] == target.shape[1:]:
                 t = t.index_select(0, torch.tensor(self.keep[i]))  # experts removed by the structured phase
             if t.shape != target.shape:
-                raise CorruptShardError(f"{prefix}{name} has shape {tuple(t.shape)} in {self.reader.directory}, the model expects {tuple(target.shape)}")
+                raise CorruptShardError(
+                    f"{prefix}{name} has shape {tuple(t.shape)} in {self.reader.directory}, the model expects {tuple(target.shape)}"
+                )
             state[name] = t.to(device=device, dtype=target.dtype) if device is not None else t.to(target.dtype)
         layer.load_state_dict(state, strict=True, assign=True)
         if device is not None:
@@ -295,7 +307,11 @@ class StreamSource:
             part = self.work_dir / f"layer-{i:05d}.safetensors.part"
             save_file(layer_to_checkpoint(tensors, prefix, self.layouts[i]), str(part), metadata={"format": "pt"})
             os.replace(part, self.work_dir / f"layer-{i:05d}.safetensors")
-        router_modules = {id(m) for n, m in layer.named_modules() if any(k.startswith(n + ".") and k.count(".") == n.count(".") + 1 for k in resident) and n}
+        router_modules = {
+            id(m)
+            for n, m in layer.named_modules()
+            if any(k.startswith(n + ".") and k.count(".") == n.count(".") + 1 for k in resident) and n
+        }
         for m in layer.modules():
             if id(m) in router_modules:
                 m.to("cpu")
@@ -363,7 +379,7 @@ class _Only:
         self.reader, self.key, self.prefix = reader, key, prefix
 
     def keys(self, prefix: str = "") -> list[str]:
-        local = self.key[len(self.prefix):]
+        local = self.key[len(self.prefix) :]
         alt = self.prefix + "block_sparse_moe." + local[4:] if local.startswith("mlp.") else None
         return [k for k in (self.key, alt) if k is not None and k in self.reader.files]
 
@@ -384,11 +400,17 @@ def saved_state(work: Path, resume: bool) -> dict:
 
 def _refuse_merging(recipe: StunRecipe) -> None:
     if recipe.removes_experts and recipe.expert_merge != "none":
-        raise ValueError(f"expert_merge={recipe.expert_merge!r} changes survivors' weights before removal; streaming cannot do that yet: prune in memory")
+        raise ValueError(
+            f"expert_merge={recipe.expert_merge!r} changes survivors' weights before removal; streaming cannot do that yet: prune in memory"
+        )
     if recipe.removes_experts and recipe.layer_budget == "error_curve":
-        raise ValueError("layer_budget='error_curve' masks each layer's experts in trial while choosing; streaming cannot do that: prune in memory, or use layer_budget='uniform'")
+        raise ValueError(
+            "layer_budget='error_curve' masks each layer's experts in trial while choosing; streaming cannot do that: prune in memory, or use layer_budget='uniform'"
+        )
     if recipe.auto_split:
-        raise ValueError("expert_sparsity='auto' masks each layer's experts in trial while choosing; streaming cannot do that: prune in memory, or give expert_sparsity a fraction")
+        raise ValueError(
+            "expert_sparsity='auto' masks each layer's experts in trial while choosing; streaming cannot do that: prune in memory, or give expert_sparsity a fraction"
+        )
     if recipe.expert_sparsity > 0 and (recipe.expert_method in ("eep", "uncurl") or recipe.merge_max_clusters > 0):
         raise ValueError(
             f"expert_method={recipe.expert_method!r} (merge_max_clusters={recipe.merge_max_clusters}) merges expert weights across "
@@ -426,7 +448,9 @@ def prune_streaming(
     _refuse_merging(recipe)
     final = Path(out_dir)
     if final.exists() and not overwrite:
-        raise FileExistsError(f"output directory {final} already exists; choose another path or pass overwrite=True (--overwrite)")
+        raise FileExistsError(
+            f"output directory {final} already exists; choose another path or pass overwrite=True (--overwrite)"
+        )
     work = final.parent / f".{final.name}.stream"
     if work.exists() and not resume:
         shutil.rmtree(work)
@@ -441,12 +465,19 @@ def prune_streaming(
             raise ValueError("this recipe needs calibration data: pass calibration=token ids [N, L] or tokenizer=...")
         from .data import calibration_blocks
 
-        calibration = calibration_blocks(tokenizer, None, recipe.calibration_samples, recipe.calibration_seq_len, recipe.seed)
+        calibration = calibration_blocks(
+            tokenizer, None, recipe.calibration_samples, recipe.calibration_seq_len, recipe.seed
+        )
 
     metric_reads_data = recipe.prunes_weights and get_metric(recipe.metric).needs_data
     source = StreamSource(skeleton, reader, work, final_pass="pruning weights" if metric_reads_data else "")
     source.resume_from = saved_state(work, resume).get("final_done", -1) if metric_reads_data else -1
-    resident = [p for n, p in skeleton.named_parameters() if not p.is_meta and not n.startswith(tuple(_layer_prefix(skeleton, i) for i in range(len(decoder_layers(skeleton)))))]
+    resident = [
+        p
+        for n, p in skeleton.named_parameters()
+        if not p.is_meta
+        and not n.startswith(tuple(_layer_prefix(skeleton, i) for i in range(len(decoder_layers(skeleton)))))
+    ]
     state_file = work / STATE_FILE
     saved = saved_state(work, resume)
     seconds, passes, removed = {}, {}, {}
@@ -459,7 +490,14 @@ def prune_streaming(
                 keep = {int(i): v for i, v in saved["keep"].items()}
                 n_passes = saved["structured_passes"]
             else:
-                selection = run_selection(skeleton, recipe, calibration, plan=(keep_total, per_layer, min_keep), device=device, progress=progress)
+                selection = run_selection(
+                    skeleton,
+                    recipe,
+                    calibration,
+                    plan=(keep_total, per_layer, min_keep),
+                    device=device,
+                    progress=progress,
+                )
                 keep, n_passes = selection.keep, selection.layer_passes
                 _write_json(state_file, {"keep": keep, "structured_passes": n_passes})
             if n_passes:
@@ -471,13 +509,17 @@ def prune_streaming(
         targets, low_tokens = {}, {}
         if recipe.prunes_weights:
             start = time.perf_counter()
-            targets, low_tokens, n_passes = mask_survivors(skeleton, recipe, before, calibration, device=device, progress=progress)
+            targets, low_tokens, n_passes = mask_survivors(
+                skeleton, recipe, before, calibration, device=device, progress=progress
+            )
             passes["unstructured"] = n_passes
             seconds["unstructured"] = time.perf_counter() - start
         else:
             from tqdm.auto import tqdm
 
-            for i in tqdm(range(len(decoder_layers(skeleton))), desc="writing layers", disable=not progress, unit="layer"):
+            for i in tqdm(
+                range(len(decoder_layers(skeleton))), desc="writing layers", disable=not progress, unit="layer"
+            ):
                 layer = decoder_layers(skeleton)[i]
                 source.enter(i, layer, None)
                 source.leave(i, layer)
@@ -485,8 +527,14 @@ def prune_streaming(
         LAYER_SOURCE.reset(token)
     after = _after_census(skeleton, resident, source)
     report = PruneReport.compare(
-        before, after, recipe.to_dict(), removed,
-        layer_target_sparsity=targets, low_token_experts=low_tokens, seconds=seconds, layer_passes=passes,
+        before,
+        after,
+        recipe.to_dict(),
+        removed,
+        layer_target_sparsity=targets,
+        low_token_experts=low_tokens,
+        seconds=seconds,
+        layer_passes=passes,
     )
     files = {"stun_report.json": report.to_json(), **(extra_files or {})}
     if "stun_recipe.yaml" not in files:
@@ -527,7 +575,9 @@ def _after_census(model: nn.Module, resident: list[torch.Tensor], source: Stream
     return ModelCensus(whole, experts, counts)
 
 
-def _finish(model: nn.Module, reader: ShardReader, work: Path, final: Path, tokenizer, files: dict[str, str], overwrite: bool) -> None:
+def _finish(
+    model: nn.Module, reader: ShardReader, work: Path, final: Path, tokenizer, files: dict[str, str], overwrite: bool
+) -> None:
     """Resident tensors, shard names, index, config, tokenizer, text files; then rename into place."""
     from safetensors.torch import save_file
 
@@ -552,7 +602,9 @@ def _finish(model: nn.Module, reader: ShardReader, work: Path, final: Path, toke
                 sl = f.get_slice(key)
                 n = int(torch.tensor(sl.get_shape()).prod()) if sl.get_shape() else 1
                 size += n * {"F32": 4, "BF16": 2, "F16": 2, "F64": 8}.get(sl.get_dtype(), 4)
-    (work / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": size}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+    (work / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": size}, "weight_map": dict(sorted(weight_map.items()))}, indent=2)
+    )
     sync_config(model)
     model.config.save_pretrained(work)
     if getattr(model, "generation_config", None) is not None:

@@ -64,7 +64,10 @@ def plan_expert_counts(model: nn.Module, recipe: StunRecipe) -> tuple[int, dict[
         from .split import candidate_removals, group_counts
 
         groups = group_counts(model)
-        most = sum(max(candidate_removals(layer.num_experts, min_keep[layer.index], *groups, layer.top_k).values()) for layer in layers)
+        most = sum(
+            max(candidate_removals(layer.num_experts, min_keep[layer.index], *groups, layer.top_k).values())
+            for layer in layers
+        )
         if total - keep_total > most:
             raise InfeasiblePruningError(
                 f"layer_budget='error_curve' removes at most {most} experts (up to half of each layer's, top-k and expert groups "
@@ -73,7 +76,9 @@ def plan_expert_counts(model: nn.Module, recipe: StunRecipe) -> tuple[int, dict[
         return keep_total, None, min_keep
     keep_total = total - int(round(total * recipe.expert_sparsity))
     if recipe.layer_budget == "uniform" or (n_group and n_group > 1 and recipe.expert_sparsity > 0):
-        per_layer = {layer.index: layer.num_experts - int(round(layer.num_experts * recipe.expert_sparsity)) for layer in layers}
+        per_layer = {
+            layer.index: layer.num_experts - int(round(layer.num_experts * recipe.expert_sparsity)) for layer in layers
+        }
         check_expert_counts(model, per_layer, lower_top_k=recipe.lower_top_k)
         for i, k in per_layer.items():
             if k < min_keep[i]:
@@ -156,7 +161,9 @@ def run_selection(
     if per_layer is None and recipe.layer_budget == "error_curve":
         from .split import choose_budgets
 
-        per_layer, budget, budget_passes = choose_budgets(model, recipe, calibration, keep_total=keep_total, min_keep=min_keep, device=device, progress=progress)
+        per_layer, budget, budget_passes = choose_budgets(
+            model, recipe, calibration, keep_total=keep_total, min_keep=min_keep, device=device, progress=progress
+        )
     method = get_expert_method(recipe.expert_method)
     if per_layer is None and not method.supports_global:
         raise ValueError(f"method {recipe.expert_method!r} needs layer_budget='uniform'")
@@ -167,17 +174,37 @@ def run_selection(
         )
     stats, passes = None, 0
     if needs and needs != "data":
-        stats = calibrate(model, calibration, collect=(ROUTING, needs), batch_size=recipe.batch_size, device=device, progress=progress, desc=f"{needs} statistics")
+        stats = calibrate(
+            model,
+            calibration,
+            collect=(ROUTING, needs),
+            batch_size=recipe.batch_size,
+            device=device,
+            progress=progress,
+            desc=f"{needs} statistics",
+        )
         passes = stats.layer_passes
     layers = moe_layers(model)
     ctx = SelectionContext(
-        model, layers, keep_total, per_layer, min_keep, stats, recipe.seed, recipe.method_kwargs(),
-        calibration=calibration, batch_size=recipe.batch_size, device=device, progress=progress,
+        model,
+        layers,
+        keep_total,
+        per_layer,
+        min_keep,
+        stats,
+        recipe.seed,
+        recipe.method_kwargs(),
+        calibration=calibration,
+        batch_size=recipe.batch_size,
+        device=device,
+        progress=progress,
     )
     keep = {i: sorted(set(int(e) for e in v)) for i, v in method.select(ctx).items()}
     got = {layer.index: len(keep.get(layer.index, [])) for layer in layers}
     if (per_layer is not None and got != per_layer) or sum(got.values()) != keep_total:
-        raise RuntimeError(f"expert method {recipe.expert_method!r} kept {got}, expected {per_layer or keep_total} in total")
+        raise RuntimeError(
+            f"expert method {recipe.expert_method!r} kept {got}, expected {per_layer or keep_total} in total"
+        )
     mass, n = _merge_mass(model, recipe, calibration, stats, device, progress)
     return ExpertSelection(keep, budget_passes + passes + ctx.layer_passes + n, split=budget, merge_mass=mass)
 
@@ -192,14 +219,27 @@ def _merge_mass(model, recipe, calibration, stats, device, progress) -> tuple[di
     passes = 0
     if stats is None:
         if calibration is None:
-            raise ValueError(f"expert_merge={recipe.expert_merge!r} weighs experts by their routing: pass calibration token ids [N, L]")
-        stats = calibrate(model, calibration, collect=(ROUTING,), batch_size=recipe.batch_size, device=device, progress=progress, desc="merge weights")
+            raise ValueError(
+                f"expert_merge={recipe.expert_merge!r} weighs experts by their routing: pass calibration token ids [N, L]"
+            )
+        stats = calibrate(
+            model,
+            calibration,
+            collect=(ROUTING,),
+            batch_size=recipe.batch_size,
+            device=device,
+            progress=progress,
+            desc="merge weights",
+        )
         passes = stats.layer_passes
     return {layer.index: merge_mass(stats[layer.index], recipe.expert_merge) for layer in moe_layers(model)}, passes
 
 
 def apply_expert_sets(
-    model: nn.Module, keep: Mapping[int, list[int]], lower_top_k: bool = False, merge_mass: Mapping[int, torch.Tensor] | None = None
+    model: nn.Module,
+    keep: Mapping[int, list[int]],
+    lower_top_k: bool = False,
+    merge_mass: Mapping[int, torch.Tensor] | None = None,
 ) -> dict[int, list[int]]:
     """Remove every expert not in ``keep`` (original indices of a dense model); return the removed ones.
 
@@ -232,7 +272,11 @@ def resize_experts(model: nn.Module, counts: Mapping[int, int], top_k: Mapping[i
             keep_experts(model, layer.index, range(n), lower_top_k=True)
             continue
         tensors = [(layer.experts, name) for name, _ in layer.experts.named_parameters(recurse=False)]
-        tensors += [(layer.router, name) for name in layer.adapter.router_expert_tensors if getattr(layer.router, name, None) is not None]
+        tensors += [
+            (layer.router, name)
+            for name in layer.adapter.router_expert_tensors
+            if getattr(layer.router, name, None) is not None
+        ]
         for module, name in tensors:
             old = getattr(module, name)
             new = old.new_zeros((n, *old.shape[1:]))
@@ -249,4 +293,14 @@ def resize_experts(model: nn.Module, counts: Mapping[int, int], top_k: Mapping[i
     sync_config(model)
 
 
-__all__ = ["ExpertSelection", "apply_expert_sets", "choose_experts", "min_keep_per_layer", "needs_calibration", "plan_expert_counts", "resize_experts", "run_selection", "select_experts"]
+__all__ = [
+    "ExpertSelection",
+    "apply_expert_sets",
+    "choose_experts",
+    "min_keep_per_layer",
+    "needs_calibration",
+    "plan_expert_counts",
+    "resize_experts",
+    "run_selection",
+    "select_experts",
+]

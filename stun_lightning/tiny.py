@@ -116,7 +116,9 @@ _FAMILY = {
 # Scales of the random biases given to tiny models (transformers initialises most biases to zero,
 # which would let surgery that slices a bias wrongly, or gating that ignores one, pass unnoticed).
 _BIAS_STD = 0.02  # linear and expert biases: the weights' own init scale
-_SCORE_CORRECTION_STD = 0.02  # DeepSeek-V3: a routing bias of about the spread of its sigmoid scores: routing turns uneven
+_SCORE_CORRECTION_STD = (
+    0.02  # DeepSeek-V3: a routing bias of about the spread of its sigmoid scores: routing turns uneven
+)
 
 
 @torch.no_grad()

@@ -38,7 +38,14 @@ from torch import nn
 from .adapters import MoELayer, decoder_layers, moe_layers
 from .calibration import LayerStats, calibrate, enter_layer, leave_layer
 from .expert_masks import ExpertMasks
-from .patterns import InvalidSparsityError, layer_targets, mask_from_scores, nm_sparsity_for, outlier_ratio, parse_pattern
+from .patterns import (
+    InvalidSparsityError,
+    layer_targets,
+    mask_from_scores,
+    nm_sparsity_for,
+    outlier_ratio,
+    parse_pattern,
+)
 from .metrics import get_metric, weighted_magnitude
 from .recipe import StunRecipe
 from .report import ModelCensus
@@ -82,7 +89,9 @@ def within_sparsity(recipe: StunRecipe, before: ModelCensus, model: nn.Module) -
     (``1 - total = (1 - removed expert params) * (1 - within)``; ``before``: the census before expert removal)."""
     if recipe.total_sparsity is None:
         return recipe.sparsity
-    kept = sum(p.numel() for layer in moe_layers(model) for _, p in layer.expert_parameters()) / before.expert_total.total
+    kept = (
+        sum(p.numel() for layer in moe_layers(model) for _, p in layer.expert_parameters()) / before.expert_total.total
+    )
     within = 1.0 - (1.0 - recipe.total_sparsity) / kept
     if within < 0:
         raise InvalidSparsityError(
@@ -101,7 +110,9 @@ def low_token_experts(stats: LayerStats | None, recipe: StunRecipe) -> list[int]
     return stats.low_token_experts(recipe.min_tokens)
 
 
-def expert_scores(layer: MoELayer, weights: dict[str, torch.Tensor], stats: LayerStats | None, recipe: StunRecipe) -> ExpertScores:
+def expert_scores(
+    layer: MoELayer, weights: dict[str, torch.Tensor], stats: LayerStats | None, recipe: StunRecipe
+) -> ExpertScores:
     """``(matrix, expert, scores [out, in] or None)`` for every expert matrix of ``layer``.
 
     ``weights``: the layer's expert matrices ``[E, out, in]`` (gathered when sharded). Experts under
@@ -109,7 +120,9 @@ def expert_scores(layer: MoELayer, weights: dict[str, torch.Tensor], stats: Laye
     they are (``"dense"``, the official STUN behaviour)."""
     metric = get_metric(recipe.metric)
     if metric.needs_data and stats is None:
-        raise ValueError(f"metric {recipe.metric!r} needs statistics for MoE layer {layer.index}; use metric='magnitude'")
+        raise ValueError(
+            f"metric {recipe.metric!r} needs statistics for MoE layer {layer.index}; use metric='magnitude'"
+        )
     low = set(low_token_experts(stats, recipe))
     for name, w in weights.items():
         channels = metric.expert_channels(stats, name) if metric.expert_channels is not None else None
@@ -122,9 +135,14 @@ def expert_scores(layer: MoELayer, weights: dict[str, torch.Tensor], stats: Laye
                 yield name, e, None
 
 
-def layer_outlier_ratio(layer: MoELayer, weights: dict[str, torch.Tensor], stats: LayerStats | None, recipe: StunRecipe) -> float:
+def layer_outlier_ratio(
+    layer: MoELayer, weights: dict[str, torch.Tensor], stats: LayerStats | None, recipe: StunRecipe
+) -> float:
     """OWL's outlier ratio of the layer's expert scores (streamed: never all held at once)."""
-    return outlier_ratio(lambda: (sc for _, _, sc in expert_scores(layer, weights, stats, recipe) if sc is not None), recipe.owl_threshold)
+    return outlier_ratio(
+        lambda: (sc for _, _, sc in expert_scores(layer, weights, stats, recipe) if sc is not None),
+        recipe.owl_threshold,
+    )
 
 
 def layer_pattern(recipe: StunRecipe, target: float) -> str:
@@ -162,13 +180,17 @@ def expert_layer_masks(
     return masks
 
 
-def dense_layer_masks(decoder_layer: nn.Module, stats: LayerStats | None, target: float, recipe: StunRecipe) -> dict[str, torch.Tensor]:
+def dense_layer_masks(
+    decoder_layer: nn.Module, stats: LayerStats | None, target: float, recipe: StunRecipe
+) -> dict[str, torch.Tensor]:
     """Keep-masks of a decoder layer's dense linears (``prune_dense``) at its layer's ``target``."""
     metric = get_metric(recipe.metric)
     pattern = layer_pattern(recipe, target)
     out = {}
     for name, linear in dense_linears(decoder_layer):
-        channels = metric.dense_channels(stats, name) if metric.dense_channels is not None and stats is not None else None
+        channels = (
+            metric.dense_channels(stats, name) if metric.dense_channels is not None and stats is not None else None
+        )
         out[name] = mask_from_scores(weighted_magnitude(linear.weight, channels), target, pattern)
     return out
 
@@ -208,7 +230,9 @@ def compute_masks(
     layers = moe_layers(model)
     if get_metric(recipe.metric).needs_data:
         if stats is None:
-            raise ValueError(f"metric {recipe.metric!r} needs activation statistics (stats=...) or use metric='magnitude'")
+            raise ValueError(
+                f"metric {recipe.metric!r} needs activation statistics (stats=...) or use metric='magnitude'"
+            )
         missing = [layer.index for layer in layers if layer.index not in stats]
         if missing:
             raise ValueError(f"no activation statistics for MoE layer(s) {missing}")
@@ -216,8 +240,19 @@ def compute_masks(
 
     ratios = None
     if recipe.allocation == "owl":
-        ratios = {layer.index: layer_outlier_ratio(layer, _full_matrices(layer), layer_stats[layer.index], recipe) for layer in layers}
-    targets = layer_targets(layers, sparsity, parse_pattern(recipe.pattern), ratios, recipe.owl_lambda, recipe.weight_allocation_base, original_experts)
+        ratios = {
+            layer.index: layer_outlier_ratio(layer, _full_matrices(layer), layer_stats[layer.index], recipe)
+            for layer in layers
+        }
+    targets = layer_targets(
+        layers,
+        sparsity,
+        parse_pattern(recipe.pattern),
+        ratios,
+        recipe.owl_lambda,
+        recipe.weight_allocation_base,
+        original_experts,
+    )
 
     out, low_tokens = ExpertMasks(), {}
     for layer in layers:
@@ -254,7 +289,16 @@ def prune_weights(
     def each_layer(on_layer, desc: str, collect: tuple[str, ...]) -> None:
         nonlocal n_passes
         if metric.needs_data:
-            stats = calibrate(model, calibration, collect=collect, batch_size=recipe.batch_size, device=device, on_layer=on_layer, progress=progress, desc=desc)
+            stats = calibrate(
+                model,
+                calibration,
+                collect=collect,
+                batch_size=recipe.batch_size,
+                device=device,
+                on_layer=on_layer,
+                progress=progress,
+                desc=desc,
+            )
             n_passes += stats.layer_passes
         else:
             for i in range(len(all_layers)):
@@ -272,7 +316,15 @@ def prune_weights(
             return False
 
         each_layer(measure, "OWL outlier ratios", metric.collect())
-    targets = layer_targets(list(layers.values()), within, parse_pattern(recipe.pattern), ratios, recipe.owl_lambda, recipe.weight_allocation_base, original_experts)
+    targets = layer_targets(
+        list(layers.values()),
+        within,
+        parse_pattern(recipe.pattern),
+        ratios,
+        recipe.owl_lambda,
+        recipe.weight_allocation_base,
+        original_experts,
+    )
 
     low_tokens: dict[int, list[int]] = {}
 
@@ -308,7 +360,9 @@ def mask_survivors(
     """``prune()``'s unstructured phase after expert removal: :func:`prune_weights` at the recipe's
     within-expert sparsity (:func:`within_sparsity`; ``before``: the census of the dense model)."""
     within = within_sparsity(recipe, before, model)
-    return prune_weights(model, recipe, within, calibration, device=device, progress=progress, original_experts=before.num_experts)
+    return prune_weights(
+        model, recipe, within, calibration, device=device, progress=progress, original_experts=before.num_experts
+    )
 
 
 __all__ = [

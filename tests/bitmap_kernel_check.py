@@ -67,14 +67,14 @@ def main(device: str) -> None:
     else:
         configs = CONFIGS
         shapes = [
-            (8, 2 * 448, 512, 2, 1, 0.7),    # Mixtral-like, 1 token
-            (8, 512, 448, 2, 8, 0.5),        # down-like, 8 tokens
-            (8, 2 * 448, 512, 2, 32, 0.8),   # 32 tokens
-            (64, 2 * 96, 256, 8, 4, 0.7),    # Qwen3-like many experts
+            (8, 2 * 448, 512, 2, 1, 0.7),  # Mixtral-like, 1 token
+            (8, 512, 448, 2, 8, 0.5),  # down-like, 8 tokens
+            (8, 2 * 448, 512, 2, 32, 0.8),  # 32 tokens
+            (64, 2 * 96, 256, 8, 4, 0.7),  # Qwen3-like many experts
             (64, 256, 96, 8, 32, 0.5),
-            (5, 7, 45, 3, 4, 0.9),           # odd sizes
-            (4, 40, 130, 2, 17, 0.6),        # ragged tile, 17 tokens
-            (6, 24, 200, 2, 300, 0.7),       # prefill: the op expands tiles
+            (5, 7, 45, 3, 4, 0.9),  # odd sizes
+            (4, 40, 130, 2, 17, 0.6),  # ragged tile, 17 tokens
+            (6, 24, 200, 2, 300, 0.7),  # prefill: the op expands tiles
         ]
         for dtype in (torch.bfloat16, torch.float32):
             for shape in shapes:

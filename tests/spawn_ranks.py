@@ -25,8 +25,14 @@ def free_port() -> int:
 def set_rank_env(rank: int, port: int, world: int) -> None:
     """The environment Lightning and ``init_process_group`` read; NVLink multicast off; one thread."""
     os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), NODE_RANK="0",
-        NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE=str(world),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        NODE_RANK="0",
+        NCCL_NVLS_ENABLE="0",
+        TORCH_SYMM_MEM_DISABLE_MULTICAST="1",
     )
     torch.set_num_threads(1)
 
@@ -48,7 +54,9 @@ def spawn_ranks(worker, out: Path, *args, world: int, timeout_s: float) -> float
     """Run ``worker(rank, port, str(out), *args)`` in ``world`` spawned processes; seconds taken.
     Fails the test (with every rank's traceback) on an error or after ``timeout_s``."""
     start = time.perf_counter()
-    ctx = mp.start_processes(worker, args=(free_port(), str(out), *args), nprocs=world, join=False, start_method="spawn")
+    ctx = mp.start_processes(
+        worker, args=(free_port(), str(out), *args), nprocs=world, join=False, start_method="spawn"
+    )
     deadline = start + timeout_s
     try:
         while not ctx.join(timeout=max(1.0, deadline - time.perf_counter())):

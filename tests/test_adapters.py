@@ -40,7 +40,9 @@ def test_adapter_expert_output_matches_the_model(family):
 
 
 def test_unknown_architecture_lists_supported_and_how_to_register():
-    model = AutoModelForCausalLM.from_config(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=64))
+    model = AutoModelForCausalLM.from_config(
+        LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=64)
+    )
     with pytest.raises(UnsupportedModelError) as err:
         moe_layers(model)
     message = str(err.value)
@@ -48,7 +50,9 @@ def test_unknown_architecture_lists_supported_and_how_to_register():
 
 
 def test_registered_family_without_moe_blocks_is_refused():
-    model = AutoModelForCausalLM.from_config(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=64))
+    model = AutoModelForCausalLM.from_config(
+        LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=64)
+    )
     register_adapter(MoEAdapter(model_types=("llama",), count_field="num_experts"))
     try:
         with pytest.raises(UnsupportedModelError, match="no MoE layers"):

@@ -12,7 +12,17 @@ import torch
 
 from stun_lightning import StunRecipe, prune
 from stun_lightning.export import export, load_exported
-from stun_lightning.sparse import SparsifyConfig, compress_bitmap, decompress_bitmap, densify, is_sparsified, plan_formats, sparse_formats, sparse_nbytes, sparsify
+from stun_lightning.sparse import (
+    SparsifyConfig,
+    compress_bitmap,
+    decompress_bitmap,
+    densify,
+    is_sparsified,
+    plan_formats,
+    sparse_formats,
+    sparse_nbytes,
+    sparsify,
+)
 from stun_lightning.sparse.bitmap import TILE, bitmap_mask, bitmap_nbytes, estimated_bitmap_nbytes
 from stun_lightning.sparse.bitmap_experts import IMPLEMENTATION, grouped_dense
 from stun_lightning.sparse.checkpoint import WEIGHTS_NAME
@@ -50,7 +60,9 @@ def test_bitmap_is_lossless_for_any_mask_and_odd_sizes(shape, sparsity):
     assert values.shape == (e, int(nnz.max())) and values.dtype == w.dtype
     assert torch.equal(bitmap_mask(bitmap, k), w != 0)
     assert torch.equal(decompress_bitmap(bitmap, values, offsets, k), w)
-    assert torch.equal(decompress_bitmap(bitmap[2 % e], values[2 % e], offsets[2 % e], k), w[2 % e])  # one expert's slices
+    assert torch.equal(
+        decompress_bitmap(bitmap[2 % e], values[2 % e], offsets[2 % e], k), w[2 % e]
+    )  # one expert's slices
     assert bitmap_nbytes(bitmap, values, offsets) == estimated_bitmap_nbytes(w) == e * n * t * 12 + values.numel() * 2
 
 
@@ -105,16 +117,27 @@ def test_stun_bitmap_model_equals_the_masked_dense_model(family, caplog):
     with caplog.at_level("INFO", logger="stun_lightning.sparse"):
         sparsify(sparse)
     assert "sparsify: 1 2:4, 2 bitmap, 1 dense" in caplog.text
-    assert sparse_formats(sparse) == {0: {"gate_up_proj": "bitmap", "down_proj": "2:4"}, 1: {"gate_up_proj": "dense", "down_proj": "bitmap"}}
+    assert sparse_formats(sparse) == {
+        0: {"gate_up_proj": "bitmap", "down_proj": "2:4"},
+        1: {"gate_up_proj": "dense", "down_proj": "bitmap"},
+    }
     assert is_sparsified(sparse) and sparse.config._experts_implementation == IMPLEMENTATION
     _, experts, _ = next(expert_modules(sparse))
     assert "gate_up_proj" not in experts._parameters and experts.gate_up_proj_bitmap.dtype == torch.int64
-    torch.testing.assert_close(experts.gate_up_proj, next(expert_modules(model))[1].gate_up_proj, rtol=0, atol=0)  # inspection view
+    torch.testing.assert_close(
+        experts.gate_up_proj, next(expert_modules(model))[1].gate_up_proj, rtol=0, atol=0
+    )  # inspection view
     torch.testing.assert_close(logits(sparse, ids), expected)
     sizes = sparse_nbytes(sparse)
-    assert sizes["expert_bytes_dense"] == sparse_nbytes(model)["expert_bytes"] and sizes["expert_bytes"] < 0.75 * sizes["expert_bytes_dense"]
+    assert (
+        sizes["expert_bytes_dense"] == sparse_nbytes(model)["expert_bytes"]
+        and sizes["expert_bytes"] < 0.75 * sizes["expert_bytes_dense"]
+    )
     prompt = ids[:1, :6]
-    assert torch.equal(sparse.generate(prompt, max_new_tokens=5, do_sample=False), model.generate(prompt, max_new_tokens=5, do_sample=False))
+    assert torch.equal(
+        sparse.generate(prompt, max_new_tokens=5, do_sample=False),
+        model.generate(prompt, max_new_tokens=5, do_sample=False),
+    )
     densify(sparse)
     before, after = model.state_dict(), sparse.state_dict()
     assert set(before) == set(after) and all(torch.equal(before[k], after[k]) for k in before)
@@ -129,7 +152,12 @@ def test_a_model_too_dense_to_pay_stays_dense_and_pruned_models_go_bitmap():
     assert not is_sparsified(model) and model.config._experts_implementation != IMPLEMENTATION
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
-    prune(model, StunRecipe(expert_sparsity=0.25, sparsity=0.7, metric="magnitude", layer_budget="uniform"), calibration=random_ids(model), progress=False)
+    prune(
+        model,
+        StunRecipe(expert_sparsity=0.25, sparsity=0.7, metric="magnitude", layer_budget="uniform"),
+        calibration=random_ids(model),
+        progress=False,
+    )
     assert {fmt for formats in plan_formats(model).values() for fmt in formats.values()} == {"bitmap"}
 
 
@@ -164,21 +192,29 @@ def test_checkpoint_round_trips_every_format_without_recompressing(tmp_path):
     path = export(model, tmp_path / "sparse", "sparse")
     assert not is_sparsified(model)  # the model given is left dense
     marker = json.loads((path / "config.json").read_text())["stun_sparse"]
-    assert marker["pattern"] == "mixed" and marker["version"] == 2 and marker["matrices"]["1"] == {"gate_up_proj": "dense", "down_proj": "bitmap"}
+    assert (
+        marker["pattern"] == "mixed"
+        and marker["version"] == 2
+        and marker["matrices"]["1"] == {"gate_up_proj": "dense", "down_proj": "bitmap"}
+    )
     loaded = load_exported(path)
     assert sparse_formats(loaded) == sparse_formats(sparsify(copy.deepcopy(model)))
     assert loaded.config._experts_implementation == IMPLEMENTATION
     torch.testing.assert_close(logits(loaded, ids), expected)
     _, experts, _ = next(expert_modules(loaded))
     assert experts.gate_up_proj_bitmap.storage_offset() == 0 and experts.gate_up_proj_values.is_contiguous()
-    assert_refuses_tampered_checkpoint(path, WEIGHTS_NAME, lambda k: k.endswith("experts.down_proj_offsets"), "down_proj_offsets", load_exported)
+    assert_refuses_tampered_checkpoint(
+        path, WEIGHTS_NAME, lambda k: k.endswith("experts.down_proj_offsets"), "down_proj_offsets", load_exported
+    )
 
 
 def test_decode_kernel_logic_in_the_triton_interpreter():
     """The Triton kernel's indexing, run by Triton's CPU interpreter (skipped without triton)."""
     pytest.importorskip("triton")
     script = Path(__file__).with_name("bitmap_kernel_check.py")
-    env = dict(os.environ, TRITON_INTERPRET="1", STUN_SPARSE_AUTOTUNE="0", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    env = dict(
+        os.environ, TRITON_INTERPRET="1", STUN_SPARSE_AUTOTUNE="0", PYTHONPATH=str(Path(__file__).resolve().parents[1])
+    )
     run = subprocess.run([sys.executable, str(script), "cpu"], env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "ok" in run.stdout
@@ -189,8 +225,13 @@ def test_decode_kernel_logic_in_the_triton_interpreter():
 
 @cuda
 def test_decode_kernel_matches_the_masked_dense_product_on_gpu():
-    run = subprocess.run([sys.executable, str(Path(__file__).with_name("bitmap_kernel_check.py")), "cuda"], capture_output=True, text=True, timeout=600,
-                         env=dict(os.environ, STUN_SPARSE_AUTOTUNE="0"))
+    run = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("bitmap_kernel_check.py")), "cuda"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, STUN_SPARSE_AUTOTUNE="0"),
+    )
     assert run.returncode == 0, run.stdout + run.stderr
 
 

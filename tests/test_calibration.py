@@ -11,8 +11,10 @@ def record_experts_calls(model, ids):
     """Reference: what each MoE layer's experts module receives in a plain full forward."""
     seen, handles = {}, []
     for layer in moe_layers(model):
+
         def hook(module, args, i=layer.index):
             seen.setdefault(i, []).append(tuple(a.detach().clone() for a in args[:3]))
+
         handles.append(layer.experts.register_forward_pre_hook(hook))
     with torch.no_grad():
         for batch in ids.split(2):
@@ -44,10 +46,14 @@ def test_layerwise_pass_reproduces_the_full_forward(family):
             g = weights[tok, pos][:, None].float()
             xe = x[tok].float()
             torch.testing.assert_close(s.input_norms("gate_up_proj")[e], xe.norm(dim=0), rtol=1e-4, atol=1e-5)
-            torch.testing.assert_close(s.input_norms("gate_up_proj", gated=True)[e], (xe * g).norm(dim=0), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(
+                s.input_norms("gate_up_proj", gated=True)[e], (xe * g).norm(dim=0), rtol=1e-4, atol=1e-5
+            )
             with torch.no_grad():
                 h = layer.adapter.expert_hidden(layer.experts, e, x[tok]).float()
-            torch.testing.assert_close(s.input_norms("down_proj", gated=True)[e], (h * g).norm(dim=0), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(
+                s.input_norms("down_proj", gated=True)[e], (h * g).norm(dim=0), rtol=1e-4, atol=1e-5
+            )
 
 
 def test_on_layer_changes_propagate_to_later_layers():
@@ -91,14 +97,23 @@ def test_block_io_is_kept_on_request():
 
 
 # Every statistic that is a sum over tokens, written out here independently of LayerStats' own list.
-SUMS = ("expert_tokens", "gate_sum", "coactivation", "router_logit_sum", "saliency_sum", "input_sq", "input_sq_gated", "linear_sq")
+SUMS = (
+    "expert_tokens",
+    "gate_sum",
+    "coactivation",
+    "router_logit_sum",
+    "saliency_sum",
+    "input_sq",
+    "input_sq_gated",
+    "linear_sq",
+)
 
 
 def _flat_sums(s):
     out = {}
     for name in SUMS:
         value = getattr(s, name)
-        for key, t in (value.items() if isinstance(value, dict) else [(None, value)]):
+        for key, t in value.items() if isinstance(value, dict) else [(None, value)]:
             out[(name, key)] = t
     return out
 
@@ -110,7 +125,9 @@ def test_statistics_of_two_halves_add_up_to_the_whole_in_every_summed_field():
     model = build_tiny_model("qwen2_moe", num_hidden_layers=2)
     ids = random_ids(model, 4, 16)
     collect = (NORMS, SALIENCY, LINEAR)
-    whole, first, second = (calibrate(model, x, collect=collect, batch_size=2, progress=False).layers for x in (ids, ids[:2], ids[2:]))
+    whole, first, second = (
+        calibrate(model, x, collect=collect, batch_size=2, progress=False).layers for x in (ids, ids[:2], ids[2:])
+    )
     for i, s in first.items():
         s.add_state(second[i].summed_state())  # a checkpointed window added to the next
         want, got = _flat_sums(whole[i]), _flat_sums(s)
@@ -119,7 +136,10 @@ def test_statistics_of_two_halves_add_up_to_the_whole_in_every_summed_field():
         assert s.tokens == whole[i].tokens
         for key in want:
             torch.testing.assert_close(got[key].double(), want[key].double(), rtol=1e-5, atol=1e-6, msg=str(key))
-    doubled = reduce_stats({i: calibrate(model, ids, collect=collect, batch_size=2, progress=False).layers[i] for i in whole}, lambda t: 2 * t)
+    doubled = reduce_stats(
+        {i: calibrate(model, ids, collect=collect, batch_size=2, progress=False).layers[i] for i in whole},
+        lambda t: 2 * t,
+    )
     for i, s in doubled.items():  # "two ranks" with the same data: every sum doubles
         assert s.tokens == 2 * whole[i].tokens
         for key, t in _flat_sums(s).items():
@@ -151,7 +171,9 @@ def test_training_time_statistics_equal_the_one_shot_calibration_on_the_same_bat
         want, got = dict(((n, k), t) for n, k, t in one_shot[i].summed()), dict(((n, k), t) for n, k, t in s.summed())
         assert want.keys() == got.keys() and ("input_sq_gated", "down_proj") in got
         for key in want:
-            torch.testing.assert_close(got[key].double(), want[key].double(), rtol=1e-4, atol=1e-5, msg=f"layer {i} {key}")
+            torch.testing.assert_close(
+                got[key].double(), want[key].double(), rtol=1e-4, atol=1e-5, msg=f"layer {i} {key}"
+            )
         # the gate matters here: MoE-Pruner's norms are not Wanda's
         assert not torch.allclose(s.input_sq_gated["gate_up_proj"], s.input_sq["gate_up_proj"], rtol=1e-2)
 
@@ -163,7 +185,11 @@ def test_training_time_moe_pruner_statistics_weight_each_token_by_its_router_gat
     ids = random_ids(model, n=2, length=16, seed=1)
     inputs, handles = {}, []
     for layer in moe_layers(model):
-        handles.append(layer.block.register_forward_pre_hook(lambda m, a, i=layer.index: inputs.__setitem__(i, a[0].detach().reshape(-1, a[0].shape[-1]))))
+        handles.append(
+            layer.block.register_forward_pre_hook(
+                lambda m, a, i=layer.index: inputs.__setitem__(i, a[0].detach().reshape(-1, a[0].shape[-1]))
+            )
+        )
     stats = _training_statistics(model, [ids])
     for h in handles:
         h.remove()
@@ -181,7 +207,9 @@ def test_training_time_moe_pruner_statistics_weight_each_token_by_its_router_gat
             g = top[tok, pos][:, None]
             gate, up = (x[tok] @ w_up[e].t()).chunk(2, dim=-1)
             h = layer.experts.act_fn(gate) * up
-            torch.testing.assert_close(s.input_sq_gated["gate_up_proj"][e], (x[tok] * g).square().sum(0), rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(
+                s.input_sq_gated["gate_up_proj"][e], (x[tok] * g).square().sum(0), rtol=1e-4, atol=1e-6
+            )
             torch.testing.assert_close(s.input_sq_gated["down_proj"][e], (h * g).square().sum(0), rtol=1e-4, atol=1e-6)
             torch.testing.assert_close(s.input_sq["down_proj"][e], h.square().sum(0), rtol=1e-4, atol=1e-6)
             assert float(s.gate_sum[e]) == pytest.approx(float(g.sum()), rel=1e-5)

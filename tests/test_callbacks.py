@@ -21,7 +21,13 @@ from stun_lightning import StunRecipe, load_pruned, moe_layers
 from stun_lightning.callbacks import SparsitySchedule, StunCallback, StunDataModule, StunDistillModule
 from stun_lightning.data import read_texts, token_stream
 from stun_lightning.evaluate import perplexity
-from stun_lightning.expert_masks import ExpertMasks, apply_masks, mask_gradients, mask_optimizer_state, measured_sparsity
+from stun_lightning.expert_masks import (
+    ExpertMasks,
+    apply_masks,
+    mask_gradients,
+    mask_optimizer_state,
+    measured_sparsity,
+)
 from stun_lightning.unstructured import compute_masks
 from stun_lightning.schedule import InvalidScheduleError
 from stun_lightning.tiny import build_tiny_model, load_tokenizer
@@ -153,7 +159,9 @@ def test_fit_prunes_experts_first_then_reaches_the_final_sparsity_with_masks_hel
     dense_experts = list(expert_weights(mod.student).values())  # references: ids cannot be reused
     stun = StunCallback(
         # an expert that no token of a short statistics window reached falls back to magnitude
-        StunRecipe(expert_sparsity=0.25, layer_budget="uniform", sparsity=0.5, metric="wanda", low_token_rule="magnitude"),
+        StunRecipe(
+            expert_sparsity=0.25, layer_budget="uniform", sparsity=0.5, metric="wanda", low_token_rule="magnitude"
+        ),
         SparsitySchedule("cubic", end_step=6),
         update_every=2,
         save_dir=str(tmp_path / "model"),
@@ -197,14 +205,18 @@ def test_fit_prunes_experts_first_then_reaches_the_final_sparsity_with_masks_hel
 
 def test_bf16_mixed_one_shot_magnitude_masks_stay_exact(data):
     mod = module()
-    stun = StunCallback(StunRecipe(expert_sparsity=0.0, sparsity=0.5, metric="magnitude"), SparsitySchedule("one_shot", start_step=0))
+    stun = StunCallback(
+        StunRecipe(expert_sparsity=0.0, sparsity=0.5, metric="magnitude"), SparsitySchedule("one_shot", start_step=0)
+    )
     probe = Probe(stun)
     make_trainer(max_steps=3, precision="bf16-mixed", callbacks=[stun, probe]).fit(mod, data)
     assert probe.steps == 3 and probe.violations == []
     assert measured_sparsity(mod.student) == 0.5
 
 
-RESUME_RECIPE = StunRecipe(expert_sparsity=0.25, layer_budget="global", sparsity=0.5, metric="wanda", low_token_rule="magnitude")
+RESUME_RECIPE = StunRecipe(
+    expert_sparsity=0.25, layer_budget="global", sparsity=0.5, metric="wanda", low_token_rule="magnitude"
+)
 
 
 def resume_callback():
@@ -253,7 +265,9 @@ def test_resume_mid_fit_restores_masks_and_expert_sets(data, tmp_path, uninterru
 
 def test_schedule_ending_after_max_steps_fails_before_any_pruning(data):
     mod = module()
-    stun = StunCallback(StunRecipe(expert_sparsity=0.25, sparsity=0.5, metric="magnitude"), SparsitySchedule(end_step=50))
+    stun = StunCallback(
+        StunRecipe(expert_sparsity=0.25, sparsity=0.5, metric="magnitude"), SparsitySchedule(end_step=50)
+    )
     with pytest.raises(InvalidScheduleError, match="end_step=50 is after the fit's max_steps=10"):
         make_trainer(max_steps=10, callbacks=[stun]).fit(mod, data)
     assert [l.num_experts for l in moe_layers(mod.student)] == [8, 8]
@@ -261,14 +275,18 @@ def test_schedule_ending_after_max_steps_fails_before_any_pruning(data):
 
 def test_statistics_metric_with_no_training_batch_before_the_update_fails_at_fit_start(data):
     mod = module()
-    stun = StunCallback(StunRecipe(expert_sparsity=0.25, sparsity=0.5, metric="moe_pruner"), SparsitySchedule("one_shot", start_step=0))
+    stun = StunCallback(
+        StunRecipe(expert_sparsity=0.25, sparsity=0.5, metric="moe_pruner"), SparsitySchedule("one_shot", start_step=0)
+    )
     with pytest.raises(InvalidScheduleError, match="needs activation statistics from forward hooks"):
         make_trainer(max_steps=4, callbacks=[stun]).fit(mod, data)
     assert [l.num_experts for l in moe_layers(mod.student)] == [8, 8]
 
 
 def test_recipe_target_below_the_schedule_start_fails_at_fit_start(data):
-    stun = StunCallback(StunRecipe(expert_sparsity=0.0, sparsity=0.3, metric="magnitude"), SparsitySchedule(initial=0.5, end_step=4))
+    stun = StunCallback(
+        StunRecipe(expert_sparsity=0.0, sparsity=0.3, metric="magnitude"), SparsitySchedule(initial=0.5, end_step=4)
+    )
     probe = Probe(stun)
     with pytest.raises(InvalidScheduleError, match="below the initial"):
         make_trainer(max_steps=4, callbacks=[stun, probe]).fit(module(), data)
@@ -277,10 +295,14 @@ def test_recipe_target_below_the_schedule_start_fails_at_fit_start(data):
 
 def test_n_m_patterns_cannot_ramp_and_existing_save_dir_is_refused(data, tmp_path):
     with pytest.raises(InvalidScheduleError, match="one_shot"):
-        make_trainer(max_steps=2, callbacks=[StunCallback(StunRecipe(pattern="2:4"), SparsitySchedule("cubic"))]).fit(module(), data)
+        make_trainer(max_steps=2, callbacks=[StunCallback(StunRecipe(pattern="2:4"), SparsitySchedule("cubic"))]).fit(
+            module(), data
+        )
     (tmp_path / "out").mkdir()
     with pytest.raises(FileExistsError, match="overwrite=True"):
-        make_trainer(max_steps=2, callbacks=[StunCallback(StunRecipe(), save_dir=str(tmp_path / "out"))]).fit(module(), data)
+        make_trainer(max_steps=2, callbacks=[StunCallback(StunRecipe(), save_dir=str(tmp_path / "out"))]).fit(
+            module(), data
+        )
 
 
 def test_model_attribute_must_exist(data):
@@ -296,12 +318,16 @@ def write_jsonl(path, rows):
     return path
 
 
-PROSE = [f"Document {i}: the router sends each token to two of eight experts, and pruning removes some." for i in range(40)]
+PROSE = [
+    f"Document {i}: the router sends each token to two of eight experts, and pruning removes some." for i in range(40)
+]
 
 
 def test_datamodule_splits_local_files_into_disjoint_packed_blocks(tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", [{"text": t} for t in PROSE])
-    dm = StunDataModule(train=str(train), seq_len=16, batch_size=4, val_fraction=0.2, calibration_fraction=0.1, calibration_samples=3)
+    dm = StunDataModule(
+        train=str(train), seq_len=16, batch_size=4, val_fraction=0.2, calibration_fraction=0.1, calibration_samples=3
+    )
     dm.setup()
     stream = token_stream(load_tokenizer(), PROSE)
     n = stream.numel()
@@ -325,12 +351,22 @@ def test_datamodule_splits_local_files_into_disjoint_packed_blocks(tmp_path):
 @pytest.mark.parametrize("loader", ["json", "text"])
 def test_datamodule_through_load_dataset_offline(tmp_path, loader):
     if loader == "json":
-        files = {"train": str(write_jsonl(tmp_path / "t.jsonl", [{"text": t} for t in PROSE[:30]])), "validation": str(write_jsonl(tmp_path / "v.jsonl", [{"text": t} for t in PROSE[30:]]))}
+        files = {
+            "train": str(write_jsonl(tmp_path / "t.jsonl", [{"text": t} for t in PROSE[:30]])),
+            "validation": str(write_jsonl(tmp_path / "v.jsonl", [{"text": t} for t in PROSE[30:]])),
+        }
     else:
         (tmp_path / "t.txt").write_text("\n".join(PROSE[:30]), encoding="utf-8")
         (tmp_path / "v.txt").write_text("\n".join(PROSE[30:]), encoding="utf-8")
         files = {"train": str(tmp_path / "t.txt"), "validation": str(tmp_path / "v.txt")}
-    dm = StunDataModule(dataset=loader, data_files=files, val_split="validation", seq_len=16, calibration_fraction=0.0, load_kwargs={"cache_dir": str(tmp_path / "cache")})
+    dm = StunDataModule(
+        dataset=loader,
+        data_files=files,
+        val_split="validation",
+        seq_len=16,
+        calibration_fraction=0.0,
+        load_kwargs={"cache_dir": str(tmp_path / "cache")},
+    )
     dm.setup()
     # one row per line / per JSON object, each row one document
     expected_train = token_stream(load_tokenizer(), PROSE[:30])
@@ -377,10 +413,17 @@ def test_cli_fit_on_the_tiny_recipe(tmp_path):
     path.write_text(yaml.safe_dump(config))
     # shortened from the command line, as a user would
     # as `stun-lightning fit ...` dispatches it: the subcommand already consumed
-    main([
-        "--config", str(path), "--trainer.max_steps=4", "--trainer.val_check_interval=4",
-        "--data.max_train_blocks=8", "--model.lambda_init_step=0", "--trainer.enable_checkpointing=false",
-    ])
+    main(
+        [
+            "--config",
+            str(path),
+            "--trainer.max_steps=4",
+            "--trainer.val_check_interval=4",
+            "--data.max_train_blocks=8",
+            "--model.lambda_init_step=0",
+            "--trainer.enable_checkpointing=false",
+        ]
+    )
     saved = load_pruned(tmp_path / "model")
     assert [l.num_experts for l in moe_layers(saved)] == [6, 6, 6, 6]  # the shipped reference model
     report = json.loads((tmp_path / "model" / "stun_report.json").read_text())
@@ -388,20 +431,41 @@ def test_cli_fit_on_the_tiny_recipe(tmp_path):
     metrics = (next(tmp_path.rglob("metrics.csv"))).read_text()
     assert "val_ppl_teacher" in metrics.splitlines()[0]  # the dense figure next to the student's
     card = (tmp_path / "model" / "README.md").read_text()  # fit's final model carries a model card
-    assert card.startswith("---\nlibrary_name: transformers") and "sparsity inside kept experts | 6" in card  # 60% (one shot)
+    assert (
+        card.startswith("---\nlibrary_name: transformers") and "sparsity inside kept experts | 6" in card
+    )  # 60% (one shot)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("--trainer.callbacks.init_args.recipe.metric=nope", "recipe metric='nope' is not one of"),  # refused while the config is instantiated
-    ("--trainer.callbacks.init_args.schedule.end_step=100", "end_step=100 is after the fit's max_steps=60"),  # refused at setup, in trainer.fit
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "--trainer.callbacks.init_args.recipe.metric=nope",
+            "recipe metric='nope' is not one of",
+        ),  # refused while the config is instantiated
+        (
+            "--trainer.callbacks.init_args.schedule.end_step=100",
+            "end_step=100 is after the fit's max_steps=60",
+        ),  # refused at setup, in trainer.fit
+    ],
+)
 def test_cli_fit_reports_a_refused_config_in_one_line(override, message, tmp_path):
     command = [sys.executable, "-c", "import sys; from stun_lightning.cli import main; sys.exit(main())"]
-    result = subprocess.run([*command, "fit", "--config", str(CONFIGS / "fit_tiny.yaml"), override], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [*command, "fit", "--config", str(CONFIGS / "fit_tiny.yaml"), override],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
-    assert errors == [result.stderr.splitlines()[-1]] and errors[0].startswith("stun-lightning fit: error: ") and message in errors[0], result.stderr
+    assert (
+        errors == [result.stderr.splitlines()[-1]]
+        and errors[0].startswith("stun-lightning fit: error: ")
+        and message in errors[0]
+    ), result.stderr
 
 
 def test_cli_fit_keeps_the_traceback_of_an_error_not_raised_by_the_library(monkeypatch):
@@ -427,8 +491,17 @@ def test_cli_fit_keeps_the_traceback_of_an_error_not_raised_by_the_library(monke
 def test_owl_allocation_under_the_callback_spreads_the_target_over_layers(data):
     # the callback's OWL path once crashed at the first mask update ('list' object is not callable)
     mod = module()
-    stun = StunCallback(StunRecipe(expert_sparsity=0.0, sparsity=0.5, metric="wanda", allocation="owl", owl_lambda=0.2,
-                                   low_token_rule="magnitude"), SparsitySchedule("one_shot", start_step=2))
+    stun = StunCallback(
+        StunRecipe(
+            expert_sparsity=0.0,
+            sparsity=0.5,
+            metric="wanda",
+            allocation="owl",
+            owl_lambda=0.2,
+            low_token_rule="magnitude",
+        ),
+        SparsitySchedule("one_shot", start_step=2),
+    )
     make_trainer(max_steps=3, callbacks=[stun]).fit(mod, data)
     targets = stun.layer_targets
     assert len(targets) == len(moe_layers(mod.student)) and len(set(targets.values())) > 1

@@ -22,11 +22,16 @@ def saved(model, path):
 def test_default_prune_prints_the_table(capsys):
     assert main(["prune", *FAST]) == 0
     out = capsys.readouterr().out
-    for row in ("parameters (dense storage)", "sparsity over expert params (STUN)", "perplexity before", "perplexity after", "time total"):
+    for row in (
+        "parameters (dense storage)",
+        "sparsity over expert params (STUN)",
+        "perplexity before",
+        "perplexity after",
+        "time total",
+    ):
         assert row in out
     assert "32 -> " in out  # the shipped reference model: 4 MoE layers of 8 experts
     assert "auto split: held-out loss by removal fraction" in out  # the default chooses the split by its loss
-
 
 
 def test_a_pattern_or_inner_sparsity_flag_fixes_the_default_split(capsys):
@@ -35,10 +40,26 @@ def test_a_pattern_or_inner_sparsity_flag_fixes_the_default_split(capsys):
     out = capsys.readouterr().out
     assert out.count("| 8 -> 6 |") == 4 and "auto split" not in out
 
+
 def test_prune_writes_a_loadable_model_and_report(tmp_path, capsys):
     source = saved(build_tiny_model("qwen3_moe"), tmp_path / "src")
     out = tmp_path / "pruned"
-    code = main(["prune", "--model", source, "--out", str(out), "--layer-budget", "uniform", "--expert-sparsity", "0.25", "--sparsity", "0.5", *FAST])
+    code = main(
+        [
+            "prune",
+            "--model",
+            source,
+            "--out",
+            str(out),
+            "--layer-budget",
+            "uniform",
+            "--expert-sparsity",
+            "0.25",
+            "--sparsity",
+            "0.5",
+            *FAST,
+        ]
+    )
     assert code == 0
     report = json.loads((out / "stun_report.json").read_text())
     assert report["experts_after"] == {"0": 6, "1": 6}
@@ -59,7 +80,15 @@ def test_recipe_file_is_used(tmp_path, capsys):
 
 
 def bad_inputs(tmp_path):
-    llama = AutoModelForCausalLM.from_config(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=load_tokenizer().vocab_size + 1))
+    llama = AutoModelForCausalLM.from_config(
+        LlamaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            vocab_size=load_tokenizer().vocab_size + 1,
+        )
+    )
     odd = build_tiny_model("mixtral", intermediate_size=30)
     existing = tmp_path / "exists"
     existing.mkdir()
@@ -75,7 +104,19 @@ def bad_inputs(tmp_path):
     }
 
 
-@pytest.mark.parametrize("case", ["no MoE", "sparsity", "below top-k", "2:4 shape", "missing calib", "missing model", "missing recipe", "existing out"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "no MoE",
+        "sparsity",
+        "below top-k",
+        "2:4 shape",
+        "missing calib",
+        "missing model",
+        "missing recipe",
+        "existing out",
+    ],
+)
 def test_bad_input_gets_a_clear_error_and_writes_nothing(case, tmp_path, capsys):
     args, message = bad_inputs(tmp_path)[case]
     out = tmp_path / "out"
@@ -91,7 +132,11 @@ def test_bad_input_gets_a_clear_error_and_writes_nothing(case, tmp_path, capsys)
 def stun_lightning_command():
     """The installed console script (what a user runs), or the same entry point through this interpreter."""
     script = Path(sys.executable).with_name("stun-lightning")
-    return [str(script)] if script.exists() else [sys.executable, "-c", "import sys; from stun_lightning.cli import main; sys.exit(main())"]
+    return (
+        [str(script)]
+        if script.exists()
+        else [sys.executable, "-c", "import sys; from stun_lightning.cli import main; sys.exit(main())"]
+    )
 
 
 def test_default_prune_writes_no_warnings_to_stderr():

@@ -89,7 +89,10 @@ def test_shipped_texts_mix_three_domains_from_the_first_kilobytes():
 
 
 def test_token_stream_puts_eos_between_documents(tokenizer):
-    a, b = tokenizer("one two", add_special_tokens=False)["input_ids"], tokenizer("three", add_special_tokens=False)["input_ids"]
+    a, b = (
+        tokenizer("one two", add_special_tokens=False)["input_ids"],
+        tokenizer("three", add_special_tokens=False)["input_ids"],
+    )
     assert token_stream(tokenizer, ["one two", "three"]).tolist() == a + [tokenizer.eos_token_id] + b
 
 
@@ -134,7 +137,9 @@ def test_load_hub_dataset_through_local_json_and_text_builders(tmp_path):
     cache = str(tmp_path / "cache")
     docs = load_hub_dataset("json", text_field=("question", "answer"), data_files=str(gsm), cache_dir=cache)
     assert docs == read_texts(gsm)
-    assert load_hub_dataset("json", text_field="question", n_docs=1, data_files=str(gsm), cache_dir=cache) == [GSM[0]["question"]]
+    assert load_hub_dataset("json", text_field="question", n_docs=1, data_files=str(gsm), cache_dir=cache) == [
+        GSM[0]["question"]
+    ]
     with pytest.raises(KeyError, match="question"):
         load_hub_dataset("json", text_field="text", data_files=str(gsm), cache_dir=cache)
     txt = tmp_path / "lines.txt"

@@ -10,7 +10,14 @@ from lightning.pytorch import Callback, Trainer
 
 from stun_lightning import StunRecipe, keep_experts, moe_layers, prune
 from stun_lightning.callbacks import SparsitySchedule, StunCallback, StunDataModule, StunDistillModule
-from stun_lightning.distill import InForwardExpertMSE, MoECapture, expert_mse, init_expert_lambda, kept_from_removed, logit_kl
+from stun_lightning.distill import (
+    InForwardExpertMSE,
+    MoECapture,
+    expert_mse,
+    init_expert_lambda,
+    kept_from_removed,
+    logit_kl,
+)
 from stun_lightning.expert_masks import measured_sparsity
 from stun_lightning.tiny import build_tiny_model
 
@@ -127,14 +134,18 @@ class Losses(Callback):
         self.steps = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.steps.append({k: float(v) for k, v in pl_module.last_losses.items()} | {"lambda": float(pl_module.expert_lambda)})
+        self.steps.append(
+            {k: float(v) for k, v in pl_module.last_losses.items()} | {"lambda": float(pl_module.expert_lambda)}
+        )
 
 
 def test_lambda_is_ce_over_expert_at_the_first_step_and_the_teacher_never_changes(data):
     module = StunDistillModule("tiny:mixtral", teacher="copy", lr=1e-2, logit_kl_weight=0.5)
     teacher_before = {k: v.clone() for k, v in module.teacher.state_dict().items()}
     assert all(v.dtype == torch.bfloat16 for v in teacher_before.values() if v.is_floating_point())
-    stun = StunCallback(StunRecipe(expert_sparsity=0.25, sparsity=0.5, metric="magnitude"), SparsitySchedule("one_shot", start_step=0))
+    stun = StunCallback(
+        StunRecipe(expert_sparsity=0.25, sparsity=0.5, metric="magnitude"), SparsitySchedule("one_shot", start_step=0)
+    )
     losses = Losses()
     fit = trainer(max_steps=3, limit_val_batches=0, callbacks=[stun, losses])
     fit.fit(module, data)
@@ -155,7 +166,10 @@ def test_lambda_is_ce_over_expert_at_the_first_step_and_the_teacher_never_change
     assert measured_sparsity(module.student) == 0.5
 
 
-SYNTHETIC = ["cat", "dog", "fox", "owl", "bee", "elk", "yak", "emu"], ["red", "blue", "green", "black", "white", "brown"]
+SYNTHETIC = (
+    ["cat", "dog", "fox", "owl", "bee", "elk", "yak", "emu"],
+    ["red", "blue", "green", "black", "white", "brown"],
+)
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +177,10 @@ def trained(tmp_path_factory):
     """A tiny Mixtral trained for 20 steps on regular synthetic text (val ppl ~20 instead of ~8000)."""
     rng = random.Random(0)
     animals, colors = SYNTHETIC
-    text = "\n".join(f"The {rng.choice(colors)} {rng.choice(animals)} sees {rng.randint(2, 9)} {rng.choice(animals)}s." for _ in range(2000))
+    text = "\n".join(
+        f"The {rng.choice(colors)} {rng.choice(animals)} sees {rng.randint(2, 9)} {rng.choice(animals)}s."
+        for _ in range(2000)
+    )
     path = tmp_path_factory.mktemp("synthetic") / "train.txt"
     path.write_text(text, encoding="utf-8")
     dm = StunDataModule(train=str(path), seq_len=32, batch_size=4, max_val_blocks=8, seed=0)
@@ -193,7 +210,9 @@ def test_distillation_recovers_the_pruned_student(trained):
     module.expert_map = kept_from_removed(module.teacher, report.removed_experts)
     pruned_ppl = trainer().validate(module, dm, verbose=False)[0]["val_ppl"]
     # masks fixed during the fine-tune (MoE-Pruner): the callback keeps the pruned zeros at zero
-    stun = StunCallback(StunRecipe(expert_sparsity=0.0, sparsity=0.75, metric="magnitude"), SparsitySchedule("one_shot", start_step=0))
+    stun = StunCallback(
+        StunRecipe(expert_sparsity=0.0, sparsity=0.75, metric="magnitude"), SparsitySchedule("one_shot", start_step=0)
+    )
     losses = Losses()
     trainer(max_steps=8, limit_val_batches=0, callbacks=[stun, losses]).fit(module, dm)
     distilled_ppl = trainer().validate(module, dm, verbose=False)[0]["val_ppl"]
@@ -215,7 +234,10 @@ def test_a_student_pruned_elsewhere_needs_an_expert_map(data):
 
 def test_the_expert_map_is_the_trainers_stun_callback_sets_and_must_index_the_teacher(data):
     def stun():
-        return StunCallback(StunRecipe(expert_sparsity=0.25, layer_budget="uniform", sparsity=0.5, metric="magnitude"), SparsitySchedule("one_shot", start_step=0))
+        return StunCallback(
+            StunRecipe(expert_sparsity=0.25, layer_budget="uniform", sparsity=0.5, metric="magnitude"),
+            SparsitySchedule("one_shot", start_step=0),
+        )
 
     module, callback = StunDistillModule("tiny:mixtral", teacher="copy", teacher_dtype=None), stun()
     fit = trainer(max_steps=1, limit_val_batches=0, callbacks=[callback])
@@ -231,9 +253,16 @@ def test_the_expert_map_is_the_trainers_stun_callback_sets_and_must_index_the_te
 
 def test_lora_recovery_trains_adapters_only_and_keeps_the_masks(data):
     module = StunDistillModule(
-        "tiny:qwen3_moe", teacher="copy", teacher_dtype=None, lr=1e-2, lora={"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+        "tiny:qwen3_moe",
+        teacher="copy",
+        teacher_dtype=None,
+        lr=1e-2,
+        lora={"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
     )
-    stun = StunCallback(StunRecipe(expert_sparsity=0.25, layer_budget="uniform", sparsity=0.5, metric="magnitude"), SparsitySchedule("one_shot", start_step=0))
+    stun = StunCallback(
+        StunRecipe(expert_sparsity=0.25, layer_budget="uniform", sparsity=0.5, metric="magnitude"),
+        SparsitySchedule("one_shot", start_step=0),
+    )
     fit = trainer(max_steps=2, limit_val_batches=0, callbacks=[stun])
     fit.fit(module, data)
     trained = [p for opt in fit.optimizers for g in opt.param_groups for p in g["params"]]
@@ -247,7 +276,9 @@ def test_lora_recovery_trains_adapters_only_and_keeps_the_masks(data):
 def _heldout_expert_mse(student, teacher, ids):
     s_cap, t_cap = captured(student, teacher, ids)
     with torch.no_grad():
-        value = float(expert_mse(s_cap, t_cap, {layer.index: list(range(layer.num_experts)) for layer in moe_layers(student)}))
+        value = float(
+            expert_mse(s_cap, t_cap, {layer.index: list(range(layer.num_experts)) for layer in moe_layers(student)})
+        )
     s_cap.close(), t_cap.close()
     return value
 
@@ -265,7 +296,9 @@ def test_the_expert_term_drives_the_student_experts_towards_the_teacher(data):
     after = {}
     for weight in (None, 0.0):
         torch.manual_seed(0)
-        module = StunDistillModule(copy.deepcopy(pruned), teacher=copy.deepcopy(teacher), teacher_dtype=None, expert_weight=weight, lr=3e-3)
+        module = StunDistillModule(
+            copy.deepcopy(pruned), teacher=copy.deepcopy(teacher), teacher_dtype=None, expert_weight=weight, lr=3e-3
+        )
         trainer(max_steps=12, limit_val_batches=0).fit(module, data)
         after[weight] = _heldout_expert_mse(module.student, teacher, heldout)
     # cross-entropy alone pulls the experts far from their originals; the expert term holds them close

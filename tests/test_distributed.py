@@ -25,13 +25,22 @@ WORLD = 2
 TIMEOUT_S = 150  # the whole spawn; a hung collective fails the tests instead of hanging CI
 COLLECT = (ROUTING, NORMS, SALIENCY, LINEAR)
 KEEP_BLOCK_IO = 40  # more rows than rank 0's slice holds: the gathered rows span both ranks
-FIT_RECIPE = dict(expert_method="frequency", expert_sparsity=0.25, layer_budget="global", sparsity=0.5, metric="wanda", low_token_rule="magnitude")
+FIT_RECIPE = dict(
+    expert_method="frequency",
+    expert_sparsity=0.25,
+    layer_budget="global",
+    sparsity=0.5,
+    metric="wanda",
+    low_token_rule="magnitude",
+)
 
 
 def calibration_case():
     """Model and token ids of the calibration comparison (built identically in every process)."""
     model = build_tiny_model("qwen2_moe", seed=0)  # shared experts: dense linears too
-    ids = torch.randint(0, model.config.vocab_size, (7, 12), generator=torch.Generator().manual_seed(0))  # 7 rows: uneven split
+    ids = torch.randint(
+        0, model.config.vocab_size, (7, 12), generator=torch.Generator().manual_seed(0)
+    )  # 7 rows: uneven split
     return model, ids
 
 
@@ -63,13 +72,20 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
         dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
         model, ids = calibration_case()
-        stats = calibrate_distributed(model, ids, collect=COLLECT, batch_size=2, keep_block_io=KEEP_BLOCK_IO, progress=False)
+        stats = calibrate_distributed(
+            model, ids, collect=COLLECT, batch_size=2, keep_block_io=KEEP_BLOCK_IO, progress=False
+        )
         torch.save(stats_dict(stats), os.path.join(out_dir, f"calibration{rank}.pt"))
 
         # Lightning finds the process group above and WORLD_SIZE / LOCAL_RANK: it launches nothing
         dm = StunDataModule(seq_len=32, batch_size=2, max_train_blocks=16, max_val_blocks=2, seed=0)
         mod = StunDistillModule("tiny:mixtral", teacher=None, lr=1e-2, seed=0)
-        stun = StunCallback(StunRecipe(**FIT_RECIPE), SparsitySchedule("cubic", end_step=4), update_every=2, calibration=fit_calibration_ids())
+        stun = StunCallback(
+            StunRecipe(**FIT_RECIPE),
+            SparsitySchedule("cubic", end_step=4),
+            update_every=2,
+            calibration=fit_calibration_ids(),
+        )
         seen = []
 
         class Batches:  # the first token of each training batch: ranks must read different blocks
@@ -78,9 +94,18 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
         mod.on_train_batch_start = Batches().on_train_batch_start
         trainer = Trainer(
-            accelerator="cpu", devices=WORLD, strategy="ddp", max_steps=4, logger=False, enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-            default_root_dir=out_dir, callbacks=[stun],
+            accelerator="cpu",
+            devices=WORLD,
+            strategy="ddp",
+            max_steps=4,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            limit_val_batches=0,
+            default_root_dir=out_dir,
+            callbacks=[stun],
         )
         trainer.fit(mod, dm)
         torch.save(
@@ -109,7 +134,9 @@ def ranks(tmp_path_factory):
 
 def test_all_reduced_calibration_statistics_equal_the_single_process_ones(ranks):
     model, ids = calibration_case()
-    single = stats_dict(calibrate(model, ids, collect=COLLECT, batch_size=2, keep_block_io=KEEP_BLOCK_IO, progress=False))
+    single = stats_dict(
+        calibrate(model, ids, collect=COLLECT, batch_size=2, keep_block_io=KEEP_BLOCK_IO, progress=False)
+    )
     for got in ranks["calibration"]:
         assert got["tokens"] == single["tokens"] == ids.numel()
         assert got.keys() == single.keys()
@@ -127,7 +154,9 @@ def test_all_reduced_calibration_statistics_equal_the_single_process_ones(ranks)
                     assert torch.equal(have, want), (layer, name)
     # the statistics are not trivially equal: a rank's own half alone gives different counts
     half = calibrate(model, ids[:4], collect=(ROUTING,), progress=False)
-    assert not torch.equal(half[next(iter(half.layers))].expert_tokens, single[next(iter(half.layers))]["expert_tokens"])
+    assert not torch.equal(
+        half[next(iter(half.layers))].expert_tokens, single[next(iter(half.layers))]["expert_tokens"]
+    )
 
 
 def test_ddp_fit_ends_with_identical_expert_sets_and_masks_on_every_rank(ranks):

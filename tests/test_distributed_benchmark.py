@@ -13,8 +13,26 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_distributed_fit_benchmark_runs_and_its_resume_continues_the_loss_curve(tmp_path):
     out = tmp_path / "fit.md"
-    cmd = [sys.executable, "-m", "benchmarks.distributed_fit", "--devices", "2", "--accelerator", "cpu", "--tiny",
-           "--layers", "2", "--steps", "4", "--resume-steps", "4", "--workdir", str(tmp_path / "work"), "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.distributed_fit",
+        "--devices",
+        "2",
+        "--accelerator",
+        "cpu",
+        "--tiny",
+        "--layers",
+        "2",
+        "--steps",
+        "4",
+        "--resume-steps",
+        "4",
+        "--workdir",
+        str(tmp_path / "work"),
+        "--out",
+        str(out),
+    ]
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     text = out.read_text()

@@ -40,6 +40,11 @@ def test_ean_prunes_the_lowest_activation_norms():
     model = build_tiny_model("mixtral", seed=2)
     ids = random_ids(model, n=8, length=32)
     expected = direct_ean(model, ids)
-    report = prune(model, StunRecipe(expert_sparsity=0.25, expert_method="ean", layer_budget="uniform"), calibration=ids, progress=False)
+    report = prune(
+        model,
+        StunRecipe(expert_sparsity=0.25, expert_method="ean", layer_budget="uniform"),
+        calibration=ids,
+        progress=False,
+    )
     for i, removed in report.removed_experts.items():
         assert removed == [e for e in range(8) if e not in keep_top(expected[i], 6)]

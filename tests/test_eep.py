@@ -43,8 +43,16 @@ def test_eep_improves_on_its_start_and_beats_random_search_at_equal_forward_pass
     model = model_with_duplicates(layers=4)
     fitness = closeness_to(model, random_ids(model, n=4, length=16))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    eep = search(model, fitness, seed=0, max_init=4, prune_evaluations=10**4, total_evaluations=10**4,
-                 max_forward_passes=40, mutate_threshold=0.005)
+    eep = search(
+        model,
+        fitness,
+        seed=0,
+        max_init=4,
+        prune_evaluations=10**4,
+        total_evaluations=10**4,
+        max_forward_passes=40,
+        mutate_threshold=0.005,
+    )
     random = search(model, fitness, seed=0, max_init=39, prune_evaluations=40, total_evaluations=40)  # inits only
     assert eep.forward_passes <= 40 and random.forward_passes == 40
     assert eep.best_fitness > eep.archive[0][1]
@@ -81,7 +89,11 @@ def test_a_merged_candidate_becomes_real_expert_weights_that_save_and_load(tmp_p
     layers = moe_layers(model)
     groups = _Groups(layers, {layer.index: 6 for layer in layers}, groups=4)
     gen = torch.Generator().manual_seed(0)
-    M = [torch.eye(8, dtype=torch.float64)[[0, 2, 3, 5, 6, 7]] + 0.2 * torch.rand(6, 8, generator=gen, dtype=torch.float64) for _ in groups.layers]
+    M = [
+        torch.eye(8, dtype=torch.float64)[[0, 2, 3, 5, 6, 7]]
+        + 0.2 * torch.rand(6, 8, generator=gen, dtype=torch.float64)
+        for _ in groups.layers
+    ]
     T = [[0, 2, 2, 5, 7, 6], [1, 2, 3, 4, 5, 6]]
     cand = Candidate(M, T)
     with groups.installed(cand):
@@ -102,7 +114,12 @@ def test_eep_through_prune_with_the_default_loss_fitness_round_trips(tmp_path):
     state = tmp_path / "search.pt"
     options = dict(max_init=3, prune_evaluations=6, total_evaluations=14, crossover_rank=2, state_path=str(state))
     pruned = clone(model)
-    report = prune(pruned, StunRecipe(expert_sparsity=0.25, expert_method="eep", layer_budget="uniform", method_options=options), calibration=ids, progress=False)
+    report = prune(
+        pruned,
+        StunRecipe(expert_sparsity=0.25, expert_method="eep", layer_budget="uniform", method_options=options),
+        calibration=ids,
+        progress=False,
+    )
     assert all(len(r) == 2 for r in report.removed_experts.values())
     archive = torch.load(state, weights_only=False)["archive"]
     best = max(f for *_, f in archive)
@@ -123,4 +140,6 @@ def test_bad_settings_fail_clearly():
     with pytest.raises(ValueError, match="finite"):
         search(model, lambda m: float("nan"), total_evaluations=2)
     with pytest.raises(ValueError, match="layer_budget='uniform'"):
-        prune(model, StunRecipe(expert_sparsity=0.25, expert_method="eep"), calibration=random_ids(model), progress=False)
+        prune(
+            model, StunRecipe(expert_sparsity=0.25, expert_method="eep"), calibration=random_ids(model), progress=False
+        )

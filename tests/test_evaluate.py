@@ -135,7 +135,9 @@ def test_accuracy_counts_argmax_hits(ids):
     assert next_token_accuracy(model, x, seq_len=64, progress=False) == pytest.approx(expected)
     with torch.no_grad():
         model.lm_head.weight.zero_()  # all-zero logits: argmax is token 0 (eos)
-    assert next_token_accuracy(model, x, seq_len=64, progress=False) == pytest.approx((x[1:] == 0).float().mean().item())
+    assert next_token_accuracy(model, x, seq_len=64, progress=False) == pytest.approx(
+        (x[1:] == 0).float().mean().item()
+    )
 
 
 def test_bad_inputs_raise(tokenizer, ids):

@@ -23,7 +23,12 @@ has_compiler = shutil.which("g++") or shutil.which("c++")
 def pruned_24(family="mixtral", layer_budget="uniform", seed=0):
     model = build_tiny_model(family, seed=seed, num_hidden_layers=3 if family != "deepseek_v3" else 4)
     ids = random_ids(model, n=4, length=16)
-    prune(model, StunRecipe(expert_sparsity=0.25, pattern="2:4", metric="magnitude", layer_budget=layer_budget), calibration=ids, progress=False)
+    prune(
+        model,
+        StunRecipe(expert_sparsity=0.25, pattern="2:4", metric="magnitude", layer_budget=layer_budget),
+        calibration=ids,
+        progress=False,
+    )
     return model.eval(), ids
 
 
@@ -53,7 +58,10 @@ def test_sparse_export_round_trips_without_recompressing(family, tmp_path, monke
     loaded = load_exported(path)
     assert is_sparsified(loaded) and not any("gate_up_proj" in e._parameters for _, e, _ in expert_modules(loaded))
     torch.testing.assert_close(logits(loaded, ids), expected)
-    torch.testing.assert_close(loaded.generate(ids[:1, :6], max_new_tokens=4, do_sample=False), model.generate(ids[:1, :6], max_new_tokens=4, do_sample=False))
+    torch.testing.assert_close(
+        loaded.generate(ids[:1, :6], max_new_tokens=4, do_sample=False),
+        model.generate(ids[:1, :6], max_new_tokens=4, do_sample=False),
+    )
 
 
 def test_sparse_export_is_smaller_and_keeps_per_layer_counts(tmp_path):
@@ -68,8 +76,12 @@ def test_sparse_export_is_smaller_and_keeps_per_layer_counts(tmp_path):
     loaded = load_exported(sparse)
     assert [e.num_experts for _, e, _ in expert_modules(loaded)] == [7, 4, 8]
     torch.testing.assert_close(logits(loaded, ids), expected)
-    hf_experts = sum(v.numel() * v.element_size() for k, v in load_file(hf / "model.safetensors").items() if ".experts." in k)
-    sparse_experts = sum(v.numel() * v.element_size() for k, v in load_file(sparse / WEIGHTS_NAME).items() if ".experts." in k)
+    hf_experts = sum(
+        v.numel() * v.element_size() for k, v in load_file(hf / "model.safetensors").items() if ".experts." in k
+    )
+    sparse_experts = sum(
+        v.numel() * v.element_size() for k, v in load_file(sparse / WEIGHTS_NAME).items() if ".experts." in k
+    )
     assert sparse_experts <= 0.5625 * hf_experts
 
 
@@ -78,12 +90,19 @@ def test_sparse_checkpoint_refuses_missing_or_unused_tensors_and_plain_loading(t
     path = export(model, tmp_path / "sparse", "sparse")
     with pytest.raises(OSError):  # plain transformers finds no weights it knows, instead of re-initialising experts
         AutoModelForCausalLM.from_pretrained(path)
-    assert_refuses_tampered_checkpoint(path, WEIGHTS_NAME, lambda k: k.endswith("experts.down_proj_meta"), "down_proj_meta", load_exported)
+    assert_refuses_tampered_checkpoint(
+        path, WEIGHTS_NAME, lambda k: k.endswith("experts.down_proj_meta"), "down_proj_meta", load_exported
+    )
 
 
 def test_export_refuses_non_24_and_existing_outputs(tmp_path):
     model = build_tiny_model("mixtral")
-    prune(model, StunRecipe(expert_sparsity=0.25, sparsity=0.5, metric="magnitude", layer_budget="uniform"), calibration=random_ids(model), progress=False)
+    prune(
+        model,
+        StunRecipe(expert_sparsity=0.25, sparsity=0.5, metric="magnitude", layer_budget="uniform"),
+        calibration=random_ids(model),
+        progress=False,
+    )
     with pytest.raises(Not24SparseError, match='pattern: "2:4"'):
         export(model, tmp_path / "s", "aoti")
     assert not (tmp_path / "s").exists() and not is_sparsified(model)
@@ -115,15 +134,26 @@ def test_cli_export_hf_and_sparse(tmp_path, capsys):
 
 def test_cli_export_bad_inputs(tmp_path, capsys):
     unstructured = build_tiny_model("mixtral")
-    prune(unstructured, StunRecipe(expert_sparsity=0.25, sparsity=0.5, metric="magnitude", layer_budget="uniform"), calibration=random_ids(unstructured), progress=False)
+    prune(
+        unstructured,
+        StunRecipe(expert_sparsity=0.25, sparsity=0.5, metric="magnitude", layer_budget="uniform"),
+        calibration=random_ids(unstructured),
+        progress=False,
+    )
     source = saved(unstructured, tmp_path / "unstructured")
     (tmp_path / "exists").mkdir()
     capsys.readouterr()
     cases = {
-        "not 2:4": (["--model", source, "--format", "aoti", "--out", str(tmp_path / "o1")], 'layer 0 gate_up_proj is not 2:4 sparse'),
+        "not 2:4": (
+            ["--model", source, "--format", "aoti", "--out", str(tmp_path / "o1")],
+            "layer 0 gate_up_proj is not 2:4 sparse",
+        ),
         "names the fix": (["--model", source, "--format", "aoti", "--out", str(tmp_path / "o2")], 'pattern: "2:4"'),
         "existing out": (["--model", source, "--format", "hf", "--out", str(tmp_path / "exists")], "--overwrite"),
-        "missing model": (["--model", str(tmp_path / "nope"), "--format", "hf", "--out", str(tmp_path / "o3")], "does not exist"),
+        "missing model": (
+            ["--model", str(tmp_path / "nope"), "--format", "hf", "--out", str(tmp_path / "o3")],
+            "does not exist",
+        ),
     }
     for name, (args, message) in cases.items():
         assert main(["export", *args]) == 2, name

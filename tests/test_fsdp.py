@@ -28,9 +28,18 @@ from stun_lightning.tiny import build_tiny_model
 WORLD = 2
 TIMEOUT_S = 150  # the whole spawn; a hung collective fails the tests instead of hanging CI
 # 8 -> 5 experts per layer: 5 rows do not split evenly over 2 ranks (FSDP2 shards of 3 and 2)
-RECIPE = dict(expert_method="frequency", expert_sparsity=0.375, layer_budget="uniform", sparsity=0.5, metric="wanda", low_token_rule="magnitude")
+RECIPE = dict(
+    expert_method="frequency",
+    expert_sparsity=0.375,
+    layer_budget="uniform",
+    sparsity=0.5,
+    metric="wanda",
+    low_token_rule="magnitude",
+)
 RESUME_FROM = "step=2"
-gpus = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < WORLD, reason="NCCL FSDP2 needs 2 CUDA GPUs")
+gpus = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.device_count() < WORLD, reason="NCCL FSDP2 needs 2 CUDA GPUs"
+)
 
 
 def calibration_ids():
@@ -54,17 +63,25 @@ class Probe:
                 self.start = self.end = None
 
             def on_train_start(self, trainer, pl_module):
-                self.start = {"kept": dict(stun.kept_experts), "masks": {k: v.clone() for k, v in stun.masks.masks.items()}, "step": trainer.global_step}
+                self.start = {
+                    "kept": dict(stun.kept_experts),
+                    "masks": {k: v.clone() for k, v in stun.masks.masks.items()},
+                    "step": trainer.global_step,
+                }
                 opt = trainer.optimizers[0]
                 opt.register_step_post_hook(lambda o, a, k: self._check(o))
                 teacher = mod.teacher
                 in_optimizer = {id(p) for g in opt.param_groups for p in g["params"]}
-                self.teacher = None if teacher is None else {
-                    "sharded": is_sharded(teacher),
-                    "frozen": not any(p.requires_grad for p in teacher.parameters()),
-                    "in_optimizer": any(id(p) in in_optimizer for p in teacher.parameters()),
-                    "training": teacher.training,
-                }
+                self.teacher = (
+                    None
+                    if teacher is None
+                    else {
+                        "sharded": is_sharded(teacher),
+                        "frozen": not any(p.requires_grad for p in teacher.parameters()),
+                        "in_optimizer": any(id(p) in in_optimizer for p in teacher.parameters()),
+                        "training": teacher.training,
+                    }
+                )
 
             def _check(self, optimizer):
                 self.steps += 1
@@ -72,7 +89,11 @@ class Probe:
                     return
                 self.masked_steps += 1
                 for param, mask in iter_masked(stun.target(mod), stun.masks):
-                    tensors = [param] + [v for v in optimizer.state.get(param, {}).values() if torch.is_tensor(v) and v.shape == param.shape]
+                    tensors = [param] + [
+                        v
+                        for v in optimizer.state.get(param, {}).values()
+                        if torch.is_tensor(v) and v.shape == param.shape
+                    ]
                     self.violations += sum(int(local_view(t.detach())[~mask].abs().sum() > 0) for t in tensors)
 
             def on_train_end(self, trainer, pl_module):
@@ -84,16 +105,27 @@ class Probe:
                     for name in ("gate_up_proj", "down_proj"):
                         p = getattr(layer.experts, name)
                         state = opt.state[p]
-                        shards.append({
-                            "key": f"{layer.index}.{name}", "sharded": is_sharded(p), "local": local_view(p.detach()).cpu(),
-                            "mask": stun.masks.local(layer.index, name, p, layer.adapter.transposed).cpu(),
-                            "exp_avg": local_view(state["exp_avg"]).cpu(), "exp_avg_sq": local_view(state["exp_avg_sq"]).cpu(),
-                        })
+                        shards.append(
+                            {
+                                "key": f"{layer.index}.{name}",
+                                "sharded": is_sharded(p),
+                                "local": local_view(p.detach()).cpu(),
+                                "mask": stun.masks.local(layer.index, name, p, layer.adapter.transposed).cpu(),
+                                "exp_avg": local_view(state["exp_avg"]).cpu(),
+                                "exp_avg_sq": local_view(state["exp_avg_sq"]).cpu(),
+                            }
+                        )
                 self.end = {
-                    "kept": dict(stun.kept_experts), "masks": {k: v.cpu() for k, v in stun.masks.masks.items()}, "shards": shards,
-                    "full": {k: full(v.detach()).cpu() for k, v in model.state_dict().items()},  # every rank, same order
-                    "step": trainer.global_step, "report_sparsity": stun.report.within_expert_sparsity,
-                    "losses": {k: float(v) for k, v in mod.last_losses.items()}, "lambda": float(mod.expert_lambda),
+                    "kept": dict(stun.kept_experts),
+                    "masks": {k: v.cpu() for k, v in stun.masks.masks.items()},
+                    "shards": shards,
+                    "full": {
+                        k: full(v.detach()).cpu() for k, v in model.state_dict().items()
+                    },  # every rank, same order
+                    "step": trainer.global_step,
+                    "report_sparsity": stun.report.within_expert_sparsity,
+                    "losses": {k: float(v) for k, v in mod.last_losses.items()},
+                    "lambda": float(mod.expert_lambda),
                 }
 
         return _Probe()
@@ -103,26 +135,52 @@ def _fit(device, out_dir, *, max_steps, ckpt_path=None, set_ckpt_path=False):
     from lightning.pytorch import Trainer
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from stun_lightning.callbacks import FSDP2Strategy, SparsitySchedule, StunCallback, StunDataModule, StunDistillModule
+    from stun_lightning.callbacks import (
+        FSDP2Strategy,
+        SparsitySchedule,
+        StunCallback,
+        StunDataModule,
+        StunDistillModule,
+    )
 
     dm = StunDataModule(seq_len=32, batch_size=2, max_train_blocks=16, max_val_blocks=2, seed=0)
     mod = StunDistillModule("tiny:mixtral", teacher="copy", teacher_dtype=None, logit_kl_weight=0.1, lr=1e-2, seed=0)
     stun = StunCallback(
-        StunRecipe(**RECIPE), SparsitySchedule("cubic", end_step=4), update_every=2, calibration=calibration_ids(),
+        StunRecipe(**RECIPE),
+        SparsitySchedule("cubic", end_step=4),
+        update_every=2,
+        calibration=calibration_ids(),
         save_dir=os.path.join(out_dir, "model" if ckpt_path is None else f"model_resumed{int(set_ckpt_path)}"),
     )
     probe = Probe.make(stun, mod)
-    ckpt = ModelCheckpoint(dirpath=os.path.join(out_dir, "ckpt"), filename="{step}", every_n_train_steps=2, save_top_k=-1)
+    ckpt = ModelCheckpoint(
+        dirpath=os.path.join(out_dir, "ckpt"), filename="{step}", every_n_train_steps=2, save_top_k=-1
+    )
     trainer = Trainer(
-        accelerator=device, devices=WORLD, strategy=FSDP2Strategy(), precision="bf16-mixed", max_steps=max_steps,
-        logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-        default_root_dir=out_dir, callbacks=[stun, probe, ckpt],
+        accelerator=device,
+        devices=WORLD,
+        strategy=FSDP2Strategy(),
+        precision="bf16-mixed",
+        max_steps=max_steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        default_root_dir=out_dir,
+        callbacks=[stun, probe, ckpt],
     )
     if set_ckpt_path:  # known at setup: the expert sets are replayed from the checkpoint, not chosen again
         trainer.ckpt_path, ckpt_path = ckpt_path, None
     trainer.fit(mod, dm, ckpt_path=ckpt_path)
-    return {"start": probe.start, "end": probe.end, "steps": probe.steps, "masked_steps": probe.masked_steps,
-            "violations": probe.violations, "teacher": probe.teacher}
+    return {
+        "start": probe.start,
+        "end": probe.end,
+        "steps": probe.steps,
+        "masked_steps": probe.masked_steps,
+        "violations": probe.violations,
+        "teacher": probe.teacher,
+    }
 
 
 def _meta_init_fit(device):
@@ -136,14 +194,25 @@ def _meta_init_fit(device):
         student = build_tiny_model("qwen3_moe", seed=0)
     mod = StunDistillModule(student, teacher=None, lr=1e-2)
     trainer = Trainer(
-        accelerator=device, devices=WORLD, strategy=FSDP2Strategy(), max_steps=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+        accelerator=device,
+        devices=WORLD,
+        strategy=FSDP2Strategy(),
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
     )
     trainer.fit(mod, StunDataModule(seq_len=32, batch_size=2, max_train_blocks=4, max_val_blocks=2, seed=0))
     params = list(mod.student.parameters())
     return {
-        "meta": has_meta(mod.student), "sharded": is_sharded(mod.student), "finite": all(bool(torch.isfinite(local_view(p)).all()) for p in params),
-        "loss": float(mod.last_losses["total"]), "inv_freq": mod.student.model.rotary_emb.inv_freq.cpu(),
+        "meta": has_meta(mod.student),
+        "sharded": is_sharded(mod.student),
+        "finite": all(bool(torch.isfinite(local_view(p)).all()) for p in params),
+        "loss": float(mod.last_losses["total"]),
+        "inv_freq": mod.student.model.rotary_emb.inv_freq.cpu(),
     }
 
 
@@ -153,13 +222,18 @@ def _worker(rank: int, port: int, out_dir: str, device: str) -> None:
         if device == "cuda":
             torch.cuda.set_device(rank)
         # Lightning finds this process group and LOCAL_RANK / WORLD_SIZE: it launches nothing
-        dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
+        dist.init_process_group(
+            "nccl" if device == "cuda" else "gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60)
+        )
         first = _fit(device, out_dir, max_steps=4)
         ckpt = Path(out_dir) / "ckpt" / f"{RESUME_FROM}.ckpt"
         resumed = _fit(device, out_dir, max_steps=6, ckpt_path=str(ckpt), set_ckpt_path=True)
         again = _fit(device, out_dir, max_steps=5, ckpt_path=str(ckpt))  # chosen again, checked before loading
         meta = _meta_init_fit(device)
-        torch.save({"first": first, "resumed": resumed, "again": again, "meta": meta, "ckpt": str(ckpt)}, os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save(
+            {"first": first, "resumed": resumed, "again": again, "meta": meta, "ckpt": str(ckpt)},
+            os.path.join(out_dir, f"rank{rank}.pt"),
+        )
 
 
 @pytest.fixture(scope="module", params=["cpu", pytest.param("cuda", marks=gpus)])
@@ -211,7 +285,13 @@ def test_masks_hold_after_every_optimizer_step_on_every_shard(ranks):
 
 def test_teacher_is_sharded_frozen_and_outside_the_optimizer(ranks):
     for r in ranks["ranks"]:
-        assert r["first"]["teacher"] == {"sharded": True, "frozen": True, "in_optimizer": False, "training": False, "resharded": True}
+        assert r["first"]["teacher"] == {
+            "sharded": True,
+            "frozen": True,
+            "in_optimizer": False,
+            "training": False,
+            "resharded": True,
+        }
 
 
 def test_rank_zero_saves_one_consolidated_directory_that_loads_as_the_gathered_weights(ranks):
@@ -230,7 +310,11 @@ def test_rank_zero_saves_one_consolidated_directory_that_loads_as_the_gathered_w
 def test_resume_from_the_sharded_checkpoint_restores_expert_sets_and_masks_and_continues(ranks):
     ckpt = Path(ranks["ranks"][0]["ckpt"])
     assert ckpt.is_dir() and len(list(ckpt.glob("*.distcp"))) == WORLD  # one shard file per rank
-    saved = next(v for k, v in torch.load(ckpt / "meta.pt", weights_only=False)["callbacks"].items() if k.startswith("StunCallback"))
+    saved = next(
+        v
+        for k, v in torch.load(ckpt / "meta.pt", weights_only=False)["callbacks"].items()
+        if k.startswith("StunCallback")
+    )
     saved_masks = ExpertMasks.from_state_dict(saved["masks"])
     assert saved_masks and saved["last_update_step"] == 2
     for r in ranks["ranks"]:
@@ -246,7 +330,12 @@ def test_resume_from_the_sharded_checkpoint_restores_expert_sets_and_masks_and_c
     assert (ranks["out"] / "model_resumed1" / "config.json").is_file()
     from stun_lightning.callbacks.resume import callback_state_in
 
-    assert callback_state_in(ckpt, next(k for k in torch.load(ckpt / "meta.pt", weights_only=False)["callbacks"]))["kept_experts"] == saved["kept_experts"]
+    assert (
+        callback_state_in(ckpt, next(k for k in torch.load(ckpt / "meta.pt", weights_only=False)["callbacks"]))[
+            "kept_experts"
+        ]
+        == saved["kept_experts"]
+    )
 
 
 def test_a_resume_that_chooses_the_experts_again_is_checked_against_the_checkpoint(ranks):
@@ -295,7 +384,11 @@ def test_fsdp_needs_the_whole_world_on_the_data_parallel_axis():
 
 
 def test_a_sharded_checkpoint_with_other_expert_sets_is_refused_before_any_tensor_loads(tmp_path):
-    from stun_lightning.callbacks.resume import callback_state_in, check_expert_sets_before_load, intercept_strategy_load
+    from stun_lightning.callbacks.resume import (
+        callback_state_in,
+        check_expert_sets_before_load,
+        intercept_strategy_load,
+    )
 
     ckpt = tmp_path / "step=2.ckpt"
     ckpt.mkdir()
@@ -308,7 +401,10 @@ def test_a_sharded_checkpoint_with_other_expert_sets_is_refused_before_any_tenso
             loaded.append(path)
 
     strategy = Strategy()
-    undo = intercept_strategy_load(strategy, lambda path: check_expert_sets_before_load(path, callback_state_in(path, "StunCallback"), {0: [0, 1, 3]}))
+    undo = intercept_strategy_load(
+        strategy,
+        lambda path: check_expert_sets_before_load(path, callback_state_in(path, "StunCallback"), {0: [0, 1, 3]}),
+    )
     with pytest.raises(RuntimeError, match=r"trainer.ckpt_path = .*before trainer.fit"):
         strategy.load_checkpoint(ckpt)
     assert loaded == []
@@ -334,8 +430,17 @@ def test_cli_fit_with_the_fsdp_config_on_two_cpu_processes(tmp_path):
     checkpoint["dirpath"], checkpoint["every_n_train_steps"] = str(tmp_path / "checkpoints"), 2
     (tmp_path / "fit.yaml").write_text(yaml.safe_dump(config))
     cmd = [
-        sys.executable, "-m", "stun_lightning.callbacks.cli", "fit", "--config", str(tmp_path / "fit.yaml"), "--trainer.devices=2",
-        "--trainer.accelerator=cpu", "--trainer.max_steps=4", "--trainer.val_check_interval=4", "--data.max_train_blocks=16",
+        sys.executable,
+        "-m",
+        "stun_lightning.callbacks.cli",
+        "fit",
+        "--config",
+        str(tmp_path / "fit.yaml"),
+        "--trainer.devices=2",
+        "--trainer.accelerator=cpu",
+        "--trainer.max_steps=4",
+        "--trainer.val_check_interval=4",
+        "--data.max_train_blocks=16",
         "--model.lambda_init_step=0",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

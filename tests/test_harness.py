@@ -13,7 +13,24 @@ pytest.importorskip("lm_eval", reason="lm-evaluation-harness not installed: pip 
 @pytest.fixture(scope="module")
 def heavily_pruned(tmp_path_factory):
     out = tmp_path_factory.mktemp("pruned") / "model"
-    code = main(["prune", "--out", str(out), "--quiet", "--expert-sparsity", "0.5", "--sparsity", "0.7", "--calibration-samples", "8", "--calibration-seq-len", "64", "--eval-tokens", "0"])
+    code = main(
+        [
+            "prune",
+            "--out",
+            str(out),
+            "--quiet",
+            "--expert-sparsity",
+            "0.5",
+            "--sparsity",
+            "0.7",
+            "--calibration-samples",
+            "8",
+            "--calibration-seq-len",
+            "64",
+            "--eval-tokens",
+            "0",
+        ]
+    )
     assert code == 0
     return out
 
@@ -22,7 +39,23 @@ def test_shipped_tasks_give_numbers_that_differ_after_pruning(heavily_pruned, tm
     results = tmp_path / "results.json"
     dense = str(ASSETS_DIR / "reference")  # the shipped model, unpruned
     tasks = "stun_wikitext2,stun_cloze,stun_gsm8k"
-    code = main(["eval", "--model", str(heavily_pruned), "--baseline", dense, "--tokenizer", str(ASSETS_DIR / "tokenizer"), "--tasks", tasks, "--limit", "2", "--output", str(results)])
+    code = main(
+        [
+            "eval",
+            "--model",
+            str(heavily_pruned),
+            "--baseline",
+            dense,
+            "--tokenizer",
+            str(ASSETS_DIR / "tokenizer"),
+            "--tasks",
+            tasks,
+            "--limit",
+            "2",
+            "--output",
+            str(results),
+        ]
+    )
     assert code == 0
     data = json.loads(results.read_text())
     pruned, dense = data["tasks"], data["baseline"]["tasks"]
@@ -31,15 +64,21 @@ def test_shipped_tasks_give_numbers_that_differ_after_pruning(heavily_pruned, tm
         assert pruned[task] and all(isinstance(v, float) for v in pruned[task].values())
     assert "exact_match,strict-match" in pruned["stun_gsm8k"]
     assert 1.0 < dense["stun_wikitext2"]["word_perplexity,none"] < pruned["stun_wikitext2"]["word_perplexity,none"]
-    assert dense["stun_cloze"] != pruned["stun_cloze"] or dense["stun_wikitext2"]["bits_per_byte,none"] != pruned["stun_wikitext2"]["bits_per_byte,none"]
+    assert (
+        dense["stun_cloze"] != pruned["stun_cloze"]
+        or dense["stun_wikitext2"]["bits_per_byte,none"] != pruned["stun_wikitext2"]["bits_per_byte,none"]
+    )
     out = capsys.readouterr().out
     assert "| stun_wikitext2 | word_perplexity,none |" in out and "baseline" in out
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--tasks", "no_such_task_xyz"], "unknown lm-eval task(s) no_such_task_xyz"),
-    (["--tasks", "stun_cloze", "--include-path", "/no/such/dir"], "--include-path /no/such/dir is not a directory"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--tasks", "no_such_task_xyz"], "unknown lm-eval task(s) no_such_task_xyz"),
+        (["--tasks", "stun_cloze", "--include-path", "/no/such/dir"], "--include-path /no/such/dir is not a directory"),
+    ],
+)
 def test_missing_task_or_include_path_is_a_one_line_error(extra, message, capsys):
     assert main(["eval", *extra, "--limit", "1"]) == 2
     err = capsys.readouterr().err.strip()

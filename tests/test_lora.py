@@ -22,7 +22,9 @@ EXPERT_TARGETS = ["experts.gate_up_proj", "experts.down_proj"]
 
 
 def wrapped(model, **lora):
-    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], target_parameters=EXPERT_TARGETS, **lora))
+    return get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], target_parameters=EXPERT_TARGETS, **lora)
+    )
 
 
 def test_a_peft_wrapped_moe_exposes_its_experts_and_calibrates_like_the_plain_one():
@@ -50,9 +52,13 @@ def test_expert_outputs_read_the_adapted_weights_inside_lora_adapted():
     index = torch.arange(6).remainder(layer.num_experts)[:, None]
     with torch.no_grad():
         forward = layer.block.experts(x, index, torch.ones(6, 1))  # through peft's wrappers
-        base = torch.stack([layer.adapter.expert_output(layer.experts, int(e), x[t : t + 1])[0] for t, e in enumerate(index[:, 0])])
+        base = torch.stack(
+            [layer.adapter.expert_output(layer.experts, int(e), x[t : t + 1])[0] for t, e in enumerate(index[:, 0])]
+        )
         with lora_adapted([layer]):
-            adapted = torch.stack([layer.adapter.expert_output(layer.experts, int(e), x[t : t + 1])[0] for t, e in enumerate(index[:, 0])])
+            adapted = torch.stack(
+                [layer.adapter.expert_output(layer.experts, int(e), x[t : t + 1])[0] for t, e in enumerate(index[:, 0])]
+            )
     torch.testing.assert_close(adapted, forward)
     assert (base - forward).abs().max() > 1e-3  # outside the context LoRA is not applied
     assert not hasattr(layer.experts, "parametrizations")  # and nothing is left registered
@@ -83,12 +89,16 @@ def fit(module, data, steps, callbacks=()):
 
 @pytest.fixture(scope="module")
 def one_batch():
-    dm = StunDataModule(seq_len=32, batch_size=4, max_train_blocks=4, max_val_blocks=2, seed=0)  # the same batch every step
+    dm = StunDataModule(
+        seq_len=32, batch_size=4, max_train_blocks=4, max_val_blocks=2, seed=0
+    )  # the same batch every step
     dm.setup()
     return dm
 
 
-def test_lora_distillation_of_a_pruned_student_trains_adapters_only_and_merges_without_undoing_pruning(one_batch, tmp_path):
+def test_lora_distillation_of_a_pruned_student_trains_adapters_only_and_merges_without_undoing_pruning(
+    one_batch, tmp_path
+):
     module = StunDistillModule(
         "tiny:qwen3_moe", teacher="copy", teacher_dtype=None, lr=1e-2, min_lr_ratio=1.0, ce_weight=0.0, expert_weight=1.0,
         lora={"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}, lora_experts=True,
@@ -109,9 +119,15 @@ def test_lora_distillation_of_a_pruned_student_trains_adapters_only_and_merges_w
     lora_params = {n: p for n, p in student.named_parameters() if "lora_" in n}
     assert trained == {id(p) for p in lora_params.values()}
     assert sum("experts" in n for n in lora_params) == 2 * 2 * 2  # A and B of both expert tensors, two layers
-    after = {k.replace("base_model.model.", "").replace(".base_layer", ""): v for k, v in student.state_dict().items() if "lora_" not in k}
+    after = {
+        k.replace("base_model.model.", "").replace(".base_layer", ""): v
+        for k, v in student.state_dict().items()
+        if "lora_" not in k
+    }
     assert after.keys() == base_before.keys()
-    assert all(torch.equal(after[k], base_before[k]) for k in base_before)  # base weights untouched, pruned zeros included
+    assert all(
+        torch.equal(after[k], base_before[k]) for k in base_before
+    )  # base weights untouched, pruned zeros included
     assert any(lora_params[n].abs().sum() > 0 for n in lora_params if "experts" in n and "lora_B" in n)
     totals = [s["total"] for s in losses.steps]
     assert totals[-1] < 0.7 * totals[0]  # the expert-wise loss alone (ce_weight=0) falls through the expert adapters
@@ -139,7 +155,10 @@ def test_with_the_stun_callback_expert_lora_is_merged_and_masked_at_fit_end(one_
         lora={"r": 4, "lora_alpha": 8, "init_lora_weights": False}, lora_experts=True,
     )  # fmt: skip
     assert module.lora["target_modules"] == [] and module.lora["target_parameters"] == EXPERT_TARGETS
-    stun = StunCallback(StunRecipe(expert_sparsity=0.25, layer_budget="uniform", sparsity=0.5, metric="magnitude"), SparsitySchedule("one_shot", start_step=0))
+    stun = StunCallback(
+        StunRecipe(expert_sparsity=0.25, layer_budget="uniform", sparsity=0.5, metric="magnitude"),
+        SparsitySchedule("one_shot", start_step=0),
+    )
     losses = Losses()
     fit(module, one_batch, 3, [stun, losses])
     assert all(s["expert"] > 0 for s in losses.steps)

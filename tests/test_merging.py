@@ -12,11 +12,22 @@ from conftest import DUPLICATES, logits, model_with_duplicates, random_ids
 
 
 def recipe(merge="frequency", **kwargs):
-    return StunRecipe(**{"expert_sparsity": 0.25, "expert_method": "frequency", "layer_budget": "uniform", "expert_merge": merge, "batch_size": 4, **kwargs})
+    return StunRecipe(
+        **{
+            "expert_sparsity": 0.25,
+            "expert_method": "frequency",
+            "layer_budget": "uniform",
+            "expert_merge": merge,
+            "batch_size": 4,
+            **kwargs,
+        }
+    )
 
 
 def test_merging_identical_experts_keeps_the_function_exactly():
-    model = model_with_duplicates("mixtral", top_k=1, noise=0.0)  # top-1, renormalised: a copy's tokens go to its source
+    model = model_with_duplicates(
+        "mixtral", top_k=1, noise=0.0
+    )  # top-1, renormalised: a copy's tokens go to its source
     ids = random_ids(model, n=4, length=32)
     dense = copy.deepcopy(model)
     keep = {layer.index: [e for e in range(layer.num_experts) if e not in DUPLICATES] for layer in moe_layers(model)}

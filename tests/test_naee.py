@@ -57,13 +57,20 @@ def test_naee_finds_the_exact_best_subset_by_brute_force(family):
     expected, stats = brute_force_losses(model, ids, 2, all_drops(2))
     losses = expected[layer.index]
     pruned = clone(model)
-    report = prune(pruned, StunRecipe(expert_sparsity=0.25, expert_method="naee", layer_budget="uniform", batch_size=2), calibration=ids, progress=False)
+    report = prune(
+        pruned,
+        StunRecipe(expert_sparsity=0.25, expert_method="naee", layer_budget="uniform", batch_size=2),
+        calibration=ids,
+        progress=False,
+    )
     best = min(losses, key=losses.get)
     assert tuple(report.removed_experts[layer.index]) == best
     ranked = sorted(losses.values())
     assert ranked[0] < ranked[1]  # a real optimum, not a tie
     # and every subset's loss equals the official loop's (block re-run per subset), not only the argmin
-    _, fast = enumerate_layer(layer, stats[layer.index].block_inputs, keep=6, groups=2 if family == "deepseek_v3" else 1)
+    _, fast = enumerate_layer(
+        layer, stats[layer.index].block_inputs, keep=6, groups=2 if family == "deepseek_v3" else 1
+    )
     assert set(fast) == set(losses) and len(fast) == (16 if family == "deepseek_v3" else naee_subsets(8, 6))
     for drop, loss in losses.items():
         assert fast[drop] == pytest.approx(loss, rel=1e-4, abs=1e-6)
@@ -72,20 +79,39 @@ def test_naee_finds_the_exact_best_subset_by_brute_force(family):
 def test_naee_refuses_enumerations_past_the_limit_before_any_enumeration():
     model = build_tiny_model("qwen3_moe", num_experts=32, num_experts_per_tok=2)
     with pytest.raises(EnumerationTooLargeError, match=r"C\(32, 24\) = 1\.05e\+07 .*forward passes"):
-        prune(model, StunRecipe(expert_sparsity=0.25, expert_method="naee", layer_budget="uniform"), calibration=random_ids(model, n=2, length=8), progress=False)
+        prune(
+            model,
+            StunRecipe(expert_sparsity=0.25, expert_method="naee", layer_budget="uniform"),
+            calibration=random_ids(model, n=2, length=8),
+            progress=False,
+        )
     small = build_tiny_model("mixtral")
-    recipe = StunRecipe(expert_sparsity=0.25, expert_method="naee", layer_budget="uniform", method_options={"max_subsets": 10})
+    recipe = StunRecipe(
+        expert_sparsity=0.25, expert_method="naee", layer_budget="uniform", method_options={"max_subsets": 10}
+    )
     with pytest.raises(EnumerationTooLargeError, match=r"C\(8, 6\) = 28 expert subsets"):
         prune(small, recipe, calibration=random_ids(small, n=2, length=8), progress=False)
     with pytest.raises(ValueError, match="layer_budget='uniform'"):
-        prune(small, StunRecipe(expert_sparsity=0.25, expert_method="naee"), calibration=random_ids(small, n=2, length=8), progress=False)
+        prune(
+            small,
+            StunRecipe(expert_sparsity=0.25, expert_method="naee"),
+            calibration=random_ids(small, n=2, length=8),
+            progress=False,
+        )
 
 
 def test_progressive_naee_prunes_later_layers_on_pruned_inputs():
     model = build_tiny_model("mixtral", seed=3)
     ids = random_ids(model, n=4, length=16)
-    plain = prune(clone(model), StunRecipe(expert_sparsity=0.25, expert_method="naee", layer_budget="uniform"), calibration=ids, progress=False)
-    recipe = StunRecipe(expert_sparsity=0.25, expert_method="naee", layer_budget="uniform", method_options={"progressive": True})
+    plain = prune(
+        clone(model),
+        StunRecipe(expert_sparsity=0.25, expert_method="naee", layer_budget="uniform"),
+        calibration=ids,
+        progress=False,
+    )
+    recipe = StunRecipe(
+        expert_sparsity=0.25, expert_method="naee", layer_budget="uniform", method_options={"progressive": True}
+    )
     prog = prune(clone(model), recipe, calibration=ids, progress=False)
     assert prog.removed_experts[0] == plain.removed_experts[0]  # layer 0 sees the same inputs either way
     # later layers: progressive scores on the pruned model's inputs; check it against brute force there

@@ -66,7 +66,7 @@ def nm_reference_keep(scores, n, m):
     flat = keep.view(-1, scores.shape[-1])
     for r in range(rows.shape[0]):
         for start in range(0, rows.shape[1], m):
-            order = torch.argsort(rows[r, start:start + m], descending=True)
+            order = torch.argsort(rows[r, start : start + m], descending=True)
             flat[r, start + order[: m - n]] = True
     return keep
 
@@ -101,7 +101,12 @@ def test_two_four_prune_keeps_the_two_highest_wanda_scores_of_every_group():
     x, index, _ = routed_inputs(model, ids, 0)
     layer = moe_layers(model)[0]
     dense = {name: w.detach().clone() for name, w in layer.expert_matrices().items()}
-    prune(model, StunRecipe(expert_sparsity=0.0, pattern="2:4", metric="wanda", min_tokens=1), calibration=ids, progress=False)
+    prune(
+        model,
+        StunRecipe(expert_sparsity=0.0, pattern="2:4", metric="wanda", min_tokens=1),
+        calibration=ids,
+        progress=False,
+    )
     pruned = moe_layers(model)[0].expert_matrices()
     checked = 0
     for e in range(8):
@@ -121,7 +126,12 @@ def test_two_four_prune_keeps_the_two_highest_wanda_scores_of_every_group():
 
 def test_two_four_leaves_exactly_two_zeros_in_every_group(family):
     model = build_tiny_model(family)
-    report = prune(model, StunRecipe(expert_sparsity=0.0, pattern="2:4", metric="wanda"), calibration=random_ids(model, n=8), progress=False)
+    report = prune(
+        model,
+        StunRecipe(expert_sparsity=0.0, pattern="2:4", metric="wanda"),
+        calibration=random_ids(model, n=8),
+        progress=False,
+    )
     for layer in moe_layers(model):
         for name, w in layer.expert_matrices().items():
             groups = (w.detach() == 0).reshape(w.shape[0], w.shape[1], -1, 4).sum(-1)
@@ -146,7 +156,12 @@ def test_owl_layer_sparsities_average_exactly_to_the_target():
 
 def test_owl_prune_hits_the_target_over_kept_experts():
     model = build_tiny_model("qwen3_moe", num_hidden_layers=4, seed=2)
-    report = prune(model, StunRecipe(expert_sparsity=0.0, sparsity=0.5, allocation="owl", metric="wanda"), calibration=random_ids(model, n=8), progress=False)
+    report = prune(
+        model,
+        StunRecipe(expert_sparsity=0.0, sparsity=0.5, allocation="owl", metric="wanda"),
+        calibration=random_ids(model, n=8),
+        progress=False,
+    )
     assert len(set(round(v, 6) for v in report.layer_target_sparsity.values())) > 1
     # per-row counts are rounded: within half a weight per row (1/64 here) of the target
     assert abs(0.5 - report.within_expert_sparsity) < 1 / 64
@@ -155,7 +170,9 @@ def test_owl_prune_hits_the_target_over_kept_experts():
 def test_reported_sparsity_equals_counted_zeros():
     model = build_tiny_model("olmoe", seed=4)
     original_total = sum(p.numel() for l in moe_layers(model) for _, p in l.expert_parameters())
-    report = prune(model, StunRecipe(expert_sparsity=0.25, sparsity=0.5), calibration=random_ids(model, n=8), progress=False)
+    report = prune(
+        model, StunRecipe(expert_sparsity=0.25, sparsity=0.5), calibration=random_ids(model, n=8), progress=False
+    )
     nonzero = sum(int((p != 0).sum()) for l in moe_layers(model) for _, p in l.expert_parameters())
     kept_total = sum(p.numel() for l in moe_layers(model) for _, p in l.expert_parameters())
     assert report.expert_param_sparsity == pytest.approx(1 - nonzero / original_total)
@@ -168,10 +185,17 @@ def test_reported_sparsity_equals_counted_zeros():
 
 def test_total_sparsity_is_split_the_stun_way():
     model = build_tiny_model("mixtral")
-    report = prune(model, StunRecipe(expert_sparsity=0.25, total_sparsity=0.6), calibration=random_ids(model, n=8), progress=False)
+    report = prune(
+        model, StunRecipe(expert_sparsity=0.25, total_sparsity=0.6), calibration=random_ids(model, n=8), progress=False
+    )
     assert report.expert_param_sparsity == pytest.approx(0.6, abs=0.01)
     with pytest.raises(InvalidSparsityError, match="below what expert removal"):
-        prune(build_tiny_model("mixtral"), StunRecipe(expert_sparsity=0.5, total_sparsity=0.3), calibration=random_ids(model), progress=False)
+        prune(
+            build_tiny_model("mixtral"),
+            StunRecipe(expert_sparsity=0.5, total_sparsity=0.3),
+            calibration=random_ids(model),
+            progress=False,
+        )
 
 
 def test_low_token_experts_stay_dense_or_fall_back_to_magnitude():
@@ -185,9 +209,16 @@ def test_low_token_experts_stay_dense_or_fall_back_to_magnitude():
     w = moe_layers(dense_rule)[0].expert_matrices()["gate_up_proj"]
     assert int((w[5] == 0).sum()) == 0 and int((w[4] == 0).sum()) > 0
     magnitude_rule = clone(model)
-    prune(magnitude_rule, StunRecipe(expert_sparsity=0.0, sparsity=0.5, low_token_rule="magnitude"), calibration=ids, progress=False)
+    prune(
+        magnitude_rule,
+        StunRecipe(expert_sparsity=0.0, sparsity=0.5, low_token_rule="magnitude"),
+        calibration=ids,
+        progress=False,
+    )
     w = moe_layers(magnitude_rule)[0].expert_matrices()["gate_up_proj"]
-    assert torch.equal(w[5] != 0, mask_from_scores(moe_layers(model)[0].expert_matrices()["gate_up_proj"][5].abs(), 0.5))
+    assert torch.equal(
+        w[5] != 0, mask_from_scores(moe_layers(model)[0].expert_matrices()["gate_up_proj"][5].abs(), 0.5)
+    )
     for p in magnitude_rule.parameters():
         assert torch.isfinite(p).all()
 
@@ -211,9 +242,18 @@ def test_dense_linears_stay_dense_unless_asked(family):
     for prune_dense in (False, True):
         model = build_tiny_model(family)
         ids = random_ids(model, n=8) if ids is None else ids
-        prune(model, StunRecipe(expert_sparsity=0.0, sparsity=0.5, prune_dense=prune_dense), calibration=ids, progress=False)
+        prune(
+            model,
+            StunRecipe(expert_sparsity=0.0, sparsity=0.5, prune_dense=prune_dense),
+            calibration=ids,
+            progress=False,
+        )
         attn = [m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "self_attn" in n]
-        shared = [m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "shared_expert" in n and "gate" not in n.split(".")[-1]]
+        shared = [
+            m.weight
+            for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and "shared_expert" in n and "gate" not in n.split(".")[-1]
+        ]
         zeros = [float((w == 0).float().mean()) for w in attn + shared]
         assert attn and shared
         if prune_dense:  # per-row rounding: within half a weight per row
@@ -258,7 +298,9 @@ def test_whole_layer_allocation_gives_layers_that_lost_experts_fewer_pruned_weig
     assert s[0] < s[1] < s[2]
     # equal expert counts: the usual allocations
     same = {i: 8 for i in kept_experts}
-    assert all(v == pytest.approx(within) for v in whole_layer_allocation({i: 800 for i in same}, same, same, within).values())
+    assert all(
+        v == pytest.approx(within) for v in whole_layer_allocation({i: 800 for i in same}, same, same, within).values()
+    )
     ratios = {0: 0.02, 1: 0.05, 2: 0.03}
     owl = whole_layer_allocation({i: 800 for i in same}, same, same, within, ratios)
     assert owl == pytest.approx(owl_allocation(ratios, {i: 800 for i in same}, within))
@@ -267,7 +309,14 @@ def test_whole_layer_allocation_gives_layers_that_lost_experts_fewer_pruned_weig
 def test_prune_with_a_global_expert_budget_allocates_over_whole_layers_when_asked():
     model = build_tiny_model("qwen3_moe", num_hidden_layers=4, seed=2)
     ids = random_ids(model, n=8)
-    recipe = dict(expert_method="frequency", expert_sparsity=0.25, layer_budget="global", total_sparsity=0.7, metric="wanda", low_token_rule="magnitude")
+    recipe = dict(
+        expert_method="frequency",
+        expert_sparsity=0.25,
+        layer_budget="global",
+        total_sparsity=0.7,
+        metric="wanda",
+        low_token_rule="magnitude",
+    )
     report = prune(clone(model), StunRecipe(**recipe, allocation_base="layer"), calibration=ids, progress=False)
     kept = report.experts_after
     assert len(set(kept.values())) > 1  # the global budget left unequal expert counts
@@ -275,7 +324,9 @@ def test_prune_with_a_global_expert_budget_allocates_over_whole_layers_when_aske
     fewest, most = min(kept, key=kept.get), max(kept, key=kept.get)
     assert report.layer_target_sparsity[fewest] < report.layer_target_sparsity[most]
     baseline = prune(clone(model), StunRecipe(**recipe), calibration=ids, progress=False)
-    assert len(set(round(v, 6) for v in baseline.layer_target_sparsity.values())) == 1  # "kept": one within-expert target
+    assert (
+        len(set(round(v, 6) for v in baseline.layer_target_sparsity.values())) == 1
+    )  # "kept": one within-expert target
     with pytest.raises(ValueError, match="allocation_base='layer'"):
         StunRecipe(pattern="2:4", allocation_base="layer")
 
@@ -287,7 +338,9 @@ def test_masks_during_training_follow_the_whole_layer_allocation():
     model = build_tiny_model("mixtral", num_hidden_layers=2, seed=1)
     original = {layer.index: layer.num_experts for layer in moe_layers(model)}
     apply_expert_sets(model, {0: [0, 1, 2], 1: list(range(original[1] - 1))})
-    update = compute_masks(model, 0.5, StunRecipe(metric="magnitude", allocation_base="layer"), original_experts=original)
+    update = compute_masks(
+        model, 0.5, StunRecipe(metric="magnitude", allocation_base="layer"), original_experts=original
+    )
     assert update.layer_targets[0] < 0.5 < update.layer_targets[1]
     kept = {layer.index: sum(w.numel() for w in layer.expert_matrices().values()) for layer in moe_layers(model)}
     assert sum(update.layer_targets[i] * kept[i] for i in kept) / sum(kept.values()) == pytest.approx(0.5)

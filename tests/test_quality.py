@@ -93,7 +93,14 @@ def test_short_distillation_lowers_the_perplexity_of_a_pruned_model_and_keeps_it
 
     model, calibration, ids = shipped
     student = copy.deepcopy(model)
-    recipe = StunRecipe(expert_sparsity=0.25, total_sparsity=0.7, metric="wanda", allocation="owl", low_token_rule="magnitude", calibration_samples=len(calibration))
+    recipe = StunRecipe(
+        expert_sparsity=0.25,
+        total_sparsity=0.7,
+        metric="wanda",
+        allocation="owl",
+        low_token_rule="magnitude",
+        calibration_samples=len(calibration),
+    )
     report = prune(student, recipe, calibration=calibration, progress=False)
     sparsity, before = measured_sparsity(student), ppl(student, ids)
     args = argparse.Namespace(distill_lr=2e-4, distill_steps=8, distill_batch=4, device=torch.device("cpu"))

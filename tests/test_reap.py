@@ -52,7 +52,12 @@ def test_reap_removes_zero_saliency_experts_first_and_keeps_the_highest():
     stats = calibrate(model, ids, collect=("saliency",), progress=False)
     saliency = {i: stats[i].saliency() for i in stats.layers}
     assert all(float(saliency[i][e]) == 0.0 and int(stats[i].expert_tokens[e]) > 0 for i, e in planted.items())
-    report = prune(model, StunRecipe(expert_sparsity=0.25, expert_method="reap", layer_budget="uniform"), calibration=ids, progress=False)
+    report = prune(
+        model,
+        StunRecipe(expert_sparsity=0.25, expert_method="reap", layer_budget="uniform"),
+        calibration=ids,
+        progress=False,
+    )
     for i, removed in report.removed_experts.items():
         assert planted[i] in removed
         assert removed == [e for e in range(8) if e not in keep_top(saliency[i], 6)]
@@ -63,7 +68,17 @@ def test_reap_removes_dead_experts_never_routed():
     with torch.no_grad():
         for layer in moe_layers(model):
             layer.router.bias[[2, 6]] = -1e4
-    report = prune(model, StunRecipe(expert_sparsity=0.25, expert_method="reap", layer_budget="uniform"), calibration=random_ids(model), progress=False)
+    report = prune(
+        model,
+        StunRecipe(expert_sparsity=0.25, expert_method="reap", layer_budget="uniform"),
+        calibration=random_ids(model),
+        progress=False,
+    )
     assert all(r == [2, 6] for r in report.removed_experts.values())
     with pytest.raises(ValueError, match="layer_budget='uniform'"):
-        prune(build_tiny_model("gpt_oss"), StunRecipe(expert_sparsity=0.25, expert_method="reap"), calibration=random_ids(model), progress=False)
+        prune(
+            build_tiny_model("gpt_oss"),
+            StunRecipe(expert_sparsity=0.25, expert_method="reap"),
+            calibration=random_ids(model),
+            progress=False,
+        )

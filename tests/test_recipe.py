@@ -14,10 +14,16 @@ CONFIGS = sorted(p for p in (Path(__file__).parent.parent / "configs").glob("*.y
 def test_every_shipped_recipe_loads_and_prunes_a_tiny_model(path):
     recipe = StunRecipe.from_yaml(path)
     recipe.calibration_samples, recipe.calibration_seq_len = 4, 32
-    family = path.stem.replace("stun_", "") if path.stem.replace("stun_", "") in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss") else "mixtral"
+    family = (
+        path.stem.replace("stun_", "")
+        if path.stem.replace("stun_", "") in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss")
+        else "mixtral"
+    )
     model = build_tiny_model(family)
     report = prune(model, recipe, calibration=random_ids(model, n=4, length=32), progress=False)
-    target = recipe.total_sparsity or (1 - (1 - recipe.expert_sparsity) * (1 - (0.5 if recipe.pattern == "2:4" else recipe.sparsity)))
+    target = recipe.total_sparsity or (
+        1 - (1 - recipe.expert_sparsity) * (1 - (0.5 if recipe.pattern == "2:4" else recipe.sparsity))
+    )
     assert abs(report.expert_param_sparsity - target) < 0.06
 
 
@@ -43,4 +49,6 @@ def test_method_options_a_method_does_not_read_are_refused_with_a_suggestion():
         StunRecipe.from_dict({"expert_method": "stun", "method_options": {"distanse": "router"}})
     # what each method reads passes
     StunRecipe(expert_method="stun", method_options={"distance": "router", "merge_max_clusters": 1})
-    StunRecipe(expert_method="eep", layer_budget="uniform", method_options={"total_evaluations": 8, "fitness_ids": None})
+    StunRecipe(
+        expert_method="eep", layer_budget="uniform", method_options={"total_evaluations": 8, "fitness_ids": None}
+    )

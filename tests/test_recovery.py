@@ -28,20 +28,33 @@ def pruned(data):
     """The reference model and a copy pruned hard (half the experts, then 70% inside the survivors)."""
     dense, _ = load_reference_model()
     model = copy.deepcopy(dense)
-    report = prune(model, StunRecipe(expert_sparsity=0.5, layer_budget="uniform", sparsity=0.7, metric="wanda"), calibration=data.calibration_ids()[:16], progress=False)
+    report = prune(
+        model,
+        StunRecipe(expert_sparsity=0.5, layer_budget="uniform", sparsity=0.7, metric="wanda"),
+        calibration=data.calibration_ids()[:16],
+        progress=False,
+    )
     return dense, model, kept_from_removed(dense, report.removed_experts)
 
 
 def trainer(**kwargs):
     return Trainer(
-        accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, **kwargs,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        **kwargs,
     )
 
 
 def magnitude_prune(sparsity):
     """A StunCallback that prunes the student by magnitude at the first step (no experts removed)."""
-    return StunCallback(StunRecipe(expert_sparsity=0.0, sparsity=sparsity, metric="magnitude"), SparsitySchedule("one_shot", start_step=0))
+    return StunCallback(
+        StunRecipe(expert_sparsity=0.0, sparsity=sparsity, metric="magnitude"),
+        SparsitySchedule("one_shot", start_step=0),
+    )
 
 
 class Terms(Callback):
@@ -64,7 +77,14 @@ def test_expert_kd_recovers_more_than_the_ce_control_at_equal_steps(pruned, data
     after = {}
     for loss in ("ce", "expert_kd"):
         seed_everything(0, verbose=False)
-        module = StunDistillModule(copy.deepcopy(student), teacher=copy.deepcopy(dense), expert_map=expert_map, teacher_dtype=None, loss=loss, lr=2e-3)
+        module = StunDistillModule(
+            copy.deepcopy(student),
+            teacher=copy.deepcopy(dense),
+            expert_map=expert_map,
+            teacher_dtype=None,
+            loss=loss,
+            lr=2e-3,
+        )
         trainer(max_steps=20, limit_val_batches=0, callbacks=[FixedMasks()]).fit(module, data)
         for ours, theirs in zip(moe_layers(module.student), moe_layers(student)):  # the fit kept the masks exactly
             for name, w in theirs.expert_matrices().items():
@@ -77,12 +97,23 @@ def test_expert_kd_recovers_more_than_the_ce_control_at_equal_steps(pruned, data
 
 def test_router_kd_trains_the_routers_only(pruned, data):
     dense, student, expert_map = pruned
-    module = StunDistillModule(copy.deepcopy(student), teacher=copy.deepcopy(dense), expert_map=expert_map, teacher_dtype=None, loss="router_kd", lr=1e-2)
+    module = StunDistillModule(
+        copy.deepcopy(student),
+        teacher=copy.deepcopy(dense),
+        expert_map=expert_map,
+        teacher_dtype=None,
+        loss="router_kd",
+        lr=1e-2,
+    )
     start = {k: v.clone() for k, v in module.student.state_dict().items()}
     terms = Terms()
     fit = trainer(max_steps=3, limit_val_batches=0, callbacks=[terms])
     fit.fit(module, data)
-    routers = {f"{name}.weight" for name, m in module.student.named_modules() if any(m is l.router for l in moe_layers(module.student))}
+    routers = {
+        f"{name}.weight"
+        for name, m in module.student.named_modules()
+        if any(m is l.router for l in moe_layers(module.student))
+    }
     assert len(routers) == 4
     changed = {k for k, v in module.student.state_dict().items() if not torch.equal(v, start[k])}
     assert changed == routers
@@ -96,7 +127,10 @@ def test_router_kl_compares_with_the_teachers_routing_over_the_kept_experts(data
     ids = data.val_blocks[:2, :16]
 
     def captures(student, expert_map):
-        s, t = MoECapture(student, detach=False, router_logits=True), MoECapture(teacher, detach=True, router_logits=True)
+        s, t = (
+            MoECapture(student, detach=False, router_logits=True),
+            MoECapture(teacher, detach=True, router_logits=True),
+        )
         student(ids)
         with torch.inference_mode():
             teacher(ids)

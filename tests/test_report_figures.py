@@ -20,17 +20,43 @@ def pruned(tmp_path_factory):
     model.save_pretrained(root / "src")
     load_tokenizer().save_pretrained(root / "src")
     out = root / "pruned"
-    assert main(["prune", "--model", str(root / "src"), "--out", str(out), "--plot", "--expert-method", "stun", "--expert-sparsity", "0.25", "--sparsity", "0.5", *FAST]) == 0
+    assert (
+        main(
+            [
+                "prune",
+                "--model",
+                str(root / "src"),
+                "--out",
+                str(out),
+                "--plot",
+                "--expert-method",
+                "stun",
+                "--expert-sparsity",
+                "0.25",
+                "--sparsity",
+                "0.5",
+                *FAST,
+            ]
+        )
+        == 0
+    )
     return out
 
 
 def test_plot_writes_pngs_and_self_contained_html(pruned):
     figs = json.loads((pruned / "report" / "figures.json").read_text())
-    assert set(figs) == {"experts_per_layer", "sparsity_per_layer", "sparsity_per_expert", "routing_frequency", "expert_distances", "quality"}
+    assert set(figs) == {
+        "experts_per_layer",
+        "sparsity_per_layer",
+        "sparsity_per_expert",
+        "routing_frequency",
+        "expert_distances",
+        "quality",
+    }
     for name in figs:
         assert (pruned / "report" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
     html = (pruned / "report" / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == len(figs) and "src=\"http" not in html
+    assert html.count("data:image/png;base64,") == len(figs) and 'src="http' not in html
 
 
 def test_plotted_data_match_the_report_and_the_tensors(pruned):
@@ -41,7 +67,9 @@ def test_plotted_data_match_the_report_and_the_tensors(pruned):
     assert figs["sparsity_per_layer"]["sparsity"] == [report["layer_sparsity"][i] for i in layers]
     assert figs["quality"]["perplexity"] == report["perplexity"]
     model = load_pruned(pruned)
-    for row, layer, keep in zip(figs["sparsity_per_expert"]["matrix"], moe_layers(model), figs["expert_distances"]["survivors"]):
+    for row, layer, keep in zip(
+        figs["sparsity_per_expert"]["matrix"], moe_layers(model), figs["expert_distances"]["survivors"]
+    ):
         removed = set(report["removed_experts"].get(str(layer.index), []))
         assert [e for e, v in enumerate(row) if v is None] == sorted(removed)
         assert keep == [e for e in range(len(row)) if e not in removed]
@@ -78,5 +106,7 @@ def test_every_written_directory_carries_a_model_card(pruned, tmp_path):
         front = card.split("---")[1]
         assert "library_name: transformers" in front and "stun-lightning" in front and "qwen3_moe" in front
         assert "## Recipe" in card and "expert_method: stun" in card
-        assert "sparsity over expert parameters (STUN)" in card and "perplexity after" in card and "## How to load" in card
+        assert (
+            "sparsity over expert parameters (STUN)" in card and "perplexity after" in card and "## How to load" in card
+        )
         assert f'("{d.name}")' in card and ".tmp" not in card  # the final directory, not the temporary one

@@ -14,7 +14,12 @@ from conftest import assert_refuses_tampered_checkpoint, logits, random_ids
 def pruned_model(family, layer_budget, seed=0):
     model = build_tiny_model(family, seed=seed, num_hidden_layers=3 if family != "deepseek_v3" else 4)
     ids = random_ids(model, n=8)
-    prune(model, StunRecipe(expert_sparsity=0.25, sparsity=0.5, layer_budget=layer_budget), calibration=ids, progress=False)
+    prune(
+        model,
+        StunRecipe(expert_sparsity=0.25, sparsity=0.5, layer_budget=layer_budget),
+        calibration=ids,
+        progress=False,
+    )
     return model, ids
 
 

@@ -35,7 +35,12 @@ def mask_24(w: torch.Tensor) -> torch.Tensor:
 def pruned_24(family: str, seed: int = 0, **kwargs):
     model = build_tiny_model(family, seed=seed, **kwargs)
     ids = random_ids(model, n=4, length=16)
-    prune(model, StunRecipe(expert_sparsity=0.25, pattern="2:4", metric="magnitude", layer_budget="uniform"), calibration=ids, progress=False)
+    prune(
+        model,
+        StunRecipe(expert_sparsity=0.25, pattern="2:4", metric="magnitude", layer_budget="uniform"),
+        calibration=ids,
+        progress=False,
+    )
     return model.eval(), ids
 
 
@@ -57,7 +62,10 @@ def test_compression_is_lossless_and_compact(shape, dtype):
 def test_not_24_tensors_are_refused_with_the_fix():
     w = mask_24(torch.randn(2, 4, 16))
     w[1, 2, 5:8] = 1.0  # one group with 3 nonzeros
-    with pytest.raises(Not24SparseError, match=r'layer 3 down_proj is not 2:4 sparse: 1 of 32 groups.*expert=1, row=2, group=1.*pattern: "2:4"'):
+    with pytest.raises(
+        Not24SparseError,
+        match=r'layer 3 down_proj is not 2:4 sparse: 1 of 32 groups.*expert=1, row=2, group=1.*pattern: "2:4"',
+    ):
         compress_24(w, "layer 3 down_proj")
     with pytest.raises(Not24SparseError, match="divisible by 4"):
         compress_24(torch.zeros(2, 6), "w")
@@ -104,7 +112,9 @@ def test_grouped_path_equals_the_reference_path(family):
         x = torch.randn(tokens, model.config.hidden_size)
         index = torch.stack([torch.randperm(experts.num_experts)[:2] for _ in range(tokens)])
         weights = torch.rand(tokens, 2)
-        torch.testing.assert_close(_grouped_forward(experts, x, index, weights), _reference_forward(experts, x, index, weights))
+        torch.testing.assert_close(
+            _grouped_forward(experts, x, index, weights), _reference_forward(experts, x, index, weights)
+        )
 
 
 def test_generate_runs_from_compressed_experts():
@@ -126,7 +136,12 @@ def test_moe_block_compiles_without_graph_breaks():
 
 def test_refusal_leaves_the_model_dense_and_densify_restores_exactly():
     model = build_tiny_model("mixtral")
-    prune(model, StunRecipe(expert_sparsity=0.25, sparsity=0.5, metric="magnitude", layer_budget="uniform"), calibration=random_ids(model), progress=False)
+    prune(
+        model,
+        StunRecipe(expert_sparsity=0.25, sparsity=0.5, metric="magnitude", layer_budget="uniform"),
+        calibration=random_ids(model),
+        progress=False,
+    )
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(Not24SparseError, match=r'layer 0 gate_up_proj is not 2:4.*pattern: "2:4"'):
         sparsify(model, SparsifyConfig(formats=("2:4",)))
@@ -209,10 +224,17 @@ def test_every_autotuner_candidate_is_correct_on_gpu(shape):
         block_m = block_m_for(tokens * top_k, num_experts)
         ids, block_expert = align_pairs(index, num_experts, block_m)
         ref = grouped_mm_reference(x.double(), values.double(), meta, ids, block_expert, top_k, block_m)
-        runs = [lambda c=c: launch_grouped_mm(x, values, meta, ids, block_expert, top_k, block_m, config=c) for c in configs]
+        runs = [
+            lambda c=c: launch_grouped_mm(x, values, meta, ids, block_expert, top_k, block_m, config=c) for c in configs
+        ]
         if block_m <= 16 and triton_decode.fits(values):  # K % 8 == 0: the CUDA-core decode kernel too
             bucket = rows_bucket_for(tokens * top_k, num_experts)
-            runs += [lambda c=c: triton_decode.launch_decode(x, values, meta, ids, block_expert, top_k, block_m, bucket, config=c) for c in triton_decode.CONFIGS]
+            runs += [
+                lambda c=c: triton_decode.launch_decode(
+                    x, values, meta, ids, block_expert, top_k, block_m, bucket, config=c
+                )
+                for c in triton_decode.CONFIGS
+            ]
         for run in runs:
             out = run()
             err = ((out.double() - ref).norm() / ref.norm()).item()

@@ -45,7 +45,9 @@ def test_route_pairs_holds_the_layout_of_align_pairs_as_a_prefix(num_experts, to
         sorted_ids, block_expert = route_pairs(index, num_experts)
         block_m, n_blocks = pairs_layout(n_pairs, num_experts)
         want_ids, want_blocks = align_pairs(index, num_experts, block_m)
-        assert torch.equal(sorted_ids[: n_blocks * block_m], want_ids) and torch.equal(block_expert[:n_blocks], want_blocks)
+        assert torch.equal(sorted_ids[: n_blocks * block_m], want_ids) and torch.equal(
+            block_expert[:n_blocks], want_blocks
+        )
         # the bound holds every block size, not only the one chosen for this many pairs
         ids_len, blocks_len = layout_bound(n_pairs, num_experts)
         for m in BLOCK_MS:
@@ -86,7 +88,9 @@ def test_generate_with_transformers_compilation_on_cpu():
     for n in (1, 2):
         prompt = ids[:n, :6]
         want = dense.generate(prompt, max_new_tokens=4, do_sample=False, cache_implementation="static")
-        got = model.generate(prompt, max_new_tokens=4, do_sample=False, cache_implementation="static", compile_config=config)
+        got = model.generate(
+            prompt, max_new_tokens=4, do_sample=False, cache_implementation="static", compile_config=config
+        )
         assert torch.equal(got, want)
     assert backend.shapes, "generate() did not compile the forward"
     assert backend.symbolic(-1)  # the second batch size made the compiled forward dynamic
@@ -110,7 +114,9 @@ def test_generate_compiled_by_transformers_matches_the_dense_model_on_gpu():
     for n in (1, 3):
         prompt = ids[:n, :8]
         want = dense.generate(prompt, max_new_tokens=8, do_sample=False, cache_implementation="static")
-        got = model.generate(prompt, max_new_tokens=8, do_sample=False, cache_implementation="static", compile_config=config)
+        got = model.generate(
+            prompt, max_new_tokens=8, do_sample=False, cache_implementation="static", compile_config=config
+        )
         assert got.shape == want.shape
         assert (got == want).float().mean() > 0.8, (got, want)  # bf16 may flip a near-tie
     assert hasattr(model, "_compiled_call"), "generate() did not compile the forward"

@@ -53,8 +53,15 @@ def test_the_kernels_are_never_chosen_off_the_gpu_and_can_be_disabled():
 
 
 def test_the_hopper_kernel_refuses_a_launch_it_has_no_form_for(monkeypatch):
-    launch = functools.partial(cuda_mma.wgmma_grouped_mm, torch.zeros(4, 128, dtype=torch.bfloat16), torch.zeros(2, 256, 64, dtype=torch.bfloat16),
-                               torch.zeros(2, 256, 16, dtype=torch.uint8), torch.zeros(128, dtype=torch.int32), torch.zeros(1, dtype=torch.int32), 1)
+    launch = functools.partial(
+        cuda_mma.wgmma_grouped_mm,
+        torch.zeros(4, 128, dtype=torch.bfloat16),
+        torch.zeros(2, 256, 64, dtype=torch.bfloat16),
+        torch.zeros(2, 256, 16, dtype=torch.uint8),
+        torch.zeros(128, dtype=torch.int32),
+        torch.zeros(1, dtype=torch.int32),
+        1,
+    )
     with pytest.raises(ValueError, match="2 consumer warpgroups"):
         launch(consumers=4)
     monkeypatch.setattr(cuda_mma, "MAX_ACT_ELEMENTS", 100)  # its producer's 32-bit offsets into the activations
@@ -73,7 +80,10 @@ def _routed(num_experts, top_k, tokens, seed=0):
 @cuda
 @pytest.mark.parametrize("shape", [(8, 256, 1024, 2), (16, 96, 192, 4), (2, 64, 128, 1)])  # E, N, K, top-k
 @pytest.mark.parametrize("tokens", [1, 5, 16, 40])
-@pytest.mark.parametrize("launch", [dict(), dict(warps=2, unroll=2, ctas_per_sm=1), dict(warps=8, unroll=4, ctas_per_sm=16), dict(warps=4, unroll=8)])
+@pytest.mark.parametrize(
+    "launch",
+    [dict(), dict(warps=2, unroll=2, ctas_per_sm=1), dict(warps=8, unroll=4, ctas_per_sm=16), dict(warps=4, unroll=8)],
+)
 def test_mma_kernel_matches_reference_on_gpu(shape, tokens, launch):
     """Blocks of 16 pairs: one or two n8 tiles, several blocks per expert, padding rows, split-K or not."""
     num_experts, n, k, top_k = shape
@@ -117,23 +127,46 @@ def _assert_prefill_launches_match(shape, tokens, launches):
 @pytest.mark.parametrize("tokens", [70, 300])
 def test_prefill_tile_kernel_matches_reference_on_gpu(shape, tokens):
     """The mma.sp tile kernel: 128 / 256-row tiles, 1 to 8 steps of 64 inputs, 3 or 5 stages."""
-    launches = [(rows, functools.partial(cuda_mma.tile_grouped_mm, rows=rows, stages=stages)) for rows, stages in ((128, 3), (128, 5), (256, 3))]
+    launches = [
+        (rows, functools.partial(cuda_mma.tile_grouped_mm, rows=rows, stages=stages))
+        for rows, stages in ((128, 3), (128, 5), (256, 3))
+    ]
     _assert_prefill_launches_match(shape, tokens, launches)
 
 
-hopper = pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)), reason="needs a Hopper GPU (sm_90)")
+hopper = pytest.mark.skipif(
+    not (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)),
+    reason="needs a Hopper GPU (sm_90)",
+)
 
 
 @hopper
-@pytest.mark.parametrize("shape", [(8, 256, 512, 2), (4, 128, 192, 1), (2, 384, 64, 2), (3, 256, 1024, 3)])  # E, N, K, top-k
+@pytest.mark.parametrize(
+    "shape", [(8, 256, 512, 2), (4, 128, 192, 1), (2, 384, 64, 2), (3, 256, 1024, 3)]
+)  # E, N, K, top-k
 @pytest.mark.parametrize("tokens", [70, 300])
 def test_hopper_prefill_kernel_matches_reference(shape, tokens):
     """The sparse ``wgmma`` kernels: tiles of 64 / 128 / 256 rows, 1 to 16 steps, every warp copying
     and multiplying or warp-specialized (K shorter or longer than the pipeline), CTAs in grid order
     or in groups of blocks (one, or a size that leaves a remainder)."""
-    launches = [(rows, functools.partial(cuda_mma.wgmma_grouped_mm, rows=rows, stages=stages, ctas=ctas, consumers=consumers, group=group))
-                for rows, stages, ctas, consumers, group in ((128, 4, 2, 0, 0), (64, 3, 3, 0, 3), (128, 2, 2, 0, 1), (256, 3, 1, 0, 2),
-                                                             (256, 4, 1, 2, 4), (256, 3, 1, 2, 1), (128, 5, 1, 2, 3), (256, 4, 1, 2, 0))]
+    launches = [
+        (
+            rows,
+            functools.partial(
+                cuda_mma.wgmma_grouped_mm, rows=rows, stages=stages, ctas=ctas, consumers=consumers, group=group
+            ),
+        )
+        for rows, stages, ctas, consumers, group in (
+            (128, 4, 2, 0, 0),
+            (64, 3, 3, 0, 3),
+            (128, 2, 2, 0, 1),
+            (256, 3, 1, 0, 2),
+            (256, 4, 1, 2, 4),
+            (256, 3, 1, 2, 1),
+            (128, 5, 1, 2, 3),
+            (256, 4, 1, 2, 0),
+        )
+    ]
     _assert_prefill_launches_match(shape, tokens, launches)
 
 
@@ -177,7 +210,12 @@ def test_models_route_decode_through_the_mma_kernel_and_compile_into_a_cuda_grap
     and the compiled MoE block calls ``stun::sparse24_mma`` with no graph break."""
     model, ids, err = _sparse_qwen3(lambda ids: ids[:4, :4])  # 16 tokens: 4 pairs per routed expert
     experts = model.model.layers[0].mlp.experts
-    assert cuda_mma.fits(torch.zeros(2, 64, device="cuda", dtype=torch.bfloat16), experts.gate_up_proj_values, experts.gate_up_proj_meta, 16)
+    assert cuda_mma.fits(
+        torch.zeros(2, 64, device="cuda", dtype=torch.bfloat16),
+        experts.gate_up_proj_values,
+        experts.gate_up_proj_meta,
+        16,
+    )
     eager, calls = _logits_counting(model, ids, "_launch")
     assert calls, "the decode step did not run the mma kernel"
     with cuda_mma.disabled():

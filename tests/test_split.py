@@ -14,7 +14,9 @@ from conftest import DUPLICATES, model_with_duplicates, plant_duplicates, random
 
 
 def auto(total=0.5, **kwargs):
-    return StunRecipe(**{"expert_sparsity": "auto", "total_sparsity": total, "expert_method": "frequency", "batch_size": 4, **kwargs})
+    return StunRecipe(
+        **{"expert_sparsity": "auto", "total_sparsity": total, "expert_method": "frequency", "batch_size": 4, **kwargs}
+    )
 
 
 def block_error(total=0.5, **kwargs):
@@ -35,7 +37,9 @@ def test_auto_meets_the_total_over_expert_parameters_exactly(family, total, crit
         assert layer.num_experts == report.experts_before[i] - split["removed"][i]
         assert report.layer_sparsity[i] == pytest.approx(total, abs=5e-3)  # per-matrix rounding on tiny matrices
         within = 1 - (1 - total) * report.experts_before[i] / layer.num_experts
-        assert split["within"][i] == pytest.approx(within, abs=1e-6) == report.layer_target_sparsity[i]  # what the curve and the masks used
+        assert (
+            split["within"][i] == pytest.approx(within, abs=1e-6) == report.layer_target_sparsity[i]
+        )  # what the curve and the masks used
         if criterion == "block_error":
             assert split["removed"][i] == min(split["errors"][i], key=split["errors"][i].get)
 
@@ -84,7 +88,9 @@ def test_candidates_respect_top_k_and_expert_groups():
     assert candidate_removals(8, min_keep=6) == {0.0: 0, 0.125: 1, 0.25: 2}
     # 16 experts in 4 groups, top-4 over 2 groups: multiples of 4, every group keeps >= 2
     assert set(candidate_removals(16, min_keep=4, n_group=4, topk_group=2, top_k=4).values()) == {0, 4, 8}
-    assert set(candidate_removals(8, min_keep=2, n_group=4, topk_group=1, top_k=2).values()) == {0}  # groups of 2 stay whole
+    assert set(candidate_removals(8, min_keep=2, n_group=4, topk_group=1, top_k=2).values()) == {
+        0
+    }  # groups of 2 stay whole
     model = build_tiny_model("deepseek_v3", seed=1)
     n_group = model.config.n_group
     report = prune(model, block_error(0.8), calibration=random_ids(model, n=8, length=32), progress=False)
@@ -107,11 +113,29 @@ def test_auto_refuses_a_recipe_without_a_total_or_with_n_m():
 def test_cli_prints_the_chosen_split(tmp_path, capsys):
     from stun_lightning.cli import main
 
-    rc = main(["prune", "--expert-sparsity", "auto", "--total-sparsity", "0.7", "--expert-method", "frequency", "--calibration-samples", "4",
-               "--calibration-seq-len", "32", "--eval-tokens", "0", "--quiet", "--device", "cpu"])
+    rc = main(
+        [
+            "prune",
+            "--expert-sparsity",
+            "auto",
+            "--total-sparsity",
+            "0.7",
+            "--expert-method",
+            "frequency",
+            "--calibration-samples",
+            "4",
+            "--calibration-seq-len",
+            "32",
+            "--eval-tokens",
+            "0",
+            "--quiet",
+            "--device",
+            "cpu",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0 and "auto split: experts removed per layer" in out
-    assert main(["prune", "--expert-sparsity", "auto", "--eval-tokens", "0", "--quiet"]) == 2
+    assert main(["prune", "--expert-sparsity", "auto", "--pattern", "2:4", "--eval-tokens", "0", "--quiet"]) == 2
     assert "set total_sparsity" in capsys.readouterr().err
 
 
@@ -178,7 +202,9 @@ def chosen_fraction(split):
 
 def test_model_loss_chooses_the_candidate_of_least_held_out_loss(trained):
     model, ids = trained
-    model = plant_duplicates(copy.deepcopy(model))  # removing the copies costs nothing; survivors then lose less to masking
+    model = plant_duplicates(
+        copy.deepcopy(model)
+    )  # removing the copies costs nothing; survivors then lose less to masking
     report = prune(model, auto(0.8, expert_method="stun"), calibration=ids, progress=False)
     split = report.expert_split
     losses = split["losses"]
@@ -203,8 +229,16 @@ def test_model_loss_of_a_candidate_is_the_held_out_nll_of_that_prune(trained):
     counts = report.expert_split["candidates"][0.25]
     assert set(counts.values()) == {2}
     statistics, held_out = ids[:-2], ids[-2:]  # the last 1/8 of 16 blocks
-    fixed = StunRecipe(expert_sparsity=0.25, layer_budget="uniform", expert_method="frequency", total_sparsity=0.7, allocation="owl",
-                       metric="wanda", allocation_base="layer", batch_size=4)
+    fixed = StunRecipe(
+        expert_sparsity=0.25,
+        layer_budget="uniform",
+        expert_method="frequency",
+        total_sparsity=0.7,
+        allocation="owl",
+        metric="wanda",
+        allocation_base="layer",
+        batch_size=4,
+    )
     prune(dense, fixed, calibration=statistics, progress=False)
     with torch.no_grad():
         logits = dense(input_ids=held_out).logits[:, :-1]
@@ -266,7 +300,12 @@ def test_error_curve_budget_takes_experts_from_the_layer_with_duplicates():
     report = prune(model, recipe, calibration=ids, progress=False)
     assert report.expert_split["removed"] == {0: 2, 1: 0}
     assert sorted(report.removed_experts) == [0] and len(report.removed_experts[0]) == 2
-    uniform = prune(build_tiny_model("mixtral", seed=0, num_experts_per_tok=1), StunRecipe(expert_sparsity=0.125, layer_budget="uniform"), calibration=ids, progress=False)
+    uniform = prune(
+        build_tiny_model("mixtral", seed=0, num_experts_per_tok=1),
+        StunRecipe(expert_sparsity=0.125, layer_budget="uniform"),
+        calibration=ids,
+        progress=False,
+    )
     assert uniform.experts_after == {0: 7, 1: 7}
 
 
@@ -275,7 +314,12 @@ def test_error_curve_budgets_respect_top_k_and_expert_groups(family, top_k):
     model = build_tiny_model(family, seed=1, **({"num_experts_per_tok": top_k} if top_k else {}))
     ids = random_ids(model, n=8, length=32)
     before = {layer.index: layer.num_experts for layer in moe_layers(model)}
-    report = prune(model, StunRecipe(expert_sparsity=0.25, layer_budget="error_curve", expert_method="frequency", batch_size=4), calibration=ids, progress=False)
+    report = prune(
+        model,
+        StunRecipe(expert_sparsity=0.25, layer_budget="error_curve", expert_method="frequency", batch_size=4),
+        calibration=ids,
+        progress=False,
+    )
     n_group = getattr(model.config, "n_group", 1) or 1
     assert sum(before.values()) - sum(report.experts_after.values()) == round(sum(before.values()) * 0.25)
     for layer in moe_layers(model):
@@ -292,4 +336,9 @@ def test_error_curve_budget_refuses_more_than_its_curves_cover_before_any_work()
 
     model = build_tiny_model("mixtral", seed=1)
     with pytest.raises(InfeasiblePruningError, match="removes at most 8 experts"):
-        prune(model, StunRecipe(expert_sparsity=0.625, layer_budget="error_curve", expert_method="frequency"), calibration=None, progress=False)
+        prune(
+            model,
+            StunRecipe(expert_sparsity=0.625, layer_budget="error_curve", expert_method="frequency"),
+            calibration=None,
+            progress=False,
+        )

@@ -14,7 +14,15 @@ from stun_lightning.cli import main
 from stun_lightning.stream import CorruptShardError, ShardReader, prune_streaming
 from stun_lightning.tiny import build_tiny_model, load_tokenizer
 
-RECIPE = dict(expert_sparsity=0.25, layer_budget="global", sparsity=0.4, allocation="owl", metric="wanda", calibration_samples=4, calibration_seq_len=32)
+RECIPE = dict(
+    expert_sparsity=0.25,
+    layer_budget="global",
+    sparsity=0.4,
+    allocation="owl",
+    metric="wanda",
+    calibration_samples=4,
+    calibration_seq_len=32,
+)
 
 
 def _report(report) -> dict:
@@ -47,12 +55,23 @@ def test_streaming_equals_in_memory(family, tmp_path):
     streamed = prune_streaming(tmp_path / "src", tmp_path / "st", recipe, ids, progress=False)
     assert_same_checkpoint(tmp_path / "mem", tmp_path / "st")
     assert _report(streamed) == _report(report)
-    assert {"stun_report.json", "stun_recipe.yaml", "model.safetensors.index.json"} <= {p.name for p in (tmp_path / "st").iterdir()}
+    assert {"stun_report.json", "stun_recipe.yaml", "model.safetensors.index.json"} <= {
+        p.name for p in (tmp_path / "st").iterdir()
+    }
     assert not (tmp_path / ".st.stream").exists()
 
 
 def test_streaming_uniform_magnitude_and_dense_layers(tmp_path):
-    recipe = StunRecipe(expert_sparsity=0.25, layer_budget="uniform", expert_method="frequency", sparsity=0.5, metric="magnitude", prune_dense=True, calibration_samples=4, calibration_seq_len=32)
+    recipe = StunRecipe(
+        expert_sparsity=0.25,
+        layer_budget="uniform",
+        expert_method="frequency",
+        sparsity=0.5,
+        metric="magnitude",
+        prune_dense=True,
+        calibration_samples=4,
+        calibration_seq_len=32,
+    )
     ids, report = _in_memory("qwen3_moe", tmp_path, recipe)
     prune_streaming(tmp_path / "src", tmp_path / "st", recipe, ids, progress=False)
     assert_same_checkpoint(tmp_path / "mem", tmp_path / "st")
@@ -70,7 +89,10 @@ def test_streaming_holds_one_decoder_layer_at_a_time(tmp_path, monkeypatch):
     recipe = StunRecipe(**RECIPE)
     model = build_tiny_model("mixtral", num_hidden_layers=4)
     model.save_pretrained(tmp_path / "src")
-    layer_bytes = max(sum(t.numel() * t.element_size() for n, t in layer.state_dict().items() if ".gate." not in "." + n) for layer in model.model.layers)
+    layer_bytes = max(
+        sum(t.numel() * t.element_size() for n, t in layer.state_dict().items() if ".gate." not in "." + n)
+        for layer in model.model.layers
+    )
     monkeypatch.setattr(stream_mod, "StreamSource", _Counting)
     _Counting.seen = []
     prune_streaming(tmp_path / "src", tmp_path / "st", recipe, random_ids(model), progress=False)
@@ -89,7 +111,21 @@ def test_truncated_shard_names_the_file(tmp_path, capsys):
     with pytest.raises(CorruptShardError, match="model.safetensors"):
         prune_streaming(tmp_path / "src", tmp_path / "st", StunRecipe(**RECIPE), random_ids(model), progress=False)
     assert not (tmp_path / "st").exists()
-    code = main(["prune", "--model", str(tmp_path / "src"), "--stream", "--out", str(tmp_path / "st2"), "--quiet", "--calibration-samples", "2", "--calibration-seq-len", "16"])
+    code = main(
+        [
+            "prune",
+            "--model",
+            str(tmp_path / "src"),
+            "--stream",
+            "--out",
+            str(tmp_path / "st2"),
+            "--quiet",
+            "--calibration-samples",
+            "2",
+            "--calibration-seq-len",
+            "16",
+        ]
+    )
     assert code == 2 and "model.safetensors" in capsys.readouterr().err
 
 
@@ -161,9 +197,23 @@ def test_cli_stream_writes_the_pruned_directory(tmp_path, capsys):
     model = build_tiny_model("qwen3_moe")
     model.save_pretrained(tmp_path / "src")
     load_tokenizer().save_pretrained(tmp_path / "src")
-    args = ["prune", "--model", str(tmp_path / "src"), "--stream", "--out", str(tmp_path / "out"), "--quiet", "--calibration-samples", "2", "--calibration-seq-len", "16"]
+    args = [
+        "prune",
+        "--model",
+        str(tmp_path / "src"),
+        "--stream",
+        "--out",
+        str(tmp_path / "out"),
+        "--quiet",
+        "--calibration-samples",
+        "2",
+        "--calibration-seq-len",
+        "16",
+    ]
     assert main(args) == 0
     report = json.loads((tmp_path / "out" / "stun_report.json").read_text())
     assert sum(report["experts_after"].values()) < sum(report["experts_before"].values())
     assert main(args) == 2 and "already exists" in capsys.readouterr().err
-    assert main(["prune", "--model", str(tmp_path / "src"), "--resume", "--out", str(tmp_path / "y")]) == 2  # --resume needs --stream
+    assert (
+        main(["prune", "--model", str(tmp_path / "src"), "--resume", "--out", str(tmp_path / "y")]) == 2
+    )  # --resume needs --stream

@@ -7,6 +7,7 @@ from stun_lightning.tiny import build_tiny_model
 
 from conftest import DUPLICATES, clone, logits, model_with_duplicates, random_ids, relative_change
 
+
 def test_stun_removes_planted_duplicates_and_output_barely_moves():
     model = model_with_duplicates(top_k=1)
     ids = random_ids(model, n=8, length=32)
@@ -22,7 +23,11 @@ def test_stun_removes_planted_duplicates_and_output_barely_moves():
     random_changes = []
     for seed in range(4):
         rnd = clone(model)
-        prune(rnd, StunRecipe(expert_sparsity=0.25, layer_budget="uniform", expert_method="random", seed=seed), progress=False)
+        prune(
+            rnd,
+            StunRecipe(expert_sparsity=0.25, layer_budget="uniform", expert_method="random", seed=seed),
+            progress=False,
+        )
         random_changes.append(relative_change(logits(rnd, ids), dense))
     assert stun_change < 1e-3
     assert stun_change * 10 < min(random_changes)
@@ -39,7 +44,11 @@ def test_stun_with_top2_still_picks_the_duplicates_and_beats_random():
     rnd_changes = []
     for seed in range(4):
         rnd = clone(model)
-        prune(rnd, StunRecipe(expert_sparsity=0.25, layer_budget="uniform", expert_method="random", seed=seed), progress=False)
+        prune(
+            rnd,
+            StunRecipe(expert_sparsity=0.25, layer_budget="uniform", expert_method="random", seed=seed),
+            progress=False,
+        )
         rnd_changes.append(relative_change(logits(rnd, ids), dense))
     assert stun_change < sum(rnd_changes) / len(rnd_changes)
 
@@ -55,16 +64,19 @@ def test_global_threshold_hits_the_exact_total_and_layers_may_differ():
 @pytest.mark.parametrize("num_experts", [8, 32])
 def test_coactivation_costs_one_routing_pass_whatever_the_expert_count(num_experts):
     model = build_tiny_model("qwen3_moe", num_experts=num_experts, num_hidden_layers=2)
-    report = prune(model, StunRecipe(expert_sparsity=0.25, distance="coactivation", layer_budget="uniform"), calibration=random_ids(model), progress=False)
+    report = prune(
+        model,
+        StunRecipe(expert_sparsity=0.25, distance="coactivation", layer_budget="uniform"),
+        calibration=random_ids(model),
+        progress=False,
+    )
     assert report.layer_passes["structured"] == 2  # one pass = one forward of each decoder layer
     assert all(n == num_experts - num_experts // 4 for n in report.experts_after.values())
 
 
 def test_greedy_clustering_follows_the_official_rule():
     # 0-1 close, 2 close to 1 but far from 0: with t=0.5 the pair (1,2) is rejected (0 is too far from 2)
-    d = torch.tensor(
-        [[0, 0.1, 0.9, 5], [0.1, 0, 0.2, 5], [0.9, 0.2, 0, 5], [5, 5, 5, 0]], dtype=torch.float
-    )
+    d = torch.tensor([[0, 0.1, 0.9, 5], [0.1, 0, 0.2, 5], [0.9, 0.2, 0, 5], [5, 5, 5, 0]], dtype=torch.float)
     d.fill_diagonal_(float("inf"))
     assert greedy_clusters(d, 0.5, 1) == [(0, 1), (2,), (3,)]
     assert greedy_clusters(d, 1.0, 1) == [(0, 1, 2), (3,)]
@@ -85,7 +97,12 @@ def test_frequency_removes_unrouted_experts_and_random_is_seeded():
             layer.router.bias[[2, 6]] = -1e4
     ids = random_ids(model, n=8)
     freq = clone(model)
-    report = prune(freq, StunRecipe(expert_sparsity=0.25, expert_method="frequency", layer_budget="uniform"), calibration=ids, progress=False)
+    report = prune(
+        freq,
+        StunRecipe(expert_sparsity=0.25, expert_method="frequency", layer_budget="uniform"),
+        calibration=ids,
+        progress=False,
+    )
     assert all(r == [2, 6] for r in report.removed_experts.values())
     a = prune(clone(model), StunRecipe(expert_sparsity=0.25, expert_method="random", seed=1), progress=False)
     b = prune(clone(model), StunRecipe(expert_sparsity=0.25, expert_method="random", seed=1), progress=False)
@@ -133,7 +150,9 @@ def test_expert_weight_cosine_is_the_mean_pairwise_cosine_of_the_flattened_exper
     mats = layer.expert_matrices()
     flat = torch.cat([m.detach().flatten(1) for m in mats.values()], dim=1)
     n = flat.shape[0]
-    expected = torch.stack([torch.nn.functional.cosine_similarity(flat[i], flat[j], dim=0) for i in range(n) for j in range(i + 1, n)]).mean()
+    expected = torch.stack(
+        [torch.nn.functional.cosine_similarity(flat[i], flat[j], dim=0) for i in range(n) for j in range(i + 1, n)]
+    ).mean()
     assert abs(expert_weight_cosine(layer) - float(expected)) < 1e-5
 
     # every expert a positive multiple of expert 0: cosine 1 whatever the scales (a dot product would not be)

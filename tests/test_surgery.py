@@ -38,11 +38,18 @@ def test_surgery_slices_every_per_expert_tensor_and_updates_config(family):
     layer = moe_layers(model)[0]
     before = {name: p.detach().clone() for name, p in layer.expert_parameters()}
     router_before = layer.router_weight.detach().clone()
-    router_tensors = {n: getattr(layer.router, n).detach().clone() for n in layer.adapter.router_expert_tensors if getattr(layer.router, n, None) is not None}
+    router_tensors = {
+        n: getattr(layer.router, n).detach().clone()
+        for n in layer.adapter.router_expert_tensors
+        if getattr(layer.router, n, None) is not None
+    }
     # biases are real values in the tiny models (a wrongly sliced zero bias would go unnoticed)
     for name, t in [*before.items(), *router_tensors.items()]:
         if name.endswith("bias"):
-            assert bool((t != 0).all()) and torch.unique(t.reshape(t.shape[0], -1), dim=0).shape[0] == t.shape[0], (family, name)
+            assert bool((t != 0).all()) and torch.unique(t.reshape(t.shape[0], -1), dim=0).shape[0] == t.shape[0], (
+                family,
+                name,
+            )
     keep = [0, 2, 3, 4, 6, 7] if family != "deepseek_v3" else [0, 2, 3, 4, 6, 7]
     kept = keep_experts(model, layer.index, keep)
     assert kept == keep

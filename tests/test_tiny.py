@@ -14,7 +14,7 @@ from stun_lightning.tiny import (
 
 SAMPLE = (
     "def area(r: float) -> float:\n"
-    "    \"\"\"Circle area.\"\"\"\n"
+    '    """Circle area."""\n'
     "\treturn 3.14159 * r ** 2  # ≈ π r²\n\n"
     "Question: Tom has 12 apples and eats 5. How many are left?\n"
     "Answer: 12-5=<<12-5=7>>7\n#### 7\n\n"
@@ -167,7 +167,9 @@ def test_every_bias_of_every_tiny_family_is_non_zero(family):
     from stun_lightning.tiny import build_tiny_model
 
     model = build_tiny_model(family)
-    biases = [(n, t) for n, t in [*model.named_parameters(), *model.named_buffers()] if n.rsplit(".", 1)[-1].endswith("bias")]
+    biases = [
+        (n, t) for n, t in [*model.named_parameters(), *model.named_buffers()] if n.rsplit(".", 1)[-1].endswith("bias")
+    ]
     assert all(bool((t != 0).all()) for _, t in biases), [n for n, t in biases if not bool((t != 0).all())]
     if family in ("gpt_oss", "deepseek_v3", "qwen2_moe"):
         assert biases

@@ -9,6 +9,7 @@ from stun_lightning.tiny import build_tiny_model
 
 from conftest import DUPLICATES, clone, logits, model_with_duplicates, random_ids, relative_change
 
+
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
 def test_uncurl_merges_planted_duplicates_and_reports_the_pruning_factor(family, caplog):
     model = model_with_duplicates(family, noise=1e-4)
@@ -16,7 +17,12 @@ def test_uncurl_merges_planted_duplicates_and_reports_the_pruning_factor(family,
     dense = logits(model, ids)
     pruned = clone(model)
     with caplog.at_level(logging.INFO, logger="stun_lightning.methods.uncurl"):
-        report = prune(pruned, StunRecipe(expert_sparsity=0.25, expert_method="uncurl", layer_budget="uniform"), calibration=ids, progress=False)
+        report = prune(
+            pruned,
+            StunRecipe(expert_sparsity=0.25, expert_method="uncurl", layer_budget="uniform"),
+            calibration=ids,
+            progress=False,
+        )
     for removed in report.removed_experts.values():
         assert len(removed) == 2 and {DUPLICATES.get(e, e) for e in removed} == {0, 3}
     # duplicates merge into one expert with (almost) the same router row: the output barely moves
@@ -51,7 +57,12 @@ def test_uncurl_keeps_the_task_expert(tmp_path):
     routed = calibrate(model, task, progress=False)
     assert all(int(routed[i].expert_tokens.argmax()) == 6 for i in routed.layers)
     pruned = clone(model)
-    report = prune(pruned, StunRecipe(expert_sparsity=0.5, expert_method="uncurl", layer_budget="uniform"), calibration=task, progress=False)
+    report = prune(
+        pruned,
+        StunRecipe(expert_sparsity=0.5, expert_method="uncurl", layer_budget="uniform"),
+        calibration=task,
+        progress=False,
+    )
     assert all(6 not in removed for removed in report.removed_experts.values())
     save_pruned(pruned, tmp_path / "task")
     torch.testing.assert_close(logits(load_pruned(tmp_path / "task"), task), logits(pruned, task))
@@ -63,4 +74,9 @@ def test_average_linkage_and_bad_task_data():
     assert average_linkage(d, 3) == [[0, 1], [2], [3]]
     model = build_tiny_model("mixtral")
     with pytest.raises(ValueError, match="non-empty"):
-        prune(model, StunRecipe(expert_sparsity=0.25, expert_method="uncurl", layer_budget="uniform"), calibration=torch.zeros(0, 16, dtype=torch.long), progress=False)
+        prune(
+            model,
+            StunRecipe(expert_sparsity=0.25, expert_method="uncurl", layer_budget="uniform"),
+            calibration=torch.zeros(0, 16, dtype=torch.long),
+            progress=False,
+        )

@@ -45,8 +45,15 @@ def calibration_ids(model, seed=0):
 def callback_masks(model, recipe, ids):
     stun = StunCallback(recipe, SparsitySchedule("one_shot", start_step=STEPS), stats_steps=STEPS)
     trainer = Trainer(
-        accelerator="cpu", devices=1, max_steps=STEPS, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+        accelerator="cpu",
+        devices=1,
+        max_steps=STEPS,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
         callbacks=[stun],
     )
     trainer.fit(FrozenFit(model), DataLoader(ids, batch_size=BATCH, shuffle=False))
@@ -57,7 +64,12 @@ def zero_patterns(model):
     return {(layer.index, name): (w == 0) for layer in moe_layers(model) for name, w in layer.expert_matrices().items()}
 
 
-CASES = [(metric, allocation, pattern, "dense") for metric in METRICS for allocation in ("uniform", "owl") for pattern in ("unstructured", "2:4")]
+CASES = [
+    (metric, allocation, pattern, "dense")
+    for metric in METRICS
+    for allocation in ("uniform", "owl")
+    for pattern in ("unstructured", "2:4")
+]
 CASES += [("wanda", "owl", "unstructured", "magnitude")]
 
 
@@ -65,8 +77,18 @@ CASES += [("wanda", "owl", "unstructured", "magnitude")]
 def test_one_shot_prune_and_the_callback_mask_the_same_weights(metric, allocation, pattern, low_token_rule):
     model = build_tiny_model("mixtral", seed=3)
     ids = calibration_ids(model)
-    recipe = StunRecipe(expert_sparsity=0.0, sparsity=0.5, metric=metric, allocation=allocation, owl_lambda=0.2, pattern=pattern,
-                        sequential=False, batch_size=BATCH, low_token_rule=low_token_rule, min_tokens=MIN_TOKENS)
+    recipe = StunRecipe(
+        expert_sparsity=0.0,
+        sparsity=0.5,
+        metric=metric,
+        allocation=allocation,
+        owl_lambda=0.2,
+        pattern=pattern,
+        sequential=False,
+        batch_size=BATCH,
+        low_token_rule=low_token_rule,
+        min_tokens=MIN_TOKENS,
+    )
     one_shot = copy.deepcopy(model)
     report = prune(one_shot, recipe, calibration=ids, progress=False)
     trained = copy.deepcopy(model)
@@ -74,7 +96,10 @@ def test_one_shot_prune_and_the_callback_mask_the_same_weights(metric, allocatio
 
     assert stun.layer_targets == pytest.approx(report.layer_target_sparsity, abs=1e-12)
     if get_metric(metric).needs_data:  # the rule is exercised: some experts saw fewer than min_tokens
-        assert stun.low_token_experts == {int(k): v for k, v in report.low_token_experts.items()} and stun.low_token_experts
+        assert (
+            stun.low_token_experts == {int(k): v for k, v in report.low_token_experts.items()}
+            and stun.low_token_experts
+        )
     expected, got = zero_patterns(one_shot), zero_patterns(trained)
     for key in expected:
         assert torch.equal(expected[key], got[key]), f"layer {key[0]} {key[1]}: masks differ"

@@ -74,10 +74,28 @@ class _Plan:
         kind = _CUDA_R[dtype]
         self.a, self.b, self.c, self.matmul, self.alg, self.plan = (_struct() for _ in range(6))
         i64 = ctypes.c_int64
-        _check(lib.cusparseLtStructuredDescriptorInit(handle, self.a, i64(n), i64(k), i64(k), ctypes.c_uint32(16), kind, _ORDER_ROW, 0), "structured descriptor")
-        _check(lib.cusparseLtDenseDescriptorInit(handle, self.b, i64(k), i64(m), i64(k), ctypes.c_uint32(16), kind, _ORDER_COL), "dense descriptor (x)")
-        _check(lib.cusparseLtDenseDescriptorInit(handle, self.c, i64(n), i64(m), i64(ld), ctypes.c_uint32(16), kind, _ORDER_ROW), "dense descriptor (out)")
-        _check(lib.cusparseLtMatmulDescriptorInit(handle, self.matmul, 0, 0, self.a, self.b, self.c, self.c, _COMPUTE_32F), "matmul descriptor")
+        _check(
+            lib.cusparseLtStructuredDescriptorInit(
+                handle, self.a, i64(n), i64(k), i64(k), ctypes.c_uint32(16), kind, _ORDER_ROW, 0
+            ),
+            "structured descriptor",
+        )
+        _check(
+            lib.cusparseLtDenseDescriptorInit(
+                handle, self.b, i64(k), i64(m), i64(k), ctypes.c_uint32(16), kind, _ORDER_COL
+            ),
+            "dense descriptor (x)",
+        )
+        _check(
+            lib.cusparseLtDenseDescriptorInit(
+                handle, self.c, i64(n), i64(m), i64(ld), ctypes.c_uint32(16), kind, _ORDER_ROW
+            ),
+            "dense descriptor (out)",
+        )
+        _check(
+            lib.cusparseLtMatmulDescriptorInit(handle, self.matmul, 0, 0, self.a, self.b, self.c, self.c, _COMPUTE_32F),
+            "matmul descriptor",
+        )
         _check(lib.cusparseLtMatmulAlgSelectionInit(handle, self.alg, self.matmul, 0), "algorithm selection")
         _check(lib.cusparseLtMatmulPlanInit(handle, self.plan, self.matmul, self.alg), "plan")
         size = ctypes.c_size_t()
@@ -97,14 +115,24 @@ def linear_t_into(out_t: torch.Tensor, x: torch.Tensor, compressed: torch.Tensor
     m, k = x.shape
     n = out_t.shape[0]
     if out_t.shape[1] != m or out_t.stride(1) != 1 or not x.is_contiguous():
-        raise ValueError(f"linear_t_into needs contiguous x [M, K] and row-major out_t [N, M], got {tuple(x.shape)} and {tuple(out_t.shape)}")
+        raise ValueError(
+            f"linear_t_into needs contiguous x [M, K] and row-major out_t [N, M], got {tuple(x.shape)} and {tuple(out_t.shape)}"
+        )
     plan = _plan(x.device.index or 0, n, k, m, out_t.stride(0), x.dtype)
     alpha, beta = ctypes.c_float(1.0), ctypes.c_float(0.0)
     stream = ctypes.c_void_p(torch.cuda.current_stream(x.device).cuda_stream)
     status = _library().cusparseLtMatmul(
-        plan.handle, plan.plan, ctypes.byref(alpha), ctypes.c_void_p(compressed.data_ptr()), ctypes.c_void_p(x.data_ptr()),
-        ctypes.byref(beta), ctypes.c_void_p(out_t.data_ptr()), ctypes.c_void_p(out_t.data_ptr()),
-        ctypes.c_void_p(plan.workspace.data_ptr()), ctypes.byref(stream), 1,
+        plan.handle,
+        plan.plan,
+        ctypes.byref(alpha),
+        ctypes.c_void_p(compressed.data_ptr()),
+        ctypes.c_void_p(x.data_ptr()),
+        ctypes.byref(beta),
+        ctypes.c_void_p(out_t.data_ptr()),
+        ctypes.c_void_p(out_t.data_ptr()),
+        ctypes.c_void_p(plan.workspace.data_ptr()),
+        ctypes.byref(stream),
+        1,
     )
     _check(status, "matmul")
     return out_t

@@ -37,9 +37,12 @@ def main(argv=None) -> int:
     from stun_lightning.sparse.experts import align_pairs
 
     torch.manual_seed(0)
-    lines = [f"{torch.cuda.get_device_name()}, torch {torch.__version__}; {args.tokens} tokens, random top-k routing", "",
-             "| shape | matrix | experts touched | rows (padded) | dense grouped_mm us | dense cuBLAS per expert us | cuSPARSELt per expert us | x grouped_mm | x cuBLAS | err |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"{torch.cuda.get_device_name()}, torch {torch.__version__}; {args.tokens} tokens, random top-k routing",
+        "",
+        "| shape | matrix | experts touched | rows (padded) | dense grouped_mm us | dense cuBLAS per expert us | cuSPARSELt per expert us | x grouped_mm | x cuBLAS | err |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for name in args.shapes:
         s = SHAPES[name]
         idx = random_routing(s["experts"], s["top_k"], args.tokens)
@@ -47,32 +50,38 @@ def main(argv=None) -> int:
         n_pairs = idx.numel()
         experts, n_blocks = torch.unique_consecutive(block_expert[block_expert >= 0], return_counts=True)
         first = (n_blocks.cumsum(0) - n_blocks) * 128
-        runs = list(zip(experts.tolist(), first.tolist(), (n_blocks * 128).tolist()))  # (expert, first row, rows) of each expert's 128-row blocks
+        runs = list(
+            zip(experts.tolist(), first.tolist(), (n_blocks * 128).tolist())
+        )  # (expert, first row, rows) of each expert's 128-row blocks
         counts = torch.bincount(idx.reshape(-1), minlength=s["experts"])
         offs = counts.cumsum(0).to(torch.int32)
         for matrix, (n, k) in {"gate_up": (2 * s["ffn"], s["hidden"]), "down": (s["hidden"], s["ffn"])}.items():
             dense = mask_24(torch.randn(s["experts"], n, k, device="cuda", dtype=torch.bfloat16) * 0.02)
-            compressed = {e: torch._cslt_compress(dense[e]) for e, _, _ in runs}  # cuSPARSELt's layout, the descriptor we use
+            compressed = {
+                e: torch._cslt_compress(dense[e]) for e, _, _ in runs
+            }  # cuSPARSELt's layout, the descriptor we use
             rows = torch.randn(ids.numel(), k, device="cuda", dtype=torch.bfloat16) * (ids < n_pairs)[:, None]
             packed = torch.randn(n_pairs, k, device="cuda", dtype=torch.bfloat16)
             out_t = torch.empty(n, ids.numel(), device="cuda", dtype=torch.bfloat16)
 
             def sparse():
                 for e, r0, m in runs:
-                    cslt.linear_t_into(out_t[:, r0:r0 + m], rows[r0:r0 + m], compressed[e])
+                    cslt.linear_t_into(out_t[:, r0 : r0 + m], rows[r0 : r0 + m], compressed[e])
 
             def cublas():
-                return [rows[r0:r0 + m] @ dense[e].t() for e, r0, m in runs]
+                return [rows[r0 : r0 + m] @ dense[e].t() for e, r0, m in runs]
 
             sparse()
             e0, r0, m0 = runs[0]
-            ref = rows[r0:r0 + m0].float() @ dense[e0].float().t()
-            err = ((out_t[:, r0:r0 + m0].t().float() - ref).norm() / ref.norm()).item()
+            ref = rows[r0 : r0 + m0].float() @ dense[e0].float().t()
+            err = ((out_t[:, r0 : r0 + m0].t().float() - ref).norm() / ref.norm()).item()
             grouped = graphed_us(lambda: torch._grouped_mm(packed, dense.transpose(1, 2), offs=offs))
             per_expert = graphed_us(cublas)
             cslt_us = graphed_us(sparse)
-            line = (f"| {name} | {matrix} | {len(runs)} | {ids.numel()} | {grouped:.0f} | {per_expert:.0f} | {cslt_us:.0f} | "
-                    f"{grouped / cslt_us:.2f} | {per_expert / cslt_us:.2f} | {err:.1e} |")
+            line = (
+                f"| {name} | {matrix} | {len(runs)} | {ids.numel()} | {grouped:.0f} | {per_expert:.0f} | {cslt_us:.0f} | "
+                f"{grouped / cslt_us:.2f} | {per_expert / cslt_us:.2f} | {err:.1e} |"
+            )
             print(line, flush=True)
             lines.append(line)
     if args.out:

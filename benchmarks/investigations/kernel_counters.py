@@ -25,10 +25,29 @@ import torch
 from benchmarks.device_rates import no_cuda
 from benchmarks.sparse_kernels import SHAPES, dense_grouped_inputs, mask_24, random_routing
 
-SECTIONS = ("SpeedOfLight", "MemoryWorkloadAnalysis", "ComputeWorkloadAnalysis", "WarpStateStats", "Occupancy", "LaunchStats")
+SECTIONS = (
+    "SpeedOfLight",
+    "MemoryWorkloadAnalysis",
+    "ComputeWorkloadAnalysis",
+    "WarpStateStats",
+    "Occupancy",
+    "LaunchStats",
+)
 #: the counters printed per kernel (as ncu's details page names them), with the lines that mention stalls or tensor pipes
-WANTED = ("Duration", "Compute (SM) Throughput", "Memory Throughput", "L2 Cache Throughput", "DRAM Throughput", "L1/TEX Hit Rate",
-          "L2 Hit Rate", "Executed Ipc Active", "Issue Slots Busy", "Achieved Occupancy", "Registers Per Thread", "Dynamic Shared Memory Per Block")
+WANTED = (
+    "Duration",
+    "Compute (SM) Throughput",
+    "Memory Throughput",
+    "L2 Cache Throughput",
+    "DRAM Throughput",
+    "L1/TEX Hit Rate",
+    "L2 Hit Rate",
+    "Executed Ipc Active",
+    "Issue Slots Busy",
+    "Achieved Occupancy",
+    "Registers Per Thread",
+    "Dynamic Shared Memory Per Block",
+)
 
 
 def child(shape: str, matrix: str, tokens: int) -> None:
@@ -56,7 +75,9 @@ def main(argv=None) -> int:
     p.add_argument("--matrix", default="gate_up", choices=["gate_up", "down"])
     p.add_argument("--tokens", type=int, default=2048)
     p.add_argument("--out", type=Path, default=Path("."), help="where the .ncu-rep report goes")
-    p.add_argument("--sass", action="store_true", help="also sample stalls per instruction (SourceCounters) and write them as CSV")
+    p.add_argument(
+        "--sass", action="store_true", help="also sample stalls per instruction (SourceCounters) and write them as CSV"
+    )
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if no_cuda("benchmarks.investigations.kernel_counters"):
@@ -69,22 +90,50 @@ def main(argv=None) -> int:
         print("benchmarks/investigations/kernel_counters.py needs Nsight Compute (ncu) on the PATH", file=sys.stderr)
         return 2
     report = args.out / f"counters_{args.shape}_{args.matrix}"
-    command = [ncu, "--force-overwrite", "--export", str(report), "--kernel-name", "regex:sparse24_wgmma|device_kernel",
-               "--launch-skip", "4", "--launch-count", "2",
-               *[x for section in SECTIONS + (("SourceCounters",) if args.sass else ()) for x in ("--section", section)],
-               sys.executable, "-m", "benchmarks.investigations.kernel_counters", "--child", "--shape", args.shape, "--matrix", args.matrix, "--tokens", str(args.tokens)]
+    command = [
+        ncu,
+        "--force-overwrite",
+        "--export",
+        str(report),
+        "--kernel-name",
+        "regex:sparse24_wgmma|device_kernel",
+        "--launch-skip",
+        "4",
+        "--launch-count",
+        "2",
+        *[x for section in SECTIONS + (("SourceCounters",) if args.sass else ()) for x in ("--section", section)],
+        sys.executable,
+        "-m",
+        "benchmarks.investigations.kernel_counters",
+        "--child",
+        "--shape",
+        args.shape,
+        "--matrix",
+        args.matrix,
+        "--tokens",
+        str(args.tokens),
+    ]
     run = subprocess.run(command, capture_output=True, text=True)
     if run.returncode:
         print(run.stdout[-3000:], run.stderr[-3000:], sep="\n", file=sys.stderr)
         return run.returncode
-    details = subprocess.run([ncu, "--import", f"{report}.ncu-rep", "--page", "details", "--print-units", "base"], capture_output=True, text=True).stdout
+    details = subprocess.run(
+        [ncu, "--import", f"{report}.ncu-rep", "--page", "details", "--print-units", "base"],
+        capture_output=True,
+        text=True,
+    ).stdout
     (args.out / f"{report.name}.txt").write_text(details)
     if args.sass:  # per SASS instruction: stall samples by reason, one CSV per kernel
-        sass = subprocess.run([ncu, "--import", f"{report}.ncu-rep", "--page", "source", "--csv", "--print-source", "sass"],
-                              capture_output=True, text=True).stdout
+        sass = subprocess.run(
+            [ncu, "--import", f"{report}.ncu-rep", "--page", "source", "--csv", "--print-source", "sass"],
+            capture_output=True,
+            text=True,
+        ).stdout
         (args.out / f"{report.name}_sass.csv").write_text(sass)
-    print(f"{torch.cuda.get_device_name()}; {args.shape} {args.matrix}, {args.tokens} tokens; report {report}.ncu-rep, "
-          f"all counters in {report}.txt\n")
+    print(
+        f"{torch.cuda.get_device_name()}; {args.shape} {args.matrix}, {args.tokens} tokens; report {report}.ncu-rep, "
+        f"all counters in {report}.txt\n"
+    )
     for line in details.splitlines():
         words = " ".join(line.split())
         if ", Context " in line:

@@ -58,8 +58,12 @@ def main(argv=None) -> int:
     ops = {
         "torch._grouped_mm (dense)": lambda: torch._grouped_mm(rows, dense.transpose(1, 2), offs=offs),
         "stun::sparse24_mma_tile (torch op)": lambda: cuda_mma.sparse24_mma_tile(x, values, meta, ids, blocks, top_k),
-        "cuda_mma.wgmma_grouped_mm (no op wrapper)": lambda: cuda_mma.wgmma_grouped_mm(x, values, meta, ids, blocks, top_k, 256, 4, 1, 2),
-        "cuda_mma.tile_grouped_mm (no op wrapper)": lambda: cuda_mma.tile_grouped_mm(x, values, meta, ids, blocks, top_k),
+        "cuda_mma.wgmma_grouped_mm (no op wrapper)": lambda: cuda_mma.wgmma_grouped_mm(
+            x, values, meta, ids, blocks, top_k, 256, 4, 1, 2
+        ),
+        "cuda_mma.tile_grouped_mm (no op wrapper)": lambda: cuda_mma.tile_grouped_mm(
+            x, values, meta, ids, blocks, top_k
+        ),
     }
     for name, fn in ops.items():
         print(f"| {name} | {cpu_us(fn, args.calls):.1f} |", flush=True)
@@ -68,7 +72,9 @@ def main(argv=None) -> int:
     model = build_model(SHAPES["qwen3"], 1, 1024, "cuda", 0)
     models = build_variants(model, ["dense", "2:4"], 0)
     x = torch.randn(1, 2048, model.config.hidden_size, device="cuda", dtype=torch.bfloat16)
-    print("\n| Qwen3-30B MoE block, 2048 tokens, compiled | CPU us per call | GPU us per call (L2 flushed) |\n|---|---:|---:|")
+    print(
+        "\n| Qwen3-30B MoE block, 2048 tokens, compiled | CPU us per call | GPU us per call (L2 flushed) |\n|---|---:|---:|"
+    )
     for variant, m in models.items():
         torch._dynamo.reset()
         block = torch.compile(moe_blocks(m)[0][0], dynamic=False)

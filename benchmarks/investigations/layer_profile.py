@@ -42,7 +42,9 @@ def kernel_times(fn, x, steps: int, flush: torch.Tensor | None = None) -> tuple[
             torch.cuda.synchronize()
     times, starts, ends = defaultdict(lambda: [0.0, 0.0]), [], []
     for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA and not (flush is not None and "FillFunctor<signed char>" in event.name):
+        if event.device_type == torch.autograd.DeviceType.CUDA and not (
+            flush is not None and "FillFunctor<signed char>" in event.name
+        ):
             times[event.name][0] += event.device_time / steps
             times[event.name][1] += 1 / steps
             starts.append(event.time_range.start)
@@ -73,11 +75,15 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--variants", nargs="+", default=["dense", "2:4"], choices=VARIANTS)
-    p.add_argument("--tokens", nargs="+", type=int, default=[1, 8, 32, 2048], help="tokens per call; above 64 counts as prefill")
+    p.add_argument(
+        "--tokens", nargs="+", type=int, default=[1, 8, 32, 2048], help="tokens per call; above 64 counts as prefill"
+    )
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--top", type=int, default=12, help="kernels listed per row")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--wgmma-group", type=int, default=None, help="CTA order of the Hopper prefill kernel (cuda_mma.WGMMA_GROUP)")
+    p.add_argument(
+        "--wgmma-group", type=int, default=None, help="CTA order of the Hopper prefill kernel (cuda_mma.WGMMA_GROUP)"
+    )
     args = p.parse_args(argv)
     if no_cuda("benchmarks.investigations.layer_profile"):
         return 2
@@ -106,10 +112,16 @@ def main(argv=None) -> int:
                 total = sum(us for us, _ in times.values())
                 launches = sum(n for _, n in times.values())
                 queued = queued_us(fn, x, args.steps)
-                print(f"\n## {name} {variant} T={t}: {wall:.1f} us per call ({'CUDA graph' if decode else 'compiled'}, L2 flushed); "
-                      f"{queued:.1f} us flushed with the call queued ahead; device span {graph_span:.1f} us per call (back to back); "
-                      f"kernels {total:.1f} us in {launches:.0f} launches")
-                cold = kernel_times(fn, x, args.steps, torch.empty(256 * 2**20, dtype=torch.int8, device="cuda"))[0] if decode else times
+                print(
+                    f"\n## {name} {variant} T={t}: {wall:.1f} us per call ({'CUDA graph' if decode else 'compiled'}, L2 flushed); "
+                    f"{queued:.1f} us flushed with the call queued ahead; device span {graph_span:.1f} us per call (back to back); "
+                    f"kernels {total:.1f} us in {launches:.0f} launches"
+                )
+                cold = (
+                    kernel_times(fn, x, args.steps, torch.empty(256 * 2**20, dtype=torch.int8, device="cuda"))[0]
+                    if decode
+                    else times
+                )
                 print(f"kernels with the L2 flushed before each call: {sum(us for us, _ in cold.values()):.1f} us")
                 print("| us | us, L2 flushed | launches | kernel |\n|---:|---:|---:|---|")
                 for kname, (us, n) in sorted(times.items(), key=lambda kv: -kv[1][0])[: args.top]:

@@ -71,7 +71,10 @@ def main(argv=None) -> int:
     out = torch.empty(blocks * threads, device="cuda")
     timer = make_timer("cuda")
     rows = []
-    for name, sparse, flops_per_mma in (("mma.sync m16n8k16 (dense)", 0, 16 * 8 * 16 * 2), ("mma.sp m16n8k32 (2:4, dense-equivalent)", 1, 16 * 8 * 32 * 2)):
+    for name, sparse, flops_per_mma in (
+        ("mma.sync m16n8k16 (dense)", 0, 16 * 8 * 16 * 2),
+        ("mma.sp m16n8k32 (2:4, dense-equivalent)", 1, 16 * 8 * 32 * 2),
+    ):
         kernel = torch.cuda._compile_kernel(SOURCE, f"mma_loop<{sparse}>", compute_capability=f"{major}{minor}")
         us = timer(lambda: kernel(grid=(blocks, 1, 1), block=(threads, 1, 1), args=[out, args.iterations, 7]))
         mmas = blocks * (threads // 32) * args.iterations * 8

@@ -48,7 +48,9 @@ class SelectionContext:
     def calibrate(self, **kwargs) -> CalibrationStats:
         """A streamed pass over the calibration ids (``kwargs`` as :func:`stun_lightning.calibrate`)."""
         if self.calibration is None or self.calibration.numel() == 0:
-            raise ValueError("this expert method needs calibration data: pass calibration token ids [N, L] of the task's text")
+            raise ValueError(
+                "this expert method needs calibration data: pass calibration token ids [N, L] of the task's text"
+            )
         kwargs.setdefault("progress", self.progress)
         stats = calibrate(self.model, self.calibration, batch_size=self.batch_size, device=self.device, **kwargs)
         self.layer_passes += stats.layer_passes
@@ -59,7 +61,9 @@ class SelectionContext:
 class ExpertMethod:
     name: str
     select: Callable[[SelectionContext], dict[int, list[int]]]
-    needs: str | None | Callable[[dict[str, Any]], str | None]  # None, "routing", "saliency", "data", or a function of the options
+    needs: (
+        str | None | Callable[[dict[str, Any]], str | None]
+    )  # None, "routing", "saliency", "data", or a function of the options
     supports_global: bool
     options: frozenset[str] = frozenset()  # the method_options it reads
 
@@ -70,7 +74,9 @@ class ExpertMethod:
             return
         import difflib
 
-        hints = [f"{k!r} -> {m[0]!r}?" for k in unknown if (m := difflib.get_close_matches(k, sorted(self.options), n=1))]
+        hints = [
+            f"{k!r} -> {m[0]!r}?" for k in unknown if (m := difflib.get_close_matches(k, sorted(self.options), n=1))
+        ]
         known = ", ".join(sorted(self.options)) or "none"
         raise ValueError(
             f"method_options {unknown} are not options of expert method {self.name!r} (it reads: {known})"

@@ -94,7 +94,9 @@ class EEPConfig:
             values.setdefault("mutate_threshold", 0.03)
         config = cls(**values)
         if config.total_evaluations < 1 or config.max_init < 0:
-            raise ValueError(f"EEP needs total_evaluations >= 1 and max_init >= 0 (a population to start from), got {config.total_evaluations} and {config.max_init}")
+            raise ValueError(
+                f"EEP needs total_evaluations >= 1 and max_init >= 0 (a population to start from), got {config.total_evaluations} and {config.max_init}"
+            )
         return config
 
 
@@ -146,14 +148,23 @@ class _Search:
     def save(self) -> None:
         path = Path(self.config.state_path)
         tmp = path.with_name(path.name + ".tmp")
-        state = {"signature": self.signature, "archive": [(c.M, c.T, f) for c, f in self.archive], "rng": self.rng.getstate(), "inits": self.inits, "passes": self.passes, "init_done": self.init_done}
+        state = {
+            "signature": self.signature,
+            "archive": [(c.M, c.T, f) for c, f in self.archive],
+            "rng": self.rng.getstate(),
+            "inits": self.inits,
+            "passes": self.passes,
+            "init_done": self.init_done,
+        }
         torch.save(state, tmp)
         os.replace(tmp, path)
 
     def load(self) -> None:
         state = torch.load(self.config.state_path, weights_only=False)
         if state["signature"] != self.signature:
-            raise ValueError(f"EEP state {self.config.state_path} belongs to another search (layers, expert counts, groups or seed differ); delete it or choose another state_path")
+            raise ValueError(
+                f"EEP state {self.config.state_path} belongs to another search (layers, expert counts, groups or seed differ); delete it or choose another state_path"
+            )
         self.archive = [(Candidate(M, T), f) for M, T, f in state["archive"]]
         self.rng.setstate(state["rng"])
         self.inits, self.passes, self.init_done = state["inits"], state["passes"], state["init_done"]
@@ -190,7 +201,10 @@ class _Search:
                 for mats, which in ((cand.M, 0), (cand.T, 1)):
                     src_a, src_b = (a[0].M, b[0].M) if which == 0 else (a[0].T, b[0].T)
                     if change[g + which * G]:
-                        rows = [src_a[g][j] if rng.random() < cfg.crossover_front_prob else src_b[g][j] for j in range(len(src_a[g]))]
+                        rows = [
+                            src_a[g][j] if rng.random() < cfg.crossover_front_prob else src_b[g][j]
+                            for j in range(len(src_a[g]))
+                        ]
                         mats[g] = torch.stack([r.clone() for r in rows]) if which == 0 else [int(r) for r in rows]
                     else:
                         src = src_a if rng.random() < cfg.crossover_front_prob else src_b
@@ -247,7 +261,13 @@ class _Search:
         known = {c.key(): f for c, f in self.archive}
         calls = [0]
         hook = model.register_forward_pre_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
-        bar = tqdm(total=cfg.total_evaluations, initial=min(len(self.archive), cfg.total_evaluations), desc="EEP search", disable=not cfg.progress, unit="candidate")
+        bar = tqdm(
+            total=cfg.total_evaluations,
+            initial=min(len(self.archive), cfg.total_evaluations),
+            desc="EEP search",
+            disable=not cfg.progress,
+            unit="candidate",
+        )
         last = 0
         try:
             while len(self.archive) < cfg.total_evaluations:
@@ -275,12 +295,16 @@ class _Search:
             hook.remove()
             bar.close()
         if not self.archive:
-            raise ValueError(f"EEP evaluated no candidate: max_forward_passes={cfg.max_forward_passes} is below one evaluation")
+            raise ValueError(
+                f"EEP evaluated no candidate: max_forward_passes={cfg.max_forward_passes} is below one evaluation"
+            )
         best = max(range(len(self.archive)), key=lambda i: (self.archive[i][1], -i))
         return EEPResult(self.archive[best][0], self.archive[best][1], self.archive, self.passes)
 
 
-def eep_search(model: nn.Module, layers: list[MoELayer], keep_per_layer: dict[int, int], fitness: Fitness, seed: int = 0, **options) -> tuple[EEPResult, _Groups]:
+def eep_search(
+    model: nn.Module, layers: list[MoELayer], keep_per_layer: dict[int, int], fitness: Fitness, seed: int = 0, **options
+) -> tuple[EEPResult, _Groups]:
     """Run the search (the model is left unchanged); ``options`` as :class:`EEPConfig`."""
     config = EEPConfig.from_options(options, loss_fitness=False)
     groups = _Groups(layers, keep_per_layer, config.groups)
@@ -292,7 +316,9 @@ def _needs(options: dict[str, Any]) -> str | None:
 
 
 @register_expert_method(
-    "eep", needs=_needs, supports_global=False,
+    "eep",
+    needs=_needs,
+    supports_global=False,
     options=tuple(f.name for f in fields(EEPConfig)) + ("fitness", "fitness_ids", "fitness_batch_size"),
 )
 def eep(ctx: SelectionContext) -> dict[int, list[int]]:
@@ -305,8 +331,10 @@ def eep(ctx: SelectionContext) -> dict[int, list[int]]:
         ids = opts.get("fitness_ids")
         if ids is None:
             if ctx.calibration is None:
-                raise ValueError("EEP needs a fitness: method_options['fitness'] (a callable, higher is better), "
-                                 "method_options['fitness_ids'] (token ids of the task text), or calibration data")
+                raise ValueError(
+                    "EEP needs a fitness: method_options['fitness'] (a callable, higher is better), "
+                    "method_options['fitness_ids'] (token ids of the task text), or calibration data"
+                )
             ids = ctx.calibration
         fitness = lm_fitness(ids, int(opts.get("fitness_batch_size", ctx.batch_size)))
         config = EEPConfig.from_options(opts, loss_fitness=True)

@@ -51,24 +51,33 @@ class _Groups:
             raise ValueError(f"EEP groups must be a positive number of depth groups or 'layer', got {groups!r}")
         g = min(groups, n)
         size = n // g  # the official split: equal groups, the remainder in the last one
-        self.layers = [layers[i * size: (i + 1) * size] if i < g - 1 else layers[i * size:] for i in range(g)]
+        self.layers = [layers[i * size : (i + 1) * size] if i < g - 1 else layers[i * size :] for i in range(g)]
         self.shapes = []
         for members in self.layers:
             shapes = {(lay.num_experts, keep[lay.index]) for lay in members}
             if len(shapes) > 1:
-                raise ValueError(f"EEP group of layers {[lay.index for lay in members]} mixes expert counts {sorted(shapes)}; use groups='layer'")
+                raise ValueError(
+                    f"EEP group of layers {[lay.index for lay in members]} mixes expert counts {sorted(shapes)}; use groups='layer'"
+                )
             self.shapes.append(shapes.pop())
         self.originals = {
             lay.index: (
                 dict(lay.experts.named_parameters(recurse=False)),
-                {name: getattr(lay.router, name) for name in lay.adapter.router_expert_tensors if getattr(lay.router, name, None) is not None},
+                {
+                    name: getattr(lay.router, name)
+                    for name in lay.adapter.router_expert_tensors
+                    if getattr(lay.router, name, None) is not None
+                },
                 lay.top_k,
             )
             for lay in layers
         }
 
     def signature(self) -> list:
-        return [[(lay.index, lay.num_experts) for lay in members] + [shape] for members, shape in zip(self.layers, self.shapes)]
+        return [
+            [(lay.index, lay.num_experts) for lay in members] + [shape]
+            for members, shape in zip(self.layers, self.shapes)
+        ]
 
     def tensors(self, lay: MoELayer, M: torch.Tensor, T: list[int]):
         """(expert tensors, router tensors) of one layer under (M, T), experts ordered by slot."""
@@ -77,7 +86,10 @@ class _Groups:
         order = sorted(range(len(T)), key=where.__getitem__)
         rows = torch.tensor([T[j] for j in order])
         mix = M[order]
-        out_e = {name: (mix.to(p.device, p.dtype) @ p.detach().flatten(1)).view(len(T), *p.shape[1:]) for name, p in experts.items()}
+        out_e = {
+            name: (mix.to(p.device, p.dtype) @ p.detach().flatten(1)).view(len(T), *p.shape[1:])
+            for name, p in experts.items()
+        }
         out_r = {name: t.detach()[rows.to(t.device)] for name, t in router.items()}
         return out_e, out_r
 
@@ -91,7 +103,13 @@ class _Groups:
                     for name, t in new_e.items():
                         setattr(lay.experts, name, nn.Parameter(t, requires_grad=False))
                     for name, t in new_r.items():
-                        setattr(lay.router, name, nn.Parameter(t, requires_grad=False) if isinstance(self.originals[lay.index][1][name], nn.Parameter) else t)
+                        setattr(
+                            lay.router,
+                            name,
+                            nn.Parameter(t, requires_grad=False)
+                            if isinstance(self.originals[lay.index][1][name], nn.Parameter)
+                            else t,
+                        )
                     _set_counts(lay, len(cand.T[g]), min(self.originals[lay.index][2], len(cand.T[g])))
             yield
         finally:

@@ -63,7 +63,10 @@ def check_enumeration(ctx: SelectionContext, max_subsets: float | None = None) -
     if ctx.keep_per_layer is None:
         raise ValueError("NAEE keeps the same number of experts in every layer: use layer_budget='uniform'")
     limit = DEFAULT_MAX_SUBSETS if max_subsets is None else max_subsets
-    counts = {layer.index: naee_subsets(layer.num_experts, ctx.keep_per_layer[layer.index], _groups(layer, ctx.model)) for layer in ctx.layers}
+    counts = {
+        layer.index: naee_subsets(layer.num_experts, ctx.keep_per_layer[layer.index], _groups(layer, ctx.model))
+        for layer in ctx.layers
+    }
     over = {i: n for i, n in counts.items() if n > limit}
     if over:
         i, n = next(iter(over.items()))
@@ -100,7 +103,9 @@ def _routed_sum(outs: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) 
 
 
 @torch.no_grad()
-def enumerate_layer(layer: MoELayer, inputs: list[torch.Tensor], keep: int, groups: int = 1) -> tuple[tuple[int, ...], dict[tuple[int, ...], float]]:
+def enumerate_layer(
+    layer: MoELayer, inputs: list[torch.Tensor], keep: int, groups: int = 1
+) -> tuple[tuple[int, ...], dict[tuple[int, ...], float]]:
     """(best drop-set, loss of every drop-set) for one layer given its block inputs (one tensor per batch)."""
     drops = list(_candidate_drops(layer, keep, groups))
     losses = dict.fromkeys(drops, 0.0)
@@ -121,13 +126,17 @@ def enumerate_layer(layer: MoELayer, inputs: list[torch.Tensor], keep: int, grou
     return best, losses
 
 
-@register_expert_method("naee", needs="data", supports_global=False, options=("max_subsets", "progressive", "max_tokens"))
+@register_expert_method(
+    "naee", needs="data", supports_global=False, options=("max_subsets", "progressive", "max_tokens")
+)
 def naee(ctx: SelectionContext) -> dict[int, list[int]]:
     """NAEE enumeration (options: max_subsets, progressive, max_tokens)."""
     opts = ctx.options
     check_enumeration(ctx, opts.get("max_subsets"))
     if ctx.calibration is None:
-        raise ValueError("NAEE needs calibration data: run it through prune()/select_experts() with calibration token ids")
+        raise ValueError(
+            "NAEE needs calibration data: run it through prune()/select_experts() with calibration token ids"
+        )
     progressive = bool(opts.get("progressive", False))
     max_tokens = int(opts.get("max_tokens") or ctx.calibration.numel())
     layers = {layer.index: layer for layer in ctx.layers}
@@ -147,4 +156,11 @@ def naee(ctx: SelectionContext) -> dict[int, list[int]]:
     return {i: [e for e in range(layer.num_experts) if e not in dropped[i]] for i, layer in layers.items()}
 
 
-__all__ = ["naee", "naee_subsets", "check_enumeration", "enumerate_layer", "EnumerationTooLargeError", "DEFAULT_MAX_SUBSETS"]
+__all__ = [
+    "naee",
+    "naee_subsets",
+    "check_enumeration",
+    "enumerate_layer",
+    "EnumerationTooLargeError",
+    "DEFAULT_MAX_SUBSETS",
+]

@@ -52,7 +52,13 @@ from .base import SelectionContext, register_expert_method
 DISTANCES = ("router", "coactivation", "mixed")
 
 
-def expert_distances(router_weight: torch.Tensor, coactivation: torch.Tensor | None = None, distance: str = "router", divide_by_norm: bool = True, mix_weight: float = 1.0) -> torch.Tensor:
+def expert_distances(
+    router_weight: torch.Tensor,
+    coactivation: torch.Tensor | None = None,
+    distance: str = "router",
+    divide_by_norm: bool = True,
+    mix_weight: float = 1.0,
+) -> torch.Tensor:
     """STUN's pairwise distance table of one layer (diagonal = inf)."""
     w = router_weight.detach().float().cpu()
     if distance not in DISTANCES:
@@ -119,7 +125,9 @@ def _search_threshold(count_at, target: int, start: float = 0.0, step: float = 0
     return tried
 
 
-def _force_count(dist: dict[int, torch.Tensor], clusters: dict[int, list[list[int]]], target: int, min_keep: dict[int, int]) -> None:
+def _force_count(
+    dist: dict[int, torch.Tensor], clusters: dict[int, list[list[int]]], target: int, min_keep: dict[int, int]
+) -> None:
     """Merge the closest clusters (anywhere in ``dist``'s layers) until ``target`` clusters remain."""
     while sum(len(c) for c in clusters.values()) > target:
         best = None
@@ -250,7 +258,9 @@ def expert_weight_cosine(layer) -> float:
         gram += (flat @ flat.T).double().cpu()
     norms = gram.diagonal().sqrt()
     if bool((norms == 0).any()):
-        raise ValueError(f"layer {layer.index}: experts {torch.nonzero(norms == 0).flatten().tolist()} are all zeros; their cosine is undefined")
+        raise ValueError(
+            f"layer {layer.index}: experts {torch.nonzero(norms == 0).flatten().tolist()} are all zeros; their cosine is undefined"
+        )
     cos = gram / (norms[:, None] * norms[None, :])
     i, j = torch.triu_indices(n, n, offset=1)
     return float(cos[i, j].mean())

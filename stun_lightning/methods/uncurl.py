@@ -96,7 +96,9 @@ def merge_cluster(layer: MoELayer, members: list[int], weights: torch.Tensor) ->
         return survivor
     w = w / w.sum() if float(w.sum()) > 0 else torch.full_like(w, 1.0 / len(members))
     tensors = [p for _, p in layer.expert_parameters()]
-    tensors += [t for name in layer.adapter.router_expert_tensors if (t := getattr(layer.router, name, None)) is not None]
+    tensors += [
+        t for name in layer.adapter.router_expert_tensors if (t := getattr(layer.router, name, None)) is not None
+    ]
     for t in tensors:
         coeff = w.to(device=t.device, dtype=torch.float64).view(-1, *([1] * (t.dim() - 1)))
         t[survivor] = (t[members].double() * coeff).sum(0).to(t.dtype)
@@ -123,7 +125,13 @@ def uncurl(ctx: SelectionContext) -> dict[int, list[int]]:
         clusters = average_linkage(1.0 - trackers[layer.index].correlation(), target)
         counts = stats[layer.index].expert_tokens
         keep[layer.index] = sorted(merge_cluster(layer, c, counts) for c in clusters)
-        log.info("UNCURL layer %d: %d -> %d experts (pruning factor %.2f)", layer.index, layer.num_experts, target, pruning_factor(layer.num_experts, target))
+        log.info(
+            "UNCURL layer %d: %d -> %d experts (pruning factor %.2f)",
+            layer.index,
+            layer.num_experts,
+            target,
+            pruning_factor(layer.num_experts, target),
+        )
     return keep
 
 

@@ -74,7 +74,9 @@ def bitmap_mask(bitmap: torch.Tensor, in_features: int) -> torch.Tensor:
     return bits.reshape(*bitmap.shape[:-1], -1)[..., :in_features]
 
 
-def decompress_bitmap(bitmap: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, in_features: int) -> torch.Tensor:
+def decompress_bitmap(
+    bitmap: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, in_features: int
+) -> torch.Tensor:
     """The dense weight ``[E, out, in]`` (or ``[out, in]`` for one expert's slices) stored by
     :func:`compress_bitmap`. Pure torch; any device."""
     single = bitmap.dim() == 2
@@ -82,8 +84,10 @@ def decompress_bitmap(bitmap: torch.Tensor, values: torch.Tensor, offsets: torch
         bitmap, values, offsets = bitmap[None], values[None], offsets[None]
     e, n, t = bitmap.shape
     if offsets.shape != bitmap.shape or t != n_tiles(in_features):
-        raise ValueError(f"bitmap {tuple(bitmap.shape)} / offsets {tuple(offsets.shape)} do not hold a weight with {in_features} inputs")
-    bits = ((bitmap.unsqueeze(-1) & _bits(bitmap.device)) != 0)  # [E, N, T, 64]
+        raise ValueError(
+            f"bitmap {tuple(bitmap.shape)} / offsets {tuple(offsets.shape)} do not hold a weight with {in_features} inputs"
+        )
+    bits = (bitmap.unsqueeze(-1) & _bits(bitmap.device)) != 0  # [E, N, T, 64]
     rank = bits.long().cumsum(-1) - bits.long()
     index = (offsets.long().unsqueeze(-1) + rank).clamp(max=max(values.shape[-1] - 1, 0)).view(e, -1)
     if values.shape[-1]:

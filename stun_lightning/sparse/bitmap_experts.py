@@ -39,7 +39,14 @@ def is_mixed(experts: torch.nn.Module) -> bool:
     return bool(getattr(type(experts), "_stun_mixed", False))
 
 
-def grouped_dense(a: torch.Tensor, weight: torch.Tensor, sorted_ids: torch.Tensor, block_expert: torch.Tensor, rows_per_a: int, block_m: int) -> torch.Tensor:
+def grouped_dense(
+    a: torch.Tensor,
+    weight: torch.Tensor,
+    sorted_ids: torch.Tensor,
+    block_expert: torch.Tensor,
+    rows_per_a: int,
+    block_m: int,
+) -> torch.Tensor:
     """``out[s] = a[s // rows_per_a] @ weight[expert(s)].T`` for the layout of :func:`.experts.align_pairs`
     (``weight`` ``[E, N, K]``), by transformers' ``grouped_mm``: rows in sorted order, each expert's
     padded run one group (padding rows are zero; rows of the unused tail blocks are ignored and land on the sentinel)."""
@@ -67,8 +74,16 @@ def _layout(a, num_experts, sorted_ids, block_expert, rows_per_a):
 
 
 @_opaque_op
-def bitmap_experts_mm(a: torch.Tensor, bitmap: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, sorted_ids: torch.Tensor,
-                      block_expert: torch.Tensor, rows_per_a: int, in_features: int) -> torch.Tensor:
+def bitmap_experts_mm(
+    a: torch.Tensor,
+    bitmap: torch.Tensor,
+    values: torch.Tensor,
+    offsets: torch.Tensor,
+    sorted_ids: torch.Tensor,
+    block_expert: torch.Tensor,
+    rows_per_a: int,
+    in_features: int,
+) -> torch.Tensor:
     """``out[s] = a[s // rows_per_a] @ W[expert(s)].T``, ``W`` stored as a bitmap (:mod:`.bitmap`), on
     the layout of :func:`.experts.route_pairs`: ``[M * rows_per_a, N]``."""
     if a.shape[0] * rows_per_a == 0:
@@ -89,7 +104,9 @@ def _(a, bitmap, values, offsets, sorted_ids, block_expert, rows_per_a, in_featu
 
 
 @_opaque_op
-def dense_experts_mm(a: torch.Tensor, weight: torch.Tensor, sorted_ids: torch.Tensor, block_expert: torch.Tensor, rows_per_a: int) -> torch.Tensor:
+def dense_experts_mm(
+    a: torch.Tensor, weight: torch.Tensor, sorted_ids: torch.Tensor, block_expert: torch.Tensor, rows_per_a: int
+) -> torch.Tensor:
     """:func:`bitmap_experts_mm` for a dense ``weight`` ``[E, N, K]`` (a matrix the format would not pay for)."""
     if a.shape[0] * rows_per_a == 0:
         return a.new_empty(0, weight.shape[1])
@@ -111,14 +128,26 @@ def dense_matrix(experts: torch.nn.Module, name: str) -> torch.Tensor:
 def _matmul(self, name: str, a: torch.Tensor, sorted_ids, block_expert, rows_per_a: int) -> torch.Tensor:
     fmt = self._stun_formats[name]
     if fmt == BITMAP:
-        return bitmap_experts_mm(a, getattr(self, f"{name}_bitmap"), getattr(self, f"{name}_values"), getattr(self, f"{name}_offsets"),
-                                 sorted_ids, block_expert, rows_per_a, self._stun_in_features[name])
+        return bitmap_experts_mm(
+            a,
+            getattr(self, f"{name}_bitmap"),
+            getattr(self, f"{name}_values"),
+            getattr(self, f"{name}_offsets"),
+            sorted_ids,
+            block_expert,
+            rows_per_a,
+            self._stun_in_features[name],
+        )
     if fmt == SPARSE24:
-        return sparse24_experts_mm(a, getattr(self, f"{name}_values"), getattr(self, f"{name}_meta"), sorted_ids, block_expert, rows_per_a)
+        return sparse24_experts_mm(
+            a, getattr(self, f"{name}_values"), getattr(self, f"{name}_meta"), sorted_ids, block_expert, rows_per_a
+        )
     return dense_experts_mm(a, dense_matrix(self, name), sorted_ids, block_expert, rows_per_a)
 
 
-def bitmap_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+def bitmap_experts_forward(
+    self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
     """``ExpertsInterface`` entry: ``hidden_states [T, H]``, ``top_k_index/weights [T, k]`` -> ``[T, H]``."""
     if not is_mixed(self):
         from .experts import NotSparseExpertsError

@@ -32,7 +32,15 @@ from ..serialization import IncompleteCheckpointError, atomic_output
 from ..surgery import apply_top_k, recorded_expert_counts, recorded_top_k, set_expert_counts_shape
 from . import bitmap_experts
 from .bitmap_experts import is_mixed
-from .convert import _set_implementation, empty_mixed_experts_, empty_sparse_experts_, expert_modules, is_sparsified, own_buffers_, sparse_formats
+from .convert import (
+    _set_implementation,
+    empty_mixed_experts_,
+    empty_sparse_experts_,
+    expert_modules,
+    is_sparsified,
+    own_buffers_,
+    sparse_formats,
+)
 from .experts import IMPLEMENTATION
 from .format import FORMAT_NAME
 
@@ -55,7 +63,12 @@ def _unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
     """The state dict with tensors that share storage (tied weights) stored once, and the aliases."""
     state, aliases, seen = {}, {}, {}
     for key, tensor in model.state_dict().items():
-        ident = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()))
+        ident = (
+            tensor.untyped_storage().data_ptr(),
+            tensor.storage_offset(),
+            tuple(tensor.shape),
+            tuple(tensor.stride()),
+        )
         if tensor.numel() and ident in seen:
             aliases[key] = seen[ident]
             continue
@@ -64,7 +77,13 @@ def _unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
     return state, aliases
 
 
-def save_sparse(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, overwrite: bool = False, extra_files: dict[str, str] | None = None) -> Path:
+def save_sparse(
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+    tokenizer=None,
+    overwrite: bool = False,
+    extra_files: dict[str, str] | None = None,
+) -> Path:
     """Write a model converted by :func:`~stun_lightning.sparse.sparsify` as a compressed checkpoint."""
     if not is_sparsified(model):
         raise ValueError(
@@ -77,8 +96,13 @@ def save_sparse(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, ov
         blocks = list(expert_modules(model))
         mixed = is_mixed(blocks[0][1])
         values_dtype = blocks[0][1]._stun_dtype if mixed else blocks[0][1].gate_up_proj_values.dtype
-        marker = {"format": FORMAT_NAME, "version": 2 if mixed else 1, "pattern": "mixed" if mixed else "2:4", "weights": WEIGHTS_NAME,
-                  "values_dtype": str(values_dtype).removeprefix("torch.")}
+        marker = {
+            "format": FORMAT_NAME,
+            "version": 2 if mixed else 1,
+            "pattern": "mixed" if mixed else "2:4",
+            "weights": WEIGHTS_NAME,
+            "values_dtype": str(values_dtype).removeprefix("torch."),
+        }
         if mixed:
             marker["matrices"] = {str(index): formats for index, formats in sparse_formats(model).items()}
         setattr(config, CONFIG_FIELD, marker)
@@ -87,23 +111,40 @@ def save_sparse(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, ov
         if generation is not None:
             generation.save_pretrained(tmp)
         state, aliases = _unique_state(model)
-        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "stun_format": FORMAT_NAME, "stun_format_version": str(marker["version"]), "aliases": json.dumps(aliases)})
+        save_file(
+            state,
+            str(tmp / WEIGHTS_NAME),
+            metadata={
+                "format": "pt",
+                "stun_format": FORMAT_NAME,
+                "stun_format_version": str(marker["version"]),
+                "aliases": json.dumps(aliases),
+            },
+        )
     return Path(out_dir)
 
 
 def _materialize_non_persistent(model: nn.Module, device: torch.device) -> None:
     """Rebuild buffers that checkpoints never hold (rotary frequencies) with transformers' own init."""
     for name, module in model.named_modules():
-        left = [n for n, t in list(module._parameters.items()) + list(module._buffers.items()) if t is not None and t.is_meta]
+        left = [
+            n
+            for n, t in list(module._parameters.items()) + list(module._buffers.items())
+            if t is not None and t.is_meta
+        ]
         if not left:
             continue
         if "RotaryEmbedding" not in type(module).__name__ or not hasattr(model, "_init_weights"):
-            raise IncompleteCheckpointError(f"{name}: {left} are neither in the checkpoint nor rebuildable; cannot load this model")
+            raise IncompleteCheckpointError(
+                f"{name}: {left} are neither in the checkpoint nor rebuildable; cannot load this model"
+            )
         module.to_empty(device=device, recurse=False)
         model._init_weights(module)
 
 
-def load_sparse(path: str | os.PathLike, device: str | torch.device = "cpu", torch_dtype: torch.dtype | None = None) -> nn.Module:
+def load_sparse(
+    path: str | os.PathLike, device: str | torch.device = "cpu", torch_dtype: torch.dtype | None = None
+) -> nn.Module:
     """Load a directory written by :func:`save_sparse`; its experts run from compressed form."""
     from transformers import AutoConfig, GenerationConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
@@ -114,9 +155,13 @@ def load_sparse(path: str | os.PathLike, device: str | torch.device = "cpu", tor
     config = AutoConfig.from_pretrained(path)
     marker = getattr(config, CONFIG_FIELD, None) or {}
     if marker.get("format") != FORMAT_NAME:
-        raise ValueError(f"{path} is not a compressed 2:4 export (config.json has no {CONFIG_FIELD!r} marker); load it with stun_lightning.load_pruned")
+        raise ValueError(
+            f"{path} is not a compressed 2:4 export (config.json has no {CONFIG_FIELD!r} marker); load it with stun_lightning.load_pruned"
+        )
     if int(marker.get("version", 0)) > FORMAT_VERSION:
-        raise ValueError(f"{path} uses sparse format version {marker['version']}; this stun-lightning reads up to {FORMAT_VERSION}: upgrade it")
+        raise ValueError(
+            f"{path} uses sparse format version {marker['version']}; this stun-lightning reads up to {FORMAT_VERSION}: upgrade it"
+        )
     weights = path / marker.get("weights", WEIGHTS_NAME)
     if not weights.exists():
         raise IncompleteCheckpointError(f"{path} has no {weights.name}")
@@ -141,15 +186,19 @@ def load_sparse(path: str | os.PathLike, device: str | torch.device = "cpu", tor
             continue
         formats = matrices.get(str(index))
         if formats is None:
-            raise IncompleteCheckpointError(f"{path}: config.json {CONFIG_FIELD}.matrices has no formats for MoE layer {index}")
+            raise IncompleteCheckpointError(
+                f"{path}: config.json {CONFIG_FIELD}.matrices has no formats for MoE layer {index}"
+            )
         prefix = next(name for name, module in model.named_modules() if module is experts) + "."
-        shapes = {key[len(prefix):]: shape for key, (shape, _) in header.items() if key.startswith(prefix)}
-        dtypes = {key[len(prefix):]: state[key].dtype for key in header if key.startswith(prefix)}
+        shapes = {key[len(prefix) :]: shape for key, (shape, _) in header.items() if key.startswith(prefix)}
+        dtypes = {key[len(prefix) :]: state[key].dtype for key in header if key.startswith(prefix)}
         dtypes["dtype"] = getattr(torch, marker.get("values_dtype", "bfloat16"))
         try:
             empty_mixed_experts_(experts, formats, shapes, dtypes)
         except KeyError as missing:
-            raise IncompleteCheckpointError(f"checkpoint {weights} does not match its config: missing {prefix}{missing.args[0]}") from None
+            raise IncompleteCheckpointError(
+                f"checkpoint {weights} does not match its config: missing {prefix}{missing.args[0]}"
+            ) from None
     result = model.load_state_dict(state, strict=False, assign=True)
     missing = sorted(set(result.missing_keys) - set(aliases))
     if missing or result.unexpected_keys:
@@ -160,7 +209,11 @@ def load_sparse(path: str | os.PathLike, device: str | torch.device = "cpu", tor
     for alias, source in aliases.items():
         module_name, _, attr = alias.rpartition(".")
         module = model.get_submodule(module_name)
-        tensor = model.get_parameter(source) if source in dict(model.named_parameters(remove_duplicate=False)) else model.get_buffer(source)
+        tensor = (
+            model.get_parameter(source)
+            if source in dict(model.named_parameters(remove_duplicate=False))
+            else model.get_buffer(source)
+        )
         setattr(module, attr, tensor)
     for _, experts, _ in expert_modules(model):
         own_buffers_(experts)  # assigned tensors may be views into the file's storage

@@ -55,7 +55,9 @@ def _dense_view(name: str):
         dense = decompress_24(getattr(self, f"{name}_values"), getattr(self, f"{name}_meta"))
         return dense.transpose(1, 2) if self.is_transposed else dense
 
-    return property(getter, doc=f"Dense ``{name}`` decompressed on each access (inspection only; the forward never builds it).")
+    return property(
+        getter, doc=f"Dense ``{name}`` decompressed on each access (inspection only; the forward never builds it)."
+    )
 
 
 def _compressed_subclass(dense_class: type, prefix: str, flag: str, view) -> type:
@@ -113,7 +115,9 @@ def empty_sparse_experts_(experts: nn.Module, dtype: torch.dtype | None = None) 
     experts.__class__ = sparse_class(type(experts))
     for name, (e, out, inp) in shapes.items():
         experts.register_buffer(f"{name}_values", torch.empty(e, out, inp // 2, dtype=dtype, device=device))
-        experts.register_buffer(f"{name}_meta", torch.empty(e, out, (inp // 4 + 1) // 2, dtype=torch.uint8, device=device))
+        experts.register_buffer(
+            f"{name}_meta", torch.empty(e, out, (inp // 4 + 1) // 2, dtype=torch.uint8, device=device)
+        )
     return experts
 
 
@@ -155,7 +159,9 @@ class SparsifyConfig:
         self.formats = tuple(self.formats)
         unknown = set(self.formats) - {SPARSE24, BITMAP, DENSE}
         if unknown or not self.formats:
-            raise ValueError(f"SparsifyConfig.formats: unknown {sorted(unknown)}; choose among '2:4', 'bitmap', 'dense'")
+            raise ValueError(
+                f"SparsifyConfig.formats: unknown {sorted(unknown)}; choose among '2:4', 'bitmap', 'dense'"
+            )
         if not 0 < self.max_bytes_ratio <= 1:
             raise ValueError(f"SparsifyConfig.max_bytes_ratio must be in (0, 1], got {self.max_bytes_ratio}")
 
@@ -165,7 +171,10 @@ def choose_format(weight: torch.Tensor, config: SparsifyConfig, label: str = "we
     for fmt in config.formats:
         if fmt == SPARSE24 and weight.shape[-1] % 4 == 0 and not bool(violations_24(weight).any()):
             return SPARSE24
-        if fmt == BITMAP and estimated_bitmap_nbytes(weight) <= config.max_bytes_ratio * weight.numel() * weight.element_size():
+        if (
+            fmt == BITMAP
+            and estimated_bitmap_nbytes(weight) <= config.max_bytes_ratio * weight.numel() * weight.element_size()
+        ):
             return BITMAP
         if fmt == DENSE:
             return DENSE
@@ -182,8 +191,12 @@ def _mixed_view(name: str):
         if name in self._parameters:
             return self._parameters[name]
         if self._stun_formats[name] == BITMAP:
-            dense = decompress_bitmap(getattr(self, f"{name}_bitmap"), getattr(self, f"{name}_values"), getattr(self, f"{name}_offsets"),
-                                      self._stun_in_features[name])
+            dense = decompress_bitmap(
+                getattr(self, f"{name}_bitmap"),
+                getattr(self, f"{name}_values"),
+                getattr(self, f"{name}_offsets"),
+                self._stun_in_features[name],
+            )
         else:
             dense = decompress_24(getattr(self, f"{name}_values"), getattr(self, f"{name}_meta"))
         return dense.transpose(1, 2) if self.is_transposed else dense
@@ -201,7 +214,9 @@ def _parts(fmt: str) -> tuple[str, ...]:
     return {BITMAP: ("bitmap", "values", "offsets"), SPARSE24: ("values", "meta")}.get(fmt, ())
 
 
-def _set_mixed_attrs(experts: nn.Module, formats: dict[str, str], in_features: dict[str, int], num_experts: int, dtype: torch.dtype) -> None:
+def _set_mixed_attrs(
+    experts: nn.Module, formats: dict[str, str], in_features: dict[str, int], num_experts: int, dtype: torch.dtype
+) -> None:
     experts.__class__ = mixed_class(type(experts))
     experts._stun_formats = dict(formats)
     experts._stun_in_features = dict(in_features)
@@ -232,7 +247,9 @@ def compress_mixed_(experts: nn.Module, formats: dict[str, str]) -> nn.Module:
     return own_buffers_(experts)
 
 
-def empty_mixed_experts_(experts: nn.Module, formats: dict[str, str], shapes: dict[str, tuple[int, ...]], dtypes: dict[str, torch.dtype]) -> nn.Module:
+def empty_mixed_experts_(
+    experts: nn.Module, formats: dict[str, str], shapes: dict[str, tuple[int, ...]], dtypes: dict[str, torch.dtype]
+) -> nn.Module:
     """Give a dense experts module ``stun_bitmap`` buffers of the saved ``shapes``, uninitialised (for loading)."""
     weights = {name: _matrix(experts, name) for name in EXPERT_MATRICES}
     device = experts.gate_up_proj.device
@@ -240,7 +257,13 @@ def empty_mixed_experts_(experts: nn.Module, formats: dict[str, str], shapes: di
     for name in EXPERT_MATRICES:
         if formats[name] != DENSE:
             delattr(experts, name)
-    _set_mixed_attrs(experts, formats, in_features, weights["gate_up_proj"].shape[0], dtypes.get("dtype", weights["gate_up_proj"].dtype))
+    _set_mixed_attrs(
+        experts,
+        formats,
+        in_features,
+        weights["gate_up_proj"].shape[0],
+        dtypes.get("dtype", weights["gate_up_proj"].dtype),
+    )
     for name in EXPERT_MATRICES:
         for part in _parts(formats[name]):
             key = f"{name}_{part}"
@@ -292,7 +315,10 @@ def plan_formats(model: nn.Module, config: SparsifyConfig | None = None) -> dict
             if is_sparse24(experts) or is_mixed(experts):
                 plan[index] = module_formats(experts)
             else:
-                plan[index] = {name: choose_format(_matrix(experts, name), config, f"layer {index} {name}") for name in EXPERT_MATRICES}
+                plan[index] = {
+                    name: choose_format(_matrix(experts, name), config, f"layer {index} {name}")
+                    for name in EXPERT_MATRICES
+                }
     return plan
 
 
@@ -358,7 +384,9 @@ def densify(model: nn.Module, implementation: str | None = None) -> nn.Module:
 def is_sparsified(model: nn.Module) -> bool:
     """True when every MoE layer of ``model`` holds converted experts (2:4, or per-matrix formats)."""
     blocks = list(expert_modules(model))
-    return bool(blocks) and (all(is_sparse24(experts) for _, experts, _ in blocks) or all(is_mixed(experts) for _, experts, _ in blocks))
+    return bool(blocks) and (
+        all(is_sparse24(experts) for _, experts, _ in blocks) or all(is_mixed(experts) for _, experts, _ in blocks)
+    )
 
 
 def sparse_nbytes(model: nn.Module) -> dict[str, int]:

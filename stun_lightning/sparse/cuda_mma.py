@@ -103,7 +103,9 @@ def fits(a: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, block_m: int
     """Whether the decode kernel takes the call: CUDA, bf16, inputs % 64 == 0, outputs % 16 == 0,
     blocks of 16 pairs, and the kernel ready on that GPU (sm_80+, NVRTC found); ``STUN_SPARSE_MMA=0``
     or :func:`disabled` turn it off."""
-    return _shapes_fit(a, values, meta, block_m, BLOCK_M, ROWS_PER_WARP) and kernel_ready(_device_index(a.device), "decode")
+    return _shapes_fit(a, values, meta, block_m, BLOCK_M, ROWS_PER_WARP) and kernel_ready(
+        _device_index(a.device), "decode"
+    )
 
 
 def _shapes_fit(a, values, meta, block_m: int, want_block_m: int, row_multiple: int) -> bool:
@@ -149,7 +151,9 @@ def _kernel(device_index: int, warps: int = WARPS, unroll: int = UNROLL):
 @functools.cache
 def _tile_kernel(device_index: int, rows: int = TILE_ROWS, stages: int = TILE_STAGES):
     """The prefill kernel compiled for one device (its shared memory limit raised), or None."""
-    return _compile(device_index, f"sparse24_mma_tile<{rows // 64}, {stages}>", shared_mem=tile_smem_bytes(rows, stages))
+    return _compile(
+        device_index, f"sparse24_mma_tile<{rows // 64}, {stages}>", shared_mem=tile_smem_bytes(rows, stages)
+    )
 
 
 @functools.cache
@@ -177,8 +181,15 @@ def _compile(device_index: int, name: str, hopper: bool = False, shared_mem: int
             if shared_mem:
                 kernel.set_shared_memory_config(shared_mem)
             return kernel
-    except (OSError, RuntimeError, AttributeError) as err:  # no NVRTC library, it refused the source, or a torch without _compile_kernel
-        warnings.warn(f"stun_lightning: the sparse tensor-core kernel {name} did not compile ({err}); using the Triton kernels", stacklevel=3)
+    except (
+        OSError,
+        RuntimeError,
+        AttributeError,
+    ) as err:  # no NVRTC library, it refused the source, or a torch without _compile_kernel
+        warnings.warn(
+            f"stun_lightning: the sparse tensor-core kernel {name} did not compile ({err}); using the Triton kernels",
+            stacklevel=3,
+        )
         return None
 
 
@@ -187,7 +198,15 @@ def multiprocessors(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def splits_for(n: int, k: int, touched: int, device: torch.device, warps: int = WARPS, unroll: int = UNROLL, ctas_per_sm: int = CTAS_PER_SM) -> int:
+def splits_for(
+    n: int,
+    k: int,
+    touched: int,
+    device: torch.device,
+    warps: int = WARPS,
+    unroll: int = UNROLL,
+    ctas_per_sm: int = CTAS_PER_SM,
+) -> int:
     """How many CTAs share the input dimension: enough CTAs for ``ctas_per_sm`` per multiprocessor
     when only ``touched`` experts are routed (Mixtral down_proj at 8 tokens: 8 x 64 row tiles);
     every split gets whole iterations of ``unroll`` steps of 64 inputs."""
@@ -230,13 +249,23 @@ def _cuda_op(fn):
 
 
 @_cuda_op
-def sparse24_mma(act: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, sorted_ids: torch.Tensor, block_expert: torch.Tensor, rows_per_a: int, splits: int) -> torch.Tensor:
+def sparse24_mma(
+    act: torch.Tensor,
+    values: torch.Tensor,
+    meta: torch.Tensor,
+    sorted_ids: torch.Tensor,
+    block_expert: torch.Tensor,
+    rows_per_a: int,
+    splits: int,
+) -> torch.Tensor:
     """Products of :func:`mma_sp_grouped_mm`: ``[n_pairs, N]`` bf16 for one split, else ``[splits, n_pairs,
     N]`` float32 partial sums. ``act`` = :func:`permute_activations` of the activations."""
     return _launch(act, values, meta, sorted_ids, block_expert, rows_per_a, splits, WARPS, UNROLL)
 
 
-def _launch(act, values, meta, sorted_ids, block_expert, rows_per_a: int, splits: int, warps: int, unroll: int) -> torch.Tensor:
+def _launch(
+    act, values, meta, sorted_ids, block_expert, rows_per_a: int, splits: int, warps: int, unroll: int
+) -> torch.Tensor:
     num_experts, n, half_k = values.shape
     k = 2 * half_k
     n_pairs = act.shape[0] * rows_per_a
@@ -248,10 +277,30 @@ def _launch(act, values, meta, sorted_ids, block_expert, rows_per_a: int, splits
         out = torch.empty(splits, n_pairs, n, dtype=torch.float32, device=act.device)
     kernel = _kernel(act.device.index, warps, unroll)
     if kernel is None:
-        raise RuntimeError("the sparse tensor-core kernel did not compile on this GPU (see the warning above); run with STUN_SPARSE_MMA=0")
+        raise RuntimeError(
+            "the sparse tensor-core kernel did not compile on this GPU (see the warning above); run with STUN_SPARSE_MMA=0"
+        )
     grid = (block_expert.numel(), -(-n // (ROWS_PER_WARP * warps)), splits)
-    launch_kernel(kernel, grid, (32 * warps, 1, 1), 0,
-                   [_aligned(values), _aligned(meta), _aligned(act), sorted_ids, block_expert, out, n, k, n_pairs, rows_per_a, per_split, int(splits > 1)])
+    launch_kernel(
+        kernel,
+        grid,
+        (32 * warps, 1, 1),
+        0,
+        [
+            _aligned(values),
+            _aligned(meta),
+            _aligned(act),
+            sorted_ids,
+            block_expert,
+            out,
+            n,
+            k,
+            n_pairs,
+            rows_per_a,
+            per_split,
+            int(splits > 1),
+        ],
+    )
     return out
 
 
@@ -262,7 +311,18 @@ def _aligned(a: torch.Tensor) -> torch.Tensor:
     return a if a.storage_offset() % 8 == 0 else a.clone()
 
 
-def mma_sp_grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a: int, *, warps: int = WARPS, unroll: int = UNROLL, ctas_per_sm: int = CTAS_PER_SM) -> torch.Tensor:
+def mma_sp_grouped_mm(
+    a,
+    values,
+    meta,
+    sorted_ids,
+    block_expert,
+    rows_per_a: int,
+    *,
+    warps: int = WARPS,
+    unroll: int = UNROLL,
+    ctas_per_sm: int = CTAS_PER_SM,
+) -> torch.Tensor:
     """``out[s] = a[s // rows_per_a] @ W[expert(s)].T`` for every pair ``s`` (blocks of 16 pairs from
     :func:`..experts.align_pairs`) on the sparse tensor cores; ``a`` ``[M, K]`` bf16, returns
     ``[M * rows_per_a, N]``. The launch shape arguments other than the defaults run outside the
@@ -298,13 +358,22 @@ def fits_tile(a: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, block_m
 
 
 @_cuda_op
-def sparse24_mma_tile(a: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, sorted_ids: torch.Tensor, block_expert: torch.Tensor, rows_per_a: int) -> torch.Tensor:
+def sparse24_mma_tile(
+    a: torch.Tensor,
+    values: torch.Tensor,
+    meta: torch.Tensor,
+    sorted_ids: torch.Tensor,
+    block_expert: torch.Tensor,
+    rows_per_a: int,
+) -> torch.Tensor:
     """:func:`mma_sp_grouped_mm` for prefill: blocks of 128 pairs (``align_pairs(..., 128)``), one tile of
     weight rows x 128 pairs per CTA, operands staged in shared memory: :func:`wgmma_grouped_mm` on
     a Hopper GPU, else :func:`tile_grouped_mm` (:func:`tile_rows_for`)."""
     if hopper_ready(_device_index(a.device)):
         rows = 256 if values.shape[1] % 256 == 0 else 128
-        return wgmma_grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a, **WGMMA_LAUNCHES[rows], group=WGMMA_GROUP)
+        return wgmma_grouped_mm(
+            a, values, meta, sorted_ids, block_expert, rows_per_a, **WGMMA_LAUNCHES[rows], group=WGMMA_GROUP
+        )
     return tile_grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a, tile_rows_for(values.shape[1]))
 
 
@@ -315,28 +384,64 @@ def tile_rows_for(n: int) -> int:
     return 256 if n <= 4096 and n % 256 == 0 else TILE_ROWS
 
 
-def tile_grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a: int, rows: int = TILE_ROWS, stages: int = TILE_STAGES) -> torch.Tensor:
+def tile_grouped_mm(
+    a, values, meta, sorted_ids, block_expert, rows_per_a: int, rows: int = TILE_ROWS, stages: int = TILE_STAGES
+) -> torch.Tensor:
     """:func:`sparse24_mma_tile` with the tile height (128 or 256 weight rows) and the pipeline depth
     as arguments."""
     kernel = _tile_kernel(a.device.index, rows, stages)
     if kernel is None:
-        raise RuntimeError("the sparse tensor-core prefill kernel did not compile on this GPU (see the warning above); run with STUN_SPARSE_MMA=0")
-    return _launch_prefill(kernel, rows, rows, tile_smem_bytes(rows, stages), a, values, meta, sorted_ids, block_expert, rows_per_a)
+        raise RuntimeError(
+            "the sparse tensor-core prefill kernel did not compile on this GPU (see the warning above); run with STUN_SPARSE_MMA=0"
+        )
+    return _launch_prefill(
+        kernel, rows, rows, tile_smem_bytes(rows, stages), a, values, meta, sorted_ids, block_expert, rows_per_a
+    )
 
 
-def _launch_prefill(kernel, rows: int, threads: int, shared_mem: int, a, values, meta, sorted_ids, block_expert, rows_per_a: int, *extra) -> torch.Tensor:
+def _launch_prefill(
+    kernel, rows: int, threads: int, shared_mem: int, a, values, meta, sorted_ids, block_expert, rows_per_a: int, *extra
+) -> torch.Tensor:
     """Launch a prefill kernel on a grid of blocks of pairs x tiles of ``rows`` weight rows, with the
     arguments both prefill kernels take (then ``extra``); returns ``[pairs, N]``."""
     num_experts, n, half_k = values.shape
     n_pairs = a.shape[0] * rows_per_a
     out = torch.empty(n_pairs, n, dtype=a.dtype, device=a.device)
-    launch_kernel(kernel, (block_expert.numel(), n // rows, 1), (threads, 1, 1), shared_mem,
-                  [_aligned(values), _aligned(meta), _aligned(a), sorted_ids, block_expert, out, n, 2 * half_k, n_pairs, rows_per_a, *extra])
+    launch_kernel(
+        kernel,
+        (block_expert.numel(), n // rows, 1),
+        (threads, 1, 1),
+        shared_mem,
+        [
+            _aligned(values),
+            _aligned(meta),
+            _aligned(a),
+            sorted_ids,
+            block_expert,
+            out,
+            n,
+            2 * half_k,
+            n_pairs,
+            rows_per_a,
+            *extra,
+        ],
+    )
     return out
 
 
-def wgmma_grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a: int, rows: int = 256, stages: int = 4, ctas: int = 1,
-                     consumers: int = 2, group: int = 0) -> torch.Tensor:
+def wgmma_grouped_mm(
+    a,
+    values,
+    meta,
+    sorted_ids,
+    block_expert,
+    rows_per_a: int,
+    rows: int = 256,
+    stages: int = 4,
+    ctas: int = 1,
+    consumers: int = 2,
+    group: int = 0,
+) -> torch.Tensor:
     """:func:`sparse24_mma_tile` on a Hopper GPU: the same blocks of 128 pairs through the sparse
     ``wgmma`` (``cuda_wgmma.cu``), ``rows`` (64, 128 or 256) weight rows per CTA; warp-specialized
     with ``consumers`` = 2 multiplying warpgroups, else every warp copies and multiplies. The CTAs
@@ -344,15 +449,30 @@ def wgmma_grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a: int,
     if consumers not in (0, 2):
         raise ValueError(f"the warp-specialized kernel runs 2 consumer warpgroups, got {consumers}")
     if consumers and a.numel() > MAX_ACT_ELEMENTS:
-        raise ValueError(f"the warp-specialized kernel takes activations of at most {MAX_ACT_ELEMENTS} elements, got {a.numel()}")
+        raise ValueError(
+            f"the warp-specialized kernel takes activations of at most {MAX_ACT_ELEMENTS} elements, got {a.numel()}"
+        )
     n = values.shape[1]
     kernel = _wgmma_kernel(a.device.index, rows, stages, ctas, consumers)
     if kernel is None or n % rows:
-        raise RuntimeError(f"the Hopper sparse prefill kernel cannot run here ({n} output rows, tiles of {rows}; or it did not compile: "
-                           "see the warning above); run with STUN_SPARSE_WGMMA=0")
+        raise RuntimeError(
+            f"the Hopper sparse prefill kernel cannot run here ({n} output rows, tiles of {rows}; or it did not compile: "
+            "see the warning above); run with STUN_SPARSE_WGMMA=0"
+        )
     threads = 128 * consumers + 128 if consumers else 2 * rows
-    return _launch_prefill(kernel, rows, threads, wgmma_smem_bytes(rows, stages, consumers), a, values, meta, sorted_ids, block_expert,
-                           rows_per_a, group if group > 0 else block_expert.numel())
+    return _launch_prefill(
+        kernel,
+        rows,
+        threads,
+        wgmma_smem_bytes(rows, stages, consumers),
+        a,
+        values,
+        meta,
+        sorted_ids,
+        block_expert,
+        rows_per_a,
+        group if group > 0 else block_expert.numel(),
+    )
 
 
 @torch.library.register_fake("stun::sparse24_mma_tile")

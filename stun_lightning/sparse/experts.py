@@ -92,7 +92,9 @@ def align_pairs(top_k_index: torch.Tensor, num_experts: int, block_m: int) -> tu
     n_pairs = flat.numel()
     device = flat.device
     sorted_experts, perm = torch.sort(flat, stable=True)
-    counts = torch.zeros(num_experts, dtype=torch.long, device=device).scatter_add_(0, flat.long(), torch.ones_like(flat, dtype=torch.long))
+    counts = torch.zeros(num_experts, dtype=torch.long, device=device).scatter_add_(
+        0, flat.long(), torch.ones_like(flat, dtype=torch.long)
+    )
     padded = (counts + block_m - 1) // block_m * block_m
     padded_end = padded.cumsum(0)
     padded_start = padded_end - padded
@@ -193,7 +195,9 @@ def sparse24_dispatch_mm(a, values, meta, sorted_ids, block_expert, rows_per_a: 
         # (Qwen3 at 8 tokens: 64 pairs) the mma kernel is as fast or faster (gate_up 96.4 vs 97.9 us,
         # down 49.5 vs 53.8 us): benchmarks/results/sparse_kernels_h100.md
         n_pairs = a.shape[0] * rows_per_a
-        if n_pairs >= MMA_MIN_PAIRS or not uses_decode_kernel(values, rows_bucket_for(n_pairs, values.shape[0]), block_m):
+        if n_pairs >= MMA_MIN_PAIRS or not uses_decode_kernel(
+            values, rows_bucket_for(n_pairs, values.shape[0]), block_m
+        ):
             return cuda_mma.mma_sp_grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a)
     return sparse24_grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a, block_m)
 
@@ -242,15 +246,23 @@ def _(top_k_index, num_experts):
 
 
 @_opaque_op
-def sparse24_experts_mm(a: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, sorted_ids: torch.Tensor, block_expert: torch.Tensor,
-                        rows_per_a: int) -> torch.Tensor:
+def sparse24_experts_mm(
+    a: torch.Tensor,
+    values: torch.Tensor,
+    meta: torch.Tensor,
+    sorted_ids: torch.Tensor,
+    block_expert: torch.Tensor,
+    rows_per_a: int,
+) -> torch.Tensor:
     """:func:`sparse24_dispatch_mm` on the layout of :func:`route_pairs`: ``[M * rows_per_a, N]``. The kernel and
     its launch are chosen here, from the concrete sizes of this call."""
     n_pairs = a.shape[0] * rows_per_a
     if n_pairs == 0:
         return a.new_empty(0, values.shape[1])
     block_m, n_blocks = pairs_layout(n_pairs, values.shape[0])
-    return sparse24_dispatch_mm(a, values, meta, sorted_ids[: n_blocks * block_m], block_expert[:n_blocks], rows_per_a, block_m)
+    return sparse24_dispatch_mm(
+        a, values, meta, sorted_ids[: n_blocks * block_m], block_expert[:n_blocks], rows_per_a, block_m
+    )
 
 
 @torch.library.register_fake("stun::sparse24_experts_mm")
@@ -292,7 +304,9 @@ def tracing_for_aoti():
         _tracing_for_aoti = before
 
 
-def _grouped_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+def _grouped_forward(
+    self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
     num_tokens, hidden = hidden_states.shape
     top_k = top_k_index.shape[-1]
     num_experts = self.gate_up_proj_values.shape[0]
@@ -324,7 +338,9 @@ def _grouped_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tenso
     return out.view(num_tokens, top_k, hidden).sum(dim=1).to(hidden_states.dtype)
 
 
-def _reference_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+def _reference_forward(
+    self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
     final = torch.zeros_like(hidden_states)
     num_experts = self.gate_up_proj_values.shape[0]
     with torch.no_grad():
@@ -344,7 +360,9 @@ def _reference_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Ten
     return final
 
 
-def sparse24_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+def sparse24_experts_forward(
+    self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
     """``ExpertsInterface`` entry: ``hidden_states [T, H]``, ``top_k_index/weights [T, k]`` -> ``[T, H]``."""
     _check(self)
     if hidden_states.is_cuda or _tracing_for_aoti or torch.compiler.is_compiling() or torch.compiler.is_exporting():

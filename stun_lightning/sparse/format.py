@@ -65,11 +65,11 @@ def check_24(weight: torch.Tensor, name: str = "weight") -> None:
     bad = violations_24(weight)
     if bool(bad.any()):
         first = [int(i) for i in bad.nonzero()[0]]
-        where = ", ".join(f"{axis}={i}" for axis, i in zip(("expert", "row", "group")[-len(first):], first))
+        where = ", ".join(f"{axis}={i}" for axis, i in zip(("expert", "row", "group")[-len(first) :], first))
         raise Not24SparseError(
             f"{name} is not 2:4 sparse: {int(bad.sum())} of {bad.numel()} groups of 4 inputs keep more than 2 "
             f"nonzeros (first at {where}); prune with pattern: \"2:4\" (StunRecipe(pattern='2:4'), without OWL's "
-            "per-layer N:M) before compressing, or export with format=\"hf\""
+            'per-layer N:M) before compressing, or export with format="hf"'
         )
 
 

@@ -30,8 +30,20 @@ PREFILL_CHUNK = 2048
 
 
 @triton.jit
-def align_kernel(flat_ptr, ids_ptr, be_ptr, n_pairs, num_experts, n_blocks,
-                 BLOCK_M: tl.constexpr, P: tl.constexpr, E: tl.constexpr, B: tl.constexpr, FILL: tl.constexpr, CHUNK: tl.constexpr):
+def align_kernel(
+    flat_ptr,
+    ids_ptr,
+    be_ptr,
+    n_pairs,
+    num_experts,
+    n_blocks,
+    BLOCK_M: tl.constexpr,
+    P: tl.constexpr,
+    E: tl.constexpr,
+    B: tl.constexpr,
+    FILL: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
     """One program; ``P``, ``E``, ``B``: powers of two covering the pairs, experts and blocks. Counts
     by a histogram, each pair's expert start by a gather, and the pairwise comparisons ``CHUNK``
     columns (earlier pairs) or rows (blocks) at a time, so that no [P, P], [P, E] or [B, E] tile
@@ -67,8 +79,17 @@ def align_kernel(flat_ptr, ids_ptr, be_ptr, n_pairs, num_experts, n_blocks,
 
 
 @triton.jit
-def align_by_expert_kernel(flat_ptr, ids_ptr, be_ptr, n_pairs, num_experts, n_blocks,
-                           BLOCK_M: tl.constexpr, E: tl.constexpr, CHUNK: tl.constexpr):
+def align_by_expert_kernel(
+    flat_ptr,
+    ids_ptr,
+    be_ptr,
+    n_pairs,
+    num_experts,
+    n_blocks,
+    BLOCK_M: tl.constexpr,
+    E: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
     """Program ``e`` (one per expert): two passes over the pairs, ``CHUNK`` at a time: the counts of
     every expert (a histogram; ``E`` a power of two covering the experts) give its first slot,
     then its pairs go there in pair order (rank = running cumulative sum of the matches). It also
@@ -113,8 +134,14 @@ def fits(n_pairs: int) -> bool:
     return 0 < n_pairs <= MAX_PAIRS
 
 
-def launch_align(flat: torch.Tensor, num_experts: int, block_m: int, *, wrap: bool = False,
-                 out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def launch_align(
+    flat: torch.Tensor,
+    num_experts: int,
+    block_m: int,
+    *,
+    wrap: bool = False,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(sorted_ids, block_expert)`` as :func:`.experts.align_pairs` returns them, for a flat
     ``[n_pairs]`` expert index on a CUDA device: the one-program kernel up to :data:`MAX_PAIRS`
     pairs, else one program per expert. ``out``: contiguous int32 tensors of those lengths to write."""
@@ -128,16 +155,39 @@ def launch_align(flat: torch.Tensor, num_experts: int, block_m: int, *, wrap: bo
     else:
         sorted_ids, block_expert = out
         if sorted_ids.numel() != n_blocks * block_m or block_expert.numel() != n_blocks:
-            raise ValueError(f"out holds {sorted_ids.numel()} ids and {block_expert.numel()} blocks; this layout needs {n_blocks * block_m} and {n_blocks}")
+            raise ValueError(
+                f"out holds {sorted_ids.numel()} ids and {block_expert.numel()} blocks; this layout needs {n_blocks * block_m} and {n_blocks}"
+            )
     if not fits(n_pairs):
         kernel = torch.library.wrap_triton(align_by_expert_kernel) if wrap else align_by_expert_kernel
-        kernel[(num_experts,)](flat.contiguous(), sorted_ids, block_expert, n_pairs, num_experts, n_blocks, BLOCK_M=block_m,
-                               E=triton.next_power_of_2(num_experts), CHUNK=PREFILL_CHUNK, num_warps=8)
+        kernel[(num_experts,)](
+            flat.contiguous(),
+            sorted_ids,
+            block_expert,
+            n_pairs,
+            num_experts,
+            n_blocks,
+            BLOCK_M=block_m,
+            E=triton.next_power_of_2(num_experts),
+            CHUNK=PREFILL_CHUNK,
+            num_warps=8,
+        )
         return sorted_ids, block_expert
     kernel = torch.library.wrap_triton(align_kernel) if wrap else align_kernel
     chunk = min(32, triton.next_power_of_2(n_pairs))
-    kernel[(1,)](flat.contiguous(), sorted_ids, block_expert, n_pairs, num_experts, n_blocks, BLOCK_M=block_m,
-                 P=triton.next_power_of_2(n_pairs), E=triton.next_power_of_2(num_experts),
-                 B=max(chunk, triton.next_power_of_2(n_blocks)), FILL=min(1024, triton.next_power_of_2(n_blocks * block_m)),
-                 CHUNK=chunk, num_warps=8 if n_pairs * num_experts > 4096 else 4)
+    kernel[(1,)](
+        flat.contiguous(),
+        sorted_ids,
+        block_expert,
+        n_pairs,
+        num_experts,
+        n_blocks,
+        BLOCK_M=block_m,
+        P=triton.next_power_of_2(n_pairs),
+        E=triton.next_power_of_2(num_experts),
+        B=max(chunk, triton.next_power_of_2(n_blocks)),
+        FILL=min(1024, triton.next_power_of_2(n_blocks * block_m)),
+        CHUNK=chunk,
+        num_warps=8 if n_pairs * num_experts > 4096 else 4,
+    )
     return sorted_ids, block_expert

@@ -30,7 +30,14 @@ def _config(block_n: int, tiles: int, warps: int, stages: int = 1) -> triton.Con
 
 #: candidates the autotuner times per (N, K, block rows); untuned guesses (the first is what the
 #: GPU tests run), to be replaced by the winners of benchmarks/sparse_kernels.py
-CONFIGS = [_config(8, 2, 4), _config(4, 4, 4), _config(16, 1, 4), _config(8, 4, 8), _config(2, 8, 4), _config(8, 2, 4, stages=3)]
+CONFIGS = [
+    _config(8, 2, 4),
+    _config(4, 4, 4),
+    _config(16, 1, 4),
+    _config(8, 4, 8),
+    _config(2, 8, 4),
+    _config(8, 2, 4, stages=3),
+]
 
 
 def fits(a: torch.Tensor, values: torch.Tensor) -> bool:
@@ -40,10 +47,28 @@ def fits(a: torch.Tensor, values: torch.Tensor) -> bool:
 
 @triton.jit
 def bitmap_decode_kernel(
-    a_ptr, bm_ptr, v_ptr, off_ptr, ids_ptr, be_ptr, c_ptr,
-    N, K, T, n_pairs, rows_per_a, rows_bucket,
-    stride_am, stride_be, stride_bn, stride_ve, stride_cm,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILES: tl.constexpr, WORD: tl.constexpr,
+    a_ptr,
+    bm_ptr,
+    v_ptr,
+    off_ptr,
+    ids_ptr,
+    be_ptr,
+    c_ptr,
+    N,
+    K,
+    T,
+    n_pairs,
+    rows_per_a,
+    rows_bucket,
+    stride_am,
+    stride_be,
+    stride_bn,
+    stride_ve,
+    stride_cm,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    TILES: tl.constexpr,
+    WORD: tl.constexpr,
 ):
     """``bm_ptr`` / ``off_ptr``: ``[E, N, T]`` int64 words / int32 offsets (same strides);
     ``v_ptr``: ``[E, max_nnz]`` packed values; ``a_ptr``: ``[M, K]``; ``c_ptr``: ``[n_pairs, N]``."""
@@ -82,11 +107,24 @@ def bitmap_decode_kernel(
         tl.store(c_ptr + pair.to(tl.int64) * stride_cm + offs_n, out.to(c_ptr.dtype.element_ty), mask=n_ok)
 
 
-decode_kernel = triton.autotune(configs=autotune_candidates(CONFIGS), key=["N", "K", "BLOCK_M", "rows_bucket"])(bitmap_decode_kernel)
+decode_kernel = triton.autotune(configs=autotune_candidates(CONFIGS), key=["N", "K", "BLOCK_M", "rows_bucket"])(
+    bitmap_decode_kernel
+)
 
 
-def launch_bitmap_decode(a, bitmap, values, offsets, sorted_ids, block_expert, rows_per_a: int, block_m: int, in_features: int,
-                         *, config: triton.Config | None = None) -> torch.Tensor:
+def launch_bitmap_decode(
+    a,
+    bitmap,
+    values,
+    offsets,
+    sorted_ids,
+    block_expert,
+    rows_per_a: int,
+    block_m: int,
+    in_features: int,
+    *,
+    config: triton.Config | None = None,
+) -> torch.Tensor:
     """``out[s] = a[s // rows_per_a] @ W[expert(s)].T`` from bitmap storage (see the module docstring)."""
     _, n, t = (int(d) for d in bitmap.shape)
     n_pairs = a.shape[0] * rows_per_a
@@ -96,12 +134,32 @@ def launch_bitmap_decode(a, bitmap, values, offsets, sorted_ids, block_expert, r
         values = values.new_zeros(values.shape[0], 1)
     out = torch.empty((n_pairs, n), dtype=a.dtype, device=a.device)
     rows_bucket = min(16, -(-n_pairs // max(1, block_expert.numel())))
-    args = (a, bitmap, values, offsets, sorted_ids, block_expert, out, n, in_features, t, n_pairs, rows_per_a, rows_bucket,
-            a.stride(0), bitmap.stride(0), bitmap.stride(1), values.stride(0), out.stride(0))
+    args = (
+        a,
+        bitmap,
+        values,
+        offsets,
+        sorted_ids,
+        block_expert,
+        out,
+        n,
+        in_features,
+        t,
+        n_pairs,
+        rows_per_a,
+        rows_bucket,
+        a.stride(0),
+        bitmap.stride(0),
+        bitmap.stride(1),
+        values.stride(0),
+        out.stride(0),
+    )
     if config is None:
         grid = lambda meta_: (block_expert.numel(), triton.cdiv(n, meta_["BLOCK_N"]))  # noqa: E731
         decode_kernel[grid](*args, BLOCK_M=block_m, WORD=TILE)
     else:
         grid = (block_expert.numel(), triton.cdiv(n, config.kwargs["BLOCK_N"]))
-        bitmap_decode_kernel[grid](*args, BLOCK_M=block_m, WORD=TILE, num_warps=config.num_warps, num_stages=config.num_stages, **config.kwargs)
+        bitmap_decode_kernel[grid](
+            *args, BLOCK_M=block_m, WORD=TILE, num_warps=config.num_warps, num_stages=config.num_stages, **config.kwargs
+        )
     return out

@@ -37,8 +37,12 @@ def _config(block_n: int, block_k: int, warps: int, stages: int = 1) -> triton.C
 #: ``benchmarks/sparse_kernels.py`` on an H100 (Mixtral and Qwen3-30B expert shapes, 1 token), and
 #: the same with software pipelining (num_stages=3)
 CONFIGS = [
-    _config(4, 1024, 4), _config(8, 256, 2), _config(16, 256, 4), _config(32, 256, 8),
-    _config(8, 256, 2, stages=3), _config(16, 256, 4, stages=3),
+    _config(4, 1024, 4),
+    _config(8, 256, 2),
+    _config(16, 256, 4),
+    _config(32, 256, 8),
+    _config(8, 256, 2, stages=3),
+    _config(16, 256, 4, stages=3),
 ]
 
 
@@ -50,7 +54,12 @@ def autotune_candidates(configs: list[triton.Config]) -> list[triton.Config]:
 
 def fits(values: torch.Tensor) -> bool:
     """Whether the decode kernel takes these compressed values (bf16, input dimension % 8 == 0)."""
-    return values.dtype == torch.bfloat16 and values.shape[-1] % 4 == 0 and values.is_contiguous() and values.storage_offset() % 4 == 0
+    return (
+        values.dtype == torch.bfloat16
+        and values.shape[-1] % 4 == 0
+        and values.is_contiguous()
+        and values.storage_offset() % 4 == 0
+    )
 
 
 @triton.jit
@@ -71,10 +80,28 @@ def _pick(i, xa, xb, xc):
 
 @triton.jit
 def sparse24_decode_kernel(
-    a_ptr, w_ptr, m_ptr, ids_ptr, be_ptr, c_ptr,
-    N, K, n_pairs, rows_per_a, rows_bucket,
-    stride_am, stride_aj, stride_we, stride_wn, stride_me, stride_mn, stride_cm,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr,
+    a_ptr,
+    w_ptr,
+    m_ptr,
+    ids_ptr,
+    be_ptr,
+    c_ptr,
+    N,
+    K,
+    n_pairs,
+    rows_per_a,
+    rows_bucket,
+    stride_am,
+    stride_aj,
+    stride_we,
+    stride_wn,
+    stride_me,
+    stride_mn,
+    stride_cm,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EVEN_N: tl.constexpr,
 ):
     """``a_ptr``: activations unit-major ``[M, 8, K/8]``; ``w_ptr``: values as int64 ``[E, N, K/8]``;
     ``m_ptr``: metadata ``[E, N, K/8]`` bytes."""
@@ -130,7 +157,19 @@ decode_kernel = triton.autotune(configs=autotune_candidates(CONFIGS), key=["N", 
 )
 
 
-def launch_decode(a, values, meta, sorted_ids, block_expert, rows_per_a: int, block_m: int, rows_bucket: int, *, wrap: bool = False, config: triton.Config | None = None):
+def launch_decode(
+    a,
+    values,
+    meta,
+    sorted_ids,
+    block_expert,
+    rows_per_a: int,
+    block_m: int,
+    rows_bucket: int,
+    *,
+    wrap: bool = False,
+    config: triton.Config | None = None,
+):
     """``out[s] = a[s // rows_per_a] @ W[expert(s)].T`` on the CUDA cores (see the module docstring)."""
     num_experts, n, half_k = (int(d) for d in values.shape)  # static: EVEN_N is a constant (launch_grouped_mm)
     k = half_k * 2
@@ -138,8 +177,26 @@ def launch_decode(a, values, meta, sorted_ids, block_expert, rows_per_a: int, bl
     words = values.view(torch.int64)  # [E, N, K/8]: 4 bf16 values per word
     units = a.view(a.shape[0], k // 8, 8).transpose(1, 2).contiguous()  # x[8u + j] at [j, u]
     out = torch.empty((n_pairs, n), dtype=a.dtype, device=a.device)
-    args = (units, words, meta, sorted_ids, block_expert, out, n, k, n_pairs, rows_per_a, rows_bucket,
-            units.stride(0), units.stride(1), words.stride(0), words.stride(1), meta.stride(0), meta.stride(1), out.stride(0))
+    args = (
+        units,
+        words,
+        meta,
+        sorted_ids,
+        block_expert,
+        out,
+        n,
+        k,
+        n_pairs,
+        rows_per_a,
+        rows_bucket,
+        units.stride(0),
+        units.stride(1),
+        words.stride(0),
+        words.stride(1),
+        meta.stride(0),
+        meta.stride(1),
+        out.stride(0),
+    )
     if config is None:
         kernel = decode_kernel
         grid = lambda meta_: (block_expert.numel(), triton.cdiv(n, meta_["BLOCK_N"]))  # noqa: E731
@@ -147,7 +204,12 @@ def launch_decode(a, values, meta, sorted_ids, block_expert, rows_per_a: int, bl
     else:
         kernel = sparse24_decode_kernel
         grid = (block_expert.numel(), triton.cdiv(n, config.kwargs["BLOCK_N"]))
-        extra = dict(config.kwargs, EVEN_N=n % config.kwargs["BLOCK_N"] == 0, num_warps=config.num_warps, num_stages=config.num_stages)
+        extra = dict(
+            config.kwargs,
+            EVEN_N=n % config.kwargs["BLOCK_N"] == 0,
+            num_warps=config.num_warps,
+            num_stages=config.num_stages,
+        )
     if wrap:
         kernel = torch.library.wrap_triton(kernel)
     kernel[grid](*args, BLOCK_M=block_m, **extra)

@@ -38,8 +38,12 @@ from . import triton_decode
 DECODE_MAX_ROWS = 1
 
 
-def _config(block_n: int, block_k: int, warps: int, prefetch: bool = True, stages: int = 1, swap: bool = False) -> triton.Config:
-    return triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k, "PREFETCH": prefetch, "SWAP": swap}, num_warps=warps, num_stages=stages)
+def _config(
+    block_n: int, block_k: int, warps: int, prefetch: bool = True, stages: int = 1, swap: bool = False
+) -> triton.Config:
+    return triton.Config(
+        {"BLOCK_N": block_n, "BLOCK_K": block_k, "PREFETCH": prefetch, "SWAP": swap}, num_warps=warps, num_stages=stages
+    )
 
 
 def _swapped(block_n: int, block_k: int, warps: int, stages: int = 3) -> triton.Config:
@@ -52,18 +56,35 @@ def _swapped(block_n: int, block_k: int, warps: int, stages: int = 3) -> triton.
 # candidates need BLOCK_N >= 64 (wgmma's M). The decode winner, swapped 64 x 256 with 4 warps,
 # spills a few registers (ptxas -v) and was still the fastest from 2 tokens per expert on an H100.
 DECODE_CONFIGS = [
-    _config(16, 128, 4, prefetch=False, stages=3), _config(16, 256, 4, prefetch=False, stages=3),
-    _config(32, 128, 8, prefetch=False, stages=3), _config(64, 64, 8, prefetch=False, stages=3),
-    _config(64, 64, 8), _config(32, 128, 8), _config(16, 128, 4),
-    _swapped(64, 64, 4), _swapped(64, 128, 4), _swapped(64, 256, 4), _swapped(128, 64, 8), _swapped(128, 128, 8),
-    _swapped(64, 128, 4, stages=4), _swapped(64, 128, 8),
+    _config(16, 128, 4, prefetch=False, stages=3),
+    _config(16, 256, 4, prefetch=False, stages=3),
+    _config(32, 128, 8, prefetch=False, stages=3),
+    _config(64, 64, 8, prefetch=False, stages=3),
+    _config(64, 64, 8),
+    _config(32, 128, 8),
+    _config(16, 128, 4),
+    _swapped(64, 64, 4),
+    _swapped(64, 128, 4),
+    _swapped(64, 256, 4),
+    _swapped(128, 64, 8),
+    _swapped(128, 128, 8),
+    _swapped(64, 128, 4, stages=4),
+    _swapped(64, 128, 8),
 ]
 PREFILL_CONFIGS = [
-    _config(64, 64, 8), _config(64, 64, 8, prefetch=False, stages=3), _config(128, 32, 8, prefetch=False, stages=3),
-    _config(128, 64, 8, prefetch=False, stages=3), _config(64, 64, 4, prefetch=False, stages=3),
+    _config(64, 64, 8),
+    _config(64, 64, 8, prefetch=False, stages=3),
+    _config(128, 32, 8, prefetch=False, stages=3),
+    _config(128, 64, 8, prefetch=False, stages=3),
+    _config(64, 64, 4, prefetch=False, stages=3),
     _config(64, 32, 4, prefetch=False, stages=3),
-    _swapped(64, 64, 4), _swapped(64, 64, 8), _swapped(128, 64, 8), _swapped(128, 32, 8), _swapped(64, 32, 4),
-    _swapped(128, 64, 8, stages=4), _swapped(64, 64, 4, stages=4),
+    _swapped(64, 64, 4),
+    _swapped(64, 64, 8),
+    _swapped(128, 64, 8),
+    _swapped(128, 32, 8),
+    _swapped(64, 32, 4),
+    _swapped(128, 64, 8, stages=4),
+    _swapped(64, 64, 4, stages=4),
 ]
 
 
@@ -83,7 +104,19 @@ def _expand_24(v, m, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _load_w(v_ptrs, m_ptrs, n_ok, offs_v, offs_q, k0, half_k, meta_k, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr):
+def _load_w(
+    v_ptrs,
+    m_ptrs,
+    n_ok,
+    offs_v,
+    offs_q,
+    k0,
+    half_k,
+    meta_k,
+    BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    EVEN_N: tl.constexpr,
+):
     """Values and metadata of the K step starting at input ``k0``."""
     v_ptrs += k0 // 2
     m_ptrs += k0 // 8
@@ -110,7 +143,21 @@ def _dot(x, y, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _step(acc, a_ptrs, valid, offs_k, k0, K, v, m, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr, SWAP: tl.constexpr):
+def _step(
+    acc,
+    a_ptrs,
+    valid,
+    offs_k,
+    k0,
+    K,
+    v,
+    m,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    IEEE: tl.constexpr,
+    SWAP: tl.constexpr,
+):
     w = _expand_24(v, m, BLOCK_N, BLOCK_K)
     if SWAP:  # acc [BLOCK_N, BLOCK_M] = W @ A.T: the expanded tile is wgmma's register operand
         if EVEN_K:
@@ -129,11 +176,31 @@ def _step(acc, a_ptrs, valid, offs_k, k0, K, v, m, BLOCK_N: tl.constexpr, BLOCK_
 
 @triton.jit
 def sparse24_grouped_mm_kernel(
-    a_ptr, v_ptr, m_ptr, ids_ptr, be_ptr, c_ptr,
-    N, K, n_pairs, rows_per_a, rows_bucket,
-    stride_am, stride_ve, stride_vn, stride_me, stride_mn, stride_cm,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
-    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PREFETCH: tl.constexpr, SWAP: tl.constexpr = False,
+    a_ptr,
+    v_ptr,
+    m_ptr,
+    ids_ptr,
+    be_ptr,
+    c_ptr,
+    N,
+    K,
+    n_pairs,
+    rows_per_a,
+    rows_bucket,
+    stride_am,
+    stride_ve,
+    stride_vn,
+    stride_me,
+    stride_mn,
+    stride_cm,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    IEEE: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    PREFETCH: tl.constexpr,
+    SWAP: tl.constexpr = False,
 ):
     """``rows_bucket`` (pairs per touched expert, rounded to a power of two) only keys the autotuner."""
     pid_m = tl.program_id(0)
@@ -188,7 +255,9 @@ def _even(args) -> dict:
 
 def _autotuned(configs):
     even = triton.heuristics({"EVEN_K": lambda a: _even(a)["EVEN_K"], "EVEN_N": lambda a: _even(a)["EVEN_N"]})
-    return triton.autotune(configs=triton_decode.autotune_candidates(configs), key=["N", "K", "BLOCK_M", "rows_bucket"])(even(sparse24_grouped_mm_kernel))
+    return triton.autotune(
+        configs=triton_decode.autotune_candidates(configs), key=["N", "K", "BLOCK_M", "rows_bucket"]
+    )(even(sparse24_grouped_mm_kernel))
 
 
 decode_kernel = _autotuned(DECODE_CONFIGS)
@@ -206,7 +275,18 @@ def uses_decode_kernel(values: torch.Tensor, rows_bucket: int, block_m: int) -> 
     return block_m <= 16 and rows_bucket <= DECODE_MAX_ROWS and triton_decode.fits(values)
 
 
-def launch_grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a: int, block_m: int, *, wrap: bool = False, config: dict | triton.Config | None = None):
+def launch_grouped_mm(
+    a,
+    values,
+    meta,
+    sorted_ids,
+    block_expert,
+    rows_per_a: int,
+    block_m: int,
+    *,
+    wrap: bool = False,
+    config: dict | triton.Config | None = None,
+):
     """Run the decode or the tensor-core kernel; ``config`` (a ``triton.Config`` or a dict with
     ``BLOCK_N``, ``BLOCK_K`` and optional ``PREFETCH``) runs the tensor-core kernel without autotuning."""
     a = a.contiguous()
@@ -219,11 +299,30 @@ def launch_grouped_mm(a, values, meta, sorted_ids, block_expert, rows_per_a: int
     n_pairs = a.shape[0] * rows_per_a
     rows_bucket = rows_bucket_for(n_pairs, num_experts)
     if config is None and uses_decode_kernel(values, rows_bucket, block_m):
-        return triton_decode.launch_decode(a, values, meta, sorted_ids, block_expert, rows_per_a, block_m, rows_bucket, wrap=wrap)
+        return triton_decode.launch_decode(
+            a, values, meta, sorted_ids, block_expert, rows_per_a, block_m, rows_bucket, wrap=wrap
+        )
     out = torch.empty((n_pairs, n), dtype=a.dtype, device=a.device)
     n_blocks = block_expert.numel()
-    args = (a, values, meta, sorted_ids, block_expert, out, n, k, n_pairs, rows_per_a, rows_bucket,
-            a.stride(0), values.stride(0), values.stride(1), meta.stride(0), meta.stride(1), out.stride(0))
+    args = (
+        a,
+        values,
+        meta,
+        sorted_ids,
+        block_expert,
+        out,
+        n,
+        k,
+        n_pairs,
+        rows_per_a,
+        rows_bucket,
+        a.stride(0),
+        values.stride(0),
+        values.stride(1),
+        meta.stride(0),
+        meta.stride(1),
+        out.stride(0),
+    )
     ieee = a.dtype == torch.float32
     if config is None:
         kernel = decode_kernel if block_m <= 16 else prefill_kernel
