@@ -59,7 +59,9 @@ def main() -> None:
         wrong = [" ".join(w[10:16]) for w in rng.sample(pool, 3)]
         choices = wrong + [" ".join(words[10:16])]
         rng.shuffle(choices)
-        items.append({"context": " ".join(words[:10]), "choices": choices, "label": choices.index(" ".join(words[10:16]))})
+        items.append(
+            {"context": " ".join(words[:10]), "choices": choices, "label": choices.index(" ".join(words[10:16]))}
+        )
     write_jsonl(OUT / "stun_cloze.jsonl", items)
     for f in sorted(OUT.glob("*.jsonl")):
         print(f.name, f.stat().st_size, "bytes")
