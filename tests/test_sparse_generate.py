@@ -2,6 +2,7 @@
 ``generate()`` with a static cache and transformers' own compilation (``CompileConfig``), with no
 graph break (``fullgraph=True``) at any batch size (issue 24)."""
 
+import contextlib
 import copy
 
 import pytest
@@ -9,7 +10,14 @@ import torch
 from transformers import CompileConfig
 
 from stun_lightning.sparse import sparsify
-from stun_lightning.sparse.experts import BLOCK_MS, align_pairs, layout_bound, pairs_layout, route_pairs
+from stun_lightning.sparse.experts import (
+    BLOCK_MS,
+    tracing_for_aoti,
+    align_pairs,
+    layout_bound,
+    pairs_layout,
+    route_pairs,
+)
 
 from conftest import logits
 from test_sparse import cuda, pruned_24
@@ -129,3 +137,22 @@ def test_generate_compiled_by_transformers_matches_the_dense_model_on_gpu():
                 out = compiled(ids[:n]).logits.float()
             ref = logits(model, ids[:n]).float()
             assert ((out - ref).norm() / ref.norm()).item() < 1e-2
+
+
+def test_only_the_aoti_trace_goes_into_the_kernels():
+    """``torch.compile`` sees the opaque ``stun::route_pairs``; only inside ``tracing_for_aoti`` (the
+    AOTInductor export) is the routing traced into plain ops (torch 2.11's ``is_exporting()`` is True
+    under compile too, so it cannot tell the two apart)."""
+    model, ids = pruned_24("qwen3_moe")
+    sparsify(model)
+    for aoti in (False, True):
+        graphs = []
+
+        def backend(gm, example_inputs):
+            graphs.append(str(gm.graph))
+            return gm.forward
+
+        torch._dynamo.reset()
+        with tracing_for_aoti() if aoti else contextlib.nullcontext(), torch.no_grad():
+            torch.compile(model, backend=backend)(ids[:1])
+        assert graphs and any("route_pairs" in g for g in graphs) != aoti
