@@ -443,7 +443,12 @@ def main() -> None:
         "CompileConfig(fullgraph=True), mode reduce-overhead; x dense: same shape, same batch and prompt, this run. "
         "floor tok/s: byte floor of a decode step (weights but the embedding, expected routed experts, filled KV cache) at the copy bandwidth.\n\n"
     )
-    notes = "\n\nGreedy tokens of 2:4 equal to dense (batch 1, first 16): " + (", ".join(agree) or "n/a")
+    notes = (
+        "\n\nGreedy tokens of 2:4 equal to dense (batch 1, first 16): "
+        + (", ".join(agree) or "n/a")
+        + " (random weights: near-tied logits flip at the first bf16 difference, then the sequences part;"
+        " `python3 -m benchmarks.investigations.logits_agreement` compares the logits themselves)"
+    )
     notes += "\n\nTargets missed (2:4: decode >= 1.4x dense, prefill >= 1.0x):\n" + (
         "\n".join(f"- {m}" for m in misses) or "- none"
     )

@@ -105,7 +105,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--losses", default=",".join(RECOVERY_LOSSES), help="comma-separated recovery options")
-    parser.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated: " + ", ".join(RECIPES).replace("%", "%%"))
+    parser.add_argument(
+        "--recipes", default=",".join(RECIPES), help="comma-separated: " + ", ".join(RECIPES).replace("%", "%%")
+    )
     parser.add_argument("--heldout-tokens", type=int, default=None, help="first tokens of each held-out split")
     parser.add_argument(
         "--quick", action="store_true", help="CPU smoke size: 30 steps of 4 x 64 tokens, 8k held-out tokens per domain"

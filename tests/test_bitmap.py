@@ -173,6 +173,24 @@ def test_grouped_dense_equals_the_per_pair_product():
         torch.testing.assert_close(grouped_dense(a, w, ids, blocks, top_k, block_m), expected)
 
 
+@cuda
+def test_grouped_dense_is_captured_by_a_cuda_graph():
+    """The prefill path of bitmap experts runs inside ``reduce-overhead`` CUDA graphs: no host sync
+    (a data-dependent size such as a boolean selection fails the capture)."""
+    torch.manual_seed(0)
+    w = torch.randn(8, 64, 32, device="cuda", dtype=torch.bfloat16)
+    a = torch.randn(300, 32, device="cuda", dtype=torch.bfloat16)
+    index = torch.stack([torch.randperm(8)[:2] for _ in range(300)]).cuda()
+    block_m, _ = pairs_layout(600, 8)
+    ids, blocks = align_pairs(index, 8, block_m)
+    expected = grouped_dense(a, w, ids, blocks, 2, block_m)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = grouped_dense(a, w, ids, blocks, 2, block_m)
+    graph.replay()
+    torch.testing.assert_close(out, expected)
+
+
 def test_bitmap_model_compiles_without_graph_breaks():
     model = masked_model("qwen3_moe")
     ids = random_ids(model, n=1, length=8)

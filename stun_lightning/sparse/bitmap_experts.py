@@ -55,7 +55,9 @@ def grouped_dense(
     ids = sorted_ids.long()
     valid = ids < n_pairs
     rows = a[ids.clamp(max=n_pairs - 1) // rows_per_a] * valid.unsqueeze(-1).to(a.dtype)
-    blocks = torch.bincount(block_expert[block_expert >= 0].long(), minlength=num_experts)
+    # blocks per expert; histc (not bincount of a boolean selection) has a static size: no host sync, so
+    # CUDA graphs can capture it. The unused tail blocks' -1 falls outside [0, E - 1] and is not counted.
+    blocks = torch.histc(block_expert.float(), bins=num_experts, min=0, max=num_experts - 1).to(torch.int64)
     offs = (blocks.cumsum(0) * block_m).to(torch.int32)
     rows, b = rows.to(weight.dtype), weight.transpose(1, 2)
     if (weight.shape[1] * weight.element_size()) % 16 or (weight.shape[2] * weight.element_size()) % 16:
