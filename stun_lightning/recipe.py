@@ -77,7 +77,8 @@ class StunRecipe:
         total_sparsity: alternatively, the target over all original expert parameters, STUN's way:
             ``1 - total = (1 - removed expert params) * (1 - sparsity)``; overrides ``sparsity``.
         metric: ``wanda`` (default), ``moe_pruner`` or ``magnitude``.
-        allocation: ``uniform`` or ``owl`` (owl_threshold M, owl_lambda).
+        allocation: ``uniform`` or ``owl`` (owl_threshold M, owl_lambda). ``owl_threshold`` defaults to 5,
+            the value of STUN's and OWL's published runs (OWL's code defaults to 3); ``owl_lambda`` 0.08 as both.
         allocation_base: what a layer's target is a sparsity of: ``kept`` (the weights of its kept
             experts, the official pipeline's) or ``layer`` (its original expert parameters, removed
             experts counted as pruned; ours, for layers left with unequal expert counts by
