@@ -35,7 +35,15 @@ import transformers
 
 from benchmarks.cost_measurement import release_memory, timed
 from benchmarks.prune_cost_methods import method_scaling
-from benchmarks.prune_cost_models import SHAPES, SWEEP_DIMS, build_model, calibration_ids, layer_bytes, naee_subsets
+from benchmarks.prune_cost_models import (
+    SHAPES,
+    SWEEP_DIMS,
+    build_model,
+    calibration_ids,
+    layer_bytes,
+    naee_subsets,
+    sweep_model,
+)
 from benchmarks.prune_cost_tables import (
     CSV_FIELDS,
     Row,
@@ -129,14 +137,9 @@ def phase_costs(shape: str, args, device: torch.device, dtype: torch.dtype) -> l
 
 def pass_scaling(args, device: torch.device, dtype: torch.dtype) -> list[Row]:
     """Table 2: forward passes (and structured-phase time) of each expert method versus E."""
-    dims = SWEEP_DIMS[args.sweep_dims]
     rows = []
     for E in args.experts:
-        k = min(8, max(1, E // 4))
-        model = build_model(
-            "qwen3_moe", dict(dims, num_experts=E, num_experts_per_tok=k), args.layers, args.seq_len, dtype, device
-        )
-        ids = calibration_ids(model.config.vocab_size, args.samples, args.seq_len)
+        model, k, ids = sweep_model(args, E, device, dtype)
         naee = {s: naee_subsets(E, s) for s in (0.25, 0.5)}
         for label, recipe_fields in EXPERT_METHODS.items():
             work = copy.deepcopy(model)

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import torch
 
 from benchmarks.cost_measurement import timed
-from benchmarks.prune_cost_models import SWEEP_DIMS, build_model, calibration_ids
+from benchmarks.prune_cost_models import sweep_model
 from benchmarks.prune_cost_tables import MethodRow
 from stun_lightning import StunRecipe, moe_layers, prune
 
@@ -54,15 +54,10 @@ def method_scaling(args, device: torch.device, dtype: torch.dtype) -> list[Metho
     """Forward passes and time of every expert-pruning method (uniform budget) versus E."""
     from stun_lightning.methods.naee import DEFAULT_MAX_SUBSETS, naee_subsets as naee_count
 
-    dims = SWEEP_DIMS[args.sweep_dims]
     batches = math.ceil(args.samples / args.batch_size)
     rows = []
     for E in args.method_experts:
-        k = min(8, max(1, E // 4))
-        model = build_model(
-            "qwen3_moe", dict(dims, num_experts=E, num_experts_per_tok=k), args.layers, args.seq_len, dtype, device
-        )
-        ids = calibration_ids(model.config.vocab_size, args.samples, args.seq_len)
+        model, k, ids = sweep_model(args, E, device, dtype)
         keep = E - int(round(E * args.expert_sparsity))
         for label, (method, options) in FIELD_METHODS.items():
             work = copy.deepcopy(model)

@@ -115,3 +115,12 @@ def calibration_ids(vocab: int, samples: int, seq_len: int) -> torch.Tensor:
 def naee_subsets(experts: int, expert_sparsity: float) -> str:
     keep = experts - int(round(experts * expert_sparsity))
     return f"{float(math.comb(experts, keep)):.1e}"
+
+
+def sweep_model(args, experts: int, device: torch.device, dtype: torch.dtype):
+    """``(model, top-k, calibration ids)`` of the expert-count sweep at ``experts`` experts per layer:
+    ``args.sweep_dims`` layers, top-k a quarter of the experts, capped at 8."""
+    k = min(8, max(1, experts // 4))
+    fields = dict(SWEEP_DIMS[args.sweep_dims], num_experts=experts, num_experts_per_tok=k)
+    model = build_model("qwen3_moe", fields, args.layers, args.seq_len, dtype, device)
+    return model, k, calibration_ids(model.config.vocab_size, args.samples, args.seq_len)
