@@ -26,20 +26,26 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
-import math
 import platform
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import transformers
-from transformers import AutoModelForCausalLM
 
 from benchmarks.cost_measurement import release_memory, timed
+from benchmarks.prune_cost_methods import method_scaling
+from benchmarks.prune_cost_models import (
+    SHAPES,
+    SWEEP_DIMS,
+    build_model,
+    calibration_ids,
+    layer_bytes,
+    naee_subsets,
+    sweep_model,
+)
 from benchmarks.prune_cost_tables import (
     CSV_FIELDS,
-    MethodRow,
     Row,
     error_notes,
     method_table,
@@ -47,71 +53,6 @@ from benchmarks.prune_cost_tables import (
     scaling_table,
 )
 from stun_lightning import StunRecipe, calibrate, moe_layers, prune
-from stun_lightning.adapters import decoder_layers
-from stun_lightning.tiny import tiny_config
-
-# Layer shapes: (family, config fields). Head counts and head_dim are the real models', so one
-# decoder layer's bytes are the real layer's; vocab and depth are cut so a layer fits anywhere.
-SHAPES = {
-    "tiny": (
-        "mixtral",
-        dict(
-            hidden_size=64,
-            intermediate_size=32,
-            num_local_experts=8,
-            num_experts_per_tok=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
-        ),
-    ),
-    "mixtral": (  # Mixtral-8x7B
-        "mixtral",
-        dict(
-            hidden_size=4096,
-            intermediate_size=14336,
-            num_local_experts=8,
-            num_experts_per_tok=2,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            head_dim=128,
-        ),
-    ),
-    "qwen3": (  # Qwen3-30B-A3B
-        "qwen3_moe",
-        dict(
-            hidden_size=2048,
-            moe_intermediate_size=768,
-            intermediate_size=6144,
-            num_experts=128,
-            num_experts_per_tok=8,
-            num_attention_heads=32,
-            num_key_value_heads=4,
-            head_dim=128,
-        ),
-    ),
-}
-
-# Expert-count sweep: Qwen3-30B-like layers (tiny ones with --quick), top-k capped so that even
-# 8 experts at 50% expert sparsity keep at least top-k.
-SWEEP_DIMS = {
-    "qwen3": dict(
-        hidden_size=2048,
-        moe_intermediate_size=768,
-        intermediate_size=6144,
-        num_attention_heads=32,
-        num_key_value_heads=4,
-        head_dim=128,
-    ),
-    "tiny": dict(
-        hidden_size=64,
-        moe_intermediate_size=32,
-        intermediate_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-    ),
-}
 
 EXPERT_METHODS = {  # label -> recipe fields of the structured phase
     "STUN router": dict(expert_method="stun", distance="router"),
@@ -119,50 +60,6 @@ EXPERT_METHODS = {  # label -> recipe fields of the structured phase
     "frequency": dict(expert_method="frequency"),
     "random": dict(expert_method="random"),
 }
-
-
-# ---------------------------------------------------------------- models
-
-
-def build_model(
-    family: str, fields: dict, layers: int, seq_len: int, dtype: torch.dtype, device: torch.device, vocab: int = 1024
-):
-    """A randomly initialised model on the CPU.
-
-    Initialised on ``device`` and then moved to the CPU: random init of a Mixtral-sized layer takes
-    seconds on a GPU and minutes on a few CPU cores.
-    """
-    config = tiny_config(
-        family,
-        **fields,
-        num_hidden_layers=layers,
-        vocab_size=vocab,
-        bos_token_id=1,
-        eos_token_id=2,
-        max_position_embeddings=max(1024, seq_len),
-        attn_implementation="sdpa",
-    )
-    torch.manual_seed(0)
-    with device:
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model = model.to("cpu").eval()  # stays on the CPU: prune/calibrate move one layer at a time
-    release_memory(device)
-    return model
-
-
-def layer_bytes(model) -> int:
-    layer = decoder_layers(model)[0]
-    return sum(p.numel() * p.element_size() for p in layer.parameters())
-
-
-def calibration_ids(vocab: int, samples: int, seq_len: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(0)
-    return torch.randint(0, vocab, (samples, seq_len), generator=gen)
-
-
-def naee_subsets(experts: int, expert_sparsity: float) -> str:
-    keep = experts - int(round(experts * expert_sparsity))
-    return f"{float(math.comb(experts, keep)):.1e}"
 
 
 # ---------------------------------------------------------------- benchmarks
@@ -240,14 +137,9 @@ def phase_costs(shape: str, args, device: torch.device, dtype: torch.dtype) -> l
 
 def pass_scaling(args, device: torch.device, dtype: torch.dtype) -> list[Row]:
     """Table 2: forward passes (and structured-phase time) of each expert method versus E."""
-    dims = SWEEP_DIMS[args.sweep_dims]
     rows = []
     for E in args.experts:
-        k = min(8, max(1, E // 4))
-        model = build_model(
-            "qwen3_moe", dict(dims, num_experts=E, num_experts_per_tok=k), args.layers, args.seq_len, dtype, device
-        )
-        ids = calibration_ids(model.config.vocab_size, args.samples, args.seq_len)
+        model, k, ids = sweep_model(args, E, device, dtype)
         naee = {s: naee_subsets(E, s) for s in (0.25, 0.5)}
         for label, recipe_fields in EXPERT_METHODS.items():
             work = copy.deepcopy(model)
@@ -277,107 +169,6 @@ def pass_scaling(args, device: torch.device, dtype: torch.dtype) -> list[Row]:
             del work, m
         failed = [r.method for r in rows[-len(EXPERT_METHODS) :] if r.error]
         print(f"  {E} experts done{'  FAILED: ' + ', '.join(failed) if failed else ''}", flush=True)
-        del model
-    return rows
-
-
-# ---------------------------------------------------------------- the field's expert-pruning methods (issue 11)
-#
-# NAEE, EEP, UNCURL and REAP run their own passes inside the method (PruneReport counts only the
-# routing pass prune() makes for them), so this table counts forward calls with hooks: every call
-# of a MoE block and of a router, divided by the number of calibration batches, summed over layers
-# (one pass of every layer = the layer count, as "decoder-layer passes" above).
-
-FIELD_METHODS = {  # label -> (expert_method, method_options); STUN router is the same run's baseline
-    "STUN router": ("stun", {}),
-    "REAP": ("reap", {}),
-    "UNCURL": ("uncurl", {}),
-    "NAEE": ("naee", {}),
-    "EEP, 8 of 400 evaluations": ("eep", dict(max_init=3, prune_evaluations=4, total_evaluations=8)),
-}
-
-
-@contextmanager
-def counted_calls(model, batches: int):
-    """Count MoE-block and router forward calls while the block runs (per calibration batch)."""
-    counts = {"block": 0, "router": 0}
-    handles = []
-    for layer in moe_layers(model):
-        handles.append(
-            layer.block.register_forward_pre_hook(lambda *a: counts.__setitem__("block", counts["block"] + 1))
-        )
-        handles.append(
-            layer.router.register_forward_pre_hook(lambda *a: counts.__setitem__("router", counts["router"] + 1))
-        )
-    try:
-        yield counts
-    finally:
-        for h in handles:
-            h.remove()
-        counts["block"] /= batches
-        counts["router"] /= batches
-
-
-def method_scaling(args, device: torch.device, dtype: torch.dtype) -> list[MethodRow]:
-    """Forward passes and time of every expert-pruning method (uniform budget) versus E."""
-    from stun_lightning.methods.naee import DEFAULT_MAX_SUBSETS, naee_subsets as naee_count
-
-    dims = SWEEP_DIMS[args.sweep_dims]
-    batches = math.ceil(args.samples / args.batch_size)
-    rows = []
-    for E in args.method_experts:
-        k = min(8, max(1, E // 4))
-        model = build_model(
-            "qwen3_moe", dict(dims, num_experts=E, num_experts_per_tok=k), args.layers, args.seq_len, dtype, device
-        )
-        ids = calibration_ids(model.config.vocab_size, args.samples, args.seq_len)
-        keep = E - int(round(E * args.expert_sparsity))
-        for label, (method, options) in FIELD_METHODS.items():
-            work = copy.deepcopy(model)
-            if method == "eep":
-                work.to(device)  # EEP scores whole-model forwards: the model lives on the device
-            recipe = StunRecipe(
-                expert_sparsity=args.expert_sparsity,
-                sparsity=0.0,
-                batch_size=args.batch_size,
-                layer_budget="uniform",
-                expert_method=method,
-                method_options=options,
-            )
-            with counted_calls(work, batches) as counts:
-                m, error = timed(device, prune, work, recipe, calibration=ids, device=device, progress=False)
-            note = ""
-            if method == "naee":
-                subsets = naee_count(E, keep) * args.layers
-                note = f"C({E},{keep}) = {naee_count(E, keep):.3g} subsets/layer: {subsets:.3g} block evaluations"
-                if error and error.startswith("EnumerationTooLargeError"):
-                    error, note = None, f"refused (limit {DEFAULT_MAX_SUBSETS:.0e}): would need {note}"
-            if method == "eep":
-                model_passes = (counts["block"] - args.layers) / args.layers  # minus prune()'s routing pass
-                note = f"{model_passes:g} model passes; the official 400 evaluations: ~{model_passes * 50:,.0f}"
-            refused = note.startswith("refused")
-            passes = None if error or refused else int(round(counts["block"]))
-            phase_s = None if error or refused else m.result.seconds["structured"]
-            rows.append(
-                MethodRow(
-                    "method_scaling",
-                    args.sweep_dims,
-                    E,
-                    k,
-                    args.layers,
-                    "structured",
-                    label,
-                    passes,
-                    phase_s,
-                    m.seconds,
-                    error=error,
-                    router_passes=None if error or refused else counts["router"],
-                    note=note,
-                )
-            )
-            del work, m
-        failed = [r.method for r in rows[-len(FIELD_METHODS) :] if r.error]
-        print(f"  methods, {E} experts done{'  FAILED: ' + ', '.join(failed) if failed else ''}", flush=True)
         del model
     return rows
 

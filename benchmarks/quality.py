@@ -62,83 +62,23 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from benchmarks.data_folder import add_data_argument, require_data
+from benchmarks.heldout import evaluate, heldout_ids
+from benchmarks.quality_distill import distill
 from benchmarks.quality_rows import EEP_FITNESS_WINDOWS, FAMILIES, Result, Row, build_rows
 from benchmarks.quality_tables import cosine_text, report_text, write_csv
 from stun_lightning import StunRecipe, prune
 from stun_lightning.adapters import moe_layers
-from stun_lightning.data import calibration_blocks, calibration_path, heldout_path, read_texts, token_stream
-from stun_lightning.distill import kept_from_removed
-from stun_lightning.evaluate import sliding_windows
-from stun_lightning.expert_masks import masks_from_zeros, measured_sparsity
+from stun_lightning.data import calibration_blocks, calibration_path, read_texts
 from stun_lightning.methods.stun import expert_weight_cosine
 from stun_lightning.reference import load_reference_model
 from stun_lightning.tiny import load_tokenizer
-
-HELDOUT = {"prose": "wikitext2/test.txt", "math": "gsm8k/test.jsonl", "code": "python_stdlib/test.txt"}
-
-
-# ---------------------------------------------------------------- evaluation
-
-
-@torch.no_grad()
-def score(model, ids: torch.Tensor, seq_len: int, batch_size: int, device) -> tuple[float, float, int]:
-    """(nll sum, correct predictions, scored tokens) over disjoint windows, one forward pass per window.
-
-    The windows and scored positions are ``stun_lightning.evaluate``'s (stride = seq_len), so the
-    perplexity equals ``evaluate.perplexity``; accuracy comes from the same pass.
-    """
-    nll, correct, count = 0.0, 0, 0
-    windows = sliding_windows(len(ids), seq_len)
-    full = [w for w in windows if w.end - w.begin == seq_len]
-    rest = [w for w in windows if w.end - w.begin != seq_len]
-    groups = [full[i : i + batch_size] for i in range(0, len(full), batch_size)] + [[w] for w in rest]
-    for group in groups:
-        inputs = torch.stack([ids[w.begin : w.end] for w in group]).to(device)
-        logits = model(input_ids=inputs, use_cache=False).logits[:, :-1].float()
-        targets = inputs[:, 1:]
-        start = torch.tensor([w.score_from - w.begin for w in group], device=device)
-        scored = torch.arange(1, inputs.shape[1], device=device)[None, :] >= start[:, None]
-        token_nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
-        nll += float(token_nll[scored].double().sum())
-        correct += int((logits.argmax(-1) == targets)[scored].sum())
-        count += int(scored.sum())
-    return nll, correct, count
-
-
-def evaluate(
-    model, heldout: dict[str, torch.Tensor], seq_len: int, batch_size: int, device
-) -> tuple[dict[str, float], float]:
-    ppl, correct, count = {}, 0, 0
-    for domain, ids in heldout.items():
-        nll, c, n = score(model, ids, seq_len, batch_size, device)
-        ppl[domain] = math.exp(nll / n)
-        correct += c
-        count += n
-    return ppl, correct / count
-
-
-def heldout_ids(
-    tokenizer, source: str, data: Path, max_tokens: int | None, cache: Path | None = None
-) -> dict[str, torch.Tensor]:
-    if cache is not None:  # train_reference.py's token cache: the same held-out splits, tokenized
-        return {d: t.long()[:max_tokens] for d, t in torch.load(cache)["test"].items()}
-    if source == "shipped":
-        return {"mixed": token_stream(tokenizer, read_texts(heldout_path()))[:max_tokens]}
-    missing = [str(data / f) for f in HELDOUT.values() if not (data / f).exists()]
-    if missing:
-        raise FileNotFoundError(
-            f"held-out files missing: {missing}; pass --data DIR (the data folder) or --heldout shipped"
-        )
-    return {d: token_stream(tokenizer, read_texts(data / f))[:max_tokens] for d, f in HELDOUT.items()}
 
 
 # ---------------------------------------------------------------- runs
@@ -154,71 +94,6 @@ def math_calibration(tokenizer, data: Path | None, n_samples: int, seq_len: int)
     return calibration_blocks(
         tokenizer, None, n_samples, seq_len, seed=0, texts=["\n".join(lines)]
     ), "GSM8K lines of the shipped calibration text"
-
-
-def distill(dense, student, report, args, teacher: bool) -> dict:
-    """A short StunDistillModule fit of the pruned ``student`` with its masks held fixed.
-
-    teacher=True: expert-wise KD (CE + lambda * expert MSE, lambda = L_CE / L_expert at the first
-    step, MoE-Pruner) from a frozen copy of the dense model, survivors matched to their originals
-    with the report's removed experts; teacher=False: the same fit with CE only (the control).
-    The masks are the student's zeros after pruning: gradients are masked before every optimizer
-    step and weights re-zeroed after it (``stun_lightning.expert_masks``), so sparsity cannot change.
-    """
-    from lightning.pytorch import Callback, Trainer, seed_everything
-
-    from stun_lightning.callbacks import FixedMasks, StunDataModule, StunDistillModule
-
-    masks = masks_from_zeros(student)
-    sparsity_before = measured_sparsity(student)
-
-    class Losses(Callback):
-        def __init__(self):
-            self.first = self.last = None
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            losses = {k: float(v) for k, v in pl_module.last_losses.items()}
-            self.first = self.first or losses
-            self.last = losses
-
-    seed_everything(0, verbose=False)
-    module = StunDistillModule(
-        student=student,
-        teacher=copy.deepcopy(dense) if teacher else None,
-        expert_map=kept_from_removed(dense, report.removed_experts) if teacher else None,
-        teacher_dtype=None,  # fp32 like the student (bf16 matmuls are slow on CPUs)
-        lr=args.distill_lr,
-        warmup_steps=max(1, args.distill_steps // 10),
-        min_lr_ratio=0.1,
-    )
-    data = StunDataModule(seq_len=128, batch_size=args.distill_batch, seed=0)
-    losses = Losses()
-    trainer = Trainer(
-        accelerator="gpu" if args.device.type == "cuda" else "cpu",
-        devices=1,
-        max_steps=args.distill_steps,
-        limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        callbacks=[FixedMasks(masks), losses],
-    )
-    start = time.perf_counter()
-    with torch.enable_grad():
-        trainer.fit(module, data)
-    student.eval()
-    if abs(measured_sparsity(student) - sparsity_before) > 1e-9:
-        raise RuntimeError(
-            f"masks moved during distillation: {sparsity_before:.4f} -> {measured_sparsity(student):.4f}"
-        )
-    return {
-        "steps": trainer.global_step,
-        "fit_seconds": time.perf_counter() - start,
-        "first": losses.first,
-        "last": losses.last,
-    }
 
 
 def run_row(dense, row: Row, calibrations: dict[str, torch.Tensor], heldout, args) -> Result:

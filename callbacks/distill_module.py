@@ -57,7 +57,6 @@ from stun_lightning.distill import (
     check_recovery_loss,
     combine,
     expert_mse,
-    identity_expert_map,
     init_expert_lambda,
     logit_kl,
     router_kl,
@@ -65,7 +64,10 @@ from stun_lightning.distill import (
 from stun_lightning.lora import with_expert_targets
 from stun_lightning.sharding import is_sharded, materialize, reshard, shard_decoder_layers
 
+from .expert_map import default_expert_map
+from .model_lookup import base_model
 from .model_spec import DTYPES, load_causal_lm
+from .optimizer import adamw_warmup_cosine
 from .strategy_checks import data_parallel_mesh
 from .stun_callback import StunCallback
 
@@ -234,29 +236,12 @@ class StunDistillModule(LightningModule):
     # ------------------------------------------------------------------ distillation plumbing
 
     def _student_model(self) -> nn.Module:
-        s = self.student
-        return s.get_base_model() if hasattr(s, "get_base_model") else s
+        return base_model(self.student)
 
     def _resolve_expert_map(self) -> dict[int, list[int]]:
         if self.expert_map is not None:
             return {int(k): list(v) for k, v in self.expert_map.items()}
-        teacher_counts = {layer.index: layer.num_experts for layer in moe_layers(self.teacher)}
-        stun = StunCallback.of(self._trainer)
-        if stun is not None:
-            if stun.dense_expert_counts != teacher_counts:
-                raise ValueError(
-                    f"{type(stun).__name__} found a student with {stun.dense_expert_counts} experts per layer, but the "
-                    f"teacher has {teacher_counts}: experts were removed before it ran, so its expert sets do not "
-                    "index the teacher; pass expert_map= (kept_from_removed(teacher, report.removed_experts))"
-                )
-            return stun.kept_experts
-        student_counts = {layer.index: layer.num_experts for layer in moe_layers(self._student_model())}
-        if student_counts != teacher_counts:
-            raise ValueError(
-                f"the student has {student_counts} experts per layer and the teacher {teacher_counts}; pass expert_map= "
-                "(the kept original indices per layer, e.g. kept_from_removed(teacher, report.removed_experts))"
-            )
-        return identity_expert_map(self._student_model())
+        return default_expert_map(self.teacher, self._student_model(), StunCallback.of(self._trainer))
 
     def on_fit_start(self) -> None:
         if self.teacher is None:
@@ -401,18 +386,8 @@ class StunDistillModule(LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.student.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup, floor = self.warmup_steps, self.min_lr_ratio
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = min(1.0, (step - warmup) / max(1, total - warmup))
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return adamw_warmup_cosine(params, self.lr, self.weight_decay, total, self.warmup_steps, self.min_lr_ratio)
 
 
 __all__ = ["StunDistillModule"]

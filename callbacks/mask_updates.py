@@ -1,4 +1,5 @@
-"""StunCallback's unstructured phase: the final within-expert target, and one mask update.
+"""StunCallback's unstructured phase: the final within-expert target, the schedule fitted to the fit,
+and one mask update.
 
 An update reads the activation statistics of the training batches just before it (the
 ``stats_steps`` window of :class:`stun_lightning.activation_stats.ActivationStats`), sums them
@@ -14,10 +15,10 @@ from torch import nn
 
 from stun_lightning.activation_stats import ActivationStats, reduce_stats
 from stun_lightning.expert_masks import ExpertMasks
-from stun_lightning.patterns import parse_pattern
+from stun_lightning.patterns import InvalidSparsityError, parse_pattern
 from stun_lightning.recipe import StunRecipe
 from stun_lightning.report import ModelCensus
-from stun_lightning.schedule import SparsitySchedule
+from stun_lightning.schedule import InvalidScheduleError, SparsitySchedule
 from stun_lightning.unstructured import MaskUpdate, compute_masks, within_sparsity
 
 
@@ -30,6 +31,21 @@ def final_sparsity(recipe: StunRecipe, schedule: SparsitySchedule, dense: ModelC
     if nm is not None:
         return nm[0] / nm[1]
     return within_sparsity(recipe, dense, model)  # total_sparsity turned into a within-expert target as prune() does
+
+
+def fitted_schedule(schedule: SparsitySchedule, final: float, total_steps: int) -> SparsitySchedule:
+    """``schedule`` resolved to reach ``final`` by its ``end_step`` (default: the fit's last optimizer
+    step, ``total_steps``); InvalidScheduleError when it ends after the fit or does not fit the recipe."""
+    end = schedule.end_step if schedule.end_step is not None else total_steps
+    if end > total_steps:
+        raise InvalidScheduleError(
+            f"schedule end_step={end} is after the fit's last optimizer step ({total_steps}): the final sparsity would "
+            "never be reached; lower end_step or train longer"
+        )
+    try:
+        return schedule.resolved(final, end)
+    except (InvalidScheduleError, InvalidSparsityError) as err:
+        raise InvalidScheduleError(f"schedule does not fit this recipe: {err}") from err
 
 
 def window_statistics(

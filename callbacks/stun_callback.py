@@ -50,14 +50,14 @@ from stun_lightning.expert_masks import (
     mask_optimizer_state,
     measured_sparsity,
 )
-from stun_lightning.patterns import InvalidSparsityError
 from stun_lightning.metrics import get_metric
 from stun_lightning.recipe import StunRecipe
 from stun_lightning.report import ModelCensus, PruneReport
-from stun_lightning.schedule import InvalidScheduleError, SparsitySchedule, check_training_schedule
+from stun_lightning.schedule import SparsitySchedule, check_training_schedule
 
 from .final_model import log_report, save_final_model
-from .mask_updates import final_sparsity, masks_at, window_statistics
+from .model_lookup import base_model, model_owner
+from .mask_updates import final_sparsity, fitted_schedule, masks_at, window_statistics
 from .resume import (
     callback_state_in,
     check_expert_sets_before_load,
@@ -151,22 +151,8 @@ class StunCallback(Callback):
 
     def target(self, pl_module: LightningModule) -> nn.Module:
         """The transformers MoE model this callback prunes (peft wrappers unwrapped)."""
-        owner, name = self._owner(pl_module)
-        model = getattr(owner, name)
-        return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-    def _owner(self, pl_module: LightningModule) -> tuple[Any, str]:
-        candidates = [self.model_attr] if self.model_attr else ["student", "model"]
-        for path in candidates:
-            owner, parts = pl_module, path.split(".")
-            for part in parts[:-1]:
-                owner = getattr(owner, part, None)
-            if owner is not None and isinstance(getattr(owner, parts[-1], None), nn.Module):
-                return owner, parts[-1]
-        raise ValueError(
-            f"StunCallback found no model to prune on {type(pl_module).__name__}: tried attribute(s) {candidates}; "
-            "pass StunCallback(model_attr='name of the attribute holding the transformers MoE model')"
-        )
+        owner, name = model_owner(pl_module, self.model_attr)
+        return base_model(getattr(owner, name))
 
     @property
     def dense_expert_counts(self) -> dict[int, int] | None:
@@ -261,18 +247,7 @@ class StunCallback(Callback):
             if trainer.max_steps and trainer.max_steps > 0
             else int(trainer.estimated_stepping_batches)
         )
-        model = self.target(pl_module)
-        final = self._final_sparsity(model)
-        end = self.schedule.end_step if self.schedule.end_step is not None else total
-        if end > total:
-            raise InvalidScheduleError(
-                f"schedule end_step={end} is after the fit's last optimizer step ({total}): the final sparsity would never "
-                "be reached; lower end_step or train longer"
-            )
-        try:
-            self._resolved = self.schedule.resolved(final, end)
-        except (InvalidScheduleError, InvalidSparsityError) as err:
-            raise InvalidScheduleError(f"schedule does not fit this recipe: {err}") from err
+        self._resolved = fitted_schedule(self.schedule, self._final_sparsity(self.target(pl_module)), total)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         model = self.target(pl_module)
@@ -371,7 +346,7 @@ class StunCallback(Callback):
         self._handles = []
         if self._stats is not None and self._stats.is_open:
             self._stats.close()
-        owner, name = self._owner(pl_module)
+        owner, name = model_owner(pl_module, self.model_attr)
         wrapped = getattr(owner, name)
         if hasattr(wrapped, "merge_and_unload"):  # peft: fold LoRA into the weights, then re-apply the masks
             setattr(owner, name, wrapped.merge_and_unload())

@@ -15,10 +15,11 @@ import torch
 from torch import nn
 
 from .adapters import moe_layers
-from .calibration import NORMS, ROUTING, LayerStats, _MoECollector
+from .collectors import MoECollector
+from .layer_stats import NORMS, ROUTING, LayerStats
 
 
-class _PausableCollector(_MoECollector):
+class _PausableCollector(MoECollector):
     """The engine's collector, ignoring forward passes while its owner is paused."""
 
     def __init__(self, owner: "ActivationStats", *args):
@@ -48,7 +49,7 @@ class ActivationStats:
     def __init__(self, model: nn.Module, norms: bool = True):
         self.model = model
         self.collect = {ROUTING, NORMS} if norms else {ROUTING}
-        self._collectors: list[_MoECollector] = []
+        self._collectors: list[MoECollector] = []
         self._pending: dict[int, dict] = {}
         self.paused = False  # set while forward passes must not count (validation)
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import time
 from contextvars import ContextVar
-from dataclasses import dataclass, field, fields
 from typing import Callable, Iterable, Protocol
 
 import torch
@@ -36,121 +35,23 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import MoELayer, decoder_layers, moe_layers
+from .collectors import LinearCollector, MoECollector
+from .layer_stats import LINEAR, NORMS, ROUTING, SALIENCY, CalibrationStats, LayerStats
 
-ROUTING, NORMS, LINEAR, SALIENCY = "routing", "norms", "linear", "saliency"
-_SUMMED = {"summed": True}
-
-
-@dataclass
-class LayerStats:
-    """Calibration statistics of one MoE layer (expert axis = the layer's current experts)."""
-
-    index: int
-    num_experts: int
-    top_k: int
-    tokens: int = 0
-    expert_tokens: torch.Tensor | None = field(default=None, metadata=_SUMMED)  # [E] routed tokens
-    gate_sum: torch.Tensor | None = field(
-        default=None, metadata=_SUMMED
-    )  # [E] sum of gate values (router-weighted frequency)
-    coactivation: torch.Tensor | None = field(
-        default=None, metadata=_SUMMED
-    )  # [E, E] tokens routed to both i and j (diag = counts)
-    router_logit_sum: torch.Tensor | None = field(default=None, metadata=_SUMMED)  # [E]
-    saliency_sum: torch.Tensor | None = field(
-        default=None, metadata=_SUMMED
-    )  # [E] sum over routed tokens of gate * ||expert output||_2
-    output_norm_sum: torch.Tensor | None = field(
-        default=None, metadata=_SUMMED
-    )  # [E] sum over routed tokens of ||expert output||_2 (EAN)
-    input_sq: dict[str, torch.Tensor] = field(
-        default_factory=dict, metadata=_SUMMED
-    )  # "gate_up_proj" / "down_proj" -> [E, in]
-    input_sq_gated: dict[str, torch.Tensor] = field(default_factory=dict, metadata=_SUMMED)
-    block_inputs: list[torch.Tensor] = field(default_factory=list)
-    block_outputs: list[torch.Tensor] = field(default_factory=list)
-    linear_sq: dict[str, torch.Tensor] = field(default_factory=dict, metadata=_SUMMED)  # dense nn.Linear name -> [in]
-
-    # Fields marked ``_SUMMED`` are sums over tokens: statistics of several batches, windows or ranks
-    # add up. These methods are the one place that lists them (the collector, the training-time
-    # statistics, their checkpoints and the cross-rank reductions all go through them).
-
-    def summed(self) -> list[tuple[str, str | None, torch.Tensor]]:
-        """``(field, dict key or None, tensor)`` of every collected sum over tokens, in a fixed order."""
-        out = []
-        for f in fields(self):
-            if not f.metadata.get("summed"):
-                continue
-            value = getattr(self, f.name)
-            if isinstance(value, dict):
-                out.extend((f.name, k, value[k]) for k in sorted(value))
-            elif value is not None:
-                out.append((f.name, None, value))
-        return out
-
-    def map_summed(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "LayerStats":
-        """Replace every summed tensor ``t`` by ``fn(t)`` (e.g. move it, or all-reduce it); returns self."""
-        for name, key, t in self.summed():
-            if key is None:
-                setattr(self, name, fn(t))
-            else:
-                getattr(self, name)[key] = fn(t)
-        return self
-
-    def summed_state(self) -> dict:
-        """The token count and CPU copies of every summed tensor (a checkpointable dict)."""
-        state: dict = {"tokens": self.tokens}
-        for name, key, t in self.summed():
-            copy = t.detach().cpu().clone()
-            if key is None:
-                state[name] = copy
-            else:
-                state.setdefault(name, {})[key] = copy
-        return state
-
-    def add_state(self, state: dict) -> None:
-        """Add a :meth:`summed_state` of the same layer into these statistics."""
-        self.tokens += int(state["tokens"])
-        for name, key, t in self.summed():
-            saved = state.get(name)
-            saved = saved.get(key) if key is not None and saved is not None else saved
-            if saved is not None:
-                t += saved.to(t.device, t.dtype)
-
-    def frequency(self) -> torch.Tensor:
-        """Fraction of routed slots per expert."""
-        return self.expert_tokens.double() / max(1, self.tokens * self.top_k)
-
-    def input_norms(self, matrix: str, gated: bool = False) -> torch.Tensor:
-        """``||X_j||_2`` per expert and input channel of ``matrix`` (``[E, in]``, fp32)."""
-        source = self.input_sq_gated if gated else self.input_sq
-        if matrix not in source:
-            raise KeyError(f"no input norms for {matrix!r}: calibrate with collect including {NORMS!r}")
-        return source[matrix].clamp_min(0).sqrt()
-
-    def saliency(self) -> torch.Tensor:
-        """REAP saliency per expert: mean over its routed tokens of gate x ``||output||_2`` (0 if never routed)."""
-        if self.saliency_sum is None:
-            raise KeyError(f"no saliency statistics: calibrate with collect including {SALIENCY!r}")
-        return self.saliency_sum / self.expert_tokens.clamp_min(1).double()
-
-    def low_token_experts(self, min_tokens: int = 1) -> list[int]:
-        return [e for e, n in enumerate(self.expert_tokens.tolist()) if n < min_tokens]
-
-
-@dataclass
-class CalibrationStats:
-    layers: dict[int, LayerStats]
-    tokens: int
-    seconds: float
-    layer_passes: int  # forward passes of a decoder layer over the calibration set
-
-    def __getitem__(self, index: int) -> LayerStats:
-        return self.layers[index]
-
-    def low_token_report(self, min_tokens: int = 1) -> dict[int, list[int]]:
-        return {i: s.low_token_experts(min_tokens) for i, s in self.layers.items() if s.low_token_experts(min_tokens)}
-
+__all__ = [
+    "LINEAR",
+    "NORMS",
+    "ROUTING",
+    "SALIENCY",
+    "LAYER_SOURCE",
+    "CalibrationPartition",
+    "CalibrationStats",
+    "LayerCallback",
+    "LayerStats",
+    "calibrate",
+    "enter_layer",
+    "leave_layer",
+]
 
 #: where decoder layers' tensors come from while a pass visits them (None: they live in the model;
 #: ``stun_lightning.stream`` sets one that reads each layer from disk and writes it back out)
@@ -222,113 +123,6 @@ def _capture_layer_inputs(model: nn.Module, batches: list[torch.Tensor], device:
         for m, home in zip(moved, homes):
             m.to(home)
     return inputs, kwargs_per_layer
-
-
-class _MoECollector:
-    """Forward hooks on one MoE block that accumulate a LayerStats."""
-
-    def __init__(self, layer: MoELayer, collect: set[str], keep_block_io: int):
-        E = layer.num_experts
-        self.layer, self.collect, self.keep_block_io = layer, collect, keep_block_io
-        self.stats = LayerStats(layer.index, E, layer.top_k)
-        dev = layer.router_weight.device
-        s = self.stats
-        s.expert_tokens = torch.zeros(E, dtype=torch.long, device=dev)
-        s.gate_sum = torch.zeros(E, dtype=torch.float64, device=dev)
-        s.coactivation = torch.zeros(E, E, dtype=torch.float64, device=dev)
-        s.router_logit_sum = torch.zeros(E, dtype=torch.float64, device=dev)
-        if SALIENCY in collect:
-            s.saliency_sum = torch.zeros(E, dtype=torch.float64, device=dev)
-            s.output_norm_sum = torch.zeros(E, dtype=torch.float64, device=dev)
-        if NORMS in collect:
-            for name, w in layer.expert_matrices().items():
-                s.input_sq[name] = torch.zeros(E, w.shape[2], dtype=torch.float32, device=dev)
-                s.input_sq_gated[name] = torch.zeros(E, w.shape[2], dtype=torch.float32, device=dev)
-        self.handles = [
-            layer.experts.register_forward_pre_hook(self._on_experts),
-            layer.router.register_forward_hook(self._on_router),
-        ]
-        if keep_block_io:
-            self.handles.append(layer.block.register_forward_hook(self._on_block))
-
-    def close(self) -> LayerStats:
-        for h in self.handles:
-            h.remove()
-        return self.stats.map_summed(lambda t: t.cpu())
-
-    def _on_router(self, module, args, output):
-        logits = output[0] if isinstance(output, tuple) else output
-        self.stats.router_logit_sum += logits.detach().double().reshape(-1, logits.shape[-1]).sum(0)
-
-    def _on_block(self, module, args, output):
-        out = output[0] if isinstance(output, tuple) else output
-        kept = sum(t.shape[0] for t in self.stats.block_inputs)
-        if kept < self.keep_block_io:
-            x = args[0].detach().reshape(-1, args[0].shape[-1])
-            y = out.detach().reshape(-1, out.shape[-1])
-            room = self.keep_block_io - kept
-            self.stats.block_inputs.append(x[:room].cpu())
-            self.stats.block_outputs.append(y[:room].cpu())
-
-    @torch.no_grad()
-    def _on_experts(self, module, args):
-        hidden, index, weights = args[0], args[1], args[2]
-        s, E = self.stats, self.stats.num_experts
-        T = hidden.shape[0]
-        s.tokens += T
-        valid = index < E  # some implementations pad with index E
-        onehot = torch.zeros(T, E + 1, dtype=torch.float64, device=hidden.device)
-        onehot.scatter_(1, index.clamp(max=E).long(), 1.0)
-        onehot = onehot[:, :E]
-        s.expert_tokens += onehot.sum(0).long().to(s.expert_tokens.device)
-        s.coactivation += (onehot.t() @ onehot).to(s.coactivation.device)
-        s.gate_sum.index_add_(
-            0, index[valid].long().to(s.gate_sum.device), weights[valid].double().to(s.gate_sum.device)
-        )
-        if SALIENCY in self.collect:
-            for e in torch.unique(index[valid]).tolist():
-                tok, pos = torch.where(index == e)
-                out = self.layer.adapter.expert_output(module, e, hidden[tok]).double()
-                norms = out.norm(dim=-1)
-                s.saliency_sum[e] += (weights[tok, pos].double() * norms).sum().to(s.saliency_sum.device)
-                s.output_norm_sum[e] += norms.sum().to(s.output_norm_sum.device)
-        if NORMS not in self.collect:
-            return
-        x = hidden.float()
-        for e in torch.unique(index[valid]).tolist():
-            tok, pos = torch.where(index == e)
-            g = weights[tok, pos].float()[:, None]
-            xe = x[tok]
-            s.input_sq["gate_up_proj"][e] += xe.square().sum(0)
-            s.input_sq_gated["gate_up_proj"][e] += (xe * g).square().sum(0)
-            h = self.layer.adapter.expert_hidden(module, e, hidden[tok]).float()
-            s.input_sq["down_proj"][e] += h.square().sum(0)
-            s.input_sq_gated["down_proj"][e] += (h * g).square().sum(0)
-
-
-class _LinearCollector:
-    """Input sums of squares of every ``nn.Linear`` inside one decoder layer."""
-
-    def __init__(self, decoder_layer: nn.Module):
-        self.sq: dict[str, torch.Tensor] = {}
-        self.handles = [
-            module.register_forward_pre_hook(self._hook(name))
-            for name, module in decoder_layer.named_modules()
-            if isinstance(module, nn.Linear)
-        ]
-
-    def _hook(self, name):
-        def hook(module, args):
-            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
-            total = x.square().sum(0)
-            self.sq[name] = self.sq[name] + total if name in self.sq else total
-
-        return hook
-
-    def close(self) -> dict[str, torch.Tensor]:
-        for h in self.handles:
-            h.remove()
-        return {k: v.cpu() for k, v in self.sq.items()}
 
 
 LayerCallback = Callable[[int, "MoELayer | None", "LayerStats | None"], bool | None]
@@ -413,8 +207,8 @@ def calibrate(
             layer = layers[i]
             enter_layer(i, layer, device)
             moe = moe_by_index.get(i)
-            collector = _MoECollector(moe, collect, keep_block_io) if moe is not None else None
-            linear = _LinearCollector(layer) if LINEAR in collect else None
+            collector = MoECollector(moe, collect, keep_block_io) if moe is not None else None
+            linear = LinearCollector(layer) if LINEAR in collect else None
             try:
                 outputs = _run_layer(layer, hidden, kwargs_per_layer[i])
             finally:

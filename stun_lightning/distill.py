@@ -23,14 +23,13 @@ the MoE blocks' outputs, each with its own weight. The expert term costs one ext
 the student and of the teacher over the teacher-routed tokens (about one MoE layer's forward each).
 
 Everything here is plain torch: forward hooks record what the loss needs during the models' own
-forward passes (:class:`MoECapture`), and the loss functions read those records.
+forward passes (:class:`MoECapture`, ``stun_lightning.moe_capture``), the loss functions read those
+records, and ``stun_lightning.distill_weights`` weights and adds up the terms.
 """
 
 from __future__ import annotations
 
-import math
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 import torch
@@ -38,77 +37,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapters import MoELayer, moe_layers
-
-
-@dataclass
-class CapturedLayer:
-    hidden: torch.Tensor  # [T, H] input of the fused experts module
-    index: torch.Tensor  # [T, k] routed experts
-    block_output: torch.Tensor | None = None  # [B, L, H] MoE block output (routed + shared)
-    router_logits: torch.Tensor | None = None  # [T, E] router logits (the router's first output)
-
-
-class MoECapture:
-    """Forward hooks recording, for every MoE layer, the experts' input tokens and routing, and
-    optionally the MoE block's output and the router's logits, during a model's own forward pass.
-
-    ``detach=True`` for the teacher (nothing kept for autograd). Records are replaced on every
-    forward; :meth:`clear` drops them, :meth:`close` removes the hooks.
-    """
-
-    def __init__(self, model: nn.Module, *, detach: bool, block_outputs: bool = False, router_logits: bool = False):
-        self.layers = {layer.index: layer for layer in moe_layers(model)}
-        self.detach = detach
-        self.records: dict[int, CapturedLayer] = {}
-        self.enabled = True
-        self.on_record = None  # called as on_record(layer index, record) inside the layer's forward
-        self._handles = []
-        self._router_logits: dict[int, torch.Tensor] = {}  # the router runs before the experts' pre-hook
-        for i, layer in self.layers.items():
-            if router_logits:
-                self._handles.append(layer.router.register_forward_hook(self._on_router(i)))
-            self._handles.append(layer.experts.register_forward_pre_hook(self._on_experts(i)))
-            if block_outputs:
-                self._handles.append(layer.block.register_forward_hook(self._on_block(i)))
-
-    def _on_experts(self, i: int):
-        def hook(module, args):
-            if not self.enabled:
-                return
-            hidden, index = args[0], args[1]
-            if self.detach:
-                hidden = hidden.detach()
-            self.records[i] = CapturedLayer(hidden, index.detach(), router_logits=self._router_logits.pop(i, None))
-            if self.on_record is not None:
-                self.on_record(i, self.records[i])
-
-        return hook
-
-    def _on_router(self, i: int):
-        def hook(module, args, output):
-            if self.enabled:
-                logits = output[0] if isinstance(output, tuple) else output
-                self._router_logits[i] = logits.detach() if self.detach else logits
-
-        return hook
-
-    def _on_block(self, i: int):
-        def hook(module, args, output):
-            if not self.enabled or i not in self.records:
-                return
-            out = output[0] if isinstance(output, tuple) else output
-            self.records[i].block_output = out.detach() if self.detach else out
-
-        return hook
-
-    def clear(self) -> None:
-        self.records, self._router_logits = {}, {}
-
-    def close(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-        self.records = {}
+from .distill_weights import (
+    RECOVERY_LOSSES,
+    DistillLosses,
+    DistillWeights,
+    check_recovery_loss,
+    combine,
+    init_expert_lambda,
+)
+from .moe_capture import CapturedLayer, MoECapture
 
 
 def identity_expert_map(model: nn.Module) -> dict[int, list[int]]:
@@ -301,98 +238,6 @@ def logit_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tempera
         F.log_softmax(s, -1).flatten(0, -2), F.log_softmax(t, -1).flatten(0, -2), log_target=True, reduction="batchmean"
     )
     return kl * temperature**2
-
-
-@dataclass
-class DistillWeights:
-    """Weights of the loss terms.
-
-    ``expert``: None initialises lambda to ``L_CE / L_expert`` at the first step (MoE-Pruner), a
-    number fixes it. ``logit_kl`` / ``block`` / ``router``: weights of the optional terms (0 = off).
-    """
-
-    ce: float = 1.0
-    expert: float | None = None
-    logit_kl: float = 0.0
-    block: float = 0.0
-    temperature: float = 2.0
-    router: float = 0.0
-
-    def __post_init__(self) -> None:
-        for name in ("ce", "logit_kl", "block", "router"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"distillation weight {name} must be >= 0, got {getattr(self, name)}")
-        if self.expert is not None and self.expert < 0:
-            raise ValueError(f"distillation weight expert must be >= 0 or None (auto), got {self.expert}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-
-
-def init_expert_lambda(ce: torch.Tensor, expert: torch.Tensor) -> float | None:
-    """MoE-Pruner's initial lambda, ``L_CE / L_expert``, so both terms start equal.
-
-    Returns None while the expert term is exactly zero (the surviving experts still reproduce the
-    teacher's on their inputs, e.g. before any weight is masked): the term then contributes neither
-    loss nor gradient, and lambda is initialised at the first step where it is not zero.
-    """
-    ce_v, ex_v = float(ce.detach()), float(expert.detach())
-    if not math.isfinite(ce_v) or not math.isfinite(ex_v) or ex_v < 0:
-        raise ValueError(
-            f"cannot initialise lambda = L_CE / L_expert with L_CE={ce_v}, L_expert={ex_v}; "
-            "set the expert weight explicitly (DistillWeights(expert=...))"
-        )
-    return ce_v / ex_v if ex_v > 0 else None
-
-
-@dataclass
-class DistillLosses:
-    total: torch.Tensor
-    terms: dict[str, torch.Tensor] = field(default_factory=dict)
-
-
-RECOVERY_LOSSES = {
-    "ce": None,
-    "logit_kd": "logit_kl",
-    "expert_kd": "expert",
-    "block_kd": "block",
-    "router_kd": "router",
-}
-"""Recovery options: the name of each and the loss term it adds to the cross-entropy (its lambda)."""
-
-
-def check_recovery_loss(loss: str) -> str | None:
-    """The term that ``loss`` distils with (None for ``"ce"``), or a ValueError naming the options."""
-    if loss not in RECOVERY_LOSSES:
-        raise ValueError(f"unknown recovery loss {loss!r}; choose one of {', '.join(RECOVERY_LOSSES)}")
-    return RECOVERY_LOSSES[loss]
-
-
-def combine(
-    weights: DistillWeights,
-    expert_lambda: float | None,
-    ce: torch.Tensor,
-    expert=None,
-    kl=None,
-    block=None,
-    router=None,
-    primary: str = "expert",
-) -> DistillLosses:
-    """``ce_w * CE + lambda * L_primary + sum w * L_other`` with every term reported.
-
-    ``primary`` names the term weighted by ``expert_lambda`` (0 while it is None): ``"expert"``
-    (MoE-Pruner) or the term of another recovery option (:data:`RECOVERY_LOSSES`); the others use
-    their weights in ``weights``.
-    """
-    terms = {"ce": ce}
-    total = weights.ce * ce
-    fixed = {"expert": 0.0, "logit_kl": weights.logit_kl, "block": weights.block, "router": weights.router}
-    for name, value in (("expert", expert), ("logit_kl", kl), ("block", block), ("router", router)):
-        if value is None:
-            continue
-        terms[name] = value
-        weight = (expert_lambda if expert_lambda is not None else 0.0) if name == primary else fixed[name]
-        total = total + weight * value
-    return DistillLosses(total, terms)
 
 
 __all__ = [

@@ -1,4 +1,6 @@
-"""The Lightning layer: StunCallback during trainer.fit, resume, the datamodule and the command line.
+"""The Lightning layer: StunCallback during trainer.fit, its masks, resume and bad configs, and the
+validation perplexity of StunDistillModule (the datamodule: test_datamodule.py; the command line:
+test_fit_cli.py).
 
 Real tiny transformers MoE models, real forward/backward passes, on the CPU.
 """
@@ -6,20 +8,16 @@ Real tiny transformers MoE models, real forward/backward passes, on the CPU.
 import copy
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from stun_lightning import StunRecipe, load_pruned, moe_layers
 from stun_lightning.callbacks import SparsitySchedule, StunCallback, StunDataModule, StunDistillModule
-from stun_lightning.data import read_texts, token_stream
 from stun_lightning.evaluate import perplexity
 from stun_lightning.expert_masks import (
     ExpertMasks,
@@ -30,9 +28,7 @@ from stun_lightning.expert_masks import (
 )
 from stun_lightning.unstructured import compute_masks
 from stun_lightning.schedule import InvalidScheduleError
-from stun_lightning.tiny import build_tiny_model, load_tokenizer
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+from stun_lightning.tiny import build_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -310,71 +306,6 @@ def test_model_attribute_must_exist(data):
         make_trainer(max_steps=1, callbacks=[StunCallback(StunRecipe(), model_attr="nope")]).fit(module(), data)
 
 
-# ---------------------------------------------------------------------------- data
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
-
-
-PROSE = [
-    f"Document {i}: the router sends each token to two of eight experts, and pruning removes some." for i in range(40)
-]
-
-
-def test_datamodule_splits_local_files_into_disjoint_packed_blocks(tmp_path):
-    train = write_jsonl(tmp_path / "train.jsonl", [{"text": t} for t in PROSE])
-    dm = StunDataModule(
-        train=str(train), seq_len=16, batch_size=4, val_fraction=0.2, calibration_fraction=0.1, calibration_samples=3
-    )
-    dm.setup()
-    stream = token_stream(load_tokenizer(), PROSE)
-    n = stream.numel()
-    cal_end, val_start = int(n * 0.1), n - int(n * 0.2)
-    assert torch.equal(dm.calibration_stream, stream[:cal_end])
-    assert torch.equal(dm.train_blocks.flatten(), stream[cal_end : cal_end + dm.train_blocks.numel()])
-    assert torch.equal(dm.val_blocks.flatten(), stream[val_start : val_start + dm.val_blocks.numel()])
-    cal = dm.calibration_ids()
-    assert cal.shape == (3, 16) and torch.equal(cal, dm.calibration_ids())  # seeded
-    batch = next(iter(dm.train_dataloader()))
-    assert batch["input_ids"].shape == (4, 16)
-    # separate validation file: the whole training stream (less calibration) trains
-    val = tmp_path / "val.txt"
-    val.write_text(PROSE[0] * 4, encoding="utf-8")
-    dm2 = StunDataModule(train=str(train), val=str(val), seq_len=16, calibration_fraction=0.0)
-    dm2.setup()
-    assert dm2.train_blocks.numel() == (n // 16) * 16
-    assert torch.equal(dm2.val_blocks.flatten()[:8], token_stream(load_tokenizer(), read_texts(val))[:8])
-
-
-@pytest.mark.parametrize("loader", ["json", "text"])
-def test_datamodule_through_load_dataset_offline(tmp_path, loader):
-    if loader == "json":
-        files = {
-            "train": str(write_jsonl(tmp_path / "t.jsonl", [{"text": t} for t in PROSE[:30]])),
-            "validation": str(write_jsonl(tmp_path / "v.jsonl", [{"text": t} for t in PROSE[30:]])),
-        }
-    else:
-        (tmp_path / "t.txt").write_text("\n".join(PROSE[:30]), encoding="utf-8")
-        (tmp_path / "v.txt").write_text("\n".join(PROSE[30:]), encoding="utf-8")
-        files = {"train": str(tmp_path / "t.txt"), "validation": str(tmp_path / "v.txt")}
-    dm = StunDataModule(
-        dataset=loader,
-        data_files=files,
-        val_split="validation",
-        seq_len=16,
-        calibration_fraction=0.0,
-        load_kwargs={"cache_dir": str(tmp_path / "cache")},
-    )
-    dm.setup()
-    # one row per line / per JSON object, each row one document
-    expected_train = token_stream(load_tokenizer(), PROSE[:30])
-    expected_val = token_stream(load_tokenizer(), PROSE[30:])
-    assert torch.equal(dm.train_blocks.flatten(), expected_train[: dm.train_blocks.numel()])
-    assert torch.equal(dm.val_blocks.flatten(), expected_val[: dm.val_blocks.numel()])
-
-
 def test_validation_perplexity_is_logged_each_epoch_and_matches_the_evaluator(data):
     mod = module()
     trainer = make_trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=None, callbacks=[])
@@ -384,108 +315,6 @@ def test_validation_perplexity_is_logged_each_epoch_and_matches_the_evaluator(da
     stream = data.val_blocks.flatten()
     expected = perplexity(mod.student.eval(), stream, seq_len=data.seq_len, progress=False)
     assert ppl == pytest.approx(expected, rel=1e-4)
-
-
-# ---------------------------------------------------------------------------- command line
-
-
-@pytest.mark.parametrize("config", sorted(CONFIGS.glob("fit_*.yaml")), ids=lambda p: p.name)
-def test_every_fit_recipe_parses(config, capsys):
-    from stun_lightning.callbacks.cli import main
-
-    with pytest.raises(SystemExit) as exit:
-        main(["fit", "--config", str(config), "--print_config"])  # the LightningCLI subcommand form
-    assert exit.value.code in (0, None)
-    printed = yaml.safe_load(capsys.readouterr().out)
-    callbacks = printed["trainer"]["callbacks"]
-    assert any(c["class_path"].endswith("StunCallback") for c in callbacks)
-
-
-def test_cli_fit_on_the_tiny_recipe(tmp_path):
-    from stun_lightning.callbacks.cli import main
-
-    config = yaml.safe_load((CONFIGS / "fit_tiny.yaml").read_text())
-    config["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path)
-    config["trainer"]["default_root_dir"] = str(tmp_path)
-    stun = config["trainer"]["callbacks"][0]["init_args"]
-    stun["save_dir"] = str(tmp_path / "model")
-    path = tmp_path / "fit.yaml"
-    path.write_text(yaml.safe_dump(config))
-    # shortened from the command line, as a user would
-    # as `stun-lightning fit ...` dispatches it: the subcommand already consumed
-    main(
-        [
-            "--config",
-            str(path),
-            "--trainer.max_steps=4",
-            "--trainer.val_check_interval=4",
-            "--data.max_train_blocks=8",
-            "--model.lambda_init_step=0",
-            "--trainer.enable_checkpointing=false",
-        ]
-    )
-    saved = load_pruned(tmp_path / "model")
-    assert [l.num_experts for l in moe_layers(saved)] == [6, 6, 6, 6]  # the shipped reference model
-    report = json.loads((tmp_path / "model" / "stun_report.json").read_text())
-    assert report["within_expert_sparsity"] == pytest.approx(0.6, abs=0.01)  # one shot at the first step
-    metrics = (next(tmp_path.rglob("metrics.csv"))).read_text()
-    assert "val_ppl_teacher" in metrics.splitlines()[0]  # the dense figure next to the student's
-    card = (tmp_path / "model" / "README.md").read_text()  # fit's final model carries a model card
-    assert (
-        card.startswith("---\nlibrary_name: transformers") and "sparsity inside kept experts | 6" in card
-    )  # 60% (one shot)
-
-
-@pytest.mark.parametrize(
-    "override, message",
-    [
-        (
-            "--trainer.callbacks.init_args.recipe.metric=nope",
-            "recipe metric='nope' is not one of",
-        ),  # refused while the config is instantiated
-        (
-            "--trainer.callbacks.init_args.schedule.end_step=100",
-            "end_step=100 is after the fit's max_steps=60",
-        ),  # refused at setup, in trainer.fit
-    ],
-)
-def test_cli_fit_reports_a_refused_config_in_one_line(override, message, tmp_path):
-    command = [sys.executable, "-c", "import sys; from stun_lightning.cli import main; sys.exit(main())"]
-    result = subprocess.run(
-        [*command, "fit", "--config", str(CONFIGS / "fit_tiny.yaml"), override],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
-    assert (
-        errors == [result.stderr.splitlines()[-1]]
-        and errors[0].startswith("stun-lightning fit: error: ")
-        and message in errors[0]
-    ), result.stderr
-
-
-def test_cli_fit_keeps_the_traceback_of_an_error_not_raised_by_the_library(monkeypatch):
-    from stun_lightning.callbacks import cli
-
-    try:
-        StunRecipe(metric="nope")
-    except ValueError as err:
-        ours = err
-    wrapped = ValueError("Does not validate against any of the Union subtypes")
-    wrapped.__cause__ = ours
-    assert cli.library_error(wrapped) is ours  # what jsonargparse raises, traced back to the recipe
-
-    def not_ours(*args, **kwargs):
-        raise ValueError("a bug elsewhere")
-
-    assert cli.library_error(ValueError("a bug elsewhere")) is None
-    monkeypatch.setattr(cli, "StunLightningCLI", not_ours)
-    with pytest.raises(ValueError, match="a bug elsewhere"):
-        cli.main(["--config", str(CONFIGS / "fit_tiny.yaml")])
 
 
 def test_owl_allocation_under_the_callback_spreads_the_target_over_layers(data):

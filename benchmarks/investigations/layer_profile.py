@@ -19,7 +19,8 @@ from collections import defaultdict
 import torch
 
 from benchmarks.device_rates import make_timer, no_cuda
-from benchmarks.inference import SHAPES, VARIANTS, captured
+from benchmarks.inference import SHAPES, VARIANTS
+from benchmarks.inference_rows import captured
 from benchmarks.inference_models import build_model, build_variants, moe_blocks
 
 
