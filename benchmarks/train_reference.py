@@ -102,6 +102,23 @@ PRESETS = {
         steps=2500,
         lr=2e-3,
     ),
+    "qwen3_moe_64x8": Preset(  # fine-grained, from scratch (Qwen3-30B-A3B / OLMoE-like routing: 64 experts, top-8)
+        "qwen3_moe",
+        dict(
+            hidden_size=256,
+            num_hidden_layers=6,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            head_dim=32,
+            num_experts=64,
+            num_experts_per_tok=8,
+            moe_intermediate_size=128,
+            intermediate_size=512,
+            norm_topk_prob=True,
+        ),
+        steps=2500,
+        lr=2e-3,
+    ),
     "mixtral_8x2_upcycled_small": Preset(
         "mixtral",
         dict(_SMALL, num_local_experts=8, num_experts_per_tok=2, intermediate_size=256),

@@ -150,14 +150,22 @@ def test_generate_compiled_by_transformers_matches_the_dense_model_on_gpu():
         assert_greedy_under_the_dense_model(model, dense, got, prompt_len=8)
     assert hasattr(model, "_compiled_call"), "generate() did not compile the forward"
 
-    torch._dynamo.reset()
-    compiled = torch.compile(model, dynamic=True, fullgraph=True, mode="reduce-overhead")
-    with torch.no_grad():
-        for n in (2, 4):
+    # bf16 kernels fused differently by Inductor move logits by ~1% on their own: the compiled sparse
+    # model must stay as close to its eager self as the dense model compiled the same way does to its own.
+    def compiled_error(m: torch.nn.Module, n: int) -> float:
+        compiled = torch.compile(m, dynamic=True, fullgraph=True, mode="reduce-overhead")
+        with torch.no_grad():
             for _ in range(3):  # warm-up, record, replay
                 out = compiled(ids[:n]).logits.float()
-            ref = logits(model, ids[:n]).float()
-            assert ((out - ref).norm() / ref.norm()).item() < 1e-2
+        ref = logits(m, ids[:n]).float()
+        return ((out - ref).norm() / ref.norm()).item()
+
+    for n in (2, 4):
+        torch._dynamo.reset()
+        sparse_error = compiled_error(model, n)
+        torch._dynamo.reset()
+        dense_error = compiled_error(dense, n)
+        assert sparse_error < 2 * dense_error + 2e-3, (n, sparse_error, dense_error)
 
 
 def test_only_the_aoti_trace_goes_into_the_kernels():
