@@ -102,6 +102,21 @@ PRESETS = {
         steps=2500,
         lr=2e-3,
     ),
+    "mixtral_8x2_large": Preset(  # Mixtral-like (8 experts top-2) at ~37 M parameters, from scratch
+        "mixtral",
+        dict(
+            hidden_size=384,
+            num_hidden_layers=6,
+            num_attention_heads=6,
+            num_key_value_heads=2,
+            head_dim=64,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            intermediate_size=512,
+        ),
+        steps=2500,
+        lr=2e-3,
+    ),
     "qwen3_moe_64x8": Preset(  # fine-grained, from scratch (Qwen3-30B-A3B / OLMoE-like routing: 64 experts, top-8)
         "qwen3_moe",
         dict(
