@@ -18,10 +18,24 @@ from .experts import EXPERT_MATRICES
 from .format import decompress_24
 
 
+def _decompressed(experts, name: str, fmt: str) -> torch.Tensor:
+    """Matrix ``name`` of a compressed experts module rebuilt dense from its ``fmt`` ("2:4" or
+    "bitmap") buffers, oriented as the dense module stores it (GPT-OSS: ``[E, in, out]``)."""
+    if fmt == BITMAP:
+        dense = decompress_bitmap(
+            getattr(experts, f"{name}_bitmap"),
+            getattr(experts, f"{name}_values"),
+            getattr(experts, f"{name}_offsets"),
+            experts._stun_in_features[name],
+        )
+    else:
+        dense = decompress_24(getattr(experts, f"{name}_values"), getattr(experts, f"{name}_meta"))
+    return dense.transpose(1, 2) if experts.is_transposed else dense
+
+
 def _dense_view(name: str):
     def getter(self) -> torch.Tensor:
-        dense = decompress_24(getattr(self, f"{name}_values"), getattr(self, f"{name}_meta"))
-        return dense.transpose(1, 2) if self.is_transposed else dense
+        return _decompressed(self, name, SPARSE24)
 
     return property(
         getter, doc=f"Dense ``{name}`` decompressed on each access (inspection only; the forward never builds it)."
@@ -45,16 +59,7 @@ def _mixed_view(name: str):
     def getter(self) -> torch.Tensor:
         if name in self._parameters:
             return self._parameters[name]
-        if self._stun_formats[name] == BITMAP:
-            dense = decompress_bitmap(
-                getattr(self, f"{name}_bitmap"),
-                getattr(self, f"{name}_values"),
-                getattr(self, f"{name}_offsets"),
-                self._stun_in_features[name],
-            )
-        else:
-            dense = decompress_24(getattr(self, f"{name}_values"), getattr(self, f"{name}_meta"))
-        return dense.transpose(1, 2) if self.is_transposed else dense
+        return _decompressed(self, name, self._stun_formats[name])
 
     return property(getter, doc=f"``{name}``: the dense parameter, or decompressed on each access (inspection only).")
 

@@ -107,12 +107,19 @@ def empty_sparse_experts_(experts: nn.Module, dtype: torch.dtype | None = None) 
 
 def decompress_experts_(experts: nn.Module) -> nn.Module:
     """Inverse of :func:`compress_experts_`: dense parameters back, exactly."""
-    if not is_sparse24(experts):
-        return experts
-    dense = {name: getattr(experts, name).contiguous() for name in EXPERT_MATRICES}
-    for name in EXPERT_MATRICES:
-        delattr(experts, f"{name}_values")
-        delattr(experts, f"{name}_meta")
+    return _decompress_(experts) if is_sparse24(experts) else experts
+
+
+def _decompress_(experts: nn.Module) -> nn.Module:
+    """A compressed experts module (2:4 or per-matrix formats) back to its transformers class, every
+    matrix a dense parameter again, exactly."""
+    formats = module_formats(experts)
+    dense = {name: getattr(experts, name).contiguous() for name in EXPERT_MATRICES if name not in experts._parameters}
+    for name in dense:
+        for part in _parts(formats[name]):
+            delattr(experts, f"{name}_{part}")
+    for attr in ("_stun_formats", "_stun_in_features", "_stun_num_experts", "_stun_dtype"):
+        experts.__dict__.pop(attr, None)
     experts.__class__ = type(experts)._stun_dense_class
     for name, w in dense.items():
         setattr(experts, name, nn.Parameter(w, requires_grad=False))
@@ -181,18 +188,7 @@ def empty_mixed_experts_(
 
 def decompress_mixed_(experts: nn.Module) -> nn.Module:
     """Inverse of :func:`compress_mixed_`: dense parameters back, exactly."""
-    if not is_mixed(experts):
-        return experts
-    dense = {name: getattr(experts, name).contiguous() for name in EXPERT_MATRICES if name not in experts._parameters}
-    for name in dense:
-        for part in _parts(experts._stun_formats[name]):
-            delattr(experts, f"{name}_{part}")
-    for attr in ("_stun_formats", "_stun_in_features", "_stun_num_experts", "_stun_dtype"):
-        experts.__dict__.pop(attr, None)
-    experts.__class__ = type(experts)._stun_dense_class
-    for name, w in dense.items():
-        setattr(experts, name, nn.Parameter(w, requires_grad=False))
-    return experts
+    return _decompress_(experts) if is_mixed(experts) else experts
 
 
 def module_formats(experts: nn.Module) -> dict[str, str]:
