@@ -13,11 +13,19 @@ checkpoint's expert sets at ``setup``, before the model is sharded.
 A refusal of the library's own (a bad recipe or schedule, a callback argument that cannot work)
 is reported in one line on stderr with exit status 2, as ``stun-lightning prune`` does; any other
 exception keeps its traceback.
+
+Lightning's two "💡 Tip" adverts (litlogger, litmodels) and torch 2.13's ``LeafSpec`` deprecation,
+which Lightning's own pytree code triggers on every fit, are filtered while the command runs; every
+other warning and log line, the progress bar and the metrics print as usual.
 """
 
 from __future__ import annotations
 
+import logging
 import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
@@ -60,6 +68,35 @@ def _raised_in_library(err: BaseException) -> bool:
     return any(where.is_relative_to(root) for root in _LIBRARY_DIRS)
 
 
+#: the start of each advert Lightning logs at every fit (through ``rank_zero_info``)
+LIGHTNING_TIPS = (
+    "💡 Tip: For seamless cloud logging and experiment tracking",
+    "💡 Tip: For seamless cloud uploads and versioning",
+)
+#: torch's deprecation of ``LeafSpec``, which Lightning's ``utilities/_pytree.py`` still instantiates
+LEAFSPEC_DEPRECATION = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
+
+
+def _not_a_tip(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(LIGHTNING_TIPS)
+
+
+@contextmanager
+def lightning_noise_filtered() -> Iterator[None]:
+    """Drop Lightning's tips and the ``LeafSpec`` deprecation inside the block, nothing else.
+
+    The tips are records of the ``lightning.pytorch.utilities.rank_zero`` logger (its handler is bound
+    at import, so the filter goes on the logger itself, where the record is made)."""
+    tips = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    tips.addFilter(_not_a_tip)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=LEAFSPEC_DEPRECATION, category=FutureWarning)
+            yield
+    finally:
+        tips.removeFilter(_not_a_tip)
+
+
 class StunLightningCLI(LightningCLI):
     def parse_arguments(self, parser, args) -> None:
         # main() always passes argv on (with ``fit`` filled in), so Lightning's warning about
@@ -89,13 +126,14 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] not in SUBCOMMANDS:
         argv = ["fit", *argv]
     try:
-        StunLightningCLI(
-            StunDistillModule,
-            StunDataModule,
-            args=argv,
-            save_config_kwargs={"overwrite": True},
-            seed_everything_default=0,
-        )
+        with lightning_noise_filtered():
+            StunLightningCLI(
+                StunDistillModule,
+                StunDataModule,
+                args=argv,
+                save_config_kwargs={"overwrite": True},
+                seed_everything_default=0,
+            )
     except USER_ERRORS as err:
         refusal = library_error(err)
         if refusal is None:

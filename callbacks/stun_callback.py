@@ -3,7 +3,8 @@ mask weights inside the survivors progressively while the model trains.
 
 Hooks only decide *when*; the work is done by the framework-free core (``stun_lightning.structured``,
 ``.expert_masks``, ``.schedule``, ``.activation_stats``), each tested without a Trainer, through
-``callbacks/structured_phase.py`` (expert removal) and ``callbacks/mask_updates.py`` (one mask update).
+``callbacks/structured_phase.py`` (expert removal), ``callbacks/stats_window.py`` (the training
+batches' statistics) and ``callbacks/mask_updates.py`` (one mask update).
 
 When, in Lightning's order of a fit:
 
@@ -42,7 +43,6 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from stun_lightning.activation_stats import ActivationStats
 from stun_lightning.expert_masks import (
     ExpertMasks,
     apply_masks,
@@ -57,7 +57,7 @@ from stun_lightning.schedule import SparsitySchedule, check_training_schedule
 
 from .final_model import log_report, save_final_model
 from .model_lookup import base_model, model_owner
-from .mask_updates import final_sparsity, fitted_schedule, masks_at, window_statistics
+from .mask_updates import final_sparsity, fitted_schedule, masks_at
 from .resume import (
     callback_state_in,
     check_expert_sets_before_load,
@@ -67,6 +67,7 @@ from .resume import (
     rebuild_expert_sets,
     restore_state,
 )
+from .stats_window import StatsWindow
 from .strategy_checks import check_strategy
 from .structured_phase import calibration_for, select_and_remove_experts
 
@@ -139,13 +140,12 @@ class StunCallback(Callback):
         self.report: PruneReport | None = None
         self._resolved: SparsitySchedule | None = None
         self._census: ModelCensus | None = None
-        self._stats: ActivationStats | None = None
+        self._window = StatsWindow(stats_steps)
         self._handles: list = []
         self._undo_wrap = None
         self._undo_load_check = None
         self._seconds: dict[str, float] = {}
         self._seen_step = -1
-        self._pending_stats: dict | None = None
 
     # ------------------------------------------------------------------ model lookup
 
@@ -286,23 +286,13 @@ class StunCallback(Callback):
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int) -> None:
         if not (self.recipe.prunes_weights and self._uses_stats) or self._resolved is None:
             return
-        step = trainer.global_step
-        upcoming = self._resolved.next_update(step + 1)
-        if upcoming is not None and upcoming - step <= self.stats_steps:
-            if self._stats is None:
-                self._stats = ActivationStats(self.target(pl_module), norms=True)
-            if self._pending_stats is not None:
-                self._stats.load_state_dict(self._pending_stats)
-                self._pending_stats = None
-            self._stats.open()
+        self._window.before_batch(self.target(pl_module), self._resolved, trainer.global_step)
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._stats is not None:
-            self._stats.paused = True
+        self._window.pause(True)
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._stats is not None:
-            self._stats.paused = False
+        self._window.pause(False)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
         step = trainer.global_step
@@ -319,7 +309,7 @@ class StunCallback(Callback):
         across_ranks = None
         if trainer.world_size > 1:
             across_ranks = lambda t: trainer.strategy.reduce(t.to(trainer.strategy.root_device), reduce_op="sum").cpu()  # noqa: E731
-        stats = window_statistics(self._stats, self._uses_stats and target > 0, self.recipe.metric, step, across_ranks)
+        stats = self._window.take(self._uses_stats and target > 0, self.recipe.metric, step, across_ranks)
         if target > 0:
             update = masks_at(
                 model,
@@ -344,8 +334,7 @@ class StunCallback(Callback):
         for h in self._handles:
             h.remove()
         self._handles = []
-        if self._stats is not None and self._stats.is_open:
-            self._stats.close()
+        self._window.close()
         owner, name = model_owner(pl_module, self.model_attr)
         wrapped = getattr(owner, name)
         if hasattr(wrapped, "merge_and_unload"):  # peft: fold LoRA into the weights, then re-apply the masks
@@ -385,11 +374,10 @@ class StunCallback(Callback):
         return self._generate_state_key(model_attr=self.model_attr)
 
     def state_dict(self) -> dict[str, Any]:
-        open_stats = self._stats.state_dict() if self._stats is not None and self._stats.is_open else None
-        return dump_state(self, self._resolved, open_stats)
+        return dump_state(self, self._resolved, self._window.open_state())
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._pending_stats = restore_state(self, state_dict)
+        self._window.pending = restore_state(self, state_dict)
 
     @classmethod
     def of(cls, trainer: Trainer | None) -> StunCallback | None:

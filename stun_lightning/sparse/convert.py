@@ -20,8 +20,6 @@ decompresses the whole layer on every access (the forward never does).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from functools import lru_cache
 from typing import Iterator
 
 import torch
@@ -30,10 +28,19 @@ from torch import nn
 from ..adapters import MoEAdapter, decoder_layers, get_adapter
 from ..surgery import sync_config
 from . import bitmap_experts
-from .bitmap import BITMAP, compress_bitmap, decompress_bitmap, estimated_bitmap_nbytes
+from .bitmap import BITMAP, compress_bitmap
 from .bitmap_experts import DENSE, SPARSE24, is_mixed
+from .compressed_classes import (  # noqa: F401  (_dense_view, _mixed_view, _compressed_subclass: re-exported)
+    _compressed_subclass,
+    _dense_view,
+    _mixed_view,
+    _parts,
+    mixed_class,
+    sparse_class,
+)
 from .experts import IMPLEMENTATION, EXPERT_MATRICES, is_sparse24
-from .format import check_24, compress_24, decompress_24, violations_24
+from .format import compress_24
+from .format_choice import SparsifyConfig, choose_format
 
 logger = logging.getLogger("stun_lightning.sparse")
 
@@ -48,29 +55,6 @@ def expert_modules(model: nn.Module) -> Iterator[tuple[int, nn.Module, MoEAdapte
         experts = getattr(getattr(layer, "mlp", None), adapter.experts_attr, None)
         if experts is not None and (is_sparse24(experts) or is_mixed(experts) or "gate_up_proj" in experts._parameters):
             yield i, experts, adapter
-
-
-def _dense_view(name: str):
-    def getter(self) -> torch.Tensor:
-        dense = decompress_24(getattr(self, f"{name}_values"), getattr(self, f"{name}_meta"))
-        return dense.transpose(1, 2) if self.is_transposed else dense
-
-    return property(
-        getter, doc=f"Dense ``{name}`` decompressed on each access (inspection only; the forward never builds it)."
-    )
-
-
-def _compressed_subclass(dense_class: type, prefix: str, flag: str, view) -> type:
-    """A subclass of ``dense_class`` whose expert matrices are the properties ``view(name)``."""
-    attrs = {name: view(name) for name in EXPERT_MATRICES}
-    attrs.update({flag: True, "_stun_dense_class": dense_class, "__module__": dense_class.__module__})
-    return type(f"{prefix}{dense_class.__name__}", (dense_class,), attrs)
-
-
-@lru_cache(maxsize=None)
-def sparse_class(dense_class: type) -> type:
-    """The compressed counterpart of a transformers experts class (a cached subclass)."""
-    return _compressed_subclass(dense_class, "Sparse24", "_stun_sparse24", _dense_view)
 
 
 def _matrix(experts: nn.Module, name: str) -> torch.Tensor:
@@ -123,12 +107,19 @@ def empty_sparse_experts_(experts: nn.Module, dtype: torch.dtype | None = None) 
 
 def decompress_experts_(experts: nn.Module) -> nn.Module:
     """Inverse of :func:`compress_experts_`: dense parameters back, exactly."""
-    if not is_sparse24(experts):
-        return experts
-    dense = {name: getattr(experts, name).contiguous() for name in EXPERT_MATRICES}
-    for name in EXPERT_MATRICES:
-        delattr(experts, f"{name}_values")
-        delattr(experts, f"{name}_meta")
+    return _decompress_(experts) if is_sparse24(experts) else experts
+
+
+def _decompress_(experts: nn.Module) -> nn.Module:
+    """A compressed experts module (2:4 or per-matrix formats) back to its transformers class, every
+    matrix a dense parameter again, exactly."""
+    formats = module_formats(experts)
+    dense = {name: getattr(experts, name).contiguous() for name in EXPERT_MATRICES if name not in experts._parameters}
+    for name in dense:
+        for part in _parts(formats[name]):
+            delattr(experts, f"{name}_{part}")
+    for attr in ("_stun_formats", "_stun_in_features", "_stun_num_experts", "_stun_dtype"):
+        experts.__dict__.pop(attr, None)
     experts.__class__ = type(experts)._stun_dense_class
     for name, w in dense.items():
         setattr(experts, name, nn.Parameter(w, requires_grad=False))
@@ -136,82 +127,6 @@ def decompress_experts_(experts: nn.Module) -> nn.Module:
 
 
 # ---- per-matrix formats (stun_bitmap) ----------------------------------------------------------
-
-
-@dataclass
-class SparsifyConfig:
-    """How :func:`sparsify` chooses each fused expert matrix's storage.
-
-    ``formats``: the storages it may pick, tried in this order: ``"2:4"`` (the mask keeps at most 2
-    of every 4 inputs), ``"bitmap"`` (any mask, when it pays), ``"dense"`` (kept as is). A matrix
-    that fits none of them is an error; ``formats=("2:4",)`` is the strict 2:4 conversion, which
-    raises :class:`~stun_lightning.sparse.Not24SparseError` naming the layer.
-    ``max_bytes_ratio``: bitmap storage is used only when its bytes (values + 1/8 byte of bitmap +
-    1/16 of offsets per weight, :mod:`.bitmap`) are at most this fraction of the dense bytes: the
-    default 0.8 asks for at least 1.25x fewer bytes, i.e. about 35% sparsity or more in bf16; below
-    it the matrix stays dense (our choice, not from a paper).
-    """
-
-    formats: tuple[str, ...] = (SPARSE24, BITMAP, DENSE)
-    max_bytes_ratio: float = 0.8
-
-    def __post_init__(self):
-        self.formats = tuple(self.formats)
-        unknown = set(self.formats) - {SPARSE24, BITMAP, DENSE}
-        if unknown or not self.formats:
-            raise ValueError(
-                f"SparsifyConfig.formats: unknown {sorted(unknown)}; choose among '2:4', 'bitmap', 'dense'"
-            )
-        if not 0 < self.max_bytes_ratio <= 1:
-            raise ValueError(f"SparsifyConfig.max_bytes_ratio must be in (0, 1], got {self.max_bytes_ratio}")
-
-
-def choose_format(weight: torch.Tensor, config: SparsifyConfig, label: str = "weight") -> str:
-    """The storage :func:`sparsify` gives ``weight`` ``[E, out, in]`` under ``config``."""
-    for fmt in config.formats:
-        if fmt == SPARSE24 and weight.shape[-1] % 4 == 0 and not bool(violations_24(weight).any()):
-            return SPARSE24
-        if (
-            fmt == BITMAP
-            and estimated_bitmap_nbytes(weight) <= config.max_bytes_ratio * weight.numel() * weight.element_size()
-        ):
-            return BITMAP
-        if fmt == DENSE:
-            return DENSE
-    if SPARSE24 in config.formats:
-        check_24(weight, label)  # raises, naming the first group that is not 2:4
-    raise ValueError(
-        f"{label}: bitmap storage would take more than {config.max_bytes_ratio} of its dense bytes; "
-        "raise SparsifyConfig.max_bytes_ratio or allow 'dense' in SparsifyConfig.formats"
-    )
-
-
-def _mixed_view(name: str):
-    def getter(self) -> torch.Tensor:
-        if name in self._parameters:
-            return self._parameters[name]
-        if self._stun_formats[name] == BITMAP:
-            dense = decompress_bitmap(
-                getattr(self, f"{name}_bitmap"),
-                getattr(self, f"{name}_values"),
-                getattr(self, f"{name}_offsets"),
-                self._stun_in_features[name],
-            )
-        else:
-            dense = decompress_24(getattr(self, f"{name}_values"), getattr(self, f"{name}_meta"))
-        return dense.transpose(1, 2) if self.is_transposed else dense
-
-    return property(getter, doc=f"``{name}``: the dense parameter, or decompressed on each access (inspection only).")
-
-
-@lru_cache(maxsize=None)
-def mixed_class(dense_class: type) -> type:
-    """The ``stun_bitmap`` counterpart of a transformers experts class (a cached subclass)."""
-    return _compressed_subclass(dense_class, "Bitmap", "_stun_mixed", _mixed_view)
-
-
-def _parts(fmt: str) -> tuple[str, ...]:
-    return {BITMAP: ("bitmap", "values", "offsets"), SPARSE24: ("values", "meta")}.get(fmt, ())
 
 
 def _set_mixed_attrs(
@@ -273,18 +188,7 @@ def empty_mixed_experts_(
 
 def decompress_mixed_(experts: nn.Module) -> nn.Module:
     """Inverse of :func:`compress_mixed_`: dense parameters back, exactly."""
-    if not is_mixed(experts):
-        return experts
-    dense = {name: getattr(experts, name).contiguous() for name in EXPERT_MATRICES if name not in experts._parameters}
-    for name in dense:
-        for part in _parts(experts._stun_formats[name]):
-            delattr(experts, f"{name}_{part}")
-    for attr in ("_stun_formats", "_stun_in_features", "_stun_num_experts", "_stun_dtype"):
-        experts.__dict__.pop(attr, None)
-    experts.__class__ = type(experts)._stun_dense_class
-    for name, w in dense.items():
-        setattr(experts, name, nn.Parameter(w, requires_grad=False))
-    return experts
+    return _decompress_(experts) if is_mixed(experts) else experts
 
 
 def module_formats(experts: nn.Module) -> dict[str, str]:

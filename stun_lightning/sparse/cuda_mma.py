@@ -32,24 +32,35 @@ serve instead; ``STUN_SPARSE_MMA=0`` turns them all off, ``STUN_SPARSE_WGMMA=0``
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
-import warnings
-from pathlib import Path
 
 import torch
 
+from .cuda_compile import (  # noqa: F401  (_compile, _stage_bytes: re-exported from their old module)
+    ROWS_PER_WARP,
+    TILE_PAIRS,
+    TILE_ROWS,
+    TILE_STAGES,
+    UNROLL,
+    WARPS,
+    _capability,
+    _compile,
+    _device_index,
+    _kernel,
+    _stage_bytes,
+    _tile_kernel,
+    _wgmma_kernel,
+    multiprocessors,
+    tile_smem_bytes,
+    wgmma_smem_bytes,
+)
 from .cuda_driver import launch_kernel
+from .op_library import _LIBRARY, _cuda_op  # noqa: F401
 
-#: output rows per warp, warps per CTA, steps of 64 inputs loaded ahead per iteration
-ROWS_PER_WARP, WARPS, UNROLL = 16, 4, 4
 #: tokens per block of pairs that one CTA multiplies (two n8 tiles)
 BLOCK_M = 16
 #: CTAs wanted per multiprocessor before the input dimension is split across CTAs
 CTAS_PER_SM = 4
-#: the prefill kernel's tile: weight rows x pairs (a block of align_pairs), and the steps of 64
-#: inputs it keeps in flight
-TILE_ROWS, TILE_PAIRS, TILE_STAGES = 128, 128, 3
 
 _enabled = os.environ.get("STUN_SPARSE_MMA", "1") != "0"
 #: the Hopper prefill kernel (sparse ``wgmma``); ``STUN_SPARSE_WGMMA=0`` keeps ``mma.sp`` there
@@ -69,23 +80,6 @@ WGMMA_MIN_PAIRS_PER_EXPERT = 128
 #: largest activation matrix (elements) of the warp-specialized kernel, whose producer keeps 32-bit
 #: offsets into it; larger ones (from about 150k rows of 14336 inputs) take the Triton kernel
 MAX_ACT_ELEMENTS = 2**31 - 1
-
-
-def _stage_bytes(rows: int) -> int:
-    """One pipeline stage of the prefill kernels: a step's values, activations and metadata words."""
-    return rows * 64 + TILE_PAIRS * 128 + rows * 8
-
-
-def tile_smem_bytes(rows: int, stages: int = TILE_STAGES) -> int:
-    """Shared memory of the ``mma.sp`` prefill kernel: ``stages`` stages."""
-    return stages * _stage_bytes(rows)
-
-
-def wgmma_smem_bytes(rows: int, stages: int, consumers: int = 0) -> int:
-    """Shared memory of the ``wgmma`` prefill kernels: stages padded to 1 KiB, 1 KiB to align them,
-    and for the warp-specialized one (``consumers`` > 0) two mbarriers per stage and the pairs' rows."""
-    extra = 16 * stages + 4 * TILE_PAIRS if consumers else 0
-    return stages * (-(-_stage_bytes(rows) // 1024) * 1024) + 1024 + extra
 
 
 @contextlib.contextmanager
@@ -115,10 +109,6 @@ def _shapes_fit(a, values, meta, block_m: int, want_block_m: int, row_multiple: 
     return (2 * half_k) % 64 == 0 and n % row_multiple == 0 and values.is_contiguous() and meta.is_contiguous()
 
 
-def _device_index(device: torch.device) -> int:
-    return device.index if device.index is not None else torch.cuda.current_device()
-
-
 @torch._dynamo.assume_constant_result
 def kernel_ready(device_index: int, kernel: str) -> bool:
     """The GPU is sm_80+ and the ``"decode"`` or ``"tile"`` kernel compiled for it, or (``"wgmma"``)
@@ -135,67 +125,6 @@ def hopper_ready(device_index: int) -> bool:
         return False
     launch = WGMMA_LAUNCHES[256]  # the default launch, the one prefill compiles first
     return _wgmma_kernel(device_index, launch["rows"], launch["stages"], 1, launch["consumers"]) is not None
-
-
-@functools.cache
-def _capability(device_index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device_index)
-
-
-@functools.cache
-def _kernel(device_index: int, warps: int = WARPS, unroll: int = UNROLL):
-    """The decode kernel compiled for one device, or None (with a warning) where NVRTC is missing or fails."""
-    return _compile(device_index, f"sparse24_mma<{warps}, {unroll}>")
-
-
-@functools.cache
-def _tile_kernel(device_index: int, rows: int = TILE_ROWS, stages: int = TILE_STAGES):
-    """The prefill kernel compiled for one device (its shared memory limit raised), or None."""
-    return _compile(
-        device_index, f"sparse24_mma_tile<{rows // 64}, {stages}>", shared_mem=tile_smem_bytes(rows, stages)
-    )
-
-
-@functools.cache
-def _wgmma_kernel(device_index: int, rows: int, stages: int, ctas: int, consumers: int):
-    """A Hopper prefill kernel (``cuda_wgmma.cu``) compiled for one device, or None: the
-    warp-specialized one with ``consumers`` warpgroups (and one producer warpgroup), else the
-    single-role one with ``ctas`` CTAs per multiprocessor."""
-    if consumers:
-        name = f"sparse24_wgmma_ws<{consumers}, {rows // (64 * consumers)}, {stages}, 4>"
-    else:
-        name = f"sparse24_wgmma_tile<{rows // 64}, {stages}, {ctas}>"
-    return _compile(device_index, name, hopper=True, shared_mem=wgmma_smem_bytes(rows, stages, consumers))
-
-
-def _compile(device_index: int, name: str, hopper: bool = False, shared_mem: int = 0):
-    """``name`` from ``cuda_mma.cu`` (with ``cuda_wgmma.cu`` appended and for sm_90a when ``hopper``),
-    its dynamic shared memory limit raised to ``shared_mem`` bytes where given."""
-    files = ("cuda_mma.cu", "cuda_wgmma.cu") if hopper else ("cuda_mma.cu",)
-    source = "\n".join(Path(__file__).with_name(f).read_text() for f in files)
-    major, minor = _capability(device_index)
-    arch = "90a" if hopper else f"{major}{minor}"
-    try:
-        with torch.cuda.device(device_index):
-            kernel = torch.cuda._compile_kernel(source, name, compute_capability=arch, nvcc_options=["--std=c++17"])
-            if shared_mem:
-                kernel.set_shared_memory_config(shared_mem)
-            return kernel
-    except (
-        OSError,
-        RuntimeError,
-        AttributeError,
-    ) as err:  # no NVRTC library, it refused the source, or a torch without _compile_kernel
-        warnings.warn(
-            f"stun_lightning: the sparse tensor-core kernel {name} did not compile ({err}); using the Triton kernels",
-            stacklevel=3,
-        )
-        return None
-
-
-@torch._dynamo.assume_constant_result
-def multiprocessors(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def splits_for(
@@ -230,22 +159,6 @@ def permute_activations(a: torch.Tensor) -> torch.Tensor:
     m, k = a.shape
     bits = a.reshape(m, k // 64, 2, 2, 2, 2, 2, 2)  # input bits 5..0 of each step
     return bits.permute(0, 1, 4, 3, 6, 5, 2, 7).reshape(m, k)
-
-
-_LIBRARY = torch.library.Library("stun", "FRAGMENT")
-
-
-def _cuda_op(fn):
-    """``fn`` as the CUDA kernel of a new op ``torch.ops.stun.<name>`` (schema from its annotations),
-    returned as that op, without ``torch.library.custom_op``'s autograd and aliasing wrappers: the op
-    over the direct call cost 53.2 against 32.5 us of CPU as a ``custom_op`` and 49.5 against 31.3
-    us this way on the H100 host (``benchmarks/investigations/launch_overhead.py``, one run each;
-    ``benchmarks/results/launch_overhead_h100.md``); most of it is the dispatcher calling into
-    Python. No autograd formula: these ops serve inference."""
-    name = fn.__name__
-    _LIBRARY.define(name + torch.library.infer_schema(fn, mutates_args=()))
-    _LIBRARY.impl(name, fn, "CUDA")
-    return getattr(torch.ops.stun, name).default
 
 
 @_cuda_op
