@@ -243,7 +243,7 @@ def test_model_loss_of_a_candidate_is_the_held_out_nll_of_that_prune(trained):
     with torch.no_grad():
         logits = dense(input_ids=held_out).logits[:, :-1]
     expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), held_out[:, 1:].flatten()).item()
-    assert report.expert_split["losses"][0.25] == pytest.approx(expected, rel=1e-5)
+    assert report.expert_split["losses"][0.25] == pytest.approx(expected, abs=1e-6)  # the report rounds to 6 places
     assert report.expert_split["held_out_blocks"] == 2
 
 
