@@ -12,16 +12,20 @@ routing needs), the experts to remove chosen by ``recipe.expert_method`` at that
 layer its largest feasible count not above it). Each candidate is pruned as ``prune()`` would prune
 it (the recipe's expert selection, surgery and unstructured phase, OWL allocation included) on a
 trial copy of the model that owns its expert and router tensors (and with ``prune_dense`` its dense
-linears' weights) and shares the rest: at most one extra copy of the expert weights at a time. Its
-score is the next-token NLL of that pruned copy on held-out calibration blocks (the last
-``recipe.split_held_out`` of them, at least one), which neither the selection nor the masks see.
-The least loss wins (ties: fewer removals). Fractions are tried from 0 up and the search stops
-once the loss rose for two candidates in a row (a loss that rose twice is taken to keep rising), so
-at most ``len(REMOVAL_FRACTIONS)`` candidates, whatever the expert count. The real prune then
-removes the chosen experts and its unstructured phase calibrates on every block, held-out ones
-included, so its masks can differ slightly from the candidate's. Shown on two from-scratch
-reference models (``benchmarks/results/quality_auto_h100.md``): the block-output error below ranks
-splits unlike the model's perplexity.
+linears' weights) and shares the rest. Its score is the next-token NLL of that pruned copy on
+held-out calibration blocks (the last ``recipe.split_held_out`` of them, at least one), which
+neither the selection nor the masks see. The least loss wins (ties: fewer removals). Fractions are
+tried from 0 up and the search stops once the loss rose for two candidates in a row (a loss that
+rose twice is taken to keep rising). With ``recipe.split_groups > 1`` (default 4) the uniform
+choice is then refined non-uniformly, group of consecutive layers by group, each move kept only
+when its held-out gain beats ``recipe.split_margin`` paired standard errors
+(:mod:`stun_lightning.split.refine`). At most ``len(REMOVAL_FRACTIONS) + 2 * split_groups``
+candidates are scored, whatever the expert count. The chosen candidate's experts, merge mass and
+boolean keep-masks are carried out (:class:`Candidate`), and ``prune()`` applies them: the pruned
+model is exactly the scored one (its masks calibrated on the non-held-out blocks). Memory: one trial
+copy of the expert weights plus the boolean masks of at most three candidates. Shown on two
+from-scratch reference models (``benchmarks/results/quality_auto_h100.md``): the block-output error
+below ranks splits unlike the model's perplexity.
 
 ``block_error`` (:func:`choose_split_by_block_error`): per MoE layer, each candidate's survivors
 masked with the recipe's metric at that layer's ``s``, the relative squared error of the MoE block
@@ -51,7 +55,8 @@ from torch import nn
 from ..recipe import StunRecipe
 from .block_error import block_output, choose_split_by_block_error, error_curves, layer_error_curve
 from .budgets import allocate_removals, choose_budgets, interpolate
-from .model_loss import candidate_loss, choose_split_by_loss, held_out_blocks, rose_twice, trial_copy
+from .candidate import Candidate, Scored, block_losses, candidate_loss, score_candidate, trial_copy
+from .model_loss import choose_split_by_loss, held_out_blocks, rose_twice
 from .plan import (
     GROUP_MIN_EXPERTS,
     MAX_TOKENS,
@@ -69,6 +74,7 @@ from .plan import (
     uniform_candidates,
     survivor_sparsities,
 )
+from .refine import beats_margin, layer_groups, moved, paired_gain, refine_counts
 
 
 def choose_split(
@@ -92,6 +98,15 @@ CRITERIA = {"model_loss": choose_split_by_loss, "block_error": choose_split_by_b
 
 
 __all__ = [
+    "Candidate",
+    "Scored",
+    "beats_margin",
+    "block_losses",
+    "layer_groups",
+    "moved",
+    "paired_gain",
+    "refine_counts",
+    "score_candidate",
     "CRITERIA",
     "GROUP_MIN_EXPERTS",
     "MAX_TOKENS",

@@ -44,6 +44,11 @@ class SplitPlan:
         default_factory=dict
     )  # model_loss: removal fraction -> experts removed per layer
     held_out_blocks: int = 0
+    uniform: float | None = None  # model_loss: the removal fraction chosen before refinement
+    moves: list[dict] = field(default_factory=list)  # model_loss: group moves tried (split_groups > 1)
+    candidate: object | None = field(
+        default=None, repr=False
+    )  # model_loss: the chosen pruned candidate (split.candidate.Candidate), applied by prune()
 
     def to_dict(self) -> dict:
         """The record in the prune report (``expert_split``)."""
@@ -58,6 +63,8 @@ class SplitPlan:
                 losses={f: round(v, 6) for f, v in self.losses.items()},
                 candidates={f: dict(r) for f, r in self.tried.items()},
                 held_out_blocks=self.held_out_blocks,
+                uniform=self.uniform,
+                moves=[dict(m, removed=dict(m["removed"])) for m in self.moves],
             )
         else:
             record.update(
