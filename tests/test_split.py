@@ -137,6 +137,13 @@ def test_cli_prints_the_chosen_split(tmp_path, capsys):
     assert rc == 0 and "auto split: experts removed per layer" in out
     assert main(["prune", "--expert-sparsity", "auto", "--pattern", "2:4", "--eval-tokens", "0", "--quiet"]) == 2
     assert "set total_sparsity" in capsys.readouterr().err
+    assert main(["prune", "--split-groups", "0", "--eval-tokens", "0", "--quiet"]) == 2
+    assert "split_groups=0" in capsys.readouterr().err
+    from stun_lightning.cli import build_parser
+    from stun_lightning.cli_prune import recipe_from_args
+
+    args = build_parser().parse_args(["prune", "--split-groups", "1"])
+    assert recipe_from_args(args).split_groups == 1 and StunRecipe().split_groups == 4
 
 
 @pytest.mark.parametrize("criterion", ["block_error", "model_loss"])
