@@ -33,7 +33,8 @@ One table per model (markdown + CSV), the dense model in the same run. Rows:
   of the experts + OWL+Wanda), frequency 25% with the uniform and the ``error_curve`` layer budget and
   with ``router_weighted`` merging, and ``expert_sparsity="auto"`` by block error (frequency and
   REAP removal orders; Wanda and OWL+Wanda inside the survivors) and by the pruned model's held-out
-  loss (``auto (model_loss)``), summarised in one table per model.
+  loss (``auto (model_loss, split_groups=4)``, refined over 4 groups of layers, and ``=1``, uniform
+  only), summarised in one table per model.
 
 Under each model's main table: the dense model's mean pairwise cosine similarity of expert weights, per layer
 and averaged over layers (``stun_lightning.methods.stun.expert_weight_cosine``): STUN merges experts

@@ -21,6 +21,7 @@ DISTILL_TOTALS = (0.5, 0.7)
 FAMILIES = ("base", "methods", "task", "distill", "auto")
 AUTO_TOTALS = (0.5, 0.7, 0.8)
 AUTO_EXPERTS = 0.25  # the expert fraction of the fixed-split rows beside auto
+AUTO_SPLIT_GROUPS = (4, 1)  # model_loss auto: the default non-uniform refinement, and uniform only
 UNSTRUCTURED = {  # label -> recipe fields of the unstructured phase
     "magnitude": dict(metric="magnitude"),
     "wanda": dict(metric="wanda"),
@@ -123,7 +124,8 @@ def distill_rows(stun_experts: float) -> list[Row]:
 
 def auto_rows() -> list[Row]:
     """Issue 22: the split chosen per layer (``expert_sparsity="auto"``, ``auto (...)`` rows by block
-    error, ``auto (model_loss)`` by the held-out loss of the pruned model), error-curve budgets and
+    error, ``auto (model_loss, split_groups=G)`` by the held-out loss of the pruned model, refined over
+    G groups of layers or uniform with G=1), error-curve budgets and
     expert merging, beside unstructured-only and STUN's recipe, at each of AUTO_TOTALS."""
     owl = UNSTRUCTURED["owl+wanda"]
     fixed = dict(expert_sparsity=AUTO_EXPERTS, expert_method="frequency")
@@ -140,9 +142,16 @@ def auto_rows() -> list[Row]:
         "auto (frequency) + wanda": dict(**block_error, expert_method="frequency", **UNSTRUCTURED["wanda"]),
         "auto (frequency) + owl+wanda": dict(**block_error, expert_method="frequency", **owl),
         "auto (reap) + owl+wanda": dict(**block_error, expert_method="reap", **owl),
-        "auto (model_loss) + owl+wanda": dict(
-            expert_sparsity="auto", split_criterion="model_loss", expert_method="frequency", **owl
-        ),
+        **{
+            f"auto (model_loss, split_groups={groups}) + owl+wanda": dict(
+                expert_sparsity="auto",
+                split_criterion="model_loss",
+                split_groups=groups,
+                expert_method="frequency",
+                **owl,
+            )
+            for groups in AUTO_SPLIT_GROUPS
+        },
     }
     return [
         Row(f"auto {total:.0%}", label, dict(total_sparsity=total, **fields))

@@ -50,6 +50,7 @@ RECIPE_FLAGS = {
     "layer_budget": str,
     "expert_merge": str,
     "split_criterion": str,
+    "split_groups": int,
     "distance": str,
     "metric": str,
     "allocation": str,

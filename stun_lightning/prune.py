@@ -77,6 +77,7 @@ def prune(
             figures["distances"] = fig.stun_distances(model, recipe, calibration, device=device)
 
     # Structured phase.
+    candidate = None  # auto by model_loss: the scored candidate, whose masks the unstructured phase applies
     if recipe.removes_experts:
         start = time.perf_counter()
         selection = run_selection(
@@ -84,7 +85,7 @@ def prune(
         )
         if selection.layer_passes:
             passes["structured"] = selection.layer_passes
-        split = selection.split or {}
+        split, candidate = selection.split or {}, selection.candidate
         removed = apply_expert_sets(
             model, selection.keep, lower_top_k=recipe.lower_top_k, merge_mass=selection.merge_mass
         )
@@ -94,10 +95,13 @@ def prune(
     targets, low_tokens = {}, {}
     if recipe.prunes_weights:
         start = time.perf_counter()
-        targets, low_tokens, n_passes = mask_survivors(
-            model, recipe, before, calibration, device=device, progress=progress
-        )
-        passes["unstructured"] = n_passes
+        if candidate is not None:  # exactly the pruned model that was scored (its passes: "structured")
+            candidate.apply_masks(model)
+            targets, low_tokens = dict(candidate.layer_targets), dict(candidate.low_token_experts)
+        else:
+            targets, low_tokens, passes["unstructured"] = mask_survivors(
+                model, recipe, before, calibration, device=device, progress=progress
+            )
         seconds["unstructured"] = time.perf_counter() - start
 
     if record_figures:

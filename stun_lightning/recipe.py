@@ -58,6 +58,12 @@ class StunRecipe:
             one of least relative block-output error). Unused without ``auto``.
         split_held_out: fraction of the calibration blocks (the last ones, at least one) that
             ``model_loss`` scores candidates on; the candidates' statistics use the others.
+        split_groups: ``model_loss`` then refines the uniform choice non-uniformly: the MoE layers
+            in this many groups of consecutive layers, each group's removal moved one candidate
+            step up or down where that lowers the held-out loss (1 = uniform only; default 4; at
+            most 5 + 2 * split_groups pruned copies scored).
+        split_margin: a group move is kept only if its mean held-out per-block loss gain exceeds
+            this many paired standard errors (default 2.0; 0 = any gain).
         expert_method: ``stun`` (default), ``frequency``, ``random``, ``reap``, ``ean``, ``naee``, ``eep`` or
             ``uncurl`` (see ``stun_lightning/methods/``; the last five keep the same count per layer).
         layer_budget: ``global`` (STUN: one threshold shared by all layers, so counts differ per
@@ -106,6 +112,8 @@ class StunRecipe:
     lower_top_k: bool = False
     split_criterion: str = "model_loss"
     split_held_out: float = 0.125
+    split_groups: int = 4
+    split_margin: float = 2.0
 
     sparsity: float = 0.0
     total_sparsity: float | None = None
@@ -141,6 +149,12 @@ class StunRecipe:
             check_sparsity(self.total_sparsity, "total_sparsity")
         if not 0 < self.split_held_out < 1:
             raise ValueError(f"recipe split_held_out={self.split_held_out!r}: use a fraction in (0, 1), e.g. 0.125")
+        if isinstance(self.split_groups, bool) or not isinstance(self.split_groups, int) or self.split_groups < 1:
+            raise ValueError(
+                f"recipe split_groups={self.split_groups!r}: use an integer >= 1 (1 = uniform only), e.g. 4"
+            )
+        if not self.split_margin >= 0:
+            raise ValueError(f"recipe split_margin={self.split_margin!r}: use a number >= 0, e.g. 2.0")
         parse_pattern(self.pattern)
         for name, allowed in field_choices().items():
             value = getattr(self, name)

@@ -31,6 +31,7 @@ class ExpertSelection:
     layer_passes: int = 0
     split: dict | None = None
     merge_mass: dict[int, torch.Tensor] | None = None  # expert_merge: per-expert mass on the dense model
+    candidate: object | None = None  # auto by model_loss: the scored candidate whose masks prune() applies
 
 
 def min_keep_per_layer(model: nn.Module, recipe: StunRecipe) -> dict[int, int]:
@@ -155,8 +156,11 @@ def run_selection(
         from .split import choose_split
 
         chosen = choose_split(model, recipe, calibration, min_keep=min_keep, device=device, progress=progress)
-        mass, n = _merge_mass(model, recipe, calibration, None, device, progress)
-        return ExpertSelection(chosen.keep, chosen.layer_passes + n, chosen.to_dict(), mass)
+        if chosen.candidate is not None:  # the merge mass the scored candidate was pruned with
+            mass, n = chosen.candidate.merge_mass, 0
+        else:
+            mass, n = _merge_mass(model, recipe, calibration, None, device, progress)
+        return ExpertSelection(chosen.keep, chosen.layer_passes + n, chosen.to_dict(), mass, chosen.candidate)
     budget, budget_passes = None, 0
     if per_layer is None and recipe.layer_budget == "error_curve":
         from .split import choose_budgets

@@ -137,6 +137,13 @@ def test_cli_prints_the_chosen_split(tmp_path, capsys):
     assert rc == 0 and "auto split: experts removed per layer" in out
     assert main(["prune", "--expert-sparsity", "auto", "--pattern", "2:4", "--eval-tokens", "0", "--quiet"]) == 2
     assert "set total_sparsity" in capsys.readouterr().err
+    assert main(["prune", "--split-groups", "0", "--eval-tokens", "0", "--quiet"]) == 2
+    assert "split_groups=0" in capsys.readouterr().err
+    from stun_lightning.cli import build_parser
+    from stun_lightning.cli_prune import recipe_from_args
+
+    args = build_parser().parse_args(["prune", "--split-groups", "1"])
+    assert recipe_from_args(args).split_groups == 1 and StunRecipe().split_groups == 4
 
 
 @pytest.mark.parametrize("criterion", ["block_error", "model_loss"])
@@ -243,7 +250,7 @@ def test_model_loss_of_a_candidate_is_the_held_out_nll_of_that_prune(trained):
     with torch.no_grad():
         logits = dense(input_ids=held_out).logits[:, :-1]
     expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), held_out[:, 1:].flatten()).item()
-    assert report.expert_split["losses"][0.25] == pytest.approx(expected, rel=1e-5)
+    assert report.expert_split["losses"][0.25] == pytest.approx(expected, abs=1e-6)  # the report rounds to 6 places
     assert report.expert_split["held_out_blocks"] == 2
 
 
@@ -253,6 +260,8 @@ def test_model_loss_removes_no_expert_at_a_low_target_where_removal_hurts(traine
     assert report.expert_split["removed"] == {0: 0, 1: 0} and report.removed_experts == {}
     losses = report.expert_split["losses"]
     assert len(losses) > 1 and all(losses[f] > losses[0.0] for f in losses if f)  # removal was tried, and cost more
+    moves = report.expert_split["moves"]  # split_groups=4 (two groups here): each layer's removal tried, none kept
+    assert [m["removed"] for m in moves] == [{0: 1, 1: 0}, {0: 0, 1: 1}] and not any(m["accepted"] for m in moves)
 
 
 def test_model_loss_refuses_too_few_blocks_and_bad_options():
@@ -263,6 +272,10 @@ def test_model_loss_refuses_too_few_blocks_and_bad_options():
         auto(0.5, split_criterion="loss")
     with pytest.raises(ValueError, match="split_held_out=1.0"):
         auto(0.5, split_held_out=1.0)
+    with pytest.raises(ValueError, match="split_groups=0"):
+        auto(0.5, split_groups=0)
+    with pytest.raises(ValueError, match="split_margin=-1"):
+        auto(0.5, split_margin=-1)
     from stun_lightning.recipe import SPLIT_CRITERIA
     from stun_lightning.split import CRITERIA
 
@@ -270,6 +283,133 @@ def test_model_loss_refuses_too_few_blocks_and_bad_options():
     statistics, held = held_out_blocks(torch.zeros(9, 4), 0.125)
     assert statistics.shape[0] == 8 and held.shape[0] == 1
     assert block_nll(model, random_ids(model, n=2, length=8)) > 0
+
+
+# ---------------------------------------------------------------- split_groups: non-uniform refinement
+
+from stun_lightning.split import beats_margin, layer_groups, refine_counts  # noqa: E402
+
+
+def with_layer0_duplicates(model):
+    """``model`` with experts 1 and 4 of its first MoE layer exact copies of experts 0 and 3 (the
+    second layer left distinct): removal is free in one layer only."""
+    first = moe_layers(model)[0]
+    with torch.no_grad():
+        for copy_, source in DUPLICATES.items():
+            for _, p in first.expert_parameters():
+                p[copy_] = p[source]
+            first.router_weight[copy_] = first.router_weight[source]
+    return model
+
+
+def test_refinement_moves_one_group_and_meets_the_total_exactly(trained):
+    model, ids = trained
+    model = with_layer0_duplicates(copy.deepcopy(model))
+    uniform = prune(
+        copy.deepcopy(model), auto(0.7, expert_method="stun", split_groups=1), calibration=ids, progress=False
+    )
+    report = prune(model, auto(0.7, expert_method="stun"), calibration=ids, progress=False)
+    split = report.expert_split
+    assert uniform.expert_split["removed"] == {0: 0, 1: 0} == split["candidates"][split["uniform"]]  # uniform: none
+    assert split["removed"] == {0: 1, 1: 0}  # refined: a copy out of the layer with copies only
+    assert split["removed"] not in split["candidates"].values()  # no uniform candidate is this
+    (accepted,) = [m for m in split["moves"] if m["accepted"]]
+    assert accepted["removed"] == split["removed"] and accepted["gain"] > 2.0 * accepted["se"] > 0
+    assert report.experts_after == {0: 7, 1: 8} and report.removed_experts[0][0] in set(DUPLICATES) | set(
+        DUPLICATES.values()
+    )
+    assert report.expert_param_sparsity == pytest.approx(0.7, abs=5e-3)  # mask rounding of tiny matrices
+    for i, kept in report.experts_after.items():  # each layer re-solved for its own count
+        assert split["within"][i] == pytest.approx(1 - 0.3 * 8 / kept, abs=1e-6) == report.layer_target_sparsity[i]
+        assert report.layer_sparsity[i] == pytest.approx(0.7, abs=5e-3)
+    assert len(split["moves"]) <= 2 * 2  # two groups (two MoE layers), at most one step up and one down each
+
+
+def test_split_groups_1_is_the_uniform_choice_and_an_unbeatable_margin_changes_nothing(trained):
+    model, ids = trained
+    model = with_layer0_duplicates(copy.deepcopy(model))
+    one = copy.deepcopy(model)
+    r1 = prune(one, auto(0.7, expert_method="stun", split_groups=1), calibration=ids, progress=False)
+    assert (
+        r1.expert_split["moves"] == []
+        and r1.expert_split["removed"] == r1.expert_split["candidates"][r1.expert_split["uniform"]]
+    )
+    strict = copy.deepcopy(model)
+    r4 = prune(strict, auto(0.7, expert_method="stun", split_margin=1e9), calibration=ids, progress=False)
+    assert r4.expert_split["moves"] and not any(m["accepted"] for m in r4.expert_split["moves"])
+    assert r4.expert_split["removed"] == r1.expert_split["removed"]
+    a, b = one.state_dict(), strict.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+class Losses:
+    def __init__(self, per_block):
+        self.block_losses = torch.tensor(per_block, dtype=torch.float64)
+        self.loss = float(self.block_losses.mean())
+
+
+def test_refinement_never_accepts_a_move_whose_gain_is_inside_the_margin():
+    current = Losses([1.0, 1.2, 0.8, 1.0])
+    noisy_gain = [0.03, -0.02, 0.025, -0.015]  # mean 0.005, paired SE 0.0125: inside 2 SE
+    steady_gain = [0.010, 0.011, 0.009, 0.010]  # mean 0.01, paired SE 0.0004: far outside
+    by_counts = {  # (layer 0, layer 1) removals -> per-block losses
+        (1, 0): [c - g for c, g in zip(current.block_losses.tolist(), noisy_gain)],
+        (0, 1): [c - g for c, g in zip(current.block_losses.tolist(), steady_gain)],
+    }
+    calls = []
+
+    def score(counts):
+        calls.append(dict(counts))
+        worse = [c + 0.1 for c in current.block_losses.tolist()]
+        return Losses(by_counts.get((counts[0], counts[1]), worse))
+
+    options = {0: [0, 1, 2], 1: [0, 1, 2]}
+    counts, chosen, moves = refine_counts({0: 0, 1: 0}, options, [[0], [1]], score, current, 2.0)
+    assert counts == {0: 0, 1: 1} and chosen.block_losses.tolist() == by_counts[0, 1]
+    assert [(m["removed"], m["accepted"]) for m in moves] == [({0: 1, 1: 0}, False), ({0: 0, 1: 1}, True)]
+    assert calls == [{0: 1, 1: 0}, {0: 0, 1: 1}]  # nothing below 0 removals to try
+    counts, _, moves = refine_counts({0: 0, 1: 0}, options, [[0], [1]], score, current, 0.0)
+    assert counts == {0: 1, 1: 0} and moves[0]["accepted"]  # any gain counts at margin 0 ...
+    assert [m["removed"] for m in moves] == [{0: 1, 1: 0}, {0: 1, 1: 1}] and not moves[1]["accepted"]  # worse
+    assert not beats_margin(0.02, 0.01, 2.0) and beats_margin(0.0201, 0.01, 2.0) and not beats_margin(-1.0, 0.0, 0.0)
+    assert not beats_margin(0.5, float("inf"), 2.0)  # one held-out block: no error estimate, no move
+    assert layer_groups([3, 5, 7, 9, 11], 2) == [[3, 5, 7], [9, 11]] and layer_groups([3, 5], 4) == [[3], [5]]
+
+
+def test_prune_applies_exactly_the_candidate_it_scored(trained, monkeypatch):
+    """The pruned model's tensors equal the scored trial copy's, masks included (Wanda: masks
+    calibrated on every block would differ from the candidate's)."""
+    import stun_lightning.split as split_pkg
+    from stun_lightning.split import candidate as cand_mod
+
+    model, ids = trained
+    model = with_layer0_duplicates(copy.deepcopy(model))
+    trials, plans = [], []
+    real_losses, real_choose = cand_mod.block_losses, split_pkg.choose_split
+
+    def record_trial(trial, *args):
+        trials.append({k: v.clone() for k, v in trial.state_dict().items()})
+        return real_losses(trial, *args)
+
+    def record_plan(*args, **kwargs):
+        plans.append(real_choose(*args, **kwargs))
+        return plans[-1]
+
+    monkeypatch.setattr(cand_mod, "block_losses", record_trial)
+    monkeypatch.setattr(split_pkg, "choose_split", record_plan)
+    scored = []
+    real_score = cand_mod.score_candidate
+    from stun_lightning.split import model_loss
+
+    monkeypatch.setattr(model_loss, "score_candidate", lambda *a, **k: scored.append(real_score(*a, **k)) or scored[-1])
+    report = prune(
+        model, auto(0.7, expert_method="stun", metric="wanda", allocation="owl"), calibration=ids, progress=False
+    )
+    assert len(trials) == len(scored) <= 5 + 2 * 2  # bounded: uniform fractions + two moves per group
+    (k,) = [n for n, s in enumerate(scored) if s.candidate is plans[0].candidate]
+    got = model.state_dict()
+    assert got.keys() == trials[k].keys() and all(torch.equal(got[n], trials[k][n]) for n in got)
+    assert report.removed_experts and report.layer_target_sparsity == plans[0].candidate.layer_targets
 
 
 # ---------------------------------------------------------------- layer_budget="error_curve"
