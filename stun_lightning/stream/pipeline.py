@@ -17,6 +17,7 @@ from .output import STATE_FILE, _after_census, _finish, _shape_census, _write_js
 from .shards import ShardReader, resolve_model_dir
 from .skeleton import _layer_prefix, build_skeleton
 from .source import StreamSource
+from .split_scoring import choose_split_streaming
 
 
 def _refuse_merging(recipe: StunRecipe) -> None:
@@ -24,15 +25,7 @@ def _refuse_merging(recipe: StunRecipe) -> None:
         raise ValueError(
             f"expert_merge={recipe.expert_merge!r} changes survivors' weights before removal; streaming cannot do that yet: prune in memory"
         )
-    if recipe.removes_experts and recipe.layer_budget == "error_curve":
-        raise ValueError(
-            "layer_budget='error_curve' masks each layer's experts in trial while choosing; streaming cannot do that: prune in memory, or use layer_budget='uniform'"
-        )
-    if recipe.auto_split:
-        raise ValueError(
-            "expert_sparsity='auto' masks each layer's experts in trial while choosing; streaming cannot do that: prune in memory, or give expert_sparsity a fraction"
-        )
-    if recipe.expert_sparsity > 0 and (recipe.expert_method in ("eep", "uncurl") or recipe.merge_max_clusters > 0):
+    if recipe.removes_experts and (recipe.expert_method in ("eep", "uncurl") or recipe.merge_max_clusters > 0):
         raise ValueError(
             f"expert_method={recipe.expert_method!r} (merge_max_clusters={recipe.merge_max_clusters}) merges expert weights across "
             "a layer while choosing; streaming cannot do that: prune in memory, or use stun/frequency/reap/naee without merging"
@@ -101,7 +94,7 @@ def prune_streaming(
     ]
     state_file = work / STATE_FILE
     saved = saved_state(work, resume)
-    seconds, passes, removed = {}, {}, {}
+    seconds, passes, removed, split = {}, {}, {}, {}
     token = LAYER_SOURCE.set(source)
     try:
         before = _shape_census(skeleton)
@@ -109,18 +102,23 @@ def prune_streaming(
             start = time.perf_counter()
             if "keep" in saved:  # resume: the expert choice of the killed run
                 keep = {int(i): v for i, v in saved["keep"].items()}
-                n_passes = saved["structured_passes"]
+                n_passes, split = saved["structured_passes"], saved.get("split") or {}
             else:
-                selection = run_selection(
-                    skeleton,
-                    recipe,
-                    calibration,
-                    plan=(keep_total, per_layer, min_keep),
-                    device=device,
-                    progress=progress,
-                )
-                keep, n_passes = selection.keep, selection.layer_passes
-                _write_json(state_file, {"keep": keep, "structured_passes": n_passes})
+                if recipe.auto_split and recipe.split_criterion == "model_loss":
+                    selection = choose_split_streaming(
+                        skeleton, recipe, calibration, reader, min_keep=min_keep, device=device, progress=progress
+                    )
+                else:
+                    selection = run_selection(
+                        skeleton,
+                        recipe,
+                        calibration,
+                        plan=(keep_total, per_layer, min_keep),
+                        device=device,
+                        progress=progress,
+                    )
+                keep, n_passes, split = selection.keep, selection.layer_passes, selection.split or {}
+                _write_json(state_file, {"keep": keep, "structured_passes": n_passes, "split": split})
             if n_passes:
                 passes["structured"] = n_passes
             removed = apply_expert_sets(skeleton, keep, lower_top_k=recipe.lower_top_k)
@@ -156,6 +154,7 @@ def prune_streaming(
         low_token_experts=low_tokens,
         seconds=seconds,
         layer_passes=passes,
+        expert_split=split,
     )
     files = {"stun_report.json": report.to_json(), **(extra_files or {})}
     if "stun_recipe.yaml" not in files:

@@ -17,6 +17,59 @@ from .shards import CorruptShardError, ShardReader, _Layout, layer_to_checkpoint
 from .skeleton import _layer_prefix, _router_tensors
 
 
+def load_layer(
+    model: nn.Module,
+    i: int,
+    layer: nn.Module,
+    tensors: dict[str, torch.Tensor],
+    keep: list[int] | None,
+    device,
+    where: Path,
+    shared: bool = False,
+) -> int:
+    """Give decoder layer ``i`` of ``model`` the checkpoint's ``tensors`` (experts not in ``keep``
+    dropped where the layer has fewer); returns the bytes materialised. Routers stay as they are
+    (resident). ``shared``: ``tensors`` serve other models too, so every tensor is the layer's own
+    copy (masks are applied in place); otherwise they are consumed."""
+    prefix = _layer_prefix(model, i)
+    resident = _router_tensors(layer, model, i)
+    state = {}
+    for name, target in layer.state_dict(keep_vars=True).items():
+        if name in resident:
+            state[name] = target
+            continue
+        if name not in tensors:
+            raise CorruptShardError(f"checkpoint {where} has no tensor for {prefix}{name}")
+        stored = tensors[name] if shared else tensors.pop(name)
+        t = stored
+        if t.shape != target.shape and keep is not None and t.shape[1:] == target.shape[1:]:
+            t = t.index_select(0, torch.tensor(keep))  # experts removed by the structured phase
+        if t.shape != target.shape:
+            raise CorruptShardError(
+                f"{prefix}{name} has shape {tuple(t.shape)} in {where}, the model expects {tuple(target.shape)}"
+            )
+        t = t.to(device=device, dtype=target.dtype) if device is not None else t.to(target.dtype)
+        state[name] = t.clone() if shared and t is stored else t
+    layer.load_state_dict(state, strict=True, assign=True)
+    if device is not None:
+        layer.to(device)
+    return sum(t.numel() * t.element_size() for n, t in state.items() if n not in resident)
+
+
+def free_layer(layer: nn.Module, resident: dict[str, torch.Tensor]) -> None:
+    """Back to the meta device, except the ``resident`` router tensors (to the CPU)."""
+    router_modules = {
+        id(m)
+        for n, m in layer.named_modules()
+        if any(k.startswith(n + ".") and k.count(".") == n.count(".") + 1 for k in resident) and n
+    }
+    for m in layer.modules():
+        if id(m) in router_modules:
+            m.to("cpu")
+        else:
+            m._apply(lambda t: t.to("meta"), recurse=False)
+
+
 @dataclass
 class StreamSource:
     """Reads decoder layers from ``reader`` on entry and (once ``write`` is on) writes them to ``work_dir`` on exit."""
@@ -36,28 +89,8 @@ class StreamSource:
     peak_live_bytes: int = 0
 
     def enter(self, i: int, layer: nn.Module, device) -> None:
-        prefix = _layer_prefix(self.model, i)
-        tensors, self.layouts[i] = read_layer(self.reader, prefix)
-        resident = _router_tensors(layer, self.model, i)
-        state = {}
-        for name, target in layer.state_dict(keep_vars=True).items():
-            if name in resident:
-                state[name] = target
-                continue
-            if name not in tensors:
-                raise CorruptShardError(f"checkpoint {self.reader.directory} has no tensor for {prefix}{name}")
-            t = tensors.pop(name)
-            if t.shape != target.shape and i in self.keep and t.shape[1:] == target.shape[1:]:
-                t = t.index_select(0, torch.tensor(self.keep[i]))  # experts removed by the structured phase
-            if t.shape != target.shape:
-                raise CorruptShardError(
-                    f"{prefix}{name} has shape {tuple(t.shape)} in {self.reader.directory}, the model expects {tuple(target.shape)}"
-                )
-            state[name] = t.to(device=device, dtype=target.dtype) if device is not None else t.to(target.dtype)
-        layer.load_state_dict(state, strict=True, assign=True)
-        if device is not None:
-            layer.to(device)
-        self.live[i] = sum(t.numel() * t.element_size() for n, t in state.items() if n not in resident)
+        tensors, self.layouts[i] = read_layer(self.reader, _layer_prefix(self.model, i))
+        self.live[i] = load_layer(self.model, i, layer, tensors, self.keep.get(i), device, self.reader.directory)
         self.max_live_layers = max(self.max_live_layers, len(self.live))
         self.peak_live_bytes = max(self.peak_live_bytes, sum(self.live.values()))
 
@@ -112,14 +145,5 @@ class StreamSource:
             part = self.work_dir / f"layer-{i:05d}.safetensors.part"
             save_file(layer_to_checkpoint(tensors, prefix, self.layouts[i]), str(part), metadata={"format": "pt"})
             os.replace(part, self.work_dir / f"layer-{i:05d}.safetensors")
-        router_modules = {
-            id(m)
-            for n, m in layer.named_modules()
-            if any(k.startswith(n + ".") and k.count(".") == n.count(".") + 1 for k in resident) and n
-        }
-        for m in layer.modules():
-            if id(m) in router_modules:
-                m.to("cpu")
-            else:
-                m._apply(lambda t: t.to("meta"), recurse=False)
+        free_layer(layer, resident)
         self.live.pop(i, None)

@@ -1,0 +1,81 @@
+"""Streaming ``expert_sparsity: auto`` (and the block-error budgets) == in-memory prune, split and tensors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import random_ids
+from stun_lightning import StunRecipe, prune, save_pruned
+from stun_lightning.serialization import load_pruned
+from stun_lightning.stream import prune_streaming, split_scoring
+from stun_lightning.tiny import build_tiny_model
+from test_stream import assert_same_checkpoint
+
+AUTO = dict(
+    expert_sparsity="auto",
+    expert_method="frequency",
+    total_sparsity=0.55,
+    allocation="owl",
+    metric="wanda",
+    split_held_out=0.25,
+)
+
+
+def _report(report) -> dict:
+    data = json.loads(report.to_json())
+    for key in ("seconds", "layer_passes"):  # streaming scores every candidate, so it spends other passes
+        data.pop(key)
+    return data
+
+
+def _in_memory(family, tmp_path, recipe, seed=0):
+    build_tiny_model(family).save_pretrained(tmp_path / "src")
+    model = load_pruned(tmp_path / "src")  # loaded as the CLI loads it (the skeleton's attention implementation)
+    ids = random_ids(model, seed=seed)
+    report = prune(model, recipe, ids, progress=False)
+    save_pruned(model, tmp_path / "mem")
+    return ids, report
+
+
+class _Reads(split_scoring.SharedLayer):
+    last = None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        _Reads.last = self
+
+
+# mixtral seed 0: 3 of 4 removals chosen among 5 candidates; qwen3_moe seed 4: the in-memory search
+# stops after 4 candidates (the loss rose twice) and keeps 1 removal
+@pytest.mark.parametrize("family, seed", [("mixtral", 0), ("qwen3_moe", 4)])
+def test_streaming_auto_split_equals_in_memory(family, seed, tmp_path, monkeypatch):
+    recipe = StunRecipe(**AUTO)
+    ids, report = _in_memory(family, tmp_path, recipe, seed)
+    monkeypatch.setattr(split_scoring, "SharedLayer", _Reads)
+    streamed = prune_streaming(tmp_path / "src", tmp_path / "st", recipe, ids, progress=False)
+    split = report.expert_split
+    tried = list(split["candidates"].values())
+    assert len(tried) >= 4 and split["removed"] not in (tried[0], tried[-1])  # the choice is not an end
+    assert streamed.expert_split == split
+    assert_same_checkpoint(tmp_path / "mem", tmp_path / "st")
+    assert _report(streamed) == _report(report)
+    # one disk read per layer and pass (OWL ratios, pruning) for all five candidates together
+    assert _Reads.last.reads == 2 * 2
+
+
+@pytest.mark.parametrize(
+    "recipe",
+    [
+        dict(AUTO, split_criterion="block_error"),
+        dict(expert_sparsity=0.25, layer_budget="error_curve", expert_method="frequency", sparsity=0.4, metric="wanda"),
+    ],
+    ids=["auto-block_error", "error_curve"],
+)
+def test_streaming_block_error_choices_equal_in_memory(recipe, tmp_path):
+    recipe = StunRecipe(**recipe)
+    ids, report = _in_memory("qwen3_moe", tmp_path, recipe)
+    streamed = prune_streaming(tmp_path / "src", tmp_path / "st", recipe, ids, progress=False)
+    assert streamed.expert_split == report.expert_split and report.expert_split
+    assert_same_checkpoint(tmp_path / "mem", tmp_path / "st")
