@@ -79,3 +79,25 @@ def test_streaming_block_error_choices_equal_in_memory(recipe, tmp_path):
     streamed = prune_streaming(tmp_path / "src", tmp_path / "st", recipe, ids, progress=False)
     assert streamed.expert_split == report.expert_split and report.expert_split
     assert_same_checkpoint(tmp_path / "mem", tmp_path / "st")
+
+
+def test_cli_stream_keeps_the_default_recipe(tmp_path):
+    from stun_lightning.cli import main
+    from stun_lightning.tiny import load_tokenizer
+
+    build_tiny_model("qwen3_moe").save_pretrained(tmp_path / "src", max_shard_size="100KB")
+    load_tokenizer().save_pretrained(tmp_path / "src")
+    assert len(list((tmp_path / "src").glob("*.safetensors"))) > 2
+    args = ["prune", "--model", str(tmp_path / "src"), "--quiet", "--calibration-samples", "8"]
+    args += ["--calibration-seq-len", "32", "--eval-tokens", "0"]
+    assert main(args + ["--stream", "--out", str(tmp_path / "st")]) == 0
+    assert main(args + ["--out", str(tmp_path / "mem")]) == 0  # the in-memory run of the same recipe
+    streamed = json.loads((tmp_path / "st" / "stun_report.json").read_text())
+    assert streamed["recipe"]["expert_sparsity"] == "auto" and streamed["expert_split"]["criterion"] == "model_loss"
+    in_memory = json.loads((tmp_path / "mem" / "stun_report.json").read_text())
+    assert streamed["expert_split"] == in_memory["expert_split"]
+    assert_same_checkpoint(tmp_path / "mem", tmp_path / "st")
+    # a fraction inside the experts keeps the fixed split under --stream too
+    assert main(args + ["--stream", "--sparsity", "0.4", "--out", str(tmp_path / "fixed")]) == 0
+    fixed = json.loads((tmp_path / "fixed" / "stun_report.json").read_text())
+    assert fixed["recipe"]["expert_sparsity"] == 0.25 and not fixed.get("expert_split")

@@ -16,6 +16,10 @@ Passes over the layers (the same as the in-memory path, which also visits one la
   is measured. ``random`` needs no pass;
 * ``allocation: owl``: one pass measures every layer's outlier ratio (OWL's targets are relative to
   the mean over layers), before the pruning pass;
+* ``expert_sparsity: auto`` with ``split_criterion: model_loss``: a statistics pass per non-zero
+  candidate, then a scoring pass (two with OWL) that reads each layer once for all candidates
+  (:mod:`stun_lightning.stream.split_scoring`); ``block_error`` and ``layer_budget: error_curve``
+  decide each layer on the dense inputs of that layer, in one error-curve pass, as in memory;
 * the pruning pass (sequential: later layers see pruned earlier ones), which writes each finished
   layer to the output. Without weight pruning a last pass only removes experts and writes.
 
