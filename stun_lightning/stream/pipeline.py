@@ -13,6 +13,7 @@ from ..adapters import decoder_layers
 from ..calibration import LAYER_SOURCE
 from ..recipe import StunRecipe
 from ..report import PruneReport
+from .memory import mmap_large_allocations
 from .output import STATE_FILE, _after_census, _finish, _shape_census, _write_json, saved_state
 from .shards import ShardReader, resolve_model_dir
 from .skeleton import _layer_prefix, build_skeleton
@@ -60,6 +61,7 @@ def prune_streaming(
 
     recipe = (recipe or StunRecipe()).validate()
     _refuse_merging(recipe)
+    mmap_large_allocations()
     final = Path(out_dir)
     if final.exists() and not overwrite:
         raise FileExistsError(

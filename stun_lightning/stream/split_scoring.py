@@ -72,6 +72,11 @@ class Lockstep:
             self.cond.notify_all()
         self.wait(c)
 
+    def is_last(self, c: int) -> bool:
+        """Whether ``c`` is the last of the running threads to take its turn at each step."""
+        with self.cond:
+            return self.active[-1] == c
+
     def done(self, c: int) -> None:
         with self.cond:
             k = self.active.index(c)
@@ -90,16 +95,19 @@ class SharedLayer:
         self.reads = 0
         self.bar = tqdm(desc="split candidates", unit="layer", disable=not progress)
 
-    def get(self, step: int, i: int) -> dict[str, torch.Tensor]:
-        if self.key is not None and self.key[0] == step:
-            if self.key[1] != i:
-                raise RuntimeError(f"split candidates out of step: layer {i} asked where the others ran {self.key[1]}")
-            return self.tensors
-        self.tensors = {}  # the previous layer first, so two are never held
-        self.tensors, _ = read_layer(self.reader, _layer_prefix(self.model, i))
-        self.key, self.reads = (step, i), self.reads + 1
-        self.bar.update()
-        return self.tensors
+    def get(self, step: int, i: int, last: bool) -> dict[str, torch.Tensor]:
+        """Layer ``i``'s tensors at ``step``; the ``last`` candidate of the step takes them (no copy)."""
+        if self.key is None or self.key[0] != step:
+            self.tensors = {}  # the previous layer first, so two are never held
+            self.tensors, _ = read_layer(self.reader, _layer_prefix(self.model, i))
+            self.key, self.reads = (step, i), self.reads + 1
+            self.bar.update()
+        elif self.key[1] != i:
+            raise RuntimeError(f"split candidates out of step: layer {i} asked where the others ran {self.key[1]}")
+        tensors = self.tensors
+        if last:
+            self.tensors = {}
+        return tensors
 
 
 @dataclass
@@ -126,11 +134,12 @@ class CandidateSource:
 
     def enter(self, i: int, layer: nn.Module, device) -> None:
         self.lockstep.pass_turn(self.index)
-        tensors = self.shared.get(self.steps, i)
+        last = self.lockstep.is_last(self.index)
+        tensors = self.shared.get(self.steps, i, last)
         self.steps += 1
         if i == 0:
             self.held = self.held_start
-        load_layer(self.model, i, layer, tensors, self.keep.get(i), device, self.where, shared=True)
+        load_layer(self.model, i, layer, tensors, self.keep.get(i), device, self.where, shared=not last)
 
     def leave(self, i: int, layer: nn.Module) -> None:
         self.held = _run_layer(layer, self.held, self.held_kwargs[i])
@@ -202,7 +211,8 @@ def score_candidates(
             lockstep.done(c)
 
     threads = []
-    for c, (f, keep) in enumerate(keeps.items()):
+    # fewest removals last: the last of a step takes the read layer itself, the others copy what they keep
+    for c, (f, keep) in enumerate(sorted(keeps.items(), key=lambda fk: sum(map(len, fk[1].values())))):
         trial = trial_copy(model, recipe.prune_dense)
         apply_expert_sets(trial, keep, lower_top_k=recipe.lower_top_k)
         source = CandidateSource(c, trial, keep, shared, lockstep, reader.directory)
