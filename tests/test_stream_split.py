@@ -101,3 +101,21 @@ def test_cli_stream_keeps_the_default_recipe(tmp_path):
     assert main(args + ["--stream", "--sparsity", "0.4", "--out", str(tmp_path / "fixed")]) == 0
     fixed = json.loads((tmp_path / "fixed" / "stun_report.json").read_text())
     assert fixed["recipe"]["expert_sparsity"] == 0.25 and not fixed.get("expert_split")
+
+
+def test_auto_resume_after_a_kill_keeps_the_split(tmp_path, monkeypatch):
+    from stun_lightning.stream import pipeline
+    from test_stream import _Killed, _KilledAfter
+
+    recipe = StunRecipe(**AUTO)
+    ids, report = _in_memory("mixtral", tmp_path, recipe)
+    monkeypatch.setattr(pipeline, "StreamSource", _KilledAfter)
+    _KilledAfter.kill_after, _KilledAfter.final_entries = 0, []
+    with pytest.raises(_Killed):
+        prune_streaming(tmp_path / "src", tmp_path / "st", recipe, ids, progress=False)
+    _KilledAfter.kill_after, _KilledAfter.final_entries = None, []
+    monkeypatch.setattr(split_scoring, "score_candidates", None)  # the resumed run must not score again
+    resumed = prune_streaming(tmp_path / "src", tmp_path / "st", recipe, ids, progress=False, resume=True)
+    assert _KilledAfter.final_entries == [1]
+    assert json.loads(json.dumps(resumed.expert_split)) == json.loads(json.dumps(report.expert_split))
+    assert_same_checkpoint(tmp_path / "mem", tmp_path / "st")
