@@ -119,3 +119,23 @@ def test_auto_resume_after_a_kill_keeps_the_split(tmp_path, monkeypatch):
     assert _KilledAfter.final_entries == [1]
     assert json.loads(json.dumps(resumed.expert_split)) == json.loads(json.dumps(report.expert_split))
     assert_same_checkpoint(tmp_path / "mem", tmp_path / "st")
+
+
+def test_benchmark_checkpoint_streams_like_in_memory(tmp_path):
+    """The benchmark's checkpoint (per-expert tensors, a config without ``architectures``) gives the
+    in-memory directory under the default recipe."""
+    import torch
+
+    from benchmarks.stream_prune import build_checkpoint
+
+    shape = dict(hidden_size=64, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2)
+    shape.update(num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=512)
+    build_checkpoint(tmp_path / "src", 2, torch.float32, **shape)
+    assert "architectures" not in json.loads((tmp_path / "src" / "config.json").read_text())
+    recipe = StunRecipe(**AUTO)
+    model = load_pruned(tmp_path / "src")
+    ids = random_ids(model)
+    prune(model, recipe, ids, progress=False)
+    save_pruned(model, tmp_path / "mem")
+    prune_streaming(tmp_path / "src", tmp_path / "st", recipe, ids, progress=False)
+    assert_same_checkpoint(tmp_path / "mem", tmp_path / "st")

@@ -94,6 +94,7 @@ def _finish(
         json.dumps({"metadata": {"total_size": size}, "weight_map": dict(sorted(weight_map.items()))}, indent=2)
     )
     sync_config(model)
+    model.config.architectures = [type(model).__name__]  # as save_pretrained records it
     model.config.save_pretrained(work)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(work)
