@@ -61,8 +61,8 @@ RECIPE_FLAGS = {
 }
 
 
-#: without ``--recipe``, ``--stream`` (no trial prunes of streamed layers), a ``--sparsity`` inside
-#: experts or an N:M ``--pattern`` (``auto`` needs a total over unstructured masks) fix the split:
+#: without ``--recipe``, a ``--sparsity`` inside experts or an N:M ``--pattern`` (``auto`` needs a
+#: total over unstructured masks) fix the split (``--stream`` keeps ``auto``):
 #: 25% of experts, the same count per layer, the rest of the 55% inside the survivors
 FIXED_SPLIT = dict(expert_sparsity=0.25, layer_budget="uniform")
 
@@ -70,8 +70,8 @@ FIXED_SPLIT = dict(expert_sparsity=0.25, layer_budget="uniform")
 def recipe_from_args(args) -> StunRecipe:
     data = dict(DEFAULT_RECIPE) if args.recipe is None else StunRecipe.from_yaml(args.recipe).to_dict()
     inner = args.sparsity is not None or (args.pattern or "unstructured") != "unstructured"
-    if args.recipe is None and (inner or getattr(args, "stream", False)):
-        data.update(FIXED_SPLIT, **({"total_sparsity": None} if inner else {}))
+    if args.recipe is None and inner:
+        data.update(FIXED_SPLIT, total_sparsity=None)
     for field in RECIPE_FLAGS:
         value = getattr(args, field)
         if value is not None:

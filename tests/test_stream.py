@@ -10,6 +10,7 @@ import torch
 from conftest import random_ids
 from stun_lightning import StunRecipe, prune, save_pruned
 from stun_lightning import stream as stream_mod
+from stun_lightning.stream import pipeline
 from stun_lightning.cli import main
 from stun_lightning.stream import CorruptShardError, ShardReader, prune_streaming
 from stun_lightning.tiny import build_tiny_model, load_tokenizer
@@ -93,7 +94,7 @@ def test_streaming_holds_one_decoder_layer_at_a_time(tmp_path, monkeypatch):
         sum(t.numel() * t.element_size() for n, t in layer.state_dict().items() if ".gate." not in "." + n)
         for layer in model.model.layers
     )
-    monkeypatch.setattr(stream_mod, "StreamSource", _Counting)
+    monkeypatch.setattr(pipeline, "StreamSource", _Counting)
     _Counting.seen = []
     prune_streaming(tmp_path / "src", tmp_path / "st", recipe, random_ids(model), progress=False)
     live_layers, peak = _Counting.seen[-1]
@@ -178,7 +179,7 @@ def test_resume_after_a_kill_mid_way_gives_the_same_model(family, tmp_path, monk
     ids = random_ids(model)
     report = prune(model, recipe, ids, progress=False)
     save_pruned(model, tmp_path / "mem")
-    monkeypatch.setattr(stream_mod, "StreamSource", _KilledAfter)
+    monkeypatch.setattr(pipeline, "StreamSource", _KilledAfter)
     _KilledAfter.kill_after, _KilledAfter.final_entries = 1, []
     with pytest.raises(_Killed):
         prune_streaming(tmp_path / "src", tmp_path / "st", recipe, ids, progress=False)

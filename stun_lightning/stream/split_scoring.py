@@ -1,0 +1,276 @@
+"""``expert_sparsity: auto`` with ``split_criterion: model_loss`` while streaming.
+
+In memory (:func:`stun_lightning.split.choose_split_by_loss`) each uniform candidate removal
+fraction is pruned on a trial copy and scored by the held-out calibration loss of the whole pruned
+copy, one candidate after the other. Streaming, that would read every layer once per candidate and
+pass. Here every candidate runs the same code (:func:`stun_lightning.unstructured.mask_survivors`
+on a :func:`~stun_lightning.split.trial_copy` of the skeleton, its experts removed) in a thread of
+its own, and the threads take turns layer by layer (:class:`Lockstep`): the first candidate to reach
+a layer reads it from disk once (:class:`SharedLayer`), each candidate prunes and runs its own copy
+of it on its own hidden states (statistics blocks and held-out blocks, carried per candidate), and
+frees it before the next candidate's turn. Only one candidate runs at any moment, so peak host
+memory is the dense layer read plus one candidate's copy, and the result is the in-memory one
+operation for operation. After the last layer the held-out hidden states go through the final norm
+and head (:func:`stun_lightning.evaluate.block_nll` with the decoder layers bypassed).
+
+Every candidate is scored (the in-memory search stops once the loss rose twice in a row); the
+choice replays that early stop on the losses, so the split is the in-memory one. The experts each
+candidate removes are chosen first by the recipe's method on the dense model, one streamed
+statistics pass per non-zero candidate (:func:`stun_lightning.split.select_at_counts`).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..adapters import decoder_layers, moe_layers
+from ..calibration import LAYER_SOURCE, _capture_layer_inputs, _run_layer
+from ..evaluate import block_nll
+from ..recipe import StunRecipe
+from ..split import (
+    SplitPlan,
+    _removals_within_target,
+    _within,
+    held_out_blocks,
+    rose_twice,
+    select_at_counts,
+    trial_copy,
+    uniform_candidates,
+)
+from ..structured import ExpertSelection, apply_expert_sets
+from ..unstructured import mask_survivors
+from .output import _shape_census
+from .shards import ShardReader, read_layer
+from .skeleton import _layer_prefix, _router_tensors
+from .source import free_layer, load_layer
+
+
+class Lockstep:
+    """Threads that run one at a time, in turn: a thread runs only between its turn's start and its
+    next :meth:`pass_turn` (or :meth:`done`)."""
+
+    def __init__(self, n: int):
+        self.cond = threading.Condition()
+        self.active = list(range(n))
+        self.turn: int | None = 0
+
+    def wait(self, c: int) -> None:
+        with self.cond:
+            self.cond.wait_for(lambda: self.turn == c)
+
+    def pass_turn(self, c: int) -> None:
+        """Hand the turn to the next thread and wait for ``c``'s next one."""
+        with self.cond:
+            k = self.active.index(c)
+            self.turn = self.active[(k + 1) % len(self.active)]
+            self.cond.notify_all()
+        self.wait(c)
+
+    def is_last(self, c: int) -> bool:
+        """Whether ``c`` is the last of the running threads to take its turn at each step."""
+        with self.cond:
+            return self.active[-1] == c
+
+    def done(self, c: int) -> None:
+        with self.cond:
+            k = self.active.index(c)
+            self.active.remove(c)
+            self.turn = self.active[k % len(self.active)] if self.active else None
+            self.cond.notify_all()
+
+
+class SharedLayer:
+    """The dense layer the candidates are at: read from disk by the first of them, kept for the others."""
+
+    def __init__(self, reader: ShardReader, model: nn.Module, progress: bool):
+        self.reader, self.model = reader, model
+        self.key: tuple[int, int] | None = None
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.reads = 0
+        self.bar = tqdm(desc="split candidates", unit="layer", disable=not progress)
+
+    def get(self, step: int, i: int, last: bool) -> dict[str, torch.Tensor]:
+        """Layer ``i``'s tensors at ``step``; the ``last`` candidate of the step takes them (no copy)."""
+        if self.key is None or self.key[0] != step:
+            self.tensors = {}  # the previous layer first, so two are never held
+            self.tensors, _ = read_layer(self.reader, _layer_prefix(self.model, i))
+            self.key, self.reads = (step, i), self.reads + 1
+            self.bar.update()
+        elif self.key[1] != i:
+            raise RuntimeError(f"split candidates out of step: layer {i} asked where the others ran {self.key[1]}")
+        tensors = self.tensors
+        if last:
+            self.tensors = {}
+        return tensors
+
+
+@dataclass
+class CandidateSource:
+    """The layer source of one candidate's thread: its layers from the shared read, its held-out
+    hidden states carried through each layer as the pass leaves it (the last pass's are the pruned model's)."""
+
+    index: int
+    model: nn.Module
+    keep: dict[int, list[int]]
+    shared: SharedLayer
+    lockstep: Lockstep
+    where: Path
+    held_start: list[torch.Tensor] = field(default_factory=list)
+    held_kwargs: list[list[dict]] = field(default_factory=list)
+    held: list[torch.Tensor] = field(default_factory=list)
+    steps: int = 0
+
+    def begin_pass(self, desc: str):
+        return None
+
+    def layer_done(self, i: int, outputs: list[torch.Tensor]) -> None:
+        pass
+
+    def enter(self, i: int, layer: nn.Module, device) -> None:
+        self.lockstep.pass_turn(self.index)
+        last = self.lockstep.is_last(self.index)
+        tensors = self.shared.get(self.steps, i, last)
+        self.steps += 1
+        if i == 0:
+            self.held = self.held_start
+        load_layer(self.model, i, layer, tensors, self.keep.get(i), device, self.where, shared=not last)
+
+    def leave(self, i: int, layer: nn.Module) -> None:
+        self.held = _run_layer(layer, self.held, self.held_kwargs[i])
+        free_layer(layer, _router_tensors(layer, self.model, i))
+
+
+def final_nll(model: nn.Module, final: list[torch.Tensor], blocks: torch.Tensor, batch_size: int, device) -> float:
+    """:func:`block_nll` of ``blocks`` whose last decoder layer's outputs are ``final`` (one per batch):
+    the layers are bypassed, the final norm and head run as the model runs them."""
+    layers = decoder_layers(model)
+    outs = iter(final)
+    layers[0].forward = lambda hidden_states, *args, **kwargs: next(outs)
+    for layer in layers[1:]:
+        layer.forward = lambda hidden_states, *args, **kwargs: hidden_states
+    try:
+        return block_nll(model, blocks, batch_size, device)
+    finally:
+        for layer in layers:
+            del layer.forward
+
+
+def _resident_to(model: nn.Module, device) -> None:
+    """Move what is not a decoder layer (embeddings, final norm, head, rotary) to ``device``."""
+    inside = {id(m) for layer in decoder_layers(model) for m in layer.modules()}
+    for m in model.modules():
+        if id(m) not in inside:
+            m._apply(lambda t: t.to(device), recurse=False)
+
+
+def score_candidates(
+    model: nn.Module,
+    recipe: StunRecipe,
+    keeps: dict[float, dict[int, list[int]]],
+    statistics: torch.Tensor,
+    held_out: torch.Tensor,
+    reader: ShardReader,
+    *,
+    device=None,
+    progress: bool = False,
+) -> tuple[dict[float, float], int]:
+    """(held-out NLL per candidate, decoder-layer passes) of ``model`` pruned as ``prune()`` prunes it
+    with each candidate's kept experts, every layer read once per pass for all candidates."""
+    before = _shape_census(model)
+    home = next(model.parameters()).device
+    run_on = torch.device(device) if device is not None else home
+    lockstep, shared = Lockstep(len(keeps)), SharedLayer(reader, model, progress)
+    results: dict[float, tuple[float, int]] = {}
+    errors: list[tuple[int, BaseException]] = []
+
+    def run(c: int, f: float, trial: nn.Module, source: CandidateSource) -> None:
+        lockstep.wait(c)
+        try:
+            LAYER_SOURCE.set(source)
+            with torch.no_grad():
+                batches = list(held_out.split(recipe.batch_size))
+                source.held_start, source.held_kwargs = _capture_layer_inputs(trial, batches, run_on)
+                passes = mask_survivors(trial, recipe, before, statistics, device=device, progress=False)[2]
+                if device is not None:
+                    _resident_to(trial, run_on)
+                try:
+                    loss = final_nll(trial, source.held, held_out, recipe.batch_size, device)
+                finally:
+                    if device is not None:
+                        _resident_to(trial, home)
+            results[f] = (loss, passes + len(decoder_layers(trial)))
+        except BaseException as err:  # re-raised by the caller's thread
+            errors.append((c, err))
+        finally:
+            lockstep.done(c)
+
+    threads = []
+    # fewest removals last: the last of a step takes the read layer itself, the others copy what they keep
+    for c, (f, keep) in enumerate(sorted(keeps.items(), key=lambda fk: sum(map(len, fk[1].values())))):
+        trial = trial_copy(model, recipe.prune_dense)
+        apply_expert_sets(trial, keep, lower_top_k=recipe.lower_top_k)
+        source = CandidateSource(c, trial, keep, shared, lockstep, reader.directory)
+        threads.append(threading.Thread(target=run, args=(c, f, trial, source), name=f"candidate {f}", daemon=True))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    shared.bar.close()
+    if errors:
+        raise min(errors, key=lambda e: e[0])[1]
+    return {f: results[f][0] for f in keeps}, sum(n for _, n in results.values())
+
+
+def choose_split_streaming(
+    model: nn.Module,
+    recipe: StunRecipe,
+    calibration: torch.Tensor,
+    reader: ShardReader,
+    *,
+    min_keep: dict[int, int],
+    device=None,
+    progress: bool = False,
+) -> ExpertSelection:
+    """``split_criterion="model_loss"`` on a streamed skeleton: the split
+    :func:`stun_lightning.split.choose_split_by_loss` chooses, and its record."""
+    target = float(recipe.total_sparsity)
+    layers = moe_layers(model)
+    statistics, held_out = held_out_blocks(calibration, recipe.split_held_out)
+    candidates = uniform_candidates(layers, _removals_within_target(model, target, min_keep))
+    keeps, passes = {}, 0
+    for f, counts in candidates.items():
+        if any(counts.values()):
+            per_layer = {layer.index: layer.num_experts - counts[layer.index] for layer in layers}
+            selection = select_at_counts(
+                model, recipe, statistics, per_layer, min_keep, device=device, progress=progress
+            )
+            keeps[f], passes = selection.keep, passes + selection.layer_passes
+        else:
+            keeps[f] = {layer.index: list(range(layer.num_experts)) for layer in layers}
+    losses, spent = score_candidates(
+        model, recipe, keeps, statistics, held_out, reader, device=device, progress=progress
+    )
+    tried: dict[float, float] = {}
+    for f in candidates:  # the in-memory search's early stop, replayed: its candidates, its choice
+        tried[f] = losses[f]
+        if rose_twice(list(tried.values())):
+            break
+    best = min(tried, key=lambda f: (tried[f], sum(candidates[f].values())))
+    plan = SplitPlan(
+        target,
+        keeps[best],
+        dict(candidates[best]),
+        _within(target, layers, keeps[best]),
+        layer_passes=passes + spent,
+        criterion="model_loss",
+        losses=tried,
+        tried={f: candidates[f] for f in tried},
+        held_out_blocks=held_out.shape[0],
+    )
+    return ExpertSelection(plan.keep, plan.layer_passes, plan.to_dict())

@@ -1,0 +1,141 @@
+"""Streaming ``expert_sparsity: auto`` (and the block-error budgets) == in-memory prune, split and tensors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import random_ids
+from stun_lightning import StunRecipe, prune, save_pruned
+from stun_lightning.serialization import load_pruned
+from stun_lightning.stream import prune_streaming, split_scoring
+from stun_lightning.tiny import build_tiny_model
+from test_stream import assert_same_checkpoint
+
+AUTO = dict(
+    expert_sparsity="auto",
+    expert_method="frequency",
+    total_sparsity=0.55,
+    allocation="owl",
+    metric="wanda",
+    split_held_out=0.25,
+)
+
+
+def _report(report) -> dict:
+    data = json.loads(report.to_json())
+    for key in ("seconds", "layer_passes"):  # streaming scores every candidate, so it spends other passes
+        data.pop(key)
+    return data
+
+
+def _in_memory(family, tmp_path, recipe, seed=0):
+    build_tiny_model(family).save_pretrained(tmp_path / "src")
+    model = load_pruned(tmp_path / "src")  # loaded as the CLI loads it (the skeleton's attention implementation)
+    ids = random_ids(model, seed=seed)
+    report = prune(model, recipe, ids, progress=False)
+    save_pruned(model, tmp_path / "mem")
+    return ids, report
+
+
+class _Reads(split_scoring.SharedLayer):
+    last = None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        _Reads.last = self
+
+
+# mixtral seed 0: 3 of 4 removals chosen among 5 candidates; qwen3_moe seed 4: the in-memory search
+# stops after 4 candidates (the loss rose twice) and keeps 1 removal
+@pytest.mark.parametrize("family, seed", [("mixtral", 0), ("qwen3_moe", 4)])
+def test_streaming_auto_split_equals_in_memory(family, seed, tmp_path, monkeypatch):
+    recipe = StunRecipe(**AUTO)
+    ids, report = _in_memory(family, tmp_path, recipe, seed)
+    monkeypatch.setattr(split_scoring, "SharedLayer", _Reads)
+    streamed = prune_streaming(tmp_path / "src", tmp_path / "st", recipe, ids, progress=False)
+    split = report.expert_split
+    tried = list(split["candidates"].values())
+    assert len(tried) >= 4 and split["removed"] not in (tried[0], tried[-1])  # the choice is not an end
+    assert streamed.expert_split == split
+    assert_same_checkpoint(tmp_path / "mem", tmp_path / "st")
+    assert _report(streamed) == _report(report)
+    # one disk read per layer and pass (OWL ratios, pruning) for all five candidates together
+    assert _Reads.last.reads == 2 * 2
+
+
+@pytest.mark.parametrize(
+    "recipe",
+    [
+        dict(AUTO, split_criterion="block_error"),
+        dict(expert_sparsity=0.25, layer_budget="error_curve", expert_method="frequency", sparsity=0.4, metric="wanda"),
+    ],
+    ids=["auto-block_error", "error_curve"],
+)
+def test_streaming_block_error_choices_equal_in_memory(recipe, tmp_path):
+    recipe = StunRecipe(**recipe)
+    ids, report = _in_memory("qwen3_moe", tmp_path, recipe)
+    streamed = prune_streaming(tmp_path / "src", tmp_path / "st", recipe, ids, progress=False)
+    assert streamed.expert_split == report.expert_split and report.expert_split
+    assert_same_checkpoint(tmp_path / "mem", tmp_path / "st")
+
+
+def test_cli_stream_keeps_the_default_recipe(tmp_path):
+    from stun_lightning.cli import main
+    from stun_lightning.tiny import load_tokenizer
+
+    build_tiny_model("qwen3_moe").save_pretrained(tmp_path / "src", max_shard_size="100KB")
+    load_tokenizer().save_pretrained(tmp_path / "src")
+    assert len(list((tmp_path / "src").glob("*.safetensors"))) > 2
+    args = ["prune", "--model", str(tmp_path / "src"), "--quiet", "--calibration-samples", "8"]
+    args += ["--calibration-seq-len", "32", "--eval-tokens", "0"]
+    assert main(args + ["--stream", "--out", str(tmp_path / "st")]) == 0
+    assert main(args + ["--out", str(tmp_path / "mem")]) == 0  # the in-memory run of the same recipe
+    streamed = json.loads((tmp_path / "st" / "stun_report.json").read_text())
+    assert streamed["recipe"]["expert_sparsity"] == "auto" and streamed["expert_split"]["criterion"] == "model_loss"
+    in_memory = json.loads((tmp_path / "mem" / "stun_report.json").read_text())
+    assert streamed["expert_split"] == in_memory["expert_split"]
+    assert_same_checkpoint(tmp_path / "mem", tmp_path / "st")
+    # a fraction inside the experts keeps the fixed split under --stream too
+    assert main(args + ["--stream", "--sparsity", "0.4", "--out", str(tmp_path / "fixed")]) == 0
+    fixed = json.loads((tmp_path / "fixed" / "stun_report.json").read_text())
+    assert fixed["recipe"]["expert_sparsity"] == 0.25 and not fixed.get("expert_split")
+
+
+def test_auto_resume_after_a_kill_keeps_the_split(tmp_path, monkeypatch):
+    from stun_lightning.stream import pipeline
+    from test_stream import _Killed, _KilledAfter
+
+    recipe = StunRecipe(**AUTO)
+    ids, report = _in_memory("mixtral", tmp_path, recipe)
+    monkeypatch.setattr(pipeline, "StreamSource", _KilledAfter)
+    _KilledAfter.kill_after, _KilledAfter.final_entries = 0, []
+    with pytest.raises(_Killed):
+        prune_streaming(tmp_path / "src", tmp_path / "st", recipe, ids, progress=False)
+    _KilledAfter.kill_after, _KilledAfter.final_entries = None, []
+    monkeypatch.setattr(split_scoring, "score_candidates", None)  # the resumed run must not score again
+    resumed = prune_streaming(tmp_path / "src", tmp_path / "st", recipe, ids, progress=False, resume=True)
+    assert _KilledAfter.final_entries == [1]
+    assert json.loads(json.dumps(resumed.expert_split)) == json.loads(json.dumps(report.expert_split))
+    assert_same_checkpoint(tmp_path / "mem", tmp_path / "st")
+
+
+def test_benchmark_checkpoint_streams_like_in_memory(tmp_path):
+    """The benchmark's checkpoint (per-expert tensors, a config without ``architectures``) gives the
+    in-memory directory under the default recipe."""
+    import torch
+
+    from benchmarks.stream_prune import build_checkpoint
+
+    shape = dict(hidden_size=64, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2)
+    shape.update(num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=512)
+    build_checkpoint(tmp_path / "src", 2, torch.float32, **shape)
+    assert "architectures" not in json.loads((tmp_path / "src" / "config.json").read_text())
+    recipe = StunRecipe(**AUTO)
+    model = load_pruned(tmp_path / "src")
+    ids = random_ids(model)
+    prune(model, recipe, ids, progress=False)
+    save_pruned(model, tmp_path / "mem")
+    prune_streaming(tmp_path / "src", tmp_path / "st", recipe, ids, progress=False)
+    assert_same_checkpoint(tmp_path / "mem", tmp_path / "st")
