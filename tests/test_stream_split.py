@@ -20,6 +20,7 @@ AUTO = dict(
     allocation="owl",
     metric="wanda",
     split_held_out=0.25,
+    split_groups=1,  # streaming keeps the uniform choice (the group refinement is not streamed)
 )
 
 
@@ -91,9 +92,11 @@ def test_cli_stream_keeps_the_default_recipe(tmp_path):
     args = ["prune", "--model", str(tmp_path / "src"), "--quiet", "--calibration-samples", "8"]
     args += ["--calibration-seq-len", "32", "--eval-tokens", "0"]
     assert main(args + ["--stream", "--out", str(tmp_path / "st")]) == 0
-    assert main(args + ["--out", str(tmp_path / "mem")]) == 0  # the in-memory run of the same recipe
+    # the in-memory run of the same recipe (streaming keeps auto's uniform choice: split_groups 1)
+    assert main(args + ["--split-groups", "1", "--out", str(tmp_path / "mem")]) == 0
     streamed = json.loads((tmp_path / "st" / "stun_report.json").read_text())
     assert streamed["recipe"]["expert_sparsity"] == "auto" and streamed["expert_split"]["criterion"] == "model_loss"
+    assert streamed["recipe"]["split_groups"] == 1
     in_memory = json.loads((tmp_path / "mem" / "stun_report.json").read_text())
     assert streamed["expert_split"] == in_memory["expert_split"]
     assert_same_checkpoint(tmp_path / "mem", tmp_path / "st")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import os
 import shutil
 import time
@@ -18,6 +20,7 @@ from .output import STATE_FILE, _after_census, _finish, _shape_census, _write_js
 from .shards import ShardReader, resolve_model_dir
 from .skeleton import _layer_prefix, build_skeleton
 from .source import StreamSource
+from ..split import held_out_blocks
 from .split_scoring import choose_split_streaming
 
 
@@ -50,7 +53,8 @@ def prune_streaming(
 ) -> PruneReport:
     """Prune the checkpoint at ``model`` (directory or hub id) layer by layer from disk into ``out_dir``.
 
-    Same recipe, calibration and result as ``prune(model, ...)`` + ``save_pruned``; host memory holds
+    Same recipe, calibration and result as ``prune(model, ...)`` + ``save_pruned`` (``auto`` with
+    ``split_criterion="model_loss"`` runs with ``split_groups=1``: the uniform choice); host memory holds
     one decoder layer at a time (see the module docstring for the passes). ``resume``: reuse the
     expert choice a killed run left in ``.<out_dir name>.stream``.
     """
@@ -60,6 +64,9 @@ def prune_streaming(
     from ..unstructured import mask_survivors
 
     recipe = (recipe or StunRecipe()).validate()
+    if recipe.auto_split and recipe.split_criterion == "model_loss" and recipe.split_groups > 1:
+        # the group refinement is not streamed (see split_scoring): the recipe written says so
+        recipe = dataclasses.replace(recipe, split_groups=1)
     _refuse_merging(recipe)
     mmap_large_allocations()
     final = Path(out_dir)
@@ -130,8 +137,12 @@ def prune_streaming(
         targets, low_tokens = {}, {}
         if recipe.prunes_weights:
             start = time.perf_counter()
+            # auto (model_loss): the masks of the scored candidate, calibrated without the held-out blocks
+            mask_blocks = calibration
+            if recipe.auto_split and recipe.split_criterion == "model_loss":
+                mask_blocks = held_out_blocks(calibration, recipe.split_held_out)[0]
             targets, low_tokens, n_passes = mask_survivors(
-                skeleton, recipe, before, calibration, device=device, progress=progress
+                skeleton, recipe, before, mask_blocks, device=device, progress=progress
             )
             passes["unstructured"] = n_passes
             seconds["unstructured"] = time.perf_counter() - start

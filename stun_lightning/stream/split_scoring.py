@@ -31,12 +31,12 @@ from tqdm.auto import tqdm
 
 from ..adapters import decoder_layers, moe_layers
 from ..calibration import LAYER_SOURCE, _capture_layer_inputs, _run_layer
-from ..evaluate import block_nll
 from ..recipe import StunRecipe
 from ..split import (
+    block_losses,
     SplitPlan,
-    _removals_within_target,
-    _within,
+    removals_within_target,
+    survivor_sparsities,
     held_out_blocks,
     rose_twice,
     select_at_counts,
@@ -147,15 +147,16 @@ class CandidateSource:
 
 
 def final_nll(model: nn.Module, final: list[torch.Tensor], blocks: torch.Tensor, batch_size: int, device) -> float:
-    """:func:`block_nll` of ``blocks`` whose last decoder layer's outputs are ``final`` (one per batch):
-    the layers are bypassed, the final norm and head run as the model runs them."""
+    """Mean held-out NLL (:func:`stun_lightning.split.block_losses`, as the in-memory candidates are
+    scored) of ``blocks`` whose last decoder layer's outputs are ``final`` (one per batch): the layers
+    are bypassed, the final norm and head run as the model runs them."""
     layers = decoder_layers(model)
     outs = iter(final)
     layers[0].forward = lambda hidden_states, *args, **kwargs: next(outs)
     for layer in layers[1:]:
         layer.forward = lambda hidden_states, *args, **kwargs: hidden_states
     try:
-        return block_nll(model, blocks, batch_size, device)
+        return block_losses(model, blocks, batch_size, device)[1]
     finally:
         for layer in layers:
             del layer.forward
@@ -237,12 +238,14 @@ def choose_split_streaming(
     device=None,
     progress: bool = False,
 ) -> ExpertSelection:
-    """``split_criterion="model_loss"`` on a streamed skeleton: the split
-    :func:`stun_lightning.split.choose_split_by_loss` chooses, and its record."""
+    """``split_criterion="model_loss"`` on a streamed skeleton: the uniform split
+    :func:`stun_lightning.split.choose_split_by_loss` chooses with ``split_groups=1``, and its record.
+    The group refinement (``split_groups > 1``) is not streamed: it scores moves from the uniform
+    choice, which would take one more streamed pass per round; a streamed run keeps the uniform one."""
     target = float(recipe.total_sparsity)
     layers = moe_layers(model)
     statistics, held_out = held_out_blocks(calibration, recipe.split_held_out)
-    candidates = uniform_candidates(layers, _removals_within_target(model, target, min_keep))
+    candidates = uniform_candidates(layers, removals_within_target(model, target, min_keep))
     keeps, passes = {}, 0
     for f, counts in candidates.items():
         if any(counts.values()):
@@ -266,11 +269,12 @@ def choose_split_streaming(
         target,
         keeps[best],
         dict(candidates[best]),
-        _within(target, layers, keeps[best]),
+        survivor_sparsities(target, layers, keeps[best]),
         layer_passes=passes + spent,
         criterion="model_loss",
         losses=tried,
         tried={f: candidates[f] for f in tried},
         held_out_blocks=held_out.shape[0],
+        uniform=best,
     )
     return ExpertSelection(plan.keep, plan.layer_passes, plan.to_dict())
