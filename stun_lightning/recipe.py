@@ -62,8 +62,9 @@ class StunRecipe:
             in this many groups of consecutive layers, each group's removal moved one candidate
             step up or down where that lowers the held-out loss (1 = uniform only; default 4; at
             most 5 + 2 * split_groups pruned copies scored).
-        split_margin: a group move is kept only if its mean held-out per-block loss gain exceeds
-            this many paired standard errors (default 2.0; 0 = any gain).
+        split_margin: a uniform candidate that removes more experts, and a group move, is kept only
+            if its mean held-out per-block loss gain over the best so far exceeds this many paired
+            standard errors (default 2.0; 0 = any gain, the least loss).
         expert_method: ``stun`` (default), ``frequency``, ``random``, ``reap``, ``ean``, ``naee``, ``eep`` or
             ``uncurl`` (see ``stun_lightning/methods/``; the last five keep the same count per layer).
         layer_budget: ``global`` (STUN: one threshold shared by all layers, so counts differ per

@@ -348,6 +348,35 @@ class Losses:
         self.loss = float(self.block_losses.mean())
 
 
+@pytest.mark.parametrize("margin, chosen", [(2.0, 0.0), (0.0, 0.125)])
+def test_uniform_choice_takes_more_removals_only_past_the_margin(margin, chosen, monkeypatch):
+    """Fractions rise from 0: 1/8 lowers the mean held-out loss by a noisy 0.005 (inside 2 paired SE),
+    1/4 and 3/8 are worse (the search stops there). With the margin the zero-removal candidate stays;
+    at margin 0 the least loss (1/8) wins, as before the margin."""
+    from types import SimpleNamespace
+
+    from stun_lightning.split import model_loss
+    from stun_lightning.split.candidate import Scored
+
+    model = build_tiny_model("mixtral")
+    base = [1.0, 1.2, 0.8, 1.0]
+    noisy_gain = [0.03, -0.02, 0.025, -0.015]
+    by_removed = {0: base, 2: [b - g for b, g in zip(base, noisy_gain)], 4: [b + 0.1 for b in base]}
+
+    def fake_score(model, recipe, selection, statistics, held_out, device=None):
+        removed = sum(8 - len(kept) for kept in selection.keep.values())
+        per_block = torch.tensor(by_removed.get(removed, [b + 0.2 for b in base]), dtype=torch.float64)
+        return Scored(per_block, float(per_block.mean()), 0, SimpleNamespace(keep=selection.keep))
+
+    monkeypatch.setattr(model_loss, "score_candidate", fake_score)
+    ids = random_ids(model, n=8)
+    recipe = auto(0.6, expert_method="frequency", split_groups=1, split_margin=margin, split_held_out=0.5).validate()
+    plan = model_loss.choose_split_by_loss(model, recipe, ids, min_keep=min_keep_per_layer(model, recipe))
+    assert plan.uniform == chosen and list(plan.losses) == [0.0, 0.125, 0.25, 0.375]  # stopped: rose twice
+    assert model_loss.removes_more_for_less(torch.tensor(base), torch.tensor(by_removed[2]), 0.0)
+    assert not model_loss.removes_more_for_less(torch.tensor(base), torch.tensor(by_removed[2]), 2.0)
+
+
 def test_refinement_never_accepts_a_move_whose_gain_is_inside_the_margin():
     current = Losses([1.0, 1.2, 0.8, 1.0])
     noisy_gain = [0.03, -0.02, 0.025, -0.015]  # mean 0.005, paired SE 0.0125: inside 2 SE

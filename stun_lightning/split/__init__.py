@@ -14,7 +14,7 @@ it (the recipe's expert selection, surgery and unstructured phase, OWL allocatio
 trial copy of the model that owns its expert and router tensors (and with ``prune_dense`` its dense
 linears' weights) and shares the rest. Its score is the next-token NLL of that pruned copy on
 held-out calibration blocks (the last ``recipe.split_held_out`` of them, at least one), which
-neither the selection nor the masks see. The least loss wins (ties: fewer removals). Fractions are
+neither the selection nor the masks see. Fractions are taken from 0 up, a larger one replacing the best so far only when its per-block gain beats ``recipe.split_margin`` paired standard errors (ours; 0: the least loss). Fractions are
 tried from 0 up and the search stops once the loss rose for two candidates in a row (a loss that
 rose twice is taken to keep rising). With ``recipe.split_groups > 1`` (default 4) the uniform
 choice is then refined non-uniformly, group of consecutive layers by group, each move kept only
@@ -56,7 +56,7 @@ from ..recipe import StunRecipe
 from .block_error import block_output, choose_split_by_block_error, error_curves, layer_error_curve
 from .budgets import allocate_removals, choose_budgets, interpolate
 from .candidate import Candidate, Scored, block_losses, candidate_loss, score_candidate, trial_copy
-from .model_loss import choose_split_by_loss, held_out_blocks, rose_twice
+from .model_loss import choose_split_by_loss, held_out_blocks, removes_more_for_less, rose_twice
 from .plan import (
     GROUP_MIN_EXPERTS,
     MAX_TOKENS,
@@ -129,6 +129,7 @@ __all__ = [
     "removal_at",
     "removals_per_layer",
     "removals_within_target",
+    "removes_more_for_less",
     "rose_twice",
     "select_at_counts",
     "survivor_sparsity",

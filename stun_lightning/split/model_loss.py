@@ -11,7 +11,7 @@ from ..recipe import StunRecipe
 from ..structured import ExpertSelection
 from .candidate import Scored, score_candidate
 from .plan import SplitPlan, removals_within_target, select_at_counts, survivor_sparsities, uniform_candidates
-from .refine import layer_groups, refine_counts
+from .refine import beats_margin, layer_groups, paired_gain, refine_counts
 
 
 def held_out_blocks(calibration: torch.Tensor, fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,6 +29,14 @@ def held_out_blocks(calibration: torch.Tensor, fraction: float) -> tuple[torch.T
             "or use split_criterion='block_error'"
         )
     return calibration[:-held], calibration[-held:]
+
+
+def removes_more_for_less(best: torch.Tensor, candidate: torch.Tensor, margin: float) -> bool:
+    """Whether a uniform candidate that removes more experts replaces the best so far (fractions are
+    tried from 0 up): its held-out per-block loss gain must beat ``margin`` paired standard errors, as
+    a refinement move must (:func:`stun_lightning.split.refine.beats_margin`; ``margin=0``: any
+    lower loss). Ours: a removal the held-out blocks cannot tell from noise is not taken."""
+    return beats_margin(*paired_gain(best, candidate), margin)
 
 
 def rose_twice(losses: list[float]) -> bool:
@@ -74,7 +82,7 @@ def choose_split_by_loss(
     for f, counts in uniform.items():
         scored = score(counts)
         losses[f], tried[f] = scored.loss, counts
-        if best is None or scored.loss < best[1].loss:  # ties: fewer removals (fractions rise)
+        if best is None or removes_more_for_less(best[1].block_losses, scored.block_losses, recipe.split_margin):
             best = (f, scored)  # the candidate before it is released: one kept at a time
         if rose_twice(list(losses.values())):
             break

@@ -38,6 +38,7 @@ from ..split import (
     removals_within_target,
     survivor_sparsities,
     held_out_blocks,
+    removes_more_for_less,
     rose_twice,
     select_at_counts,
     trial_copy,
@@ -146,9 +147,11 @@ class CandidateSource:
         free_layer(layer, _router_tensors(layer, self.model, i))
 
 
-def final_nll(model: nn.Module, final: list[torch.Tensor], blocks: torch.Tensor, batch_size: int, device) -> float:
-    """Mean held-out NLL (:func:`stun_lightning.split.block_losses`, as the in-memory candidates are
-    scored) of ``blocks`` whose last decoder layer's outputs are ``final`` (one per batch): the layers
+def final_nll(
+    model: nn.Module, final: list[torch.Tensor], blocks: torch.Tensor, batch_size: int, device
+) -> tuple[float, torch.Tensor]:
+    """(mean held-out NLL, per-block NLL per predicted token) (:func:`stun_lightning.split.block_losses`,
+    as the in-memory candidates are scored) of ``blocks`` whose last decoder layer's outputs are ``final`` (one per batch): the layers
     are bypassed, the final norm and head run as the model runs them."""
     layers = decoder_layers(model)
     outs = iter(final)
@@ -156,7 +159,8 @@ def final_nll(model: nn.Module, final: list[torch.Tensor], blocks: torch.Tensor,
     for layer in layers[1:]:
         layer.forward = lambda hidden_states, *args, **kwargs: hidden_states
     try:
-        return block_losses(model, blocks, batch_size, device)[1]
+        per_block, loss = block_losses(model, blocks, batch_size, device)
+        return loss, per_block / (blocks.shape[1] - 1)
     finally:
         for layer in layers:
             del layer.forward
@@ -180,14 +184,14 @@ def score_candidates(
     *,
     device=None,
     progress: bool = False,
-) -> tuple[dict[float, float], int]:
-    """(held-out NLL per candidate, decoder-layer passes) of ``model`` pruned as ``prune()`` prunes it
+) -> tuple[dict[float, tuple[float, torch.Tensor]], int]:
+    """((held-out NLL, per-block NLL) per candidate, decoder-layer passes) of ``model`` pruned as ``prune()`` prunes it
     with each candidate's kept experts, every layer read once per pass for all candidates."""
     before = _shape_census(model)
     home = next(model.parameters()).device
     run_on = torch.device(device) if device is not None else home
     lockstep, shared = Lockstep(len(keeps)), SharedLayer(reader, model, progress)
-    results: dict[float, tuple[float, int]] = {}
+    results: dict[float, tuple[tuple[float, torch.Tensor], int]] = {}
     errors: list[tuple[int, BaseException]] = []
 
     def run(c: int, f: float, trial: nn.Module, source: CandidateSource) -> None:
@@ -260,11 +264,13 @@ def choose_split_streaming(
         model, recipe, keeps, statistics, held_out, reader, device=device, progress=progress
     )
     tried: dict[float, float] = {}
-    for f in candidates:  # the in-memory search's early stop, replayed: its candidates, its choice
-        tried[f] = losses[f]
+    best = None
+    for f in candidates:  # the in-memory search, replayed: its candidates, its margin, its early stop
+        tried[f] = losses[f][0]
+        if best is None or removes_more_for_less(losses[best][1], losses[f][1], recipe.split_margin):
+            best = f
         if rose_twice(list(tried.values())):
             break
-    best = min(tried, key=lambda f: (tried[f], sum(candidates[f].values())))
     plan = SplitPlan(
         target,
         keeps[best],
