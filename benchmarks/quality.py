@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import re
 import time
 from pathlib import Path
 
@@ -168,6 +169,12 @@ def model_name(spec: str) -> str:
     return Path(spec).resolve().name if Path(spec).name != "model" else Path(spec).resolve().parent.name
 
 
+def method_filters(text: str) -> list[str]:
+    """``--methods`` texts: split at the commas outside parentheses, so that a row label such as
+    ``auto (model_loss, split_groups=4)`` can be given whole."""
+    return [t.strip() for t in re.split(r",(?![^(]*\))", text) if t.strip()]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
@@ -256,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
         calibrations["math"], math_source = math_calibration(tokenizer, args.data, n_calib, args.seq_len)
     rows = build_rows(args.stun_experts, args.investigate, families)
     if args.methods:
-        wanted = [t.strip() for t in args.methods.split(",") if t.strip()]
+        wanted = method_filters(args.methods)
         rows = [r for r in rows if r.recipe is None or any(t in r.method for t in wanted)]
     args.out.mkdir(parents=True, exist_ok=True)
     suffix = "" if set(families) == set(FAMILIES) else "_" + "_".join(families)

@@ -30,6 +30,21 @@ def check_recipe(model: nn.Module, recipe: StunRecipe) -> tuple[int, dict[int, i
     return plan
 
 
+def resolve_calibration(recipe: StunRecipe, calibration: torch.Tensor | None, tokenizer) -> torch.Tensor | None:
+    """``calibration``, or blocks of the shipped calibration text from ``tokenizer`` when the recipe
+    needs data and none was given (``prune()`` and ``prune_streaming()``); an error names the fix."""
+    data_needed = needs_calibration(recipe) or (recipe.prunes_weights and get_metric(recipe.metric).needs_data)
+    if data_needed and calibration is None:
+        if tokenizer is None:
+            raise ValueError("this recipe needs calibration data: pass calibration=token ids [N, L] or tokenizer=...")
+        from .data import calibration_blocks
+
+        calibration = calibration_blocks(
+            tokenizer, None, recipe.calibration_samples, recipe.calibration_seq_len, recipe.seed
+        )
+    return calibration
+
+
 def prune(
     model: nn.Module,
     recipe: StunRecipe | None = None,
@@ -53,15 +68,7 @@ def prune(
     """
     recipe = (recipe or StunRecipe()).validate()
     keep_total, per_layer, min_keep = check_recipe(model, recipe)
-    data_needed = needs_calibration(recipe) or (recipe.prunes_weights and get_metric(recipe.metric).needs_data)
-    if data_needed and calibration is None:
-        if tokenizer is None:
-            raise ValueError("this recipe needs calibration data: pass calibration=token ids [N, L] or tokenizer=...")
-        from .data import calibration_blocks
-
-        calibration = calibration_blocks(
-            tokenizer, None, recipe.calibration_samples, recipe.calibration_seq_len, recipe.seed
-        )
+    calibration = resolve_calibration(recipe, calibration, tokenizer)
 
     before = ModelCensus.of(model)
     seconds, passes, removed, split = {}, {}, {}, {}

@@ -109,3 +109,13 @@ def test_short_distillation_lowers_the_perplexity_of_a_pruned_model_and_keeps_it
     assert fit["steps"] == 8 and fit["first"]["expert"] > 0
     assert measured_sparsity(student) == sparsity
     assert after < before, (before, after)
+
+
+def test_methods_filter_keeps_a_label_with_a_comma_whole():
+    from benchmarks.quality import method_filters
+    from benchmarks.quality_rows import auto_rows
+
+    wanted = method_filters("owl+wanda only, auto (model_loss, split_groups=4) + owl+wanda")
+    assert wanted == ["owl+wanda only", "auto (model_loss, split_groups=4) + owl+wanda"]
+    chosen = {r.method for r in auto_rows() if any(t in r.method for t in wanted)}
+    assert chosen == {"owl+wanda only", "auto (model_loss, split_groups=4) + owl+wanda"}

@@ -58,8 +58,8 @@ def prune_streaming(
     one decoder layer at a time (see the module docstring for the passes). ``resume``: reuse the
     expert choice a killed run left in ``.<out_dir name>.stream``.
     """
-    from ..prune import check_recipe
-    from ..structured import apply_expert_sets, needs_calibration, run_selection
+    from ..prune import check_recipe, resolve_calibration
+    from ..structured import apply_expert_sets, run_selection
     from ..metrics import get_metric
     from ..unstructured import mask_survivors
 
@@ -82,15 +82,7 @@ def prune_streaming(
     reader = ShardReader(directory)
     skeleton = build_skeleton(directory, reader, torch_dtype)
     keep_total, per_layer, min_keep = check_recipe(skeleton, recipe)
-    data_needed = needs_calibration(recipe) or (recipe.prunes_weights and get_metric(recipe.metric).needs_data)
-    if data_needed and calibration is None:
-        if tokenizer is None:
-            raise ValueError("this recipe needs calibration data: pass calibration=token ids [N, L] or tokenizer=...")
-        from ..data import calibration_blocks
-
-        calibration = calibration_blocks(
-            tokenizer, None, recipe.calibration_samples, recipe.calibration_seq_len, recipe.seed
-        )
+    calibration = resolve_calibration(recipe, calibration, tokenizer)
 
     metric_reads_data = recipe.prunes_weights and get_metric(recipe.metric).needs_data
     source = StreamSource(skeleton, reader, work, final_pass="pruning weights" if metric_reads_data else "")
