@@ -89,3 +89,32 @@ def assert_refuses_tampered_checkpoint(path, weights_file: str, is_dropped, drop
     save_file(state, weights, metadata={"format": "pt"})
     with pytest.raises(IncompleteCheckpointError, match="stray"):
         load(path)
+
+
+def successor_blocks(n=16, length=32, vocab=64, seed=0):
+    """Token blocks that follow one fixed random successor per token (learnable in a few steps)."""
+    gen = torch.Generator().manual_seed(seed)
+    successor = torch.randperm(vocab, generator=gen)
+    blocks = torch.empty(n, length, dtype=torch.long)
+    blocks[:, 0] = torch.randint(0, vocab, (n,), generator=gen)
+    for t in range(1, length):
+        blocks[:, t] = successor[blocks[:, t - 1]]
+    return blocks
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """(tiny top-1 model trained on successor_blocks, its blocks): every expert carries what its tokens need."""
+    torch.manual_seed(0)
+    model = build_tiny_model("mixtral", seed=0, num_experts_per_tok=1, vocab_size=128)
+    ids = successor_blocks()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(60):
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    assert loss.item() < 0.5  # it learned the successors
+    return model, ids
