@@ -57,14 +57,7 @@ SHAPES = {
 # Expert-count sweep: Qwen3-30B-like layers (tiny ones with --quick), top-k capped so that even
 # 8 experts at 50% expert sparsity keep at least top-k.
 SWEEP_DIMS = {
-    "qwen3": dict(
-        hidden_size=2048,
-        moe_intermediate_size=768,
-        intermediate_size=6144,
-        num_attention_heads=32,
-        num_key_value_heads=4,
-        head_dim=128,
-    ),
+    "qwen3": {k: v for k, v in SHAPES["qwen3"][1].items() if k not in ("num_experts", "num_experts_per_tok")},
     "tiny": dict(
         hidden_size=64,
         moe_intermediate_size=32,

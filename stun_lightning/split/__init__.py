@@ -55,7 +55,7 @@ from torch import nn
 from ..recipe import StunRecipe
 from .block_error import block_output, choose_split_by_block_error, error_curves, layer_error_curve
 from .budgets import allocate_removals, choose_budgets, interpolate
-from .candidate import Candidate, Scored, block_losses, candidate_loss, score_candidate, trial_copy
+from .candidate import Candidate, Scored, block_losses, score_candidate, trial_copy
 from .model_loss import choose_split_by_loss, held_out_blocks, removes_more_for_less, rose_twice
 from .plan import (
     GROUP_MIN_EXPERTS,
@@ -114,7 +114,6 @@ __all__ = [
     "SplitPlan",
     "allocate_removals",
     "block_output",
-    "candidate_loss",
     "candidate_removals",
     "choose_budgets",
     "choose_split",

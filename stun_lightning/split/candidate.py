@@ -136,17 +136,3 @@ def score_candidate(
                         candidate.dense_masks[i, name] = linear.weight != 0
     n_tokens = held_out.shape[1] - 1
     return Scored(per_block / n_tokens, loss, passes + len(decoder_layers(trial)), candidate)
-
-
-def candidate_loss(
-    model: nn.Module,
-    recipe: StunRecipe,
-    selection: ExpertSelection,
-    statistics: torch.Tensor,
-    held_out: torch.Tensor,
-    *,
-    device: str | torch.device | None = None,
-) -> tuple[float, int]:
-    """(held-out NLL, decoder-layer passes) of :func:`score_candidate`, the candidate not kept."""
-    scored = score_candidate(model, recipe, selection, statistics, held_out, device=device, keep=False)
-    return scored.loss, scored.passes
