@@ -143,3 +143,15 @@ def test_benchmark_checkpoint_streams_like_in_memory(tmp_path):
     save_pruned(model, tmp_path / "mem")
     prune_streaming(tmp_path / "src", tmp_path / "st", recipe, ids, progress=False)
     assert_same_checkpoint(tmp_path / "mem", tmp_path / "st")
+
+
+def test_streaming_auto_replays_the_margin_of_the_in_memory_choice(tmp_path):
+    """At the default 2 paired SE the in-memory choice differs from the least-loss one on this model;
+    the streamed run must make the same margin-guarded choice."""
+    guarded = StunRecipe(**dict(AUTO, split_margin=2.0))
+    ids, report = _in_memory("mixtral", tmp_path, guarded)
+    least = prune(load_pruned(tmp_path / "src"), StunRecipe(**AUTO), ids, progress=False)
+    assert report.expert_split["removed"] != least.expert_split["removed"]  # the margin decided
+    streamed = prune_streaming(tmp_path / "src", tmp_path / "st", guarded, ids, progress=False)
+    assert streamed.expert_split == report.expert_split
+    assert_same_checkpoint(tmp_path / "mem", tmp_path / "st")
