@@ -1,8 +1,9 @@
 """Recovery after aggressive pruning, measured: every ``StunDistillModule(loss=...)`` option side by side.
 
 For a reference model: prune at 50% and 70% of the expert weights in total with the default recipe
-(STUN, 25% of the experts, then OWL+Wanda inside the survivors, ``total_sparsity=``) and with 2:4
-inside the survivors (25% of the experts + 2:4, about 62% total); then fit a fixed budget of
+(``StunRecipe.default()``: the ``auto`` split between removed experts and OWL+Wanda inside the
+survivors) and with 2:4 inside the survivors (25% of the experts by routing frequency + 2:4, about
+62% total); then fit a fixed budget of
 ``--steps`` x ``--batch`` x ``--seq-len`` tokens with each recovery option (``ce`` = the CE-only
 control, ``logit_kd``, ``expert_kd``, ``block_kd``, ``router_kd``), masks held fixed. Reported per
 row: held-out perplexity per domain before and after, the share of the gap to dense recovered
@@ -27,19 +28,24 @@ import torch
 from benchmarks.data_folder import add_data_argument, require_data
 from benchmarks.quality import evaluate, heldout_ids, load_model, model_name
 from stun_lightning import StunRecipe, prune
+from stun_lightning.recipe import DEFAULT_RECIPE
 from stun_lightning.data import calibration_blocks
 from stun_lightning.distill import RECOVERY_LOSSES, kept_from_removed
 from stun_lightning.expert_masks import masks_from_zeros, measured_sparsity
 from stun_lightning.tiny import load_tokenizer
 
-RECIPES = {
-    "50% total": dict(
-        expert_sparsity=0.25, layer_budget="uniform", metric="wanda", allocation="owl", total_sparsity=0.5
+DEFAULT = {k: v for k, v in DEFAULT_RECIPE.items() if not k.startswith("calibration_")}
+RECIPES = {  # the default recipe (the auto split) at two totals, and 25% of the experts + 2:4
+    "50% total": dict(DEFAULT, total_sparsity=0.5),
+    "70% total": dict(DEFAULT, total_sparsity=0.7),
+    "2:4": dict(
+        expert_sparsity=0.25,
+        expert_method="frequency",
+        layer_budget="uniform",
+        metric="wanda",
+        pattern="2:4",
+        sparsity=0.5,
     ),
-    "70% total": dict(
-        expert_sparsity=0.25, layer_budget="uniform", metric="wanda", allocation="owl", total_sparsity=0.7
-    ),
-    "2:4": dict(expert_sparsity=0.25, layer_budget="uniform", metric="wanda", pattern="2:4", sparsity=0.5),
 }
 
 

@@ -11,24 +11,7 @@ from pathlib import Path
 import torch
 
 from .cli_inputs import UsageError, default_device, load_model_and_tokenizer
-from .recipe import StunRecipe
-
-#: ``prune`` without ``--recipe``: 55% of the expert parameters, the split between removed experts
-#: (chosen by routing frequency, the same count per layer) and OWL+Wanda inside the survivors chosen
-#: by the pruned model's held-out calibration loss (``expert_sparsity: auto``, ``split_criterion:
-#: model_loss``). Why: on the two from-scratch H100 reference models frequency removal beat STUN's
-#: router clustering at every total and OWL+Wanda alone was best at 50-70%
-#: (benchmarks/results/quality_auto_h100.md); on the upcycled shipped model removal pays
-#: (quality_auto_cpu.md). ``auto`` tries both, zero removals included.
-DEFAULT_RECIPE = dict(
-    expert_sparsity="auto",
-    expert_method="frequency",
-    total_sparsity=0.55,
-    allocation="owl",
-    metric="wanda",
-    calibration_samples=64,
-    calibration_seq_len=256,
-)
+from .recipe import DEFAULT_RECIPE, StunRecipe
 
 
 def fraction_or_auto(text: str) -> float | str:

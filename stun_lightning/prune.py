@@ -58,6 +58,8 @@ def prune(
     """Prune ``model`` in place: remove experts, then mask weights inside the survivors.
 
     Args:
+        recipe: default :meth:`StunRecipe.default` (the recommended ``auto`` split at 55% total);
+            ``StunRecipe()`` field defaults are STUN's official recipe instead.
         calibration: token ids ``[N, L]``; if None and the recipe needs data, ``tokenizer`` is used
             to cut the package's shipped calibration text into ``recipe.calibration_samples`` windows.
         device: where calibration runs, one decoder layer at a time (default: the model's device).
@@ -66,7 +68,7 @@ def prune(
             ``report.figures``; costs two routing passes (see :mod:`stun_lightning.figures`).
     Returns a :class:`PruneReport` counted from the pruned tensors.
     """
-    recipe = (recipe or StunRecipe()).validate()
+    recipe = (recipe or StunRecipe.default()).validate()
     keep_total, per_layer, min_keep = check_recipe(model, recipe)
     calibration = resolve_calibration(recipe, calibration, tokenizer)
 

@@ -43,9 +43,31 @@ def field_choices() -> dict[str, list[str]]:
     }
 
 
+#: ``prune(model)`` and ``stun-lightning prune`` without a recipe: 55% of the expert parameters, the split between removed experts
+#: (chosen by routing frequency, the same count per layer) and OWL+Wanda inside the survivors chosen
+#: by the pruned model's held-out calibration loss (``expert_sparsity: auto``, ``split_criterion:
+#: model_loss``). Why: on the two from-scratch H100 reference models frequency removal beat STUN's
+#: router clustering at every total and OWL+Wanda alone was best at 50-70%
+#: (benchmarks/results/quality_auto_h100.md); on the upcycled shipped model removal pays
+#: (quality_auto_cpu.md). ``auto`` tries both, zero removals included.
+DEFAULT_RECIPE = dict(
+    expert_sparsity="auto",
+    expert_method="frequency",
+    total_sparsity=0.55,
+    allocation="owl",
+    metric="wanda",
+    calibration_samples=64,
+    calibration_seq_len=256,
+)
+
+
 @dataclass
 class StunRecipe:
     """Structured-then-unstructured pruning of a MoE model.
+
+    The field defaults are STUN's official recipe (router clustering of 25% of the experts, global
+    threshold); the recommended recipe, what ``prune(model)`` uses without one, is
+    :meth:`StunRecipe.default` (:data:`DEFAULT_RECIPE`).
 
     Structured phase (whole experts):
         expert_sparsity: fraction of routed experts removed over all MoE layers (0 = skip), or
@@ -214,6 +236,11 @@ class StunRecipe:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def default(cls) -> "StunRecipe":
+        """The recommended recipe (:data:`DEFAULT_RECIPE`): what ``prune(model)`` and the CLI use without one."""
+        return cls.from_dict(dict(DEFAULT_RECIPE))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "StunRecipe":

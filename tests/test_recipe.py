@@ -52,3 +52,11 @@ def test_method_options_a_method_does_not_read_are_refused_with_a_suggestion():
     StunRecipe(
         expert_method="eep", layer_budget="uniform", method_options={"total_evaluations": 8, "fitness_ids": None}
     )
+
+
+def test_prune_without_a_recipe_uses_the_recommended_auto_split():
+    model = build_tiny_model("qwen3_moe")
+    report = prune(model, calibration=random_ids(model, n=16, length=32), progress=False)
+    assert report.recipe == StunRecipe.default().validate().to_dict()
+    assert report.recipe["expert_sparsity"] == "auto" and report.expert_split
+    assert abs(report.expert_param_sparsity - 0.55) < 0.03
