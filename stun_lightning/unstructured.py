@@ -10,7 +10,7 @@ One implementation, called two ways:
 Both go through the same per-layer steps: the low-token rule (:func:`low_token_experts`), the
 metric's scores (:func:`expert_scores`, ``stun_lightning.metrics``), OWL's outlier ratio
 (:func:`layer_outlier_ratio`), the layer targets (``stun_lightning.patterns.layer_targets``), the layer's
-pattern (:func:`layer_pattern`) and its masks (:func:`expert_layer_masks`). Given the same statistics
+pattern (:func:`layer_pattern`) and its masks (:func:`expert_masks`, one expert at a time). Given the same statistics
 and recipe, both therefore give the same masks (``tests/test_unstructured.py``).
 
 Deviations from the official methods, named here because no paper states them:
@@ -153,6 +153,32 @@ def layer_pattern(recipe: StunRecipe, target: float) -> str:
     return recipe.pattern
 
 
+def expert_masks(
+    layer: MoELayer,
+    weights: dict[str, torch.Tensor],
+    stats: LayerStats | None,
+    target: float,
+    recipe: StunRecipe,
+    previous: ExpertMasks | None = None,
+) -> Iterator[tuple[str, int, torch.Tensor | None]]:
+    """``(matrix, expert, keep-mask [out, in] or None)`` of every expert matrix of ``layer`` at ``target``,
+    one expert at a time (None: keep every weight).
+
+    With ``previous`` masks, already-masked weights rank below every live one (masks only grow), and
+    experts the low-token rule leaves alone keep their previous mask. An expert's mask depends only on
+    its own weights, so the caller may apply it before the next one is computed."""
+    pattern = layer_pattern(recipe, target)
+    for name, e, sc in expert_scores(layer, weights, stats, recipe):
+        old = previous.get(layer.index, name) if previous is not None else None
+        old = old[e].to(weights[name].device) if old is not None else None
+        if sc is None:
+            yield name, e, old
+            continue
+        if old is not None:
+            sc = sc.masked_fill(~old.to(sc.device), -1.0)
+        yield name, e, mask_from_scores(sc, target, pattern)
+
+
 def expert_layer_masks(
     layer: MoELayer,
     weights: dict[str, torch.Tensor],
@@ -161,22 +187,11 @@ def expert_layer_masks(
     recipe: StunRecipe,
     previous: ExpertMasks | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Keep-masks ``[E, out, in]`` of the layer's expert matrices at ``target``.
-
-    With ``previous`` masks, already-masked weights rank below every live one (masks only grow), and
-    experts the low-token rule leaves alone keep their previous mask."""
-    pattern = layer_pattern(recipe, target)
+    """Keep-masks ``[E, out, in]`` of the layer's expert matrices at ``target`` (:func:`expert_masks`, gathered)."""
     masks = {name: torch.ones(w.shape, dtype=torch.bool, device=w.device) for name, w in weights.items()}
-    for name, e, sc in expert_scores(layer, weights, stats, recipe):
-        old = previous.get(layer.index, name) if previous is not None else None
-        old = old[e].to(masks[name].device) if old is not None else None
-        if sc is None:
-            if old is not None:
-                masks[name][e] = old
-            continue
-        if old is not None:
-            sc = sc.masked_fill(~old.to(sc.device), -1.0)
-        masks[name][e] = mask_from_scores(sc, target, pattern)
+    for name, e, mask in expert_masks(layer, weights, stats, target, recipe, previous):
+        if mask is not None:
+            masks[name][e] = mask
     return masks
 
 
@@ -336,8 +351,10 @@ def prune_weights(
             if low := low_token_experts(stats, recipe):
                 low_tokens[i] = low
             weights = layer.expert_matrices()
-            for name, mask in expert_layer_masks(layer, weights, stats, target, recipe).items():
-                weights[name].mul_(mask.to(weights[name].dtype))
+            # each expert's mask applied as it comes: no float copy of the layer's masks (a streamed prune's peak)
+            for name, e, mask in expert_masks(layer, weights, stats, target, recipe):
+                if mask is not None:
+                    weights[name][e].mul_(mask.to(weights[name].dtype))
         if recipe.prune_dense:
             linears = dict(dense_linears(all_layers[i]))
             for name, mask in dense_layer_masks(all_layers[i], stats, target, recipe).items():
@@ -372,6 +389,7 @@ __all__ = [
     "dense_layer_masks",
     "dense_linears",
     "expert_layer_masks",
+    "expert_masks",
     "expert_scores",
     "layer_outlier_ratio",
     "layer_pattern",

@@ -118,11 +118,26 @@ def read_layer(reader: ShardReader, prefix: str) -> tuple[dict[str, torch.Tensor
             plain[local] = reader.get(key)
     for base, per in experts.items():
         order = sorted(per)
-        plain[f"{base}.gate_up_proj"] = torch.stack(
-            [torch.cat([reader.get(per[e]["gate_proj"]), reader.get(per[e]["up_proj"])]) for e in order]
-        )
-        plain[f"{base}.down_proj"] = torch.stack([reader.get(per[e]["down_proj"]) for e in order])
+        plain[f"{base}.gate_up_proj"] = _fused(reader, [(per[e]["gate_proj"], per[e]["up_proj"]) for e in order])
+        plain[f"{base}.down_proj"] = _fused(reader, [(per[e]["down_proj"],) for e in order])
     return plain, layout
+
+
+def _fused(reader: ShardReader, keys: list[tuple[str, ...]]) -> torch.Tensor:
+    """``[E, sum of rows, in]`` from per-expert matrices, filled one matrix at a time (``torch.stack``
+    of the read list would hold the layer's experts twice)."""
+    out = None
+    for e, parts in enumerate(keys):
+        mats = [reader.get(key) for key in parts]  # one expert's matrices
+        if out is None:
+            out = torch.empty((len(keys), sum(m.shape[0] for m in mats), *mats[0].shape[1:]), dtype=mats[0].dtype)
+        if sum(m.shape[0] for m in mats) != out.shape[1] or any(m.shape[1:] != out.shape[2:] for m in mats):
+            raise CorruptShardError(
+                f"{', '.join(parts)}: shapes {[tuple(m.shape) for m in mats]} differ from the first expert's "
+                f"(rows {out.shape[1]}, {tuple(out.shape[2:])} inputs); the checkpoint is inconsistent"
+            )
+        torch.cat(mats, out=out[e])
+    return out
 
 
 def layer_to_checkpoint(tensors: dict[str, torch.Tensor], prefix: str, layout: _Layout) -> dict[str, torch.Tensor]:
