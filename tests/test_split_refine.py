@@ -159,10 +159,14 @@ def test_prune_applies_exactly_the_candidate_it_scored(trained, monkeypatch):
 
     monkeypatch.setattr(model_loss, "score_candidate", lambda *a, **k: scored.append(real_score(*a, **k)) or scored[-1])
     report = prune(
-        model, auto(0.7, expert_method="stun", metric="wanda", allocation="owl"), calibration=ids, progress=False
+        model,
+        auto(0.7, expert_method="stun", metric="wanda", allocation="owl"),
+        calibration=ids,
+        progress=False,
     )
     assert len(trials) == len(scored) <= 5 + 2 * 2  # bounded: uniform fractions + two moves per group
     (k,) = [n for n, s in enumerate(scored) if s.candidate is plans[0].candidate]
     got = model.state_dict()
     assert got.keys() == trials[k].keys() and all(torch.equal(got[n], trials[k][n]) for n in got)
-    assert report.removed_experts and report.layer_target_sparsity == plans[0].candidate.layer_targets
+    # the choice may remove nothing (the margin decides); the masks must still be the candidate's own
+    assert report.layer_target_sparsity == plans[0].candidate.layer_targets
