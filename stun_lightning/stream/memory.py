@@ -5,7 +5,8 @@ from __future__ import annotations
 import ctypes
 import sys
 
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameters (malloc.h)
+M_ARENA_MAX = -8
 #: glibc's own starting threshold; fixing it turns off the sliding threshold that outgrows it
 MMAP_THRESHOLD = 128 * 1024
 
@@ -23,4 +24,7 @@ def mmap_large_allocations(threshold: int = MMAP_THRESHOLD) -> bool:
         libc.gnu_get_libc_version  # absent from musl and other C libraries
     except (OSError, AttributeError):
         return False
+    # one heap for all threads: the lockstep candidate threads of a streamed ``auto`` each grew
+    # their own arena, holding freed blocks at the peak (tests/test_stream_memory.py, issue 26)
+    libc.mallopt(M_ARENA_MAX, 1)
     return bool(libc.mallopt(M_MMAP_THRESHOLD, int(threshold)))
