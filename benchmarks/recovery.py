@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--losses", default=",".join(RECOVERY_LOSSES), help="comma-separated recovery options")
     parser.add_argument(
         "--recipes", default=",".join(RECIPES), help="comma-separated: " + ", ".join(RECIPES).replace("%", "%%")
@@ -132,7 +132,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         args.steps, args.batch, args.seq_len, args.heldout_tokens = 30, 4, 64, args.heldout_tokens or 8192
     data = require_data(args.data, "held-out perplexity per domain")
-    tokenizer = load_tokenizer(None if args.model == "shipped" else args.model)
+    # the reference models of benchmarks.train_reference use the shipped tokenizer and save none
+    own = args.model != "shipped" and any(Path(args.model).glob("tokenizer*"))
+    tokenizer = load_tokenizer(args.model if own else None)
     heldout = heldout_ids(tokenizer, "data", data, args.heldout_tokens)
     dense = load_model(args.model, args.device)
     calibration = calibration_blocks(tokenizer, None, 64 if args.quick else 128, 256, seed=0)
@@ -167,6 +169,8 @@ def main(argv: list[str] | None = None) -> None:
         for loss in losses:
             student = copy.deepcopy(pruned)
             stats = fit(dense, student, report, loss, args)
+            # Lightning's teardown leaves the modules on the CPU
+            student.to(args.device), dense.to(args.device)
             if abs(measured_sparsity(student) - measured_sparsity(pruned)) > 1e-9:
                 raise RuntimeError(f"masks moved during the {loss} fit")
             after, _ = evaluate(student, heldout, 256, 8, args.device)
