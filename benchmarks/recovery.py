@@ -88,7 +88,7 @@ def fit(dense, student, report, loss: str, args) -> dict:
     with torch.enable_grad():
         trainer.fit(module, data)
     seconds = time.perf_counter() - start
-    student.eval()
+    student.to(args.device).eval()  # Lightning's teardown leaves it on the CPU
     peak = torch.cuda.max_memory_allocated() / 2**30 if args.device.type == "cuda" else float("nan")
     return {
         "tokens_per_s": trainer.global_step * args.batch * args.seq_len / seconds,
@@ -132,9 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         args.steps, args.batch, args.seq_len, args.heldout_tokens = 30, 4, 64, args.heldout_tokens or 8192
     data = require_data(args.data, "held-out perplexity per domain")
-    # the reference models of benchmarks.train_reference use the shipped tokenizer and save none
-    own = args.model != "shipped" and any(Path(args.model).glob("tokenizer*"))
-    tokenizer = load_tokenizer(args.model if own else None)
+    tokenizer = load_tokenizer(None if args.model == "shipped" else args.model)
     heldout = heldout_ids(tokenizer, "data", data, args.heldout_tokens)
     dense = load_model(args.model, args.device)
     calibration = calibration_blocks(tokenizer, None, 64 if args.quick else 128, 256, seed=0)
@@ -150,6 +148,7 @@ def main(argv: list[str] | None = None) -> None:
         f"| recipe | sparsity | loss | ppl before ({'/'.join(domains)}) | ppl after | mean before -> after | gap recovered | tokens/s | peak GiB |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+    print("\n".join(lines), flush=True)  # rows follow as they finish: a run cut by a time limit keeps them
     for name in recipes:
         pruned = copy.deepcopy(dense)
         report = prune(
@@ -169,8 +168,6 @@ def main(argv: list[str] | None = None) -> None:
         for loss in losses:
             student = copy.deepcopy(pruned)
             stats = fit(dense, student, report, loss, args)
-            # Lightning's teardown leaves the modules on the CPU
-            student.to(args.device), dense.to(args.device)
             if abs(measured_sparsity(student) - measured_sparsity(pruned)) > 1e-9:
                 raise RuntimeError(f"masks moved during the {loss} fit")
             after, _ = evaluate(student, heldout, 256, 8, args.device)
@@ -182,9 +179,8 @@ def main(argv: list[str] | None = None) -> None:
             )
             print(lines[-1], flush=True)
             del student
-    text = "\n".join(lines) + "\n"
-    print(text)
     if args.out is not None:
+        text = "\n".join(lines) + "\n"
         args.out.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.out.with_suffix(".tmp")
         tmp.write_text(text)

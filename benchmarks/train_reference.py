@@ -28,7 +28,7 @@ domain appears in proportion to its size). ``--time-budget`` makes a run fit a t
 the first ``PROBE`` steps (inside the warm-up, where the schedule does not yet depend on the step
 count) the step count is lowered if needed and recorded, so ``--steps <recorded>`` repeats the run.
 
-Output (``--out DIR``): ``model/`` (save_pretrained, bf16 safetensors) and ``figures.json``: the
+Output (``--out DIR``): ``model/`` (save_pretrained, bf16 safetensors, with the shipped tokenizer) and ``figures.json``: the
 config, steps, seconds, held-out perplexity and next-token accuracy per domain (of the saved bf16
 weights, reloaded in fp32), routing frequencies per domain and layer, and total-variation distances
 between the domains' routing distributions (with the same distance between two halves of one
@@ -312,6 +312,7 @@ def main(argv: list[str] | None = None) -> None:
     model.config.router_aux_loss_coef = preset.aux_coef  # what was used (per layer, see balance_loss)
     model.config._experts_implementation = None
     model = reload_fp32(model, args.out / "model", device)
+    load_tokenizer().save_pretrained(args.out / "model")  # the directory loads anywhere a model id does
     figures.update(
         family=preset.family,
         seed=args.seed,
