@@ -5,7 +5,10 @@ For a reference model: prune at 50% and 70% of the expert weights in total with 
 survivors) and with 2:4 inside the survivors (25% of the experts by routing frequency + 2:4, about
 62% total); then fit a fixed budget of
 ``--steps`` x ``--batch`` x ``--seq-len`` tokens with each recovery option (``ce`` = the CE-only
-control, ``logit_kd``, ``expert_kd``, ``block_kd``, ``router_kd``), masks held fixed. Reported per
+control, ``logit_kd``, ``expert_kd``, ``block_kd``, ``router_kd``), masks held fixed, on the train mix
+the reference models were trained on (``--train mix``: ``benchmarks.train_reference.DOMAINS``'s train
+files of the data folder, disjoint from the held-out splits; ``shipped``: the package's 50k-token
+calibration text, which 400 steps of 16 x 256 tokens repeat ~30 times, so CE overfits it). Reported per
 row: held-out perplexity per domain before and after, the share of the gap to dense recovered
 (``(ppl_pruned - ppl_after) / (ppl_pruned - ppl_dense)`` on the geometric mean over domains),
 training tokens/s and peak GPU memory of the fit.
@@ -27,6 +30,7 @@ import torch
 
 from benchmarks.data_folder import add_data_argument, require_data
 from benchmarks.quality import evaluate, heldout_ids, load_model, model_name
+from benchmarks.train_reference import DOMAINS
 from stun_lightning import StunRecipe, prune
 from stun_lightning.recipe import DEFAULT_RECIPE
 from stun_lightning.data import calibration_blocks
@@ -49,11 +53,29 @@ RECIPES = {  # the default recipe (the auto split) at two totals, and 25% of the
 }
 
 
-def fit(dense, student, report, loss: str, args) -> dict:
+def train_data(args, data: Path):
+    """The fits' training blocks, tokenized once (``--train``): no validation or calibration split is cut."""
+    from stun_lightning.callbacks import StunDataModule
+
+    files = None if args.train == "shipped" else [str(data / f) for files, _ in DOMAINS.values() for f in files]
+    module = StunDataModule(
+        train=files,
+        tokenizer=None if args.model == "shipped" else args.model,
+        seq_len=args.seq_len,
+        batch_size=args.batch,
+        val_fraction=0.0,
+        calibration_fraction=0.0,
+        seed=0,
+    )
+    module.setup("fit")
+    return module
+
+
+def fit(dense, student, report, loss: str, data, args) -> dict:
     """One recovery fit of ``student`` (in place) with its masks fixed; tokens/s and peak memory."""
     from lightning.pytorch import Trainer, seed_everything
 
-    from stun_lightning.callbacks import FixedMasks, StunDataModule, StunDistillModule
+    from stun_lightning.callbacks import FixedMasks, StunDistillModule
 
     masks = masks_from_zeros(student)
 
@@ -68,7 +90,6 @@ def fit(dense, student, report, loss: str, args) -> dict:
         warmup_steps=max(1, args.steps // 10),
         min_lr_ratio=0.1,
     )
-    data = StunDataModule(seq_len=args.seq_len, batch_size=args.batch, seed=0)
     trainer = Trainer(
         accelerator="gpu" if args.device.type == "cuda" else "cpu",
         devices=1,
@@ -110,6 +131,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument(
+        "--train",
+        choices=("mix", "shipped"),
+        default="mix",
+        help="fit on the train mix of --data (default) or the package's shipped calibration text",
+    )
     parser.add_argument("--losses", default=",".join(RECOVERY_LOSSES), help="comma-separated recovery options")
     parser.add_argument(
         "--recipes", default=",".join(RECIPES), help="comma-separated: " + ", ".join(RECIPES).replace("%", "%%")
@@ -137,9 +164,12 @@ def main(argv: list[str] | None = None) -> None:
     dense = load_model(args.model, args.device)
     calibration = calibration_blocks(tokenizer, None, 64 if args.quick else 128, 256, seed=0)
     dense_ppl, _ = evaluate(dense, heldout, 256, 8, args.device)
+    training = train_data(args, data)
     domains = list(dense_ppl)
     lines = [
         f"# Recovery after pruning: {model_name(args.model)}, {args.steps} steps x {args.batch} x {args.seq_len} tokens, lr {args.lr}, device {args.device}",
+        "",
+        f"Training text: {args.train} ({training.train_blocks.numel():,} tokens)",
         "",
         f"Command: `python -m benchmarks.recovery {' '.join(argv if argv is not None else sys.argv[1:])}`",
         "",
@@ -167,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
         sparsity = report.expert_param_sparsity
         for loss in losses:
             student = copy.deepcopy(pruned)
-            stats = fit(dense, student, report, loss, args)
+            stats = fit(dense, student, report, loss, training, args)
             if abs(measured_sparsity(student) - measured_sparsity(pruned)) > 1e-9:
                 raise RuntimeError(f"masks moved during the {loss} fit")
             after, _ = evaluate(student, heldout, 256, 8, args.device)

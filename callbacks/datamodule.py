@@ -68,8 +68,8 @@ class StunDataModule(LightningDataModule):
     """Packed language-modelling blocks for fine-tuning a pruned MoE model.
 
     Args:
-        train: training text (.txt / .jsonl / directory); default the package's shipped calibration
-            text. Ignored when ``dataset`` is set.
+        train: training text (.txt / .jsonl / directory, or a list of them, read in order); default the
+            package's shipped calibration text. Ignored when ``dataset`` is set.
         val / calibration: their own files (see the module docstring for the defaults).
         dataset: ``datasets.load_dataset`` path or name (``"text"``, ``"json"``, ``"allenai/c4"``...);
             ``data_files``, ``subset`` (load_dataset's ``name``), ``text_field`` (one field or several
@@ -82,7 +82,7 @@ class StunDataModule(LightningDataModule):
 
     def __init__(
         self,
-        train: str | None = None,
+        train: str | list[str] | None = None,
         val: str | None = None,
         calibration: str | None = None,
         dataset: str | None = None,
@@ -135,7 +135,7 @@ class StunDataModule(LightningDataModule):
             self._tokenizer = load_tokenizer(self.tokenizer_path)
         return self._tokenizer
 
-    def _docs(self, split: str | None, path: str | None) -> list[str]:
+    def _docs(self, split: str | None, path: str | list[str] | None) -> list[str]:
         if self.dataset is not None:
             kwargs = dict(self.load_kwargs)
             if self.data_files is not None:
@@ -148,6 +148,8 @@ class StunDataModule(LightningDataModule):
                 subset=self.subset,
                 **kwargs,
             )
+        if isinstance(path, (list, tuple)):
+            return [doc for one in path for doc in read_texts(one)]
         return read_texts(path if path is not None else calibration_path())
 
     def setup(self, stage: str | None = None) -> None:

@@ -46,6 +46,18 @@ def test_datamodule_splits_local_files_into_disjoint_packed_blocks(tmp_path):
     assert torch.equal(dm2.val_blocks.flatten()[:8], token_stream(load_tokenizer(), read_texts(val))[:8])
 
 
+def test_datamodule_reads_a_list_of_training_files_in_order(tmp_path):
+    """A train mix of several files (a .jsonl and a .txt): their documents in the order given."""
+    code = tmp_path / "code.txt"
+    code.write_text("def route(tokens):\n    return sorted(tokens)\n" * 8, encoding="utf-8")
+    prose = write_jsonl(tmp_path / "prose.jsonl", [{"text": t} for t in PROSE[:10]])
+    dm = StunDataModule(train=[str(code), str(prose)], seq_len=8, val_fraction=0.0, calibration_fraction=0.0)
+    dm.setup()
+    stream = token_stream(load_tokenizer(), read_texts(code) + PROSE[:10])
+    assert torch.equal(dm.train_blocks.flatten(), stream[: dm.train_blocks.numel()])
+    assert dm.train_blocks.numel() == stream.numel() // 8 * 8
+
+
 @pytest.mark.parametrize("loader", ["json", "text"])
 def test_datamodule_through_load_dataset_offline(tmp_path, loader):
     if loader == "json":
