@@ -2,8 +2,10 @@
 
 A fixed split holds one decoder layer read from disk and, while writing it, its checkpoint copy:
 under 2.5 layers plus the resident embeddings and head. The CLI's default recipe (``auto``) scores
-its candidates on the read layer, each on its own copy of the experts it keeps, masks included:
-under 3.5 layers plus embeddings. Neither grows with the number of layers (8 here)."""
+its candidates one at a time, each on the layer read with only the experts it keeps, masks included,
+and then writes layers as the fixed split does (here the split removes no experts, so the write of
+a 16-expert layer is its peak): under 2.5 layers plus embeddings too (measured 2.18-2.28; a dense
+layer held for all candidates put it at 2.58-2.76). Neither grows with the number of layers (8 here)."""
 
 from __future__ import annotations
 
@@ -83,4 +85,4 @@ def test_streaming_peak_rss_is_a_few_layers(tmp_path, request):
     print(f"peak RSS growth MiB {mib} = embeddings + layers {layers}")  # -s shows it
     assert size > 8 * layer > 0
     assert growth["fixed"] < 2.5 * layer + rest, f"peak RSS grew {mib} MiB; one layer is {layer / 2**20:.0f} MiB"
-    assert growth["auto"] < 2.9 * layer + rest, f"peak RSS grew {mib} MiB; one layer is {layer / 2**20:.0f} MiB"
+    assert growth["auto"] < 2.5 * layer + rest, f"peak RSS grew {mib} MiB; one layer is {layer / 2**20:.0f} MiB"

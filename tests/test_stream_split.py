@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import re
+import threading
+from collections import Counter, defaultdict
 
 import pytest
 
 from conftest import random_ids
 from stun_lightning import StunRecipe, prune, save_pruned
+from stun_lightning.adapters import moe_layers
 from stun_lightning.serialization import load_pruned
-from stun_lightning.stream import prune_streaming, split_scoring
+from stun_lightning.stream import ShardReader, prune_streaming, split_scoring
 from stun_lightning.tiny import build_tiny_model
 from test_stream import assert_same_checkpoint
 
@@ -41,12 +45,21 @@ def _in_memory(family, tmp_path, recipe, seed=0):
     return ids, report
 
 
-class _Reads(split_scoring.SharedLayer):
-    last = None
+_EXPERT_KEY = re.compile(r"layers\.(\d+)\..*experts\.(\d+)\.")
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        _Reads.last = self
+
+def _expert_reads(monkeypatch) -> dict[str, Counter]:
+    """Per thread name, how often each ``(layer, expert)`` matrix is read from the checkpoint."""
+    reads: dict[str, Counter] = defaultdict(Counter)
+    get = ShardReader.get
+
+    def counted(self, key):
+        if m := _EXPERT_KEY.search(key):
+            reads[threading.current_thread().name][int(m.group(1)), int(m.group(2))] += 1
+        return get(self, key)
+
+    monkeypatch.setattr(ShardReader, "get", counted)
+    return reads
 
 
 # mixtral seed 0: 3 of 4 removals chosen among 5 candidates; qwen3_moe seed 4: the in-memory search
@@ -55,7 +68,7 @@ class _Reads(split_scoring.SharedLayer):
 def test_streaming_auto_split_equals_in_memory(family, seed, tmp_path, monkeypatch):
     recipe = StunRecipe(**AUTO)
     ids, report = _in_memory(family, tmp_path, recipe, seed)
-    monkeypatch.setattr(split_scoring, "SharedLayer", _Reads)
+    reads = _expert_reads(monkeypatch)
     streamed = prune_streaming(tmp_path / "src", tmp_path / "st", recipe, ids, progress=False)
     split = report.expert_split
     tried = list(split["candidates"].values())
@@ -63,8 +76,14 @@ def test_streaming_auto_split_equals_in_memory(family, seed, tmp_path, monkeypat
     assert streamed.expert_split == split
     assert_same_checkpoint(tmp_path / "mem", tmp_path / "st")
     assert _report(streamed) == _report(report)
-    # one disk read per layer and pass (OWL ratios, pruning) for all five candidates together
-    assert _Reads.last.reads == 2 * 2
+    # each candidate reads only the experts it keeps, once per layer and pass (OWL ratios, pruning)
+    experts = {layer.index: layer.num_experts for layer in moe_layers(load_pruned(tmp_path / "src"))}
+    for f, removed in split["candidates"].items():
+        read = reads[f"candidate {f}"]
+        assert set(read.values()) == {2 * 3}  # gate, up and down matrices
+        assert {i: sum(layer == i for layer, _ in read) for i in experts} == {
+            i: n - removed[i] for i, n in experts.items()
+        }
 
 
 @pytest.mark.parametrize(

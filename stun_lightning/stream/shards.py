@@ -100,8 +100,13 @@ class _Layout:
     per_expert: bool = False
 
 
-def read_layer(reader: ShardReader, prefix: str) -> tuple[dict[str, torch.Tensor], _Layout]:
-    """Layer tensors under ``prefix`` with the model's names (per-expert matrices fused as transformers loads them)."""
+def read_layer(
+    reader: ShardReader, prefix: str, keep: list[int] | None = None
+) -> tuple[dict[str, torch.Tensor], _Layout]:
+    """Layer tensors under ``prefix`` with the model's names (per-expert matrices fused as transformers loads them).
+
+    ``keep``: the experts to read, in this order (None: all); the others' per-expert matrices are never
+    read. Tensors the checkpoint stores fused are read whole (:func:`~.source.load_layer` selects)."""
     layout, plain, experts = _Layout(), {}, {}
     for key in reader.keys(prefix):
         local = key[len(prefix) :]
@@ -117,7 +122,11 @@ def read_layer(reader: ShardReader, prefix: str) -> tuple[dict[str, torch.Tensor
         else:
             plain[local] = reader.get(key)
     for base, per in experts.items():
-        order = sorted(per)
+        order = sorted(per) if keep is None else keep
+        if missing := [e for e in order if e not in per]:
+            raise CorruptShardError(
+                f"the checkpoint has no experts {missing} of {prefix}{base}; it does not match its config"
+            )
         plain[f"{base}.gate_up_proj"] = _fused(reader, [(per[e]["gate_proj"], per[e]["up_proj"]) for e in order])
         plain[f"{base}.down_proj"] = _fused(reader, [(per[e]["down_proj"],) for e in order])
     return plain, layout

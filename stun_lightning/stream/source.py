@@ -25,12 +25,10 @@ def load_layer(
     keep: list[int] | None,
     device,
     where: Path,
-    shared: bool = False,
 ) -> int:
-    """Give decoder layer ``i`` of ``model`` the checkpoint's ``tensors`` (experts not in ``keep``
-    dropped where the layer has fewer); returns the bytes materialised. Routers stay as they are
-    (resident). ``shared``: ``tensors`` serve other models too, so every tensor is the layer's own
-    copy (masks are applied in place); otherwise they are consumed."""
+    """Give decoder layer ``i`` of ``model`` the checkpoint's ``tensors``, consumed (experts not in
+    ``keep`` dropped where the layer has fewer); returns the bytes materialised. Routers stay as they
+    are (resident)."""
     prefix = _layer_prefix(model, i)
     resident = _router_tensors(layer, model, i)
     state = {}
@@ -40,16 +38,14 @@ def load_layer(
             continue
         if name not in tensors:
             raise CorruptShardError(f"checkpoint {where} has no tensor for {prefix}{name}")
-        stored = tensors[name] if shared else tensors.pop(name)
-        t = stored
+        t = tensors.pop(name)
         if t.shape != target.shape and keep is not None and t.shape[1:] == target.shape[1:]:
-            t = t.index_select(0, torch.tensor(keep))  # experts removed by the structured phase
+            t = t.index_select(0, torch.tensor(keep))  # stored fused: read_layer read every expert
         if t.shape != target.shape:
             raise CorruptShardError(
                 f"{prefix}{name} has shape {tuple(t.shape)} in {where}, the model expects {tuple(target.shape)}"
             )
-        t = t.to(device=device, dtype=target.dtype) if device is not None else t.to(target.dtype)
-        state[name] = t.clone() if shared and t is stored else t
+        state[name] = t.to(device=device, dtype=target.dtype) if device is not None else t.to(target.dtype)
     layer.load_state_dict(state, strict=True, assign=True)
     if device is not None:
         layer.to(device)
@@ -89,8 +85,9 @@ class StreamSource:
     peak_live_bytes: int = 0
 
     def enter(self, i: int, layer: nn.Module, device) -> None:
-        tensors, self.layouts[i] = read_layer(self.reader, _layer_prefix(self.model, i))
-        self.live[i] = load_layer(self.model, i, layer, tensors, self.keep.get(i), device, self.reader.directory)
+        keep = self.keep.get(i)
+        tensors, self.layouts[i] = read_layer(self.reader, _layer_prefix(self.model, i), keep)
+        self.live[i] = load_layer(self.model, i, layer, tensors, keep, device, self.reader.directory)
         self.max_live_layers = max(self.max_live_layers, len(self.live))
         self.peak_live_bytes = max(self.peak_live_bytes, sum(self.live.values()))
 

@@ -2,16 +2,19 @@
 
 In memory (:func:`stun_lightning.split.choose_split_by_loss`) each uniform candidate removal
 fraction is pruned on a trial copy and scored by the held-out calibration loss of the whole pruned
-copy, one candidate after the other. Streaming, that would read every layer once per candidate and
-pass. Here every candidate runs the same code (:func:`stun_lightning.unstructured.mask_survivors`
+copy, one candidate after the other. Streaming, that would read every layer from disk once per
+candidate and pass. Here every candidate runs the same code (:func:`stun_lightning.unstructured.mask_survivors`
 on a :func:`~stun_lightning.split.trial_copy` of the skeleton, its experts removed) in a thread of
-its own, and the threads take turns layer by layer (:class:`Lockstep`): the first candidate to reach
-a layer reads it from disk once (:class:`SharedLayer`), each candidate prunes and runs its own copy
-of it on its own hidden states (statistics blocks and held-out blocks, carried per candidate), and
-frees it before the next candidate's turn. Only one candidate runs at any moment, so peak host
-memory is the dense layer read plus one candidate's copy, and the result is the in-memory one
-operation for operation. After the last layer the held-out hidden states go through the final norm
-and head (:func:`stun_lightning.evaluate.block_nll` with the decoder layers bypassed).
+its own, and the threads take turns layer by layer (:class:`Lockstep`): in its turn each candidate
+reads the layer with only the experts it keeps (:func:`~.shards.read_layer`), prunes and runs it on
+its own hidden states (statistics blocks and held-out blocks, carried per candidate), and frees it
+before the next candidate's turn. The candidates read a layer one right after the other, so the disk
+is read once and the later reads come from the page cache, which the OS can reclaim. Only one
+candidate runs at any moment, so peak host memory is one candidate's layer (a dense layer held in
+the process for all candidates, as before, put the peak at 2.6-2.8 layers plus embeddings,
+``tests/test_stream_memory.py``), and the result is the in-memory one operation for operation.
+After the last layer the held-out hidden states go through the final norm and head
+(:func:`stun_lightning.evaluate.block_nll` with the decoder layers bypassed).
 
 Every candidate is scored (the in-memory search stops once the loss rose twice in a row); the
 choice replays that early stop on the losses, so the split is the in-memory one. The experts each
@@ -23,7 +26,6 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -86,46 +88,20 @@ class Lockstep:
             self.cond.notify_all()
 
 
-class SharedLayer:
-    """The dense layer the candidates are at: read from disk by the first of them, kept for the others."""
-
-    def __init__(self, reader: ShardReader, model: nn.Module, progress: bool):
-        self.reader, self.model = reader, model
-        self.key: tuple[int, int] | None = None
-        self.tensors: dict[str, torch.Tensor] = {}
-        self.reads = 0
-        self.bar = tqdm(desc="split candidates", unit="layer", disable=not progress)
-
-    def get(self, step: int, i: int, last: bool) -> dict[str, torch.Tensor]:
-        """Layer ``i``'s tensors at ``step``; the ``last`` candidate of the step takes them (no copy)."""
-        if self.key is None or self.key[0] != step:
-            self.tensors = {}  # the previous layer first, so two are never held
-            self.tensors, _ = read_layer(self.reader, _layer_prefix(self.model, i))
-            self.key, self.reads = (step, i), self.reads + 1
-            self.bar.update()
-        elif self.key[1] != i:
-            raise RuntimeError(f"split candidates out of step: layer {i} asked where the others ran {self.key[1]}")
-        tensors = self.tensors
-        if last:
-            self.tensors = {}
-        return tensors
-
-
 @dataclass
 class CandidateSource:
-    """The layer source of one candidate's thread: its layers from the shared read, its held-out
+    """The layer source of one candidate's thread: its layers read with the experts it keeps, its held-out
     hidden states carried through each layer as the pass leaves it (the last pass's are the pruned model's)."""
 
     index: int
     model: nn.Module
     keep: dict[int, list[int]]
-    shared: SharedLayer
+    reader: ShardReader
     lockstep: Lockstep
-    where: Path
+    bar: tqdm
     held_start: list[torch.Tensor] = field(default_factory=list)
     held_kwargs: list[list[dict]] = field(default_factory=list)
     held: list[torch.Tensor] = field(default_factory=list)
-    steps: int = 0
 
     def begin_pass(self, desc: str):
         return None
@@ -135,12 +111,12 @@ class CandidateSource:
 
     def enter(self, i: int, layer: nn.Module, device) -> None:
         self.lockstep.pass_turn(self.index)
-        last = self.lockstep.is_last(self.index)
-        tensors = self.shared.get(self.steps, i, last)
-        self.steps += 1
+        if self.lockstep.is_last(self.index):
+            self.bar.update()
         if i == 0:
             self.held = self.held_start
-        load_layer(self.model, i, layer, tensors, self.keep.get(i), device, self.where, shared=not last)
+        tensors, _ = read_layer(self.reader, _layer_prefix(self.model, i), self.keep.get(i))
+        load_layer(self.model, i, layer, tensors, self.keep.get(i), device, self.reader.directory)
 
     def leave(self, i: int, layer: nn.Module) -> None:
         self.held = _run_layer(layer, self.held, self.held_kwargs[i])
@@ -186,11 +162,12 @@ def score_candidates(
     progress: bool = False,
 ) -> tuple[dict[float, tuple[float, torch.Tensor]], int]:
     """((held-out NLL, per-block NLL) per candidate, decoder-layer passes) of ``model`` pruned as ``prune()`` prunes it
-    with each candidate's kept experts, every layer read once per pass for all candidates."""
+    with each candidate's kept experts, the candidates reading each layer one after the other."""
     before = _shape_census(model)
     home = next(model.parameters()).device
     run_on = torch.device(device) if device is not None else home
-    lockstep, shared = Lockstep(len(keeps)), SharedLayer(reader, model, progress)
+    lockstep = Lockstep(len(keeps))
+    bar = tqdm(desc="split candidates", unit="layer", disable=not progress)
     results: dict[float, tuple[tuple[float, torch.Tensor], int]] = {}
     errors: list[tuple[int, BaseException]] = []
 
@@ -216,17 +193,16 @@ def score_candidates(
             lockstep.done(c)
 
     threads = []
-    # fewest removals last: the last of a step takes the read layer itself, the others copy what they keep
-    for c, (f, keep) in enumerate(sorted(keeps.items(), key=lambda fk: sum(map(len, fk[1].values())))):
+    for c, (f, keep) in enumerate(keeps.items()):
         trial = trial_copy(model, recipe.prune_dense)
         apply_expert_sets(trial, keep, lower_top_k=recipe.lower_top_k)
-        source = CandidateSource(c, trial, keep, shared, lockstep, reader.directory)
+        source = CandidateSource(c, trial, keep, reader, lockstep, bar)
         threads.append(threading.Thread(target=run, args=(c, f, trial, source), name=f"candidate {f}", daemon=True))
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    shared.bar.close()
+    bar.close()
     if errors:
         raise min(errors, key=lambda e: e[0])[1]
     return {f: results[f][0] for f in keeps}, sum(n for _, n in results.values())
