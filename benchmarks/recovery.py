@@ -5,7 +5,8 @@ For a reference model: prune at 50% and 70% of the expert weights in total with 
 survivors) and with 2:4 inside the survivors (25% of the experts by routing frequency + 2:4, about
 62% total); then fit a fixed budget of
 ``--steps`` x ``--batch`` x ``--seq-len`` tokens with each recovery option (``ce`` = the CE-only
-control, ``logit_kd``, ``expert_kd``, ``block_kd``, ``router_kd``), masks held fixed, on the train mix
+control, ``logit_kd``, ``expert_kd``, ``block_kd``, ``router_kd``; ``OPTION+logit_kd`` adds the logit KL
+term at weight 1 to an option), masks held fixed, on the train mix
 the reference models were trained on (``--train mix``: ``benchmarks.train_reference.DOMAINS``'s train
 files of the data folder, disjoint from the held-out splits; ``shipped``: the package's 50k-token
 calibration text, which 400 steps of 16 x 256 tokens repeat ~30 times, so CE overfits it). Reported per
@@ -71,14 +72,35 @@ def train_data(args, data: Path):
     return module
 
 
-def fit(dense, student, report, loss: str, data, args) -> dict:
-    """One recovery fit of ``student`` (in place) with its masks fixed; tokens/s and peak memory."""
+#: a row ``OPTION+logit_kd`` adds the logit KL term at this weight to ``OPTION`` (``logit_kl_weight``)
+COMBINED_LOGIT_KL_WEIGHT = 1.0
+
+
+def parse_loss(row: str) -> tuple[str, float]:
+    """``(StunDistillModule loss, logit_kl_weight)`` of a ``--losses`` entry: an option of
+    ``RECOVERY_LOSSES``, or ``OPTION+logit_kd`` (that option with the logit KL term added)."""
+    loss, plus, extra = row.partition("+")
+    if loss not in RECOVERY_LOSSES or (plus and (extra != "logit_kd" or loss == "logit_kd")):
+        raise ValueError(row)
+    return loss, COMBINED_LOGIT_KL_WEIGHT if plus else 0.0
+
+
+def valid_loss(row: str) -> bool:
+    try:
+        parse_loss(row)
+    except ValueError:
+        return False
+    return True
+
+
+def fit(dense, student, report, row: str, data, args) -> dict:
+    """One recovery fit of ``student`` (in place) with its masks fixed; tokens/s and peak GPU memory."""
     from lightning.pytorch import Trainer, seed_everything
 
     from stun_lightning.callbacks import FixedMasks, StunDistillModule
 
     masks = masks_from_zeros(student)
-
+    loss, logit_kl_weight = parse_loss(row)
     seed_everything(0, verbose=False)
     module = StunDistillModule(
         student=student,
@@ -86,6 +108,7 @@ def fit(dense, student, report, loss: str, data, args) -> dict:
         expert_map=kept_from_removed(dense, report.removed_experts),
         teacher_dtype="bfloat16" if args.device.type == "cuda" else None,
         loss=loss,
+        logit_kl_weight=logit_kl_weight,
         lr=args.lr,
         warmup_steps=max(1, args.steps // 10),
         min_lr_ratio=0.1,
@@ -110,7 +133,7 @@ def fit(dense, student, report, loss: str, data, args) -> dict:
         trainer.fit(module, data)
     seconds = time.perf_counter() - start
     student.to(args.device).eval()  # Lightning's teardown leaves it on the CPU
-    peak = torch.cuda.max_memory_allocated() / 2**30 if args.device.type == "cuda" else float("nan")
+    peak = f"{torch.cuda.max_memory_allocated() / 2**30:.2f}" if args.device.type == "cuda" else "-"
     return {
         "tokens_per_s": trainer.global_step * args.batch * args.seq_len / seconds,
         "peak_gib": peak,
@@ -137,7 +160,11 @@ def main(argv: list[str] | None = None) -> None:
         default="mix",
         help="fit on the train mix of --data (default) or the package's shipped calibration text",
     )
-    parser.add_argument("--losses", default=",".join(RECOVERY_LOSSES), help="comma-separated recovery options")
+    parser.add_argument(
+        "--losses",
+        default=",".join(RECOVERY_LOSSES),
+        help="comma-separated recovery options; OPTION+logit_kd adds the logit KL term to OPTION",
+    )
     parser.add_argument(
         "--recipes", default=",".join(RECIPES), help="comma-separated: " + ", ".join(RECIPES).replace("%", "%%")
     )
@@ -149,10 +176,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     losses = args.losses.split(",")
     recipes = args.recipes.split(",")
-    bad = [x for x in losses if x not in RECOVERY_LOSSES] + [x for x in recipes if x not in RECIPES]
+    bad = [x for x in losses if not valid_loss(x)] + [x for x in recipes if x not in RECIPES]
     if bad:
         print(
-            f"error: unknown {bad}; --losses from {', '.join(RECOVERY_LOSSES)}, --recipes from {', '.join(RECIPES)}",
+            f"error: unknown {bad}; --losses from {', '.join(RECOVERY_LOSSES)} (or OPTION+logit_kd), "
+            f"--recipes from {', '.join(RECIPES)}",
             file=sys.stderr,
         )
         raise SystemExit(2)
@@ -205,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
             recovered = (b - a) / (b - d) if b > d else float("nan")
             lines.append(
                 f"| {name} | {sparsity:.1%} | {loss} | {' / '.join(f'{before[x]:.2f}' for x in domains)} | {' / '.join(f'{after[x]:.2f}' for x in domains)} "
-                f"| {b:.2f} -> {a:.2f} | {recovered:.0%} | {stats['tokens_per_s']:.0f} | {stats['peak_gib']:.2f} |"
+                f"| {b:.2f} -> {a:.2f} | {recovered:.0%} | {stats['tokens_per_s']:.0f} | {stats['peak_gib']} |"
             )
             print(lines[-1], flush=True)
             del student
