@@ -76,31 +76,23 @@ def train_data(args, data: Path):
 COMBINED_LOGIT_KL_WEIGHT = 1.0
 
 
-def parse_loss(row: str) -> tuple[str, float]:
+def parse_loss(row: str) -> tuple[str, float] | None:
     """``(StunDistillModule loss, logit_kl_weight)`` of a ``--losses`` entry: an option of
-    ``RECOVERY_LOSSES``, or ``OPTION+logit_kd`` (that option with the logit KL term added)."""
+    ``RECOVERY_LOSSES``, or ``OPTION+logit_kd`` (that option with the logit KL term added); None if neither."""
     loss, plus, extra = row.partition("+")
     if loss not in RECOVERY_LOSSES or (plus and (extra != "logit_kd" or loss == "logit_kd")):
-        raise ValueError(row)
+        return None
     return loss, COMBINED_LOGIT_KL_WEIGHT if plus else 0.0
 
 
-def valid_loss(row: str) -> bool:
-    try:
-        parse_loss(row)
-    except ValueError:
-        return False
-    return True
-
-
-def fit(dense, student, report, row: str, data, args) -> dict:
+def fit(dense, student, report, loss: tuple[str, float], data, args) -> dict:
     """One recovery fit of ``student`` (in place) with its masks fixed; tokens/s and peak GPU memory."""
     from lightning.pytorch import Trainer, seed_everything
 
     from stun_lightning.callbacks import FixedMasks, StunDistillModule
 
     masks = masks_from_zeros(student)
-    loss, logit_kl_weight = parse_loss(row)
+    loss, logit_kl_weight = loss
     seed_everything(0, verbose=False)
     module = StunDistillModule(
         student=student,
@@ -174,9 +166,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--out", type=Path, default=None, help="write the markdown table here")
     args = parser.parse_args(argv)
-    losses = args.losses.split(",")
+    losses = {row: parse_loss(row) for row in args.losses.split(",")}
     recipes = args.recipes.split(",")
-    bad = [x for x in losses if not valid_loss(x)] + [x for x in recipes if x not in RECIPES]
+    bad = [x for x, parsed in losses.items() if parsed is None] + [x for x in recipes if x not in RECIPES]
     if bad:
         print(
             f"error: unknown {bad}; --losses from {', '.join(RECOVERY_LOSSES)} (or OPTION+logit_kd), "
@@ -223,9 +215,9 @@ def main(argv: list[str] | None = None) -> None:
         )
         before, _ = evaluate(pruned, heldout, 256, 8, args.device)
         sparsity = report.expert_param_sparsity
-        for loss in losses:
+        for loss, parsed in losses.items():
             student = copy.deepcopy(pruned)
-            stats = fit(dense, student, report, loss, training, args)
+            stats = fit(dense, student, report, parsed, training, args)
             if abs(measured_sparsity(student) - measured_sparsity(pruned)) > 1e-9:
                 raise RuntimeError(f"masks moved during the {loss} fit")
             after, _ = evaluate(student, heldout, 256, 8, args.device)

@@ -66,6 +66,13 @@ def free_layer(layer: nn.Module, resident: dict[str, torch.Tensor]) -> None:
             m._apply(lambda t: t.to("meta"), recurse=False)
 
 
+def read_into(reader: ShardReader, model: nn.Module, i: int, layer: nn.Module, keep: list[int] | None, device):
+    """Read decoder layer ``i`` from the checkpoint with only the experts in ``keep`` (None: all) and
+    give it to ``layer`` (:func:`load_layer`); returns (bytes materialised, the checkpoint's layout)."""
+    tensors, layout = read_layer(reader, _layer_prefix(model, i), keep)
+    return load_layer(model, i, layer, tensors, keep, device, reader.directory), layout
+
+
 @dataclass
 class StreamSource:
     """Reads decoder layers from ``reader`` on entry and (once ``write`` is on) writes them to ``work_dir`` on exit."""
@@ -85,9 +92,7 @@ class StreamSource:
     peak_live_bytes: int = 0
 
     def enter(self, i: int, layer: nn.Module, device) -> None:
-        keep = self.keep.get(i)
-        tensors, self.layouts[i] = read_layer(self.reader, _layer_prefix(self.model, i), keep)
-        self.live[i] = load_layer(self.model, i, layer, tensors, keep, device, self.reader.directory)
+        self.live[i], self.layouts[i] = read_into(self.reader, self.model, i, layer, self.keep.get(i), device)
         self.max_live_layers = max(self.max_live_layers, len(self.live))
         self.peak_live_bytes = max(self.peak_live_bytes, sum(self.live.values()))
 

@@ -49,9 +49,9 @@ from ..split import (
 from ..structured import ExpertSelection, apply_expert_sets
 from ..unstructured import mask_survivors
 from .output import _shape_census
-from .shards import ShardReader, read_layer
-from .skeleton import _layer_prefix, _router_tensors
-from .source import free_layer, load_layer
+from .shards import ShardReader
+from .skeleton import _router_tensors
+from .source import free_layer, read_into
 
 
 class Lockstep:
@@ -115,8 +115,7 @@ class CandidateSource:
             self.bar.update()
         if i == 0:
             self.held = self.held_start
-        tensors, _ = read_layer(self.reader, _layer_prefix(self.model, i), self.keep.get(i))
-        load_layer(self.model, i, layer, tensors, self.keep.get(i), device, self.reader.directory)
+        read_into(self.reader, self.model, i, layer, self.keep.get(i), device)
 
     def leave(self, i: int, layer: nn.Module) -> None:
         self.held = _run_layer(layer, self.held, self.held_kwargs[i])
